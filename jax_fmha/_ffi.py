@@ -1,0 +1,71 @@
+"""Loads the compiled extension and registers its XLA FFI handlers with JAX.
+
+Every handler is registered under the same target name on each platform it was built for
+("cpu" and "CUDA"), so the lowering rules in ``_primitives`` are platform-independent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+try:
+  from jax_fmha import _jax_fmha_ext as _ext
+except ImportError as e:  # pragma: no cover - only without a built extension
+  _ext = None
+  _IMPORT_ERROR = e
+else:
+  _IMPORT_ERROR = None
+
+# Platform names as JAX's lowering sees them -> as register_ffi_target wants them.
+_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
+
+BUILD_HINT = (
+    "Install jax_fmha from source with `pip install .` (the CUDA backend is built when "
+    "`nvcc` is found, or with JAX_FMHA_CUDA=ON), or pass backend='reference' to run the "
+    "pure-JAX reference implementation."
+)
+
+
+@functools.cache
+def registered_targets() -> dict[str, frozenset[str]]:
+  """Registers every handler once; returns platform -> names of the targets registered."""
+  if _ext is None:
+    return {}
+  result = {}
+  for platform, targets in (("cpu", _ext.cpu_targets()), ("cuda", _ext.cuda_targets())):
+    for name, capsule in targets.items():
+      jax.ffi.register_ffi_target(name, capsule, platform=_PLATFORMS[platform])
+    result[platform] = frozenset(targets)
+  return result
+
+
+def has_target(name: str, platform: str) -> bool:
+  return name in registered_targets().get(platform, frozenset())
+
+
+def missing_kernel_error(name: str, platform: str) -> RuntimeError:
+  if _ext is None:
+    why = f"the jax_fmha extension could not be imported ({_IMPORT_ERROR})"
+  else:
+    built = ", ".join(build_info()["backends"])
+    why = f"this build of jax_fmha has no '{platform}' kernel for {name} (built: {built})"
+  return RuntimeError(f"jax_fmha: {why}. {BUILD_HINT}")
+
+
+def build_info() -> dict:
+  """What the installed extension holds.
+
+  Returns a dict with ``version``, ``backends`` (e.g. ``["cpu", "cuda"]``),
+  ``cuda_architectures`` (empty without CUDA), ``jaxlib_version`` (the jaxlib whose FFI
+  headers it was built against), and ``jax_version`` (the jax running now).
+  """
+  if _ext is None:
+    raise missing_kernel_error("any target", "cpu")
+  info = dict(_ext.build_info())
+  info["backends"] = list(info["backends"])
+  arch = info.pop("cuda_architectures")
+  info["cuda_architectures"] = [a for a in arch.split(",") if a]
+  info["jax_version"] = jax.__version__
+  return info
