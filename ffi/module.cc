@@ -11,6 +11,8 @@ namespace nb = nanobind;
 
 // CPU handlers (ffi/cpu/).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaAttentionCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaMergeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCpu);
 
 #ifdef JAX_FMHA_WITH_CUDA
 // CUDA handlers (ffi/cuda/) are declared here and listed in cuda_targets() below.
@@ -28,6 +30,8 @@ nb::capsule capsule(Handler* handler) {
 nb::dict cpu_targets() {
   nb::dict targets;
   targets["jax_fmha_attention_fwd"] = capsule(JaxFmhaAttentionCpu);
+  targets["jax_fmha_merge_states"] = capsule(JaxFmhaMergeCpu);
+  targets["jax_fmha_update_kv_cache"] = capsule(JaxFmhaUpdateKvCacheCpu);
   return targets;
 }
 

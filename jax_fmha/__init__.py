@@ -2,8 +2,10 @@
 
 from jax_fmha import reference
 from jax_fmha._ffi import build_info
-from jax_fmha.attention import attention
+from jax_fmha.attention import attention, merge_attention_states
+from jax_fmha.kv_cache import attention_with_kvcache, update_kv_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "build_info", "reference", "__version__"]
+__all__ = ["attention", "attention_with_kvcache", "build_info", "merge_attention_states",
+           "reference", "update_kv_cache", "__version__"]

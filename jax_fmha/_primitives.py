@@ -57,21 +57,28 @@ def _forward_only_jvp(name: str):
 
 
 def define_ffi_primitive(name: str, target: str, abstract_eval: Callable,
-                         batching_rule: Callable, api_name: str) -> Primitive:
+                         batching_rule: Callable, api_name: str,
+                         static_params: tuple[str, ...] = (), **lowering_args) -> Primitive:
   """A multiple-results primitive lowered to the FFI target `target` on any platform
-  for which a handler was built, raising a clear error on the others."""
+  for which a handler was built, raising a clear error on the others.
+
+  Every parameter becomes an FFI attribute except those named in `static_params` (used by
+  abstract evaluation only). `lowering_args` go to the custom call (for example
+  ``operand_output_aliases``).
+  """
   primitive = Primitive(name)
   primitive.multiple_results = True
   primitive.def_impl(
       lambda *args, **params: _jitted_bind(primitive, tuple(params.items()))(*args))
   primitive.def_abstract_eval(abstract_eval)
-  ffi_rule = jax.ffi.ffi_lowering(target)
+  ffi_rule = jax.ffi.ffi_lowering(target, **lowering_args)
 
   def lowering(ctx, *args, **params):
     for platform in ctx.module_context.platforms:
       if not _ffi.has_target(target, platform):
         raise _ffi.missing_kernel_error(target, platform)
-    return ffi_rule(ctx, *args, **params)
+    attributes = {k: v for k, v in params.items() if k not in static_params}
+    return ffi_rule(ctx, *args, **attributes)
 
   mlir.register_lowering(primitive, lowering)
   batching.primitive_batchers[primitive] = batching_rule
@@ -181,3 +188,46 @@ def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=Non
       window_left=np.int32(window[0]), window_right=np.int32(window[1]),
       kv_layout=np.int32(kv_layout), num_splits=np.int32(num_splits),
       max_seqlen_q=np.int32(max_seqlen_q))
+
+
+# ---------------------------------------------------------------------------------------
+# Split-KV merge
+# ---------------------------------------------------------------------------------------
+
+
+def _merge_abstract_eval(partial_out, partial_lse, *, out_dtype):
+  rest = tuple(range(1, partial_out.ndim))
+  return (derived_aval(partial_out, partial_out.shape[1:], out_dtype, rest),
+          derived_aval(partial_lse, partial_lse.shape[1:], jnp.float32, rest[:-1]))
+
+
+def _merge_batching(args, dims, *, out_dtype):
+  # Row-wise over every axis but the leading split axis: the vmapped axis becomes axis 1.
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  partial_out, partial_lse = (jnp.moveaxis(x, 0, 1) for x in broadcast_batched(args, dims, size))
+  outs = merge_states_p.bind(partial_out, partial_lse, out_dtype=out_dtype)
+  return list(outs), [0, 0]
+
+
+merge_states_p = define_ffi_primitive(
+    "jax_fmha_merge_states", "jax_fmha_merge_states", _merge_abstract_eval, _merge_batching,
+    api_name="merge_attention_states", static_params=("out_dtype",))
+
+
+# ---------------------------------------------------------------------------------------
+# KV-cache append (in place: the cache results alias the cache operands)
+# ---------------------------------------------------------------------------------------
+
+
+def _update_abstract_eval(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                          cu_seqlens_new, *, kv_layout):
+  return (k_cache.update(), v_cache.update())
+
+
+def _update_batching(args, dims, **params):
+  return map_over_batch(update_kv_cache_p, args, dims, params)
+
+
+update_kv_cache_p = define_ffi_primitive(
+    "jax_fmha_update_kv_cache", "jax_fmha_update_kv_cache", _update_abstract_eval,
+    _update_batching, api_name="update_kv_cache", operand_output_aliases={0: 0, 1: 1})

@@ -6,6 +6,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Key/value layouts (as in jax_fmha._primitives).
+_KV_UNIFORM, _KV_PACKED, _KV_CACHE, _KV_PAGED = 0, 1, 2, 3
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _segments(cu_seqlens, rows):
   """Per packed row: (sequence id or -1, position in the sequence, sequence length)."""
@@ -16,6 +20,32 @@ def _segments(cu_seqlens, rows):
   pos = idx - cu_seqlens[seg_c]
   length = cu_seqlens[seg_c + 1] - cu_seqlens[seg_c]
   return jnp.where(inside, seg_c, -1), pos, length
+
+
+def _rows_valid(cu_seqlens, rows, max_len):
+  first, last = cu_seqlens[:-1], cu_seqlens[1:]
+  return (first >= 0) & (last >= first) & (last <= rows) & (last - first <= max_len)
+
+
+def _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table):
+  """Keys and values as [B, S, Hkv, D] with lengths [B] and validity [B] (see attention)."""
+  if kv_layout == _KV_UNIFORM:
+    lens = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
+    return k, v, lens, jnp.ones(lens.shape, bool)
+  if kv_layout == _KV_PACKED:
+    idx = jnp.clip(cu_seqlens_k[:-1, None] + jnp.arange(k.shape[0])[None, :], 0, k.shape[0] - 1)
+    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    return k[idx], v[idx], lens, _rows_valid(cu_seqlens_k, k.shape[0], k.shape[0])
+  if kv_layout == _KV_CACHE:
+    return k, v, seq_lens, (seq_lens >= 0) & (seq_lens <= k.shape[1])
+  page_size = k.shape[1]
+  ids = jnp.clip(block_table, 0, k.shape[0] - 1)
+  gather = lambda x: x[ids].reshape((ids.shape[0], -1) + x.shape[2:])
+  page_used = jnp.arange(block_table.shape[1])[None, :] * page_size < seq_lens[:, None]
+  page_ok = (block_table >= 0) & (block_table < k.shape[0])
+  valid = (seq_lens >= 0) & (seq_lens <= block_table.shape[1] * page_size)
+  valid &= jnp.all(page_ok | ~page_used, axis=1)
+  return gather(k), gather(v), seq_lens, valid
 
 
 def _visible(q_pos, k_pos, q_len, k_len, window):
@@ -30,43 +60,94 @@ def _visible(q_pos, k_pos, q_len, k_len, window):
   return ok
 
 
-def _softmax_attend(s, mask, v):
-  """s [..., H, Sq, Sk] float32 scores, mask broadcastable, v [..., Sk, H, D] float32."""
+def _softmax(s, mask):
+  """Masked softmax of float32 scores: (probabilities, LSE); empty rows -> 0 and -inf."""
   s = jnp.where(mask, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(mask, jnp.exp(s - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("...hqk,...khd->...qhd", p / jnp.where(l > 0, l, 1.0), v,
-                   precision=jax.lax.Precision.HIGHEST)
-  lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)) + m[..., 0],
-                  -jnp.inf)
-  return out, lse
+  lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m, -jnp.inf)[..., 0]
+  return p / jnp.where(l > 0, l, 1.0), lse
 
 
 def attention(q, k, v, *, scale: float, softcap: float = 0.0, window=(-1, -1),
-              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None):
+              kv_layout: int = _KV_UNIFORM, cu_seqlens_q=None, cu_seqlens_k=None,
+              seq_lens=None, block_table=None, max_seqlen_q=None):
   """Reference attention on validated, canonical arguments (see ``jax_fmha.attention``;
   ``causal`` is already folded into ``window[1] = 0``). Returns ``(out, lse)``."""
+  kd, vd, k_len, kv_ok = _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table)
   group = q.shape[-2] // k.shape[-2]
-  kf = jnp.repeat(k.astype(jnp.float32), group, axis=-2)
-  vf = jnp.repeat(v.astype(jnp.float32), group, axis=-2)
-  s = jnp.einsum("...qhd,...khd->...hqk", q.astype(jnp.float32), kf,
-                 precision=jax.lax.Precision.HIGHEST) * scale
-  if softcap > 0:
-    s = softcap * jnp.tanh(s / softcap)
-  if cu_seqlens_q is None:  # dense
-    sq, sk = q.shape[1], k.shape[1]
-    mask = _visible(jnp.arange(sq)[:, None], jnp.arange(sk)[None, :], sq, sk, window)
-    out, lse = _softmax_attend(s, mask, vf)
+  kd = jnp.repeat(kd.astype(jnp.float32), group, axis=2)  # [B, S, Hq, D]
+  vd = jnp.repeat(vd.astype(jnp.float32), group, axis=2)
+  qf = q.astype(jnp.float32)
+  k_pos = jnp.arange(kd.shape[1])
+  transform = lambda s: softcap * jnp.tanh(s / softcap) if softcap > 0 else s
+
+  if cu_seqlens_q is None:  # dense queries [B, Sq, Hq, D]
+    sq = q.shape[1]
+    s = transform(jnp.einsum("bqhd,bkhd->bhqk", qf, kd, precision=_HIGHEST) * scale)
+    mask = _visible(jnp.arange(sq)[None, None, :, None], k_pos[None, None, None, :], sq,
+                    k_len[:, None, None, None], window)
+    p, lse = _softmax(s, mask)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, vd, precision=_HIGHEST)
+    bad = ~kv_ok
+    out = jnp.where(bad[:, None, None, None], jnp.nan, out)
+    lse = jnp.where(bad[:, None, None], jnp.nan, lse)
     return out.astype(q.dtype), lse
-  q_seg, q_pos, q_len = _segments(cu_seqlens_q, q.shape[0])
-  k_seg, k_pos, k_len = _segments(cu_seqlens_k, k.shape[0])
-  mask = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] >= 0)
-  mask &= _visible(q_pos[:, None], k_pos[None, :], q_len[:, None], k_len[None, :], window)
-  out, lse = _softmax_attend(s, mask, vf)
-  if max_seqlen_q is not None:  # sequences longer than the static bound are not computed
-    too_long = (q_seg >= 0) & (q_len > max_seqlen_q)
-    out = jnp.where(too_long[:, None, None], jnp.nan, out)
-    lse = jnp.where(too_long[None, :], jnp.nan, lse)
+
+  # Packed queries [Tq, Hq, D]: every row against every sequence's keys, masked to its own.
+  seg, q_pos, q_len = _segments(cu_seqlens_q, q.shape[0])
+  s = transform(jnp.einsum("thd,bkhd->bhtk", qf, kd, precision=_HIGHEST) * scale)
+  mask = (seg[None, :] == jnp.arange(kd.shape[0])[:, None])[:, None, :, None]
+  mask &= _visible(q_pos[None, None, :, None], k_pos[None, None, None, :],
+                   q_len[None, None, :, None], k_len[:, None, None, None], window)
+  p, lse = _softmax(s, mask)
+  out = jnp.einsum("bhtk,bkhd->thd", p, vd, precision=_HIGHEST)
+  lse = jnp.max(jnp.where(mask.any(-1), lse, -jnp.inf), axis=0)  # the row's own sequence
+  q_ok = _rows_valid(cu_seqlens_q, q.shape[0], max_seqlen_q if max_seqlen_q is not None
+                     else q.shape[0])
+  bad = (seg >= 0) & ~(q_ok & kv_ok)[jnp.clip(seg, 0)]
+  out = jnp.where(bad[:, None, None], jnp.nan, out)
+  lse = jnp.where(bad[None, :], jnp.nan, lse)
   return out.astype(q.dtype), lse
+
+
+def merge_attention_states(outs, lses):
+  """Reference merge of float32 partial results ``outs [S, ..., D]``, ``lses [S, ...]``."""
+  m = jnp.max(lses, axis=0)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lses - m_safe)
+  total = jnp.sum(w, axis=0)
+  out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+  lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m_safe, -jnp.inf)
+  lse = jnp.where(jnp.isnan(m), jnp.nan, lse)
+  return out, lse
+
+
+def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                    cu_seqlens_new=None):
+  """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter."""
+  if cu_seqlens_new is None:  # dense [B, S_new, H, D] -> packed rows with uniform starts
+    b, s_new = k_new.shape[:2]
+    cu_seqlens_new = jnp.arange(b + 1, dtype=jnp.int32) * s_new
+    k_new, v_new = (x.reshape((-1,) + x.shape[2:]) for x in (k_new, v_new))
+  seg, pos, _ = _segments(cu_seqlens_new, k_new.shape[0])
+  seg_c = jnp.clip(seg, 0)
+  dest = cache_seqlens[seg_c] + pos
+  ok = (seg >= 0) & (cache_seqlens[seg_c] >= 0)
+  ok &= _rows_valid(cu_seqlens_new, k_new.shape[0], k_new.shape[0])[seg_c]
+  if block_table is None:  # contiguous [B, S_max, H, D]
+    ok &= dest < k_cache.shape[1]
+    row = seg_c * k_cache.shape[1] + dest
+  else:
+    page_size = k_cache.shape[1]
+    ok &= dest < block_table.shape[1] * page_size
+    page = block_table[seg_c, jnp.clip(dest // page_size, 0, block_table.shape[1] - 1)]
+    ok &= (page >= 0) & (page < k_cache.shape[0])
+    row = page * page_size + dest % page_size
+  rows = k_cache.shape[0] * k_cache.shape[1]
+  row = jnp.where(ok, row, rows)  # out of range: dropped by the scatter
+  scatter = lambda cache, new: cache.reshape((rows,) + cache.shape[2:]).at[row].set(
+      new, mode="drop").reshape(cache.shape)
+  return scatter(k_cache, k_new), scatter(v_cache, v_new)

@@ -50,7 +50,70 @@ auto bind_attention(Binding binding) {
 }
 
 inline ffi::Error shape_error(const std::string& what) {
-  return ffi::Error::InvalidArgument("jax_fmha attention custom call: " + what);
+  return ffi::Error::InvalidArgument("jax_fmha custom call: " + what);
+}
+
+// Rows of B sequences: `x` is dense [B, S, H, D] (cu_seqlens empty) or packed [T, H, D].
+inline ffi::Error decode_seq_rows(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& cu_seqlens,
+                                  int64_t max_len, const char* name, SeqRows& rows) {
+  const auto d = x.dimensions();
+  rows.packed = d.size() == 3;
+  if (rows.packed) {
+    if (cu_seqlens.element_count() < 1)
+      return shape_error(std::string("packed ") + name + " needs cu_seqlens");
+    rows.cu_seqlens = cu_seqlens.typed_data();
+    rows.rows = d[0];
+  } else {
+    rows.uniform_len = d[1];
+    rows.rows = d[0] * d[1];
+  }
+  rows.max_len = max_len;
+  return ffi::Error::Success();
+}
+
+// Keys or values `x` of `batch` sequences in `layout` (see KvLayout).
+inline ffi::Error decode_kv_view(const ffi::AnyBuffer& x, KvLayout layout, int64_t batch,
+                                 const ffi::Buffer<ffi::S32>& cu_seqlens,
+                                 const ffi::Buffer<ffi::S32>& seq_lens,
+                                 const ffi::Buffer<ffi::S32>& block_table, KvView& kv) {
+  const auto d = x.dimensions();
+  kv.layout = layout;
+  const bool needs_lens = layout == KvLayout::kCache || layout == KvLayout::kPaged;
+  if (needs_lens) {
+    if (int64_t(seq_lens.element_count()) != batch) return shape_error("seq_lens must be [B]");
+    kv.seq_lens = seq_lens.typed_data();
+  }
+  switch (layout) {
+    case KvLayout::kUniform:
+    case KvLayout::kCache:
+      if (d.size() != 4 || d[0] != batch) return shape_error("k/v batch differs from q's");
+      kv.seqs.uniform_len = d[1];
+      kv.seqs.max_len = d[1];
+      kv.rows = d[0] * d[1];
+      return ffi::Error::Success();
+    case KvLayout::kPacked:
+      if (d.size() != 3) return shape_error("packed k/v must have rank 3");
+      if (int64_t(cu_seqlens.element_count()) != batch + 1)
+        return shape_error("cu_seqlens_k must have batch + 1 entries");
+      kv.seqs.packed = true;
+      kv.seqs.cu_seqlens = cu_seqlens.typed_data();
+      kv.seqs.rows = kv.rows = d[0];
+      kv.seqs.max_len = d[0];
+      return ffi::Error::Success();
+    case KvLayout::kPaged: {
+      const auto td = block_table.dimensions();
+      if (d.size() != 4) return shape_error("k/v pages must have rank 4");
+      if (td.size() != 2 || td[0] != batch) return shape_error("block_table must be [B, M]");
+      kv.num_pages = d[0];
+      kv.page_size = d[1];
+      kv.rows = d[0] * d[1];
+      kv.pages_per_seq = td[1];
+      kv.block_table = block_table.typed_data();
+      if (kv.page_size <= 0) return shape_error("page_size must be positive");
+      return ffi::Error::Success();
+    }
+  }
+  return shape_error("unknown kv_layout");
 }
 
 // Fills `p` from the buffers and attributes, checking every size the kernels rely on.
@@ -65,15 +128,12 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 3 && qd.size() != 4) return shape_error("q must have rank 3 or 4");
-  if (kd.size() != qd.size() && !(qd.size() == 3 && kd.size() == 4))
-    return shape_error("k has an unexpected rank");
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
     return shape_error("q, k and v must share one dtype");
   if (k.dimensions().size() != v.dimensions().size()) return shape_error("k and v ranks differ");
   for (size_t i = 0; i < kd.size(); ++i)
     if (k.dimensions()[i] != v.dimensions()[i]) return shape_error("k and v shapes differ");
 
-  p.q_packed = qd.size() == 3;
   p.num_q_heads = qd[qd.size() - 2];
   p.head_dim = qd[qd.size() - 1];
   p.num_kv_heads = kd[kd.size() - 2];
@@ -82,55 +142,13 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
     return shape_error("num_q_heads must be a multiple of num_kv_heads");
   if (p.head_dim > 256) return shape_error("head_dim must be at most 256");
 
-  if (p.q_packed) {
-    if (cu_seqlens_q.element_count() < 1) return shape_error("packed q needs cu_seqlens_q");
-    p.batch = int64_t(cu_seqlens_q.element_count()) - 1;
-    p.q_rows = qd[0];
-    p.cu_seqlens_q = cu_seqlens_q.typed_data();
-  } else {
-    p.batch = qd[0];
-    p.uniform_seqlen_q = qd[1];
-    p.q_rows = qd[0] * qd[1];
-  }
-  p.max_seqlen_q = a.max_seqlen_q;
-
-  p.kv_layout = static_cast<KvLayout>(a.kv_layout);
-  switch (p.kv_layout) {
-    case KvLayout::kUniform:
-      if (kd.size() != 4 || kd[0] != p.batch) return shape_error("dense k batch differs from q's");
-      p.uniform_seqlen_k = kd[1];
-      p.kv_rows = kd[0] * kd[1];
-      break;
-    case KvLayout::kPacked:
-      if (kd.size() != 3) return shape_error("packed k must have rank 3");
-      if (int64_t(cu_seqlens_k.element_count()) != p.batch + 1)
-        return shape_error("cu_seqlens_k must have batch + 1 entries");
-      p.kv_rows = kd[0];
-      p.cu_seqlens_k = cu_seqlens_k.typed_data();
-      break;
-    case KvLayout::kCache:
-      if (kd.size() != 4 || kd[0] != p.batch) return shape_error("cache batch differs from q's");
-      if (int64_t(seq_lens.element_count()) != p.batch) return shape_error("seq_lens must be [B]");
-      p.uniform_seqlen_k = kd[1];
-      p.kv_rows = kd[0] * kd[1];
-      p.seq_lens = seq_lens.typed_data();
-      break;
-    case KvLayout::kPaged: {
-      const auto td = block_table.dimensions();
-      if (kd.size() != 4) return shape_error("pages must have rank 4");
-      if (td.size() != 2 || td[0] != p.batch) return shape_error("block_table must be [B, M]");
-      if (int64_t(seq_lens.element_count()) != p.batch) return shape_error("seq_lens must be [B]");
-      p.num_pages = kd[0];
-      p.page_size = kd[1];
-      p.kv_rows = kd[0] * kd[1];
-      p.pages_per_seq = td[1];
-      p.block_table = block_table.typed_data();
-      p.seq_lens = seq_lens.typed_data();
-      if (p.page_size <= 0) return shape_error("page_size must be positive");
-      break;
-    }
-    default: return shape_error("unknown kv_layout");
-  }
+  if (auto err = decode_seq_rows(q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
+    return err;
+  p.batch = p.q.packed ? int64_t(cu_seqlens_q.element_count()) - 1 : qd[0];
+  if (auto err = decode_kv_view(k, static_cast<KvLayout>(a.kv_layout), p.batch, cu_seqlens_k,
+                                seq_lens, block_table, p.kv);
+      !err.success())
+    return err;
 
   p.scale = a.scale;
   p.softcap = a.softcap;

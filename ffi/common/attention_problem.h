@@ -1,11 +1,11 @@
-// One definition of the attention forward problem, shared by every backend.
+// One definition of the attention problem, shared by every backend and every op.
 //
-// Every layout the Python API accepts is reduced to the same description:
-//   * queries: sequence b owns rows [q_begin(b), q_begin(b) + q_len(b)) of a packed
-//     [rows, Hq, D] array (a dense [B, Sq, Hq, D] array is packed with uniform starts);
-//   * keys/values: key j of sequence b lives at row kv_row(b, j) of a [rows, Hkv, D] array
-//     (dense, packed, a contiguous cache with per-sequence lengths, or pages through a
-//     block table).
+// Every layout the Python API accepts is reduced to two views:
+//   * SeqRows: B sequences stored as rows of a [rows, heads, D] array, either dense (a
+//     [B, S, heads, D] array: uniform starts) or packed (cu_seqlens prefix sums). Queries,
+//     packed keys and newly appended tokens are all SeqRows.
+//   * KvView: where key j of sequence b lives: dense, packed, a contiguous cache with
+//     per-sequence lengths, or pages through a block table.
 // The mask (causal bottom-right, sliding window) is a key interval per query row.
 // Backends differ only in how they compute; they call these functions for the geometry.
 #pragma once
@@ -20,6 +20,28 @@
 
 namespace jax_fmha {
 
+// Sequences as rows of a [rows, heads, D] array.
+struct SeqRows {
+  bool packed = false;
+  int64_t uniform_len = 0;             // dense: S (sequence b owns rows b*S ... b*S + S)
+  const int32_t* cu_seqlens = nullptr;  // packed: [B + 1]
+  int64_t rows = 0;                    // rows of the array
+  int64_t max_len = 0;                 // static bound on len(b)
+
+  FMHA_HOST_DEVICE int64_t begin(int64_t b) const {
+    return packed ? cu_seqlens[b] : b * uniform_len;
+  }
+  FMHA_HOST_DEVICE int64_t len(int64_t b) const {
+    return packed ? int64_t(cu_seqlens[b + 1]) - cu_seqlens[b] : uniform_len;
+  }
+  // Device-side data is never trusted: rows out of the array, or a length over the static
+  // bound (backends size their grids with it), make the sequence invalid.
+  FMHA_HOST_DEVICE bool valid(int64_t b) const {
+    const int64_t first = begin(b), n = len(b);
+    return first >= 0 && n >= 0 && first + n <= rows && n <= max_len;
+  }
+};
+
 enum class KvLayout : int32_t {
   kUniform = 0,  // [B, Sk, Hkv, D], every sequence has Sk keys
   kPacked = 1,   // [Tk, Hkv, D] with cu_seqlens_k
@@ -27,102 +49,85 @@ enum class KvLayout : int32_t {
   kPaged = 3,    // pages [P, page_size, Hkv, D] with block_table [B, M] and seq_lens
 };
 
-struct AttentionProblem {
-  // ---- sizes ----
-  int64_t batch = 0;
-  int64_t num_q_heads = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;
-  int64_t q_rows = 0;        // rows of the packed query view (B*Sq dense, Tq packed)
-  int64_t max_seqlen_q = 0;  // static bound on q_len(b); backends size their grids with it
-
-  // ---- queries ----
-  bool q_packed = false;
-  int64_t uniform_seqlen_q = 0;          // dense: Sq
-  const int32_t* cu_seqlens_q = nullptr;  // packed: [B + 1]
-
-  // ---- keys / values ----
-  KvLayout kv_layout = KvLayout::kUniform;
-  int64_t kv_rows = 0;                    // rows of the [rows, Hkv, D] view of k and v
-  int64_t uniform_seqlen_k = 0;           // kUniform: Sk; kCache: S_max
-  const int32_t* cu_seqlens_k = nullptr;  // kPacked: [B + 1]
-  const int32_t* seq_lens = nullptr;      // kCache, kPaged: [B]
-  const int32_t* block_table = nullptr;   // kPaged: [B, pages_per_seq]
+// Keys (and values: same layout) of B sequences.
+struct KvView {
+  KvLayout layout = KvLayout::kUniform;
+  SeqRows seqs;                          // kUniform, kPacked; kCache: uniform_len = S_max
+  const int32_t* seq_lens = nullptr;     // kCache, kPaged: [B]
+  const int32_t* block_table = nullptr;  // kPaged: [B, pages_per_seq]
   int64_t pages_per_seq = 0;
   int64_t page_size = 0;
   int64_t num_pages = 0;
+  int64_t rows = 0;  // rows of the [rows, Hkv, D] view of the array (num_pages * page_size)
 
-  // ---- score transform and mask ----
-  float scale = 1.f;
-  float softcap = 0.f;     // > 0: s = softcap * tanh(s / softcap)
-  int64_t window_left = -1;   // -1: unbounded
-  int64_t window_right = -1;  // -1: unbounded; causal is window_right = 0
-
-  // ---- split-KV ----
-  int64_t num_splits = 1;
-
-  // ---- strides of the [rows, heads, D] views (elements) ----
-  int64_t q_row_stride() const { return num_q_heads * head_dim; }
-  int64_t kv_row_stride() const { return num_kv_heads * head_dim; }
-
-  FMHA_HOST_DEVICE int64_t q_begin(int64_t b) const {
-    return q_packed ? cu_seqlens_q[b] : b * uniform_seqlen_q;
+  FMHA_HOST_DEVICE bool has_seq_lens() const {
+    return layout == KvLayout::kCache || layout == KvLayout::kPaged;
   }
-  FMHA_HOST_DEVICE int64_t q_len(int64_t b) const {
-    return q_packed ? int64_t(cu_seqlens_q[b + 1]) - cu_seqlens_q[b] : uniform_seqlen_q;
+  FMHA_HOST_DEVICE int64_t len(int64_t b) const {
+    return has_seq_lens() ? int64_t(seq_lens[b]) : seqs.len(b);
   }
-  FMHA_HOST_DEVICE int64_t k_len(int64_t b) const {
-    switch (kv_layout) {
-      case KvLayout::kUniform: return uniform_seqlen_k;
-      case KvLayout::kPacked: return int64_t(cu_seqlens_k[b + 1]) - cu_seqlens_k[b];
-      default: return seq_lens[b];
-    }
+  // Keys sequence b can hold (caches); its length for the other layouts.
+  FMHA_HOST_DEVICE int64_t capacity(int64_t b) const {
+    if (layout == KvLayout::kPaged) return pages_per_seq * page_size;
+    if (layout == KvLayout::kCache) return seqs.uniform_len;
+    return seqs.len(b);
   }
-  // Row of key j (0 <= j < k_len(b)) of sequence b in the [kv_rows, Hkv, D] view.
-  FMHA_HOST_DEVICE int64_t kv_row(int64_t b, int64_t j) const {
-    switch (kv_layout) {
-      case KvLayout::kUniform:
-      case KvLayout::kCache: return b * uniform_seqlen_k + j;
-      case KvLayout::kPacked: return cu_seqlens_k[b] + j;
-      default:
-        return int64_t(block_table[b * pages_per_seq + j / page_size]) * page_size +
-               j % page_size;
-    }
+  FMHA_HOST_DEVICE int32_t page_id(int64_t b, int64_t j) const {
+    return block_table[b * pages_per_seq + j / page_size];
   }
-
-  // Device-side data is never trusted: a sequence whose query rows, key rows or pages fall
-  // outside their arrays, or whose length exceeds the static bound, is not computed. Its
-  // output rows are set to NaN (queries valid, keys not) or left to the uncovered-row pass.
-  FMHA_HOST_DEVICE bool q_valid(int64_t b) const {
-    const int64_t begin = q_begin(b), len = q_len(b);
-    return begin >= 0 && len >= 0 && begin + len <= q_rows && len <= max_seqlen_q;
+  FMHA_HOST_DEVICE bool page_id_valid(int32_t id) const { return id >= 0 && id < num_pages; }
+  // Row of key j (0 <= j < capacity(b), page id valid) of sequence b.
+  FMHA_HOST_DEVICE int64_t row(int64_t b, int64_t j) const {
+    if (layout == KvLayout::kPaged) return int64_t(page_id(b, j)) * page_size + j % page_size;
+    return seqs.begin(b) + j;
   }
-  FMHA_HOST_DEVICE bool kv_valid(int64_t b) const {
-    switch (kv_layout) {
+  // Whether every key of sequence b lies inside the array. Reads the page ids of the
+  // sequence: a backend calls it once per sequence (or shares the work across a block).
+  FMHA_HOST_DEVICE bool valid(int64_t b) const {
+    switch (layout) {
       case KvLayout::kUniform: return true;
       case KvLayout::kPacked: {
-        const int64_t begin = cu_seqlens_k[b], end = cu_seqlens_k[b + 1];
-        return begin >= 0 && begin <= end && end <= kv_rows;
+        const int64_t first = seqs.begin(b), n = seqs.len(b);
+        return first >= 0 && n >= 0 && first + n <= rows;
       }
-      case KvLayout::kCache: return seq_lens[b] >= 0 && seq_lens[b] <= uniform_seqlen_k;
+      case KvLayout::kCache: return seq_lens[b] >= 0 && seq_lens[b] <= seqs.uniform_len;
       default: {
-        const int64_t len = seq_lens[b];
-        if (len < 0 || len > pages_per_seq * page_size) return false;
-        for (int64_t page = 0; page * page_size < len; ++page) {
-          const int32_t id = block_table[b * pages_per_seq + page];
-          if (id < 0 || id >= num_pages) return false;
-        }
+        const int64_t n = seq_lens[b];
+        if (n < 0 || n > capacity(b)) return false;
+        for (int64_t j = 0; j < n; j += page_size)
+          if (!page_id_valid(page_id(b, j))) return false;
         return true;
       }
     }
   }
+};
 
-  // LSE layout: dense [B, Hq, Sq], packed [Hq, Tq].
+struct AttentionProblem {
+  int64_t batch = 0;
+  int64_t num_q_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  SeqRows q;
+  KvView kv;
+
+  // Score transform and mask.
+  float scale = 1.f;
+  float softcap = 0.f;        // > 0: s = softcap * tanh(s / softcap)
+  int64_t window_left = -1;   // -1: unbounded
+  int64_t window_right = -1;  // -1: unbounded; causal is window_right = 0
+
+  int64_t num_splits = 1;  // split-KV: partial outputs and LSEs per split
+
+  FMHA_HOST_DEVICE int64_t group() const { return num_q_heads / num_kv_heads; }
+  FMHA_HOST_DEVICE int64_t q_row_stride() const { return num_q_heads * head_dim; }
+  FMHA_HOST_DEVICE int64_t kv_row_stride() const { return num_kv_heads * head_dim; }
+
+  // LSE layout: dense [B, Hq, Sq], packed [Hq, Tq]; per split, lse_size() apart.
   FMHA_HOST_DEVICE int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
-    return q_packed ? h * q_rows + cu_seqlens_q[b] + i
-                    : (b * num_q_heads + h) * uniform_seqlen_q + i;
+    return q.packed ? h * q.rows + q.cu_seqlens[b] + i
+                    : (b * num_q_heads + h) * q.uniform_len + i;
   }
-  FMHA_HOST_DEVICE int64_t lse_size() const { return num_q_heads * q_rows; }
+  FMHA_HOST_DEVICE int64_t lse_size() const { return num_q_heads * q.rows; }
 };
 
 // Keys visible to query i of a sequence with sq queries and sk keys: [lo, hi), clipped to
@@ -142,8 +147,9 @@ FMHA_HOST_DEVICE KeyRange visible_keys(const AttentionProblem& p, int64_t i, int
   return {lo, hi};
 }
 
-// Keys of sequence b handled by split s of num_splits: contiguous, nearly equal chunks of
-// whole blocks of `block` keys, so that splits never share a block.
+// Keys of a sequence with sk keys handled by split s of num_splits: contiguous, nearly
+// equal chunks of whole blocks of `block` keys, so that splits never share a block. Splits
+// past the end are empty (their partial LSE is -inf and weighs nothing in the merge).
 FMHA_HOST_DEVICE KeyRange split_keys(int64_t sk, int64_t split, int64_t num_splits,
                                      int64_t block) {
   const int64_t blocks = (sk + block - 1) / block;

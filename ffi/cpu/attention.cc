@@ -53,18 +53,18 @@ struct Kernel {
     const int64_t kvh = (item / blocks) % p.num_kv_heads;
     const int64_t b = (item / blocks / p.num_kv_heads) % p.batch;
     const int64_t split = item / blocks / p.num_kv_heads / p.batch;
-    if (!p.q_valid(b)) return;  // see write_rows_outside_sequences
-    const int64_t sq = p.q_len(b);
+    if (!p.q.valid(b)) return;  // see write_rows_outside_sequences
+    const int64_t sq = p.q.len(b);
     const int64_t row_begin = block * kBlockRows;
     const int64_t rows = std::min(kBlockRows, sq * group - row_begin);
     if (rows <= 0) return;
-    if (!p.kv_valid(b)) return write_nan(split, b, kvh, row_begin, rows);
+    if (!p.kv.valid(b)) return write_nan(split, b, kvh, row_begin, rows);
     run_tile(split, b, kvh, row_begin, rows);
   }
 
   // Element offset of (split, query row, head) in out, and of the matching LSE entry.
   int64_t out_offset(int64_t split, int64_t row, int64_t h) const {
-    return (split * p.q_rows + row) * p.q_row_stride() + h * p.head_dim;
+    return (split * p.q.rows + row) * p.q_row_stride() + h * p.head_dim;
   }
   int64_t lse_offset(int64_t split, int64_t b, int64_t h, int64_t i) const {
     return split * p.lse_size() + p.lse_index(b, h, i);
@@ -74,7 +74,7 @@ struct Kernel {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t r = row_begin; r < row_begin + rows; ++r) {
       const int64_t i = r / group, h = kvh * group + r % group;
-      OutT* o = out + out_offset(split, p.q_begin(b) + i, h);
+      OutT* o = out + out_offset(split, p.q.begin(b) + i, h);
       for (int64_t d = 0; d < p.head_dim; ++d) o[d] = from_float<OutT>(nan);
       lse[lse_offset(split, b, h, i)] = nan;
     }
@@ -82,7 +82,7 @@ struct Kernel {
 
   void run_tile(int64_t split, int64_t b, int64_t kvh, int64_t row_begin, int64_t rows) const {
     const int64_t D = p.head_dim;
-    const int64_t sq = p.q_len(b), sk = p.k_len(b);
+    const int64_t sq = p.q.len(b), sk = p.kv.len(b);
     const KeyRange split_range = split_keys(sk, split, p.num_splits, kBlockKeys);
 
     alignas(64) float q_tile[kBlockRows * kMaxHeadDim];
@@ -96,7 +96,7 @@ struct Kernel {
     int64_t lo = sk, hi = 0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = (row_begin + r) / group, h = kvh * group + (row_begin + r) % group;
-      const T* src = q + (p.q_begin(b) + i) * p.q_row_stride() + h * D;
+      const T* src = q + (p.q.begin(b) + i) * p.q_row_stride() + h * D;
       for (int64_t d = 0; d < D; ++d) q_tile[r * D + d] = to_float(src[d]) * p.scale;
       KeyRange keys = visible_keys(p, i, sq, sk);
       keys.lo = std::max(keys.lo, split_range.lo);
@@ -114,7 +114,7 @@ struct Kernel {
       const int64_t n = std::min(kBlockKeys, hi - j0);
       // Scores of this key block for every row of the tile.
       for (int64_t j = 0; j < n; ++j) {
-        load_row(k + p.kv_row(b, j0 + j) * kv_stride + kvh * D, key, D);
+        load_row(k + p.kv.row(b, j0 + j) * kv_stride + kvh * D, key, D);
         for (int64_t r = 0; r < rows; ++r) scores[r * kBlockKeys + j] = dot(q_tile + r * D, key, D);
       }
       // Softcap, mask, online softmax update.
@@ -150,7 +150,7 @@ struct Kernel {
       }
       // acc += P V, one value row (converted once) at a time for all rows.
       for (int64_t j = 0; j < n; ++j) {
-        load_row(v + p.kv_row(b, j0 + j) * kv_stride + kvh * D, key, D);
+        load_row(v + p.kv.row(b, j0 + j) * kv_stride + kvh * D, key, D);
         for (int64_t r = 0; r < rows; ++r) {
           const float w = scores[r * kBlockKeys + j];
           if (w == 0.f) continue;
@@ -166,7 +166,7 @@ struct Kernel {
       const int64_t i = (row_begin + r) / group, h = kvh * group + (row_begin + r) % group;
       const bool seen = row_sum[r] > 0.f;
       const float inv = seen ? 1.f / row_sum[r] : 0.f;
-      OutT* o = out + out_offset(split, p.q_begin(b) + i, h);
+      OutT* o = out + out_offset(split, p.q.begin(b) + i, h);
       for (int64_t d = 0; d < D; ++d) o[d] = from_float<OutT>(acc[r * D + d] * inv);
       lse[lse_offset(split, b, h, i)] = seen ? row_max[r] + std::log(row_sum[r]) : kNegInf;
     }
@@ -177,13 +177,13 @@ struct Kernel {
   // (out of bounds, or longer than max_seqlen_q) get NaN. With non-decreasing cu_seqlens_q
   // this writes every row that no tile writes.
   void write_rows_outside_sequences() const {
-    if (!p.q_packed) return;
-    const auto clamp = [&](int64_t row) { return std::clamp<int64_t>(row, 0, p.q_rows); };
-    fill_rows(0, clamp(p.cu_seqlens_q[0]), 0.f, kNegInf);
-    fill_rows(clamp(p.cu_seqlens_q[p.batch]), p.q_rows, 0.f, kNegInf);
+    if (!p.q.packed) return;
+    const auto clamp = [&](int64_t row) { return std::clamp<int64_t>(row, 0, p.q.rows); };
+    fill_rows(0, clamp(p.q.cu_seqlens[0]), 0.f, kNegInf);
+    fill_rows(clamp(p.q.cu_seqlens[p.batch]), p.q.rows, 0.f, kNegInf);
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t b = 0; b < p.batch; ++b)
-      if (!p.q_valid(b)) fill_rows(clamp(p.cu_seqlens_q[b]), clamp(p.cu_seqlens_q[b + 1]), nan, nan);
+      if (!p.q.valid(b)) fill_rows(clamp(p.q.cu_seqlens[b]), clamp(p.q.cu_seqlens[b + 1]), nan, nan);
   }
 
   void fill_rows(int64_t row_begin, int64_t row_end, float value, float lse_value) const {
@@ -192,7 +192,7 @@ struct Kernel {
         for (int64_t h = 0; h < p.num_q_heads; ++h) {
           OutT* o = out + out_offset(split, row, h);
           for (int64_t d = 0; d < p.head_dim; ++d) o[d] = from_float<OutT>(value);
-          lse[split * p.lse_size() + h * p.q_rows + row] = lse_value;
+          lse[split * p.lse_size() + h * p.q.rows + row] = lse_value;
         }
   }
 };
@@ -208,7 +208,7 @@ void run(xla::ffi::ThreadPool& pool, const AttentionProblem& p, const void* q, c
                                static_cast<OutT*>(out),
                                lse,
                                group,
-                               (p.max_seqlen_q * group + kBlockRows - 1) / kBlockRows};
+                               (p.q.max_len * group + kBlockRows - 1) / kBlockRows};
   kernel.write_rows_outside_sequences();
   parallel_for(pool, kernel.items(), kernel);
 }

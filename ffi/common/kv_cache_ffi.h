@@ -1,0 +1,85 @@
+// The KV-cache append custom call, shared by the CPU and CUDA handlers:
+//   k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new
+//     -> k_cache, v_cache   (results aliased to the cache operands: in place when donated)
+// New token t of sequence b goes to cache position cache_seqlens[b] + t, through the block
+// table for pages. A write that falls outside the sequence's capacity, or onto an invalid
+// page id, or whose cache_seqlens[b] is negative, is dropped: never out of bounds.
+#pragma once
+
+#include <utility>
+
+#include "common/attention_ffi.h"
+
+namespace jax_fmha {
+
+template <typename Binding>
+auto bind_kv_cache_update(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // k_cache
+      .template Arg<ffi::AnyBuffer>()                      // v_cache
+      .template Arg<ffi::AnyBuffer>()                      // k_new
+      .template Arg<ffi::AnyBuffer>()                      // v_new
+      .template Arg<ffi::Buffer<ffi::S32>>()               // block_table
+      .template Arg<ffi::Buffer<ffi::S32>>()               // cache_seqlens
+      .template Arg<ffi::Buffer<ffi::S32>>()               // cu_seqlens_new
+      .template Ret<ffi::AnyBuffer>()                      // k_cache (aliased)
+      .template Ret<ffi::AnyBuffer>()                      // v_cache (aliased)
+      .template Attr<int32_t>("kv_layout");
+}
+
+struct KvCacheUpdate {
+  int64_t batch = 0;
+  int64_t row_elements = 0;  // Hkv * D: one token of one cache
+  int64_t elem_bytes = 0;
+  SeqRows new_tokens;  // rows of k_new / v_new
+  KvView cache;        // seq_lens = cache_seqlens (lengths before the append)
+
+  // Cache row of new token t of sequence b, or -1 when the write must be dropped.
+  FMHA_HOST_DEVICE int64_t target_row(int64_t b, int64_t t) const {
+    const int64_t start = cache.seq_lens[b];
+    const int64_t pos = start + t;
+    if (start < 0 || pos >= cache.capacity(b)) return -1;
+    if (cache.layout == KvLayout::kPaged && !cache.page_id_valid(cache.page_id(b, pos)))
+      return -1;
+    return cache.row(b, pos);
+  }
+};
+
+inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache,
+                                         const ffi::AnyBuffer& k_new, const ffi::AnyBuffer& v_new,
+                                         const ffi::Buffer<ffi::S32>& block_table,
+                                         const ffi::Buffer<ffi::S32>& cache_seqlens,
+                                         const ffi::Buffer<ffi::S32>& cu_seqlens_new,
+                                         const ffi::AnyBuffer& k_out, const ffi::AnyBuffer& v_out,
+                                         int32_t kv_layout, KvCacheUpdate& u) {
+  const auto cd = k_cache.dimensions();
+  const auto nd = k_new.dimensions();
+  if (k_cache.element_type() != v_cache.element_type() ||
+      k_new.element_type() != k_cache.element_type() ||
+      v_new.element_type() != k_cache.element_type())
+    return shape_error("update_kv_cache: caches and new tokens must share one dtype");
+  if (k_cache.element_count() != v_cache.element_count() ||
+      k_out.element_count() != k_cache.element_count() ||
+      v_out.element_count() != v_cache.element_count() ||
+      k_new.element_count() != v_new.element_count())
+    return shape_error("update_kv_cache: k and v shapes differ");
+  if (cd.size() != 4 || (nd.size() != 3 && nd.size() != 4))
+    return shape_error("update_kv_cache: unexpected ranks");
+  u.row_elements = cd[2] * cd[3];
+  if (nd[nd.size() - 2] * nd[nd.size() - 1] != u.row_elements)
+    return shape_error("update_kv_cache: new tokens' heads/head_dim differ from the cache's");
+  u.elem_bytes = int64_t(ffi::ByteWidth(k_cache.element_type()));
+  u.batch = int64_t(cache_seqlens.element_count());
+  if (auto err = decode_seq_rows(k_new, cu_seqlens_new, 0, "k_new", u.new_tokens); !err.success())
+    return err;
+  u.new_tokens.max_len = u.new_tokens.packed ? u.new_tokens.rows : u.new_tokens.uniform_len;
+  if (u.new_tokens.packed ? int64_t(cu_seqlens_new.element_count()) != u.batch + 1
+                          : nd[0] != u.batch)
+    return shape_error("update_kv_cache: new tokens' batch differs from cache_seqlens'");
+  const auto layout = static_cast<KvLayout>(kv_layout);
+  if (layout != KvLayout::kCache && layout != KvLayout::kPaged)
+    return shape_error("update_kv_cache: kv_layout must be a cache or pages");
+  return decode_kv_view(k_cache, layout, u.batch, cu_seqlens_new, cache_seqlens, block_table,
+                        u.cache);
+}
+
+}  // namespace jax_fmha
