@@ -1,0 +1,388 @@
+"""Paged and contiguous KV caches, cache append, split-KV and the merge (issue 3).
+
+Every kernel result is compared with the float64 NumPy reference in numpy_reference.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_fmha
+import numpy_reference as ref
+from conftest import (assert_attention_close, assert_close, randn, run_on, to_device,
+                      FLOAT_DTYPES)
+from jax_fmha.attention import choose_num_splits
+
+
+def make_paged_cache(rng, lens, page_size, hkv, d, dtype, spare_pages=3):
+  """Pages holding sequences of `lens` keys, scattered through a permuted block table.
+
+  Returns (k_pages, v_pages, block_table, seq_lens). Table entries past a sequence's last
+  page hold -1 garbage (they must be ignored).
+  """
+  pages_per_seq = max(1, max(-(-n // page_size) for n in lens))
+  num_pages = len(lens) * pages_per_seq + spare_pages
+  k = randn(rng, (num_pages, page_size, hkv, d), dtype)
+  v = randn(rng, (num_pages, page_size, hkv, d), dtype)
+  perm = rng.permutation(num_pages)[:len(lens) * pages_per_seq]
+  table = perm.reshape(len(lens), pages_per_seq).astype(np.int32)
+  for b, n in enumerate(lens):
+    table[b, -(-n // page_size):] = -1
+  return k, v, table, np.asarray(lens, np.int32)
+
+
+def packed_paged_reference(q, cu_seqlens_q, k_pages, v_pages, table, lens, **kw):
+  """Packed queries against paged keys, from the reference's building blocks."""
+  cu = np.asarray(cu_seqlens_q)
+  seqs = [(np.arange(cu[b], cu[b + 1]), np.asarray(q, np.float64)[cu[b]:cu[b + 1]],
+           ref.gather_pages(np.asarray(k_pages, np.float64), table[b], lens[b]),
+           ref.gather_pages(np.asarray(v_pages, np.float64), table[b], lens[b]))
+          for b in range(len(cu) - 1)]
+  return ref.attend_sequences(seqs, hq=q.shape[1], d=q.shape[2], q_rows=q.shape[0], **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged attention
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_paged_page_sizes(device, rng, page_size, dtype):
+  dtype = FLOAT_DTYPES[dtype]
+  # Lengths 0, 1, exactly one page, one token past a page boundary, several pages.
+  lens = [0, 1, page_size, page_size + 1, 3 * page_size + 5]
+  k, v, table, seq_lens = make_paged_cache(rng, lens, page_size, 2, 64, dtype)
+  q = randn(rng, (len(lens), 3, 8, 64), dtype)
+  args = to_device(device, q, k, v, table, seq_lens)
+  out, lse = run_on(device, dtype, jax_fmha.attention, *args[:3], block_table=args[3],
+                    seq_lens=args[4], causal=True, return_lse=True)
+  expected, expected_lse = ref.paged(q, k, v, table, seq_lens, causal=True)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+
+
+@pytest.mark.parametrize("group", [1, 8, 32])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_paged_decode_gqa(device, rng, group, num_splits):
+  dtype = FLOAT_DTYPES["bfloat16"]
+  hkv = 32 // group
+  lens = [700, 17, 1024, 333]
+  k, v, table, seq_lens = make_paged_cache(rng, lens, 16, hkv, 128, dtype)
+  q = randn(rng, (len(lens), 1, 32, 128), dtype)
+  args = to_device(device, q, k, v, table, seq_lens)
+  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
+                                num_splits=num_splits, return_lse=True)
+  expected, expected_lse = ref.paged(q, k, v, table, seq_lens)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+
+
+@pytest.mark.parametrize("kw", [dict(window=(40, 0)), dict(softcap=5.0, causal=True),
+                                dict(window=(3, 2), scale=0.3)])
+def test_paged_masks_softcap(device, rng, kw):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["float16"]
+  lens = [90, 5, 64]
+  k, v, table, seq_lens = make_paged_cache(rng, lens, 16, 2, 64, dtype)
+  q = randn(rng, (3, 7, 4, 64), dtype)
+  args = to_device(device, q, k, v, table, seq_lens)
+  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
+                                return_lse=True, **kw)
+  expected, expected_lse = ref.paged(q, k, v, table, seq_lens, **kw)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+
+
+def test_packed_queries_paged_mixed_batch(device, rng):
+  """Mixed prefill and decode in one batch: packed queries, paged keys."""
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  q_lens, kv_lens = [1, 40, 0, 1, 13], [300, 40, 9, 1, 100]
+  k, v, table, seq_lens = make_paged_cache(rng, kv_lens, 16, 2, 64, dtype)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  q = randn(rng, (int(cu[-1]) + 2, 8, 64), dtype)  # two rows outside every sequence
+  args = to_device(device, q, k, v, table, seq_lens, cu)
+  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
+                                cu_seqlens_q=args[5], causal=True, return_lse=True)
+  expected, expected_lse = packed_paged_reference(q, cu, k, v, table, seq_lens, causal=True)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+
+
+def test_contiguous_cache(device, rng):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  k = randn(rng, (3, 200, 2, 64), dtype)
+  v = randn(rng, (3, 200, 2, 64), dtype)
+  seq_lens = np.asarray([0, 200, 77], np.int32)
+  q = randn(rng, (3, 4, 8, 64), dtype)
+  args = to_device(device, q, k, v, seq_lens)
+  out, lse = jax_fmha.attention(*args[:3], seq_lens=args[3], causal=True, return_lse=True)
+  expected, expected_lse = ref.kv_cache(q, k, v, seq_lens, causal=True)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+
+
+def test_vmap_paged_folds_into_batch(rng):
+  dtype = FLOAT_DTYPES["float32"]
+  k, v, table, seq_lens = make_paged_cache(rng, [50, 20], 16, 2, 32, dtype)
+  q = randn(rng, (3, 2, 1, 4, 32), dtype)  # vmapped axis of 3 over shared pages
+  f = jax.vmap(lambda q: jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens))
+  out = f(q)
+  for n in range(3):
+    expected, _ = ref.paged(q[n], k, v, table, seq_lens)
+    assert_close(out[n], expected, rtol=1e-5, atol=2e-5)
+  assert "jax_fmha_attention_fwd" in str(jax.make_jaxpr(f)(q))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad device data: documented outcome, nothing touched out of bounds
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_id", [-5, 10_000])
+def test_out_of_range_page_id_gives_nan_rows(device, rng, bad_id):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  lens = [40, 40, 40]
+  k, v, table, seq_lens = make_paged_cache(rng, lens, 16, 2, 64, dtype)
+  table[1, 1] = bad_id
+  q = randn(rng, (3, 2, 4, 64), dtype)
+  args = to_device(device, q, k, v, table, seq_lens)
+  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
+                                return_lse=True)
+  out, lse = np.asarray(out, np.float64), np.asarray(lse)
+  assert np.isnan(out[1]).all() and np.isnan(lse[1]).all()
+  good = [0, 2]
+  expected, expected_lse = ref.paged(q[good], k, v, table[good], seq_lens[good])
+  assert_attention_close(out[good].astype(dtype), expected, dtype, lse[good], expected_lse)
+
+
+def test_overfull_seq_lens_give_nan_rows(device, rng):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  k, v, table, seq_lens = make_paged_cache(rng, [40, 64], 16, 2, 64, dtype)
+  table[0, 3] = 0  # a valid page after the last one: must not be read either
+  seq_lens = np.asarray([40, table.shape[1] * 16 + 1], np.int32)  # sequence 1 overflows
+  q = randn(rng, (2, 1, 4, 64), dtype)
+  out = np.asarray(jax_fmha.attention(*to_device(device, q, k, v), block_table=table,
+                                      seq_lens=seq_lens), np.float64)
+  assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
+  cache = randn(rng, (2, 30, 2, 64), dtype)
+  out = np.asarray(jax_fmha.attention(*to_device(device, q, cache, cache),
+                                      seq_lens=np.asarray([30, 31], np.int32)), np.float64)
+  assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
+
+
+def test_update_drops_writes_outside_the_sequence(device, rng):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  k, v, table, _ = make_paged_cache(rng, [32, 32, 32], 16, 2, 32, dtype, spare_pages=2)
+  table[1, 1] = 999  # invalid page: the write onto it is dropped
+  cache_seqlens = np.asarray([31, 15, -3], np.int32)  # 0: overflow, 1: bad page, 2: negative
+  k_new = randn(rng, (3, 2, 2, 32), dtype)
+  k2, v2 = jax_fmha.update_kv_cache(*to_device(device, k, v, k_new, k_new, table),
+                                    cache_seqlens)
+  k2, v2 = np.asarray(k2), np.asarray(v2)
+  written = np.zeros(k.shape[:2], bool)
+  written[table[0, 1], 15] = True  # sequence 0, position 31: the last slot
+  written[table[1, 0], 15] = True  # sequence 1, position 15; position 16 hits page 999
+  np.testing.assert_array_equal(k2[~written], k[~written])  # everything else untouched
+  np.testing.assert_array_equal(v2[~written], v[~written])
+  np.testing.assert_array_equal(k2[table[0, 1], 15], k_new[0, 0])
+  np.testing.assert_array_equal(k2[table[1, 0], 15], k_new[1, 0])
+
+
+# ---------------------------------------------------------------------------------------
+# Cache append
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [1, 16, None])  # None: contiguous cache
+@pytest.mark.parametrize("packed_new", [False, True])
+def test_append_then_attend_equals_concatenation(device, rng, page_size, packed_new):
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  cached = [5, 0, 33]
+  new = [3, 3, 3] if not packed_new else [2, 0, 5]
+  hkv, d = 2, 64
+  if page_size is None:
+    k = randn(rng, (3, 48, hkv, d), dtype)
+    v = randn(rng, (3, 48, hkv, d), dtype)
+    table = None
+    history = lambda x, b: x[b, :cached[b]]
+  else:
+    k, v, table, _ = make_paged_cache(rng, [48] * 3, page_size, hkv, d, dtype)
+    history = lambda x, b: ref.gather_pages(x, table[b], cached[b])
+  cache_seqlens = np.asarray(cached, np.int32)
+  if packed_new:
+    cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    k_new, v_new = randn(rng, (cu[-1], hkv, d), dtype), randn(rng, (cu[-1], hkv, d), dtype)
+    q = randn(rng, (cu[-1], 8, d), dtype)
+    rows = lambda b: slice(cu[b], cu[b + 1])
+  else:
+    cu = None
+    k_new, v_new = randn(rng, (3, 3, hkv, d), dtype), randn(rng, (3, 3, hkv, d), dtype)
+    q = randn(rng, (3, 3, 8, d), dtype)
+    rows = lambda b: b
+  out, k2, v2 = jax_fmha.attention_with_kvcache(
+      *to_device(device, q, k, v, k_new, v_new), cache_seqlens=cache_seqlens,
+      block_table=table, cu_seqlens_q=cu, causal=True)
+  for b in range(3):
+    keys = np.concatenate([history(k, b), k_new[rows(b)]])
+    values = np.concatenate([history(v, b), v_new[rows(b)]])
+    expected, _ = ref.attend_sequence(q[rows(b)], keys, values, causal=True)
+    assert_close(np.asarray(out)[rows(b)], expected, what=f"sequence {b}",
+                 rtol=1e-5 if dtype == np.float32 else 1e-2,
+                 atol=2e-5 if dtype == np.float32 else 1e-2)
+
+
+def test_update_in_place_when_donated():
+  k = jnp.zeros((64, 16, 8, 128), jnp.bfloat16)
+  table = jnp.arange(64, dtype=jnp.int32).reshape(4, 16)
+  new = jnp.ones((4, 1, 8, 128), jnp.bfloat16)
+  lens = jnp.asarray([0, 5, 17, 200], jnp.int32)
+  update = lambda k, v: jax_fmha.update_kv_cache(k, v, new, new, table, lens)
+  donated = jax.jit(update, donate_argnums=(0, 1)).lower(k, k).compile().as_text()
+  assert "jax_fmha_update_kv_cache" in donated
+  # No copy instruction anywhere: the custom call writes into the donated cache buffers.
+  assert not re.search(r"\bcopy(-start)?\(", donated), donated
+  assert "input_output_alias" in donated
+  kept = jax.jit(update).lower(k, k).compile().as_text()
+  assert re.search(r"\bcopy\(", kept), "without donation XLA must copy the cache first"
+
+
+# ---------------------------------------------------------------------------------------
+# Split-KV and precision
+# ---------------------------------------------------------------------------------------
+
+
+def test_num_splits_agree(rng):
+  dtype = FLOAT_DTYPES["float32"]
+  k, v, table, seq_lens = make_paged_cache(rng, [5000, 1, 0, 2049], 16, 2, 64, dtype)
+  q = randn(rng, (4, 2, 8, 64), dtype)
+  results = {n: np.asarray(jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens,
+                                              num_splits=n, return_lse=True)[0], np.float64)
+             for n in (1, 2, 7, 64)}
+  scale = np.abs(results[1]).max()
+  for n in (2, 7, 64):
+    assert np.abs(results[n] - results[1]).max() <= 1e-5 * scale, n
+  expected, _ = ref.paged(q, k, v, table, seq_lens)
+  assert_close(results[64], expected, rtol=1e-5, atol=2e-5)
+
+
+def test_long_context_bf16_within_rounding(rng):
+  """32k keys in bf16, split or not: the output is the true answer rounded to bf16."""
+  dtype = FLOAT_DTYPES["bfloat16"]
+  n = 32768 + 5
+  k, v, table, seq_lens = make_paged_cache(rng, [n], 64, 1, 128, dtype, spare_pages=0)
+  q = randn(rng, (1, 1, 8, 128), dtype, scale=2.0)
+  expected, expected_lse = ref.paged(q, k, v, table, seq_lens)
+  ulp = np.abs(expected) * 2.0**-8 + 1e-6  # one bf16 unit in the last place
+  for splits in (1, None, 64):
+    out, lse = jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens,
+                                  num_splits=splits, return_lse=True)
+    err = np.abs(np.asarray(out, np.float64) - expected)
+    assert (err <= ulp).all(), (splits, float((err / ulp).max()))
+    np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_split_jaxpr_shows_forward_and_merge(rng):
+  k, v, table, seq_lens = make_paged_cache(rng, [100], 16, 1, 64, FLOAT_DTYPES["float32"])
+  q = jnp.ones((1, 1, 4, 64))
+  jaxpr = str(jax.make_jaxpr(lambda q: jax_fmha.attention(
+      q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4))(q))
+  assert "jax_fmha_attention_fwd" in jaxpr and "num_splits=4" in jaxpr
+  assert "jax_fmha_merge_states" in jaxpr
+  hlo = jax.jit(lambda q: jax_fmha.attention(
+      q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4)).lower(q).as_text()
+  assert "jax_fmha_merge_states" in hlo
+
+
+def test_num_splits_heuristic_is_static():
+  # Large batches fill the device: no split. One long sequence: split to fill it.
+  assert choose_num_splits(batch=256, num_kv_heads=8, group=4, max_seqlen_q=1,
+                           max_seqlen_k=8192, parallelism=132) == 1
+  many = choose_num_splits(batch=1, num_kv_heads=8, group=4, max_seqlen_q=1,
+                           max_seqlen_k=131072, parallelism=132)
+  assert 16 <= many <= 128
+  # Short caches are never split below 256 keys per split.
+  assert choose_num_splits(batch=1, num_kv_heads=1, group=1, max_seqlen_q=1,
+                           max_seqlen_k=300, parallelism=132) == 1
+
+
+@pytest.mark.parametrize("out_dtype", [None, jnp.bfloat16])
+def test_merge_attention_states(device, rng, out_dtype):
+  """Attention over three disjoint key segments, merged, equals attention over all."""
+  q = randn(rng, (6, 4, 32), np.float32)
+  keys = randn(rng, (90, 2, 32), np.float32)
+  values = randn(rng, (90, 2, 32), np.float32)
+  bounds = [0, 40, 40, 90]  # the middle segment is empty
+  parts = [ref.attend_sequence(q, keys[a:b], values[a:b]) for a, b in zip(bounds, bounds[1:])]
+  outs = np.stack([p[0] for p in parts]).astype(np.float32)  # [S, 6, 4, 32]
+  lses = np.stack([p[1].T for p in parts]).astype(np.float32)  # [S, 6, 4]
+  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses),
+                                             out_dtype=out_dtype)
+  expected, expected_lse = ref.attend_sequence(q, keys, values)
+  tol = dict(rtol=1e-5, atol=2e-5) if out_dtype is None else dict(rtol=1e-2, atol=1e-2)
+  assert_close(out, expected, **tol)
+  assert_close(lse, expected_lse.T, rtol=1e-6, atol=1e-5, what="lse")
+  all_empty = jax_fmha.merge_attention_states(outs[1:2], lses[1:2])
+  assert (np.asarray(all_empty[0]) == 0).all() and np.isneginf(np.asarray(all_empty[1])).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Static bad input
+# ---------------------------------------------------------------------------------------
+
+
+def _paged_args():
+  k = jnp.zeros((10, 16, 2, 64), jnp.bfloat16)
+  return dict(q=jnp.zeros((2, 1, 4, 64), jnp.bfloat16), k=k, v=k,
+              block_table=jnp.zeros((2, 3), jnp.int32), seq_lens=jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError, "block_table: expected dtype int32"),
+    (dict(block_table=jnp.zeros((2, 3), jnp.float32)), TypeError, "block_table: expected dtype int32"),
+    (dict(block_table=jnp.zeros((6,), jnp.int32)), ValueError, r"block_table: expected shape \[B=2"),
+    (dict(block_table=jnp.zeros((3, 3), jnp.int32)), ValueError, r"block_table: expected shape \[B=2"),
+    (dict(seq_lens=jnp.zeros((3,), jnp.int32)), ValueError, r"seq_lens: expected shape \[2\]"),
+    (dict(seq_lens=jnp.zeros((2,), jnp.float32)), TypeError, "seq_lens: expected dtype int32"),
+    (dict(seq_lens=None), ValueError, "seq_lens: a paged cache"),
+    (dict(v=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v: expected k's shape"),
+    (dict(k=jnp.zeros((10, 16, 3, 64), jnp.bfloat16), v=jnp.zeros((10, 16, 3, 64), jnp.bfloat16)),
+     ValueError, "num_kv_heads"),
+    (dict(k=jnp.zeros((160, 2, 64), jnp.bfloat16), v=jnp.zeros((160, 2, 64), jnp.bfloat16)),
+     ValueError, "k: expected rank 4"),
+    (dict(num_splits=0), ValueError, "num_splits: expected an int >= 1"),
+    (dict(num_splits=1000), ValueError, "num_splits: expected at most"),
+    (dict(num_splits=2.5), TypeError, "num_splits: expected a static Python int"),
+    (dict(cu_seqlens_k=jnp.zeros((3,), jnp.int32)), ValueError, "cu_seqlens_k: not used"),
+])
+def test_paged_bad_input(change, error, match):
+  args = _paged_args()
+  args.update(change)
+  with pytest.raises(error, match=match):
+    jax_fmha.attention(**args)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(k_new=jnp.zeros((2, 1, 3, 64), jnp.bfloat16)), ValueError, "k_new: heads and head_dim"),
+    (dict(k_new=jnp.zeros((2, 1, 2, 64), jnp.float16)), TypeError, "share one dtype"),
+    (dict(v_cache=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v_cache: expected"),
+    (dict(cache_seqlens=jnp.zeros((3,), jnp.int32)), ValueError, r"cache_seqlens: expected shape \[2\]"),
+    (dict(block_table=jnp.zeros((2, 3), jnp.uint32)), TypeError, "block_table: expected dtype int32"),
+    (dict(cu_seqlens_new=jnp.zeros((3,), jnp.int32)), ValueError, "k_new: expected rank 3"),
+])
+def test_update_bad_input(change, error, match):
+  k = jnp.zeros((10, 16, 2, 64), jnp.bfloat16)
+  args = dict(k_cache=k, v_cache=k, k_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
+              v_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
+              block_table=jnp.zeros((2, 3), jnp.int32), cache_seqlens=jnp.zeros((2,), jnp.int32))
+  args.update(change)
+  if "v_new" not in change and "k_new" in change:
+    args["v_new"] = args["k_new"]
+  with pytest.raises(error, match=match):
+    jax_fmha.update_kv_cache(**args)
+
+
+def test_merge_bad_input():
+  with pytest.raises(ValueError, match="lses: expected shape"):
+    jax_fmha.merge_attention_states(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)))
+  with pytest.raises(TypeError, match="outs: expected dtype"):
+    jax_fmha.merge_attention_states(jnp.zeros((2, 3, 8), jnp.int32), jnp.zeros((2, 3)))
