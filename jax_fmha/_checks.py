@@ -88,3 +88,13 @@ def window(value) -> tuple[int, int]:
     raise ValueError(f"window: expected a pair (left, right) of ints >= -1, got {value!r}") \
         from None
   return (static_int("window[0] (left)", left, -1), static_int("window[1] (right)", right, -1))
+
+
+def block_table(x, batch: int):
+  x = array("block_table", x)
+  if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+    raise TypeError(f"block_table: expected dtype int32, got {x.dtype}")
+  if x.ndim != 2 or x.shape[0] != batch:
+    raise ValueError(f"block_table: expected shape [B={batch}, pages_per_seq], got "
+                     f"{tuple(x.shape)}")
+  return x

@@ -234,11 +234,9 @@ def _check_attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, c
 
   # Keys and values.
   if block_table is not None or seq_lens is not None:
-    kv_layout, max_seqlen_k = _check_cache(q, k, cu_seqlens_k, block_table, seq_lens, batch,
-                                           max_seqlen_k)
+    kv_layout, max_seqlen_k, block_table = _check_cache(k, cu_seqlens_k, block_table, seq_lens,
+                                                        batch, max_seqlen_k)
     seq_lens = _checks.int32_vector("seq_lens", seq_lens, batch, "[B] keys per sequence")
-    if block_table is not None:
-      block_table = _checks.array("block_table", block_table)
   elif cu_seqlens_k is not None or cu_seqlens_q is not None:
     if cu_seqlens_q is None or cu_seqlens_k is None:
       raise ValueError("cu_seqlens_q and cu_seqlens_k: the packed (variable-length) form "
@@ -286,8 +284,9 @@ def _check_attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, c
                   max_seqlen_k=max_seqlen_k, num_splits=num_splits)
 
 
-def _check_cache(q, k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
-  """Checks a contiguous or paged cache; returns (kv_layout, bound on keys per sequence)."""
+def _check_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
+  """Checks a contiguous or paged cache; returns (kv_layout, bound on keys per sequence,
+  block_table)."""
   if seq_lens is None:
     raise ValueError("seq_lens: a paged cache (block_table) needs seq_lens int32 [B], "
                      "got None")
@@ -299,14 +298,9 @@ def _check_cache(q, k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k)
     _checks.rank("k", k, (4,), "contiguous cache [B, S_max, Hkv, D] with seq_lens")
     if k.shape[0] != batch:
       raise ValueError(f"k: cache batch {k.shape[0]} differs from q's batch {batch}")
-    return _primitives.KV_CACHE, k.shape[1]
+    return _primitives.KV_CACHE, k.shape[1], None
   _checks.rank("k", k, (4,), "pages [num_pages, page_size, Hkv, D] with block_table")
-  block_table = _checks.array("block_table", block_table)
-  if jnp.dtype(block_table.dtype) != jnp.dtype(jnp.int32):
-    raise TypeError(f"block_table: expected dtype int32, got {block_table.dtype}")
-  if block_table.ndim != 2 or block_table.shape[0] != batch:
-    raise ValueError(f"block_table: expected shape [B={batch}, pages_per_seq], got "
-                     f"{tuple(block_table.shape)}")
+  block_table = _checks.block_table(block_table, batch)
   if k.shape[1] < 1:
     raise ValueError(f"k: page_size (axis 1 of the pages) must be >= 1, got {k.shape[1]}")
-  return _primitives.KV_PAGED, block_table.shape[1] * k.shape[1]
+  return _primitives.KV_PAGED, block_table.shape[1] * k.shape[1], block_table

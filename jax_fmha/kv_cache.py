@@ -60,12 +60,7 @@ def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
   cache_seqlens = _checks.int32_vector("cache_seqlens", cache_seqlens, batch,
                                        "[B] tokens already cached per sequence")
   if block_table is not None:
-    block_table = _checks.array("block_table", block_table)
-    if jnp.dtype(block_table.dtype) != jnp.dtype(jnp.int32):
-      raise TypeError(f"block_table: expected dtype int32, got {block_table.dtype}")
-    if block_table.ndim != 2 or block_table.shape[0] != batch:
-      raise ValueError(f"block_table: expected shape [B={batch}, pages_per_seq], got "
-                       f"{tuple(block_table.shape)}")
+    block_table = _checks.block_table(block_table, batch)
     kv_layout = _primitives.KV_PAGED
   else:
     if k_cache.shape[0] != batch:
