@@ -7,11 +7,12 @@ Every handler is registered under the same target name on each platform it was b
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 
 try:
-  from jax_fmha import _jax_fmha_ext as _ext
+  _ext = importlib.import_module("jax_fmha._jax_fmha_ext")
 except ImportError as e:  # pragma: no cover - only without a built extension
   _ext = None
   _IMPORT_ERROR = e

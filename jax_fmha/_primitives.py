@@ -51,8 +51,8 @@ def _forward_only_jvp(name: str):
   def jvp(primals, tangents, **params):
     raise NotImplementedError(
         f"jax_fmha.{name} is forward-only (inference kernels): it has no gradient. "
-        f"Differentiate through backend='reference' (pure JAX) instead, or wrap the call in "
-        f"jax.lax.stop_gradient if no gradient should flow through it.")
+        f"Differentiate through backend='reference' (pure JAX) instead, or, if no gradient "
+        f"should flow through this call, apply jax.lax.stop_gradient to its inputs.")
   return jvp
 
 

@@ -156,7 +156,7 @@ def choose_num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q
   parallelism = device_parallelism() if parallelism is None else parallelism
   units = batch * num_kv_heads * max(1, -(-max_seqlen_q * group // 64))
   target = 2 * parallelism
-  if units >= target:
+  if units == 0 or units >= target:  # nothing to compute, or enough to fill the device
     return 1
   return int(max(1, min(-(-target // units), max_seqlen_k // 256, MAX_SPLITS)))
 
