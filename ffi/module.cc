@@ -13,9 +13,18 @@ namespace nb = nanobind;
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaAttentionCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaMergeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaGluCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormResidualCpu);
 
 #ifdef JAX_FMHA_WITH_CUDA
 // CUDA handlers (ffi/cuda/) are declared here and listed in cuda_targets() below.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaAttentionCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaMergeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaGluCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormResidualCuda);
 #endif
 
 namespace {
@@ -32,11 +41,22 @@ nb::dict cpu_targets() {
   targets["jax_fmha_attention_fwd"] = capsule(JaxFmhaAttentionCpu);
   targets["jax_fmha_merge_states"] = capsule(JaxFmhaMergeCpu);
   targets["jax_fmha_update_kv_cache"] = capsule(JaxFmhaUpdateKvCacheCpu);
+  targets["jax_fmha_glu"] = capsule(JaxFmhaGluCpu);
+  targets["jax_fmha_rms_norm"] = capsule(JaxFmhaRmsNormCpu);
+  targets["jax_fmha_rms_norm_residual"] = capsule(JaxFmhaRmsNormResidualCpu);
   return targets;
 }
 
 nb::dict cuda_targets() {
   nb::dict targets;
+#ifdef JAX_FMHA_WITH_CUDA
+  targets["jax_fmha_attention_fwd"] = capsule(JaxFmhaAttentionCuda);
+  targets["jax_fmha_merge_states"] = capsule(JaxFmhaMergeCuda);
+  targets["jax_fmha_update_kv_cache"] = capsule(JaxFmhaUpdateKvCacheCuda);
+  targets["jax_fmha_glu"] = capsule(JaxFmhaGluCuda);
+  targets["jax_fmha_rms_norm"] = capsule(JaxFmhaRmsNormCuda);
+  targets["jax_fmha_rms_norm_residual"] = capsule(JaxFmhaRmsNormResidualCuda);
+#endif
   return targets;
 }
 

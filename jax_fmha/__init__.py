@@ -4,8 +4,10 @@ from jax_fmha import reference
 from jax_fmha._ffi import build_info
 from jax_fmha.attention import attention, merge_attention_states
 from jax_fmha.kv_cache import attention_with_kvcache, update_kv_cache
+from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_with_kvcache", "build_info", "merge_attention_states",
-           "reference", "update_kv_cache", "__version__"]
+__all__ = ["attention", "attention_with_kvcache", "build_info", "geglu",
+           "merge_attention_states", "reference", "rms_norm", "rms_norm_residual", "swiglu",
+           "update_kv_cache", "__version__"]

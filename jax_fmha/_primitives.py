@@ -58,13 +58,15 @@ def _forward_only_jvp(name: str):
 
 def define_ffi_primitive(name: str, target: str, abstract_eval: Callable,
                          batching_rule: Callable, api_name: str,
-                         static_params: tuple[str, ...] = (), **lowering_args) -> Primitive:
+                         static_params: tuple[str, ...] = (),
+                         platform_check: Callable | None = None, **lowering_args) -> Primitive:
   """A multiple-results primitive lowered to the FFI target `target` on any platform
   for which a handler was built, raising a clear error on the others.
 
   Every parameter becomes an FFI attribute except those named in `static_params` (used by
   abstract evaluation only). `lowering_args` go to the custom call (for example
-  ``operand_output_aliases``).
+  ``operand_output_aliases``). `platform_check(platform, avals_in)` may raise for inputs
+  a platform's kernel does not take (at trace time, instead of a runtime error).
   """
   primitive = Primitive(name)
   primitive.multiple_results = True
@@ -77,6 +79,8 @@ def define_ffi_primitive(name: str, target: str, abstract_eval: Callable,
     for platform in ctx.module_context.platforms:
       if not _ffi.has_target(target, platform):
         raise _ffi.missing_kernel_error(target, platform)
+      if platform_check is not None:
+        platform_check(platform, ctx.avals_in)
     attributes = {k: v for k, v in params.items() if k not in static_params}
     return ffi_rule(ctx, *args, **attributes)
 
@@ -165,9 +169,17 @@ def _fold_dense(args, dims, size, layout):
   return q, k, v, seq_lens, table
 
 
+def _attention_platform_check(platform, avals_in):
+  # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
+  if platform == "cuda" and avals_in[0].dtype == jnp.float32:
+    raise TypeError(
+        "jax_fmha.attention on the GPU takes bfloat16 or float16 q, k, v, got float32: cast "
+        "them (e.g. q.astype(jnp.bfloat16)), or use backend='reference' for float32")
+
+
 attention_fwd_p = define_ffi_primitive(
     "jax_fmha_attention_fwd", "jax_fmha_attention_fwd", _attention_abstract_eval,
-    _attention_batching, api_name="attention")
+    _attention_batching, api_name="attention", platform_check=_attention_platform_check)
 
 
 def empty_i32(*shape):

@@ -151,3 +151,35 @@ def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
   scatter = lambda cache, new: cache.reshape((rows,) + cache.shape[2:]).at[row].set(
       new, mode="drop").reshape(cache.shape)
   return scatter(k_cache, k_new), scatter(v_cache, v_new)
+
+
+# ---------------------------------------------------------------------------------------
+# MLP: GLU activations and RMSNorm (see jax_fmha.mlp); float32 arithmetic, one rounding
+# to the input dtype at the end.
+# ---------------------------------------------------------------------------------------
+
+
+def swiglu(gate, up):
+  """silu(gate) * up."""
+  f32 = jnp.float32
+  return (jax.nn.silu(gate.astype(f32)) * up.astype(f32)).astype(gate.dtype)
+
+
+def geglu(gate, up, approximate: bool = True):
+  """gelu(gate) * up; the tanh approximation of gelu when `approximate`, else erf."""
+  f32 = jnp.float32
+  gelu = jax.nn.gelu(gate.astype(f32), approximate=approximate)
+  return (gelu * up.astype(f32)).astype(gate.dtype)
+
+
+def rms_norm(x, weight, eps: float = 1e-6, weight_offset: float = 0.0):
+  """x * rsqrt(mean(x^2) + eps) * (weight + weight_offset) over the last axis."""
+  xf = x.astype(jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * inv_rms * (weight.astype(jnp.float32) + weight_offset)).astype(x.dtype)
+
+
+def rms_norm_residual(x, residual, weight, eps: float = 1e-6, weight_offset: float = 0.0):
+  """(rms_norm(h), h) with h = x + residual rounded to x's dtype."""
+  h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
+  return rms_norm(h, weight, eps, weight_offset), h

@@ -12,11 +12,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FMHA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FMHA_HOST_DEVICE inline
-#endif
+#include "common/macros.h"
 
 namespace jax_fmha {
 

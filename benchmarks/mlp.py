@@ -1,0 +1,176 @@
+"""Fused MLP kernels vs what a JAX user writes today, in one run on the same inputs.
+
+  python benchmarks/mlp.py --backend gpu --out benchmarks/results/mlp_h100.json
+  python benchmarks/mlp.py --backend cpu --small --out benchmarks/results/mlp_cpu.json
+
+Sizes are Llama-8B-like: 16384 tokens, hidden 4096, intermediate 14336 (--small: 512
+tokens). For each op: jax_fmha's kernel; the jnp code a user writes, under jax.jit (XLA
+fuses it); and tokamax.layer_norm for the norms where tokamax imports. Each is timed as
+the median of --reps calls after --warmup calls, each call ending in block_until_ready.
+GB/s counts the bytes the op must move (every input read once, every output written
+once); "speedup" is the baseline's time over jax_fmha's (> 1: jax_fmha is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_fmha
+from jax_fmha import reference
+
+EPS = 1e-6
+
+
+def median_seconds(fn, args, warmup: int, reps: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# ---- what a JAX user writes today ------------------------------------------------------
+
+
+def user_swiglu(gate, up):
+  return jax.nn.silu(gate) * up
+
+
+def user_geglu(gate, up, approximate):
+  return jax.nn.gelu(gate, approximate=approximate) * up
+
+
+def user_swiglu_concat(gate_up):
+  return user_swiglu(*jnp.split(gate_up, 2, axis=-1))
+
+
+def user_swiglu_interleaved(gate_up):
+  return user_swiglu(gate_up[..., 0::2], gate_up[..., 1::2])
+
+
+def tokamax_norms():
+  """tokamax's RMSNorm and RMSNorm + residual, or the reason they are not measured."""
+  try:
+    import tokamax  # noqa: PLC0415 - optional
+  except ImportError as e:
+    return None, f"tokamax does not import: {e}"
+  norm = functools.partial(tokamax.layer_norm, offset=None, epsilon=EPS, subtract_mean=False)
+
+  def with_residual(x, residual, weight):
+    h = x + residual
+    return norm(h, weight), h
+
+  return (lambda x, weight: norm(x, weight), with_residual), None
+
+
+# ---- cases -----------------------------------------------------------------------------
+
+
+def cases(rng, device, tokens, hidden, intermediate, dtype):
+  """(op, bytes moved, {implementation: function}, inputs); jax_fmha is first."""
+  def put(shape, scale=1.0, dt=dtype):
+    return jax.device_put(np.asarray(rng.standard_normal(shape) * scale, dt), device)
+
+  item = np.dtype(dtype).itemsize
+  gate, up = put((tokens, intermediate), 2.0), put((tokens, intermediate))
+  concat = jnp.concatenate([gate, up], axis=-1)
+  interleaved = jnp.stack([gate, up], axis=-1).reshape(tokens, 2 * intermediate)
+  x, residual = put((tokens, hidden)), put((tokens, hidden))
+  weight = put((hidden,), dt=np.float32)
+  glu_bytes = 3 * tokens * intermediate * item
+  norm_bytes = 2 * tokens * hidden * item + hidden * 4
+
+  tokamax_fns, tokamax_missing = tokamax_norms()
+  norm_impls = {"jax_fmha": jax_fmha.rms_norm, "xla (jnp)": reference.rms_norm}
+  residual_impls = {"jax_fmha": jax_fmha.rms_norm_residual,
+                    "xla (jnp)": reference.rms_norm_residual}
+  if tokamax_fns:
+    norm_impls["tokamax.layer_norm"], residual_impls["tokamax.layer_norm"] = tokamax_fns
+  return [
+      ("swiglu", glu_bytes, {"jax_fmha": jax_fmha.swiglu, "xla (jnp)": user_swiglu},
+       (gate, up)),
+      ("geglu tanh", glu_bytes,
+       {"jax_fmha": jax_fmha.geglu, "xla (jnp)": functools.partial(user_geglu, approximate=True)},
+       (gate, up)),
+      ("geglu erf", glu_bytes,
+       {"jax_fmha": functools.partial(jax_fmha.geglu, approximate=False),
+        "xla (jnp)": functools.partial(user_geglu, approximate=False)}, (gate, up)),
+      ("swiglu packed concat", glu_bytes,
+       {"jax_fmha": jax_fmha.swiglu, "xla (slice + jnp)": user_swiglu_concat}, (concat,)),
+      ("swiglu packed interleaved", glu_bytes,
+       {"jax_fmha": functools.partial(jax_fmha.swiglu, packed_layout="interleaved"),
+        "xla (slice + jnp)": user_swiglu_interleaved}, (interleaved,)),
+      ("rms_norm", norm_bytes, norm_impls, (x, weight)),
+      ("rms_norm_residual", 2 * norm_bytes - hidden * 4, residual_impls, (x, residual, weight)),
+  ], tokamax_missing
+
+
+def max_difference(a, b) -> float:
+  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+             for x, y in leaves)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--backend", choices=["cpu", "gpu"], default="gpu")
+  parser.add_argument("--small", action="store_true", help="512 tokens instead of 16384")
+  parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--machine", default="", help="what runs it, for the record")
+  parser.add_argument("--out", help="write the results as JSON here")
+  args = parser.parse_args()
+
+  device = jax.devices(args.backend)[0]
+  tokens, hidden, intermediate = (512 if args.small else 16384), 4096, 14336
+  dtype = np.dtype(getattr(jnp, args.dtype))
+  all_cases, tokamax_missing = cases(np.random.default_rng(0), device, tokens, hidden,
+                                     intermediate, dtype)
+  print(f"{device.device_kind} ({args.backend}), {args.dtype}, tokens {tokens}, hidden "
+        f"{hidden}, intermediate {intermediate}" + (f"; {tokamax_missing}" if tokamax_missing
+                                                     else ""))
+  print(f"{'op':27} {'implementation':20} {'time (ms)':>10} {'GB/s':>8} {'speedup':>8}")
+  results = []
+  for op, nbytes, impls, inputs in all_cases:
+    ours = None
+    for name, fn in impls.items():
+      fn = jax.jit(fn)
+      seconds = median_seconds(fn, inputs, args.warmup, args.reps)
+      row = dict(op=op, implementation=name, time_ms=seconds * 1e3,
+                 gb_per_s=nbytes / seconds / 1e9, bytes=nbytes)
+      if ours is None:
+        ours = (seconds, fn(*inputs))
+      else:
+        row["jax_fmha_speedup"] = seconds / ours[0]
+        row["max_abs_difference_to_jax_fmha"] = max_difference(fn(*inputs), ours[1])
+      results.append(row)
+      speedup = f"{row['jax_fmha_speedup']:.2f}x" if "jax_fmha_speedup" in row else ""
+      print(f"{op:27} {name:20} {row['time_ms']:10.3f} {row['gb_per_s']:8.1f} {speedup:>8}")
+
+  if args.out:
+    record = dict(
+        machine=args.machine or platform.node(), device=device.device_kind,
+        backend=args.backend, dtype=args.dtype, tokens=tokens, hidden=hidden,
+        intermediate=intermediate, warmup=args.warmup, reps=args.reps,
+        jax_version=jax.__version__, jax_fmha=jax_fmha.build_info(),
+        tokamax=tokamax_missing or "measured", results=results)
+    with open(args.out, "w") as f:
+      json.dump(record, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,133 @@
+// CUDA handler of jax_fmha_attention_fwd: decodes the custom call like the CPU handler
+// (common/attention_ffi.h), picks the compiled head dim and dtypes, launches on the stream
+// XLA gives us. Allocates nothing; every launch is checked.
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <string>
+
+#include "common/attention_ffi.h"
+#include "cuda/attention/forward_kernel.cuh"
+
+namespace jax_fmha::cuda {
+namespace {
+
+ffi::Error cuda_error(const char* what, cudaError_t err) {
+  return ffi::Error::Internal(std::string("jax_fmha attention (CUDA): ") + what + ": " +
+                              cudaGetErrorString(err));
+}
+
+// Shared memory above 48 KB must be granted per kernel and per device; once each. (The
+// statics belong to one instantiation: kernels of the same signature must not share them.)
+template <class Traits, typename OutT>
+cudaError_t allow_shared_memory() {
+  const auto set = [] {
+    return cudaFuncSetAttribute(attention_forward_kernel<Traits, OutT>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                int(Traits::kSmemBytes));
+  };
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t result[kMaxDevices];
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device >= kMaxDevices) return set();
+  std::call_once(once[device], [&] { result[device] = set(); });
+  return result[device];
+}
+
+template <typename Element, int kHeadDim, typename OutT>
+ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q, const void* k,
+                  const void* v, void* out, float* lse) {
+  using Traits = KernelTraits<Element, kHeadDim>;
+  OutT* out_typed = static_cast<OutT*>(out);
+
+  if (p.q.packed && p.batch >= 0) {
+    // Rows outside every sequence (and of invalid sequences): 0 / -inf (NaN), as on CPU.
+    const dim3 grid(unsigned(p.batch + 2), 8, unsigned(p.num_splits));
+    fill_rows_outside_sequences<OutT><<<grid, 256, 0, stream>>>(p, out_typed, lse);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+      return cuda_error("launching the fill of rows outside sequences", err);
+  }
+
+  const int64_t row_tiles = (p.q.max_len * p.group() + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t z = p.batch * p.num_splits;
+  if (row_tiles == 0 || z == 0) return ffi::Error::Success();
+  if (row_tiles > 0x7fffffff || p.num_kv_heads > 65535 || z > 65535)
+    return ffi::Error::InvalidArgument(
+        "jax_fmha attention (CUDA): grid too large (max_seqlen_q * group / 128 < 2^31, "
+        "KV heads <= 65535, batch * num_splits <= 65535)");
+
+  if (cudaError_t err = allow_shared_memory<Traits, OutT>(); err != cudaSuccess)
+    return cuda_error("raising the shared-memory limit", err);
+  const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
+  attention_forward_kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+      p, static_cast<const Element*>(q), static_cast<const Element*>(k),
+      static_cast<const Element*>(v), out_typed, lse);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+    return cuda_error("launching the attention kernel", err);
+  return ffi::Error::Success();
+}
+
+// Split-KV partial outputs are float32; otherwise the output has the input dtype.
+template <typename Element, int kHeadDim>
+ffi::Error launch_for_output(cudaStream_t stream, const AttentionProblem& p, const void* q,
+                             const void* k, const void* v, void* out, float* lse) {
+  if (p.num_splits > 1) return launch<Element, kHeadDim, float>(stream, p, q, k, v, out, lse);
+  return launch<Element, kHeadDim, Element>(stream, p, q, k, v, out, lse);
+}
+
+// Compiled head dims: 64, 96, 128, 192, 256. Any other multiple of 8 runs through the next
+// larger one, its extra columns zero-filled on load and never stored.
+template <typename Element>
+ffi::Error launch_for_head_dim(cudaStream_t stream, const AttentionProblem& p, const void* q,
+                               const void* k, const void* v, void* out, float* lse) {
+  const int64_t d = p.head_dim;
+  if (d <= 64) return launch_for_output<Element, 64>(stream, p, q, k, v, out, lse);
+  if (d <= 96) return launch_for_output<Element, 96>(stream, p, q, k, v, out, lse);
+  if (d <= 128) return launch_for_output<Element, 128>(stream, p, q, k, v, out, lse);
+  if (d <= 192) return launch_for_output<Element, 192>(stream, p, q, k, v, out, lse);
+  return launch_for_output<Element, 256>(stream, p, q, k, v, out, lse);
+}
+
+ffi::Error attention_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                          ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_seqlens_q,
+                          ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seq_lens,
+                          ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
+                          int32_t window_left, int32_t window_right, int32_t kv_layout,
+                          int32_t num_splits, int32_t max_seqlen_q) {
+  AttentionProblem p;
+  const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
+                             kv_layout, num_splits, max_seqlen_q};
+  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
+                                  *out, *lse, attrs, p);
+      !err.success())
+    return err;
+  if (p.head_dim < 8 || p.head_dim % 8 != 0)
+    return shape_error("the CUDA kernel needs head_dim a multiple of 8 in [8, 256]");
+  const void* qp = q.untyped_data();
+  const void* kp = k.untyped_data();
+  const void* vp = v.untyped_data();
+  void* op = out->untyped_data();
+  float* lp = lse->typed_data();
+  switch (q.element_type()) {
+    case ffi::DataType::BF16:
+      return launch_for_head_dim<__nv_bfloat16>(stream, p, qp, kp, vp, op, lp);
+    case ffi::DataType::F16: return launch_for_head_dim<__half>(stream, p, qp, kp, vp, op, lp);
+    case ffi::DataType::F32:
+      return shape_error(
+          "the CUDA attention kernel runs bfloat16 and float16 (tensor cores); cast q, k and "
+          "v with .astype(jnp.bfloat16), or use backend='reference' for float32");
+    default: return shape_error("unsupported dtype (bfloat16, float16)");
+  }
+}
+
+}  // namespace
+}  // namespace jax_fmha::cuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaAttentionCuda, jax_fmha::cuda::attention_cuda,
+                              jax_fmha::bind_attention(
+                                  xla::ffi::Ffi::Bind()
+                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

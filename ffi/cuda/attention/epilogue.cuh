@@ -1,0 +1,142 @@
+// Output of a tile: normalize O by the row sums, stage it through shared memory in the
+// output type, store 16-byte chunks of whole rows; LSE (natural log) per row. Also the rows
+// the CPU kernel fills without computing: NaN for a sequence whose data is invalid, and
+// 0 / -inf for packed query rows outside every sequence.
+#pragma once
+
+#include <cmath>
+
+#include "common/attention_problem.h"
+#include "cuda/attention/kernel_traits.cuh"
+#include "cuda/attention/softmax.cuh"
+#include "cuda/attention/warp_mma.cuh"
+
+namespace jax_fmha::cuda {
+
+template <typename OutT>
+__device__ __forceinline__ OutT from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* dst, float a, float b) {
+  if constexpr (sizeof(OutT) == 4) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = pack2<OutT>(a, b);
+  }
+}
+
+// Where the outputs of a sequence's packed rows go (split partials are q.rows rows apart).
+struct OutputRows {
+  const AttentionProblem& p;
+  int64_t split, b, q_begin;
+  int kv_head;
+
+  __device__ __forceinline__ int64_t query(int64_t packed_row) const {
+    return packed_row / p.group();
+  }
+  __device__ __forceinline__ int64_t head(int64_t packed_row) const {
+    return int64_t(kv_head) * p.group() + packed_row % p.group();
+  }
+  __device__ __forceinline__ int64_t out_offset(int64_t packed_row) const {
+    return ((split * p.q.rows + q_begin + query(packed_row)) * p.num_q_heads + head(packed_row)) *
+           p.head_dim;
+  }
+  __device__ __forceinline__ int64_t lse_offset(int64_t packed_row) const {
+    return split * p.lse_size() + p.lse_index(b, head(packed_row), query(packed_row));
+  }
+};
+
+// Every thread of the CTA calls this after the main loop with its accumulators; the shared
+// memory must be free (no copy in flight, every warp done reading it).
+template <class Traits, typename OutT>
+__device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                           const OnlineSoftmax<Traits>& softmax, void* smem,
+                                           OutT* out, float* lse, const OutputRows& dst,
+                                           int64_t row_begin, int rows, int warp_row) {
+  static_assert(Traits::template kOutTileFits<OutT>, "output tile exceeds shared memory");
+  constexpr int kPitch = Traits::template kOutPitch<OutT>;
+  constexpr float kLn2 = 0.6931471805599453f;
+  OutT* tile = static_cast<OutT*>(smem);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row + 16 * m + 8 * h + lane / 4;
+      const float sum = quad_sum(softmax.row_sum[m][h]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key stays 0
+#pragma unroll
+      for (int d = 0; d < Traits::kDimAtoms; ++d)
+        store_pair(tile + r * kPitch + 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv,
+                   o[m][d][2 * h + 1] * inv);
+      if (lane % 4 == 0 && r < rows)
+        lse[dst.lse_offset(row_begin + r)] =
+            sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  __syncthreads();
+  constexpr int kChunk = 16 / sizeof(OutT);
+  constexpr int kChunksPerRow = Traits::kHeadDim / kChunk;
+  for (int c = threadIdx.x; c < Traits::kBlockM * kChunksPerRow; c += Traits::kThreads) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
+    if (r < rows && col < dst.p.head_dim)
+      *reinterpret_cast<uint4*>(out + dst.out_offset(row_begin + r) + col) =
+          *reinterpret_cast<const uint4*>(tile + r * kPitch + col);
+  }
+}
+
+// The rows of a tile whose sequence has invalid K/V data (out-of-range page id, seq_lens
+// beyond the cache): NaN output and NaN LSE, as on the CPU.
+template <typename OutT>
+__device__ void store_nan_rows(OutT* out, float* lse, const OutputRows& dst, int64_t row_begin,
+                               int rows) {
+  const int64_t d = dst.p.head_dim;
+  for (int64_t c = threadIdx.x; c < rows * d; c += blockDim.x)
+    out[dst.out_offset(row_begin + c / d) + c % d] = from_float<OutT>(NAN);
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) lse[dst.lse_offset(row_begin + r)] = NAN;
+}
+
+// Packed queries only: rows before cu_seqlens_q[0] or from cu_seqlens_q[B] on get 0 and LSE
+// -inf; the rows of a sequence whose query range is invalid (out of the array, or longer
+// than max_seqlen_q: no tile computes it) get NaN. Grid: (B + 2 row ranges, CTAs per range,
+// splits); range 0 and 1 are the two outside ranges, range 2 + b is sequence b. Launched
+// before the attention kernel, whose tiles write every other row.
+template <typename OutT>
+__global__ void fill_rows_outside_sequences(const AttentionProblem p, OutT* out, float* lse) {
+  const int64_t range = blockIdx.x, split = blockIdx.z;
+  const auto clamp = [&](int64_t row) { return row < 0 ? 0 : (row > p.q.rows ? p.q.rows : row); };
+  int64_t begin, end;
+  float value, lse_value;
+  if (range < 2) {
+    begin = range == 0 ? 0 : clamp(p.q.cu_seqlens[p.batch]);
+    end = range == 0 ? clamp(p.q.cu_seqlens[0]) : p.q.rows;
+    value = 0.f, lse_value = -INFINITY;
+  } else {
+    const int64_t b = range - 2;
+    if (p.q.valid(b)) return;
+    begin = clamp(p.q.cu_seqlens[b]), end = clamp(p.q.cu_seqlens[b + 1]);
+    value = lse_value = NAN;
+  }
+  if (end <= begin) return;
+  const int64_t row_elems = p.num_q_heads * p.head_dim;
+  const int64_t n = (end - begin) * row_elems;
+  OutT* base = out + (split * p.q.rows + begin) * row_elems;
+  const OutT fill = from_float<OutT>(value);
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; e < n; e += stride)
+    base[e] = fill;
+  const int64_t lse_n = (end - begin) * p.num_q_heads;
+  for (int64_t e = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; e < lse_n; e += stride) {
+    const int64_t h = e / (end - begin), row = begin + e % (end - begin);
+    lse[split * p.lse_size() + h * p.q.rows + row] = lse_value;  // packed LSE is [Hq, Tq]
+  }
+}
+
+}  // namespace jax_fmha::cuda

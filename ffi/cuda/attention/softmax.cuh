@@ -1,0 +1,102 @@
+// Online softmax over key blocks, fp32, in base 2: scores are multiplied by
+// scale * log2(e) once (or softcapped and multiplied by log2(e)), so every exponential is a
+// single ex2 and the running max needs no rescaling. Each thread holds 2 * kMmaM rows
+// (rows g and g + 8 of each m16 tile); a row's 4 owner threads (one quad) combine their
+// maxima every block and their sums only at the end.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/attention/kernel_traits.cuh"
+
+namespace jax_fmha::cuda {
+
+__device__ __forceinline__ float exp2_approx(float x) {  // ex2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Raw q.k -> log2-domain score: scale (and softcap) folded into one or two constants.
+struct ScoreTransform {
+  float scale_log2;   // no softcap: scale * log2(e)
+  float softcap_in;   // softcap: scale / softcap
+  float softcap_out;  // softcap: softcap * log2(e)
+  bool softcap;
+
+  __host__ __device__ static ScoreTransform make(float scale, float softcap) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    return {scale * kLog2e, softcap > 0.f ? scale / softcap : 0.f, softcap * kLog2e,
+            softcap > 0.f};
+  }
+  template <class Traits>
+  __device__ __forceinline__ void apply(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4]) const {
+#pragma unroll
+    for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyAtoms; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[m][n][e] = softcap ? softcap_out * tanhf(s[m][n][e] * softcap_in)
+                               : s[m][n][e] * scale_log2;
+  }
+};
+
+template <class Traits>
+struct OnlineSoftmax {
+  float row_max[Traits::kMmaM][2];  // log2 domain; -inf until the row sees a key
+  float row_sum[Traits::kMmaM][2];  // this thread's share of the row's sum
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) row_max[m][h] = -INFINITY, row_sum[m][h] = 0.f;
+  }
+
+  // s: one block of log2-domain scores (masked keys -inf) -> probabilities exp2(s - max);
+  // rescales the output accumulator o by exp2(old max - new max).
+  __device__ __forceinline__ void update(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
+                                         float (&o)[Traits::kMmaM][Traits::kDimAtoms][4]) {
+#pragma unroll
+    for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float block_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < Traits::kKeyAtoms; ++n)
+          block_max = fmaxf(block_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
+        const float new_max = fmaxf(row_max[m][h], quad_max(block_max));
+        // A row that has seen nothing keeps max -inf; subtracting 0 then keeps every
+        // probability and the correction at exp2(-inf) = 0 instead of NaN.
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        const float correction = exp2_approx(row_max[m][h] - base);
+        row_max[m][h] = new_max;
+        float block_sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < Traits::kKeyAtoms; ++n)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[m][n][e] = exp2_approx(s[m][n][e] - base);
+            block_sum += s[m][n][e];
+          }
+        row_sum[m][h] = row_sum[m][h] * correction + block_sum;
+#pragma unroll
+        for (int d = 0; d < Traits::kDimAtoms; ++d) {
+          o[m][d][2 * h] *= correction;
+          o[m][d][2 * h + 1] *= correction;
+        }
+      }
+  }
+};
+
+}  // namespace jax_fmha::cuda

@@ -1,0 +1,96 @@
+// Global -> shared memory: the query tile and the K/V tiles (cp.async, 16 bytes a thread,
+// zero-filled where a row or column lies outside the problem), and the check that a
+// sequence's keys lie inside the arrays before any of them is read.
+#pragma once
+
+#include <cute/arch/copy_sm80.hpp>
+
+#include "common/attention_problem.h"
+#include "cuda/attention/kernel_traits.cuh"
+
+namespace jax_fmha::cuda {
+
+// Copies 16 bytes, or writes 16 zero bytes when `in_bounds` is false (nothing is read then).
+template <typename Element>
+__device__ __forceinline__ void copy_chunk(Element* smem_dst, const Element* gmem_src,
+                                           bool in_bounds) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem_src),
+      *reinterpret_cast<cute::uint128_t*>(smem_dst), in_bounds);
+}
+
+// Whether every key of sequence b lies inside the K/V arrays (KvView::valid). For pages,
+// the CTA's threads check the sequence's page ids together; every thread of the CTA must
+// call this (it synchronizes).
+__device__ __forceinline__ bool kv_sequence_valid(const KvView& kv, int64_t b) {
+  if (kv.layout != KvLayout::kPaged) return kv.valid(b);
+  const int64_t n = kv.len(b);
+  if (n < 0 || n > kv.capacity(b)) return false;
+  bool bad_page = false;
+  const int64_t pages = (n + kv.page_size - 1) / kv.page_size;
+  for (int64_t page = threadIdx.x; page < pages; page += blockDim.x)
+    bad_page |= !kv.page_id_valid(kv.page_id(b, page * kv.page_size));
+  return !__syncthreads_or(bad_page);
+}
+
+// Where the tile's packed query rows live: row r of the tile is packed row row_begin + r of
+// the sequence, i.e. query (row_begin + r) / group, head kv_head * group + (row_begin + r) %
+// group. Rows at or past `rows` and columns past head_dim are zero-filled.
+template <class Traits>
+__device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
+                                            const typename Traits::Element* q,
+                                            const AttentionProblem& p, int64_t q_begin,
+                                            int kv_head, int64_t row_begin, int rows) {
+  constexpr int kCopies = Traits::kBlockM * Traits::kChunksPerRow / Traits::kThreads;
+  const int group = int(p.group());
+#pragma unroll
+  for (int it = 0; it < kCopies; ++it) {
+    const int c = threadIdx.x + it * Traits::kThreads;
+    const int r = c / Traits::kChunksPerRow;
+    const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
+    const bool in_bounds = r < rows && col < p.head_dim;
+    const typename Traits::Element* src = q;
+    if (in_bounds) {
+      const int64_t packed_row = row_begin + r;
+      const int64_t i = packed_row / group;
+      const int64_t head = int64_t(kv_head) * group + packed_row % group;
+      src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
+    }
+    copy_chunk(smem_q + r * Traits::kRowPitch + col, src, in_bounds);
+  }
+}
+
+// Keys [key_begin, key_begin + kBlockN) of sequence b into one K and one V stage. Keys at
+// or past key_end (the last key any row of the tile sees, at most the sequence length) are
+// zero-filled, so that masked probabilities (exact zeros) never meet garbage values.
+// `contiguous_rows`: the block's keys are consecutive rows of the array (every layout but
+// pages smaller than the block); otherwise each row is looked up through the block table.
+template <class Traits>
+__device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
+                                             typename Traits::Element* smem_v,
+                                             const typename Traits::Element* k,
+                                             const typename Traits::Element* v,
+                                             const AttentionProblem& p, int64_t b, int kv_head,
+                                             int key_begin, int key_end, bool contiguous_rows) {
+  constexpr int kCopies = Traits::kBlockN * Traits::kChunksPerRow / Traits::kThreads;
+  const int64_t first_row = contiguous_rows ? p.kv.row(b, key_begin) : 0;
+  const int64_t row_stride = p.kv_row_stride();
+#pragma unroll
+  for (int it = 0; it < kCopies; ++it) {
+    const int c = threadIdx.x + it * Traits::kThreads;
+    const int r = c / Traits::kChunksPerRow;
+    const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
+    const int key = key_begin + r;
+    const bool in_bounds = key < key_end && col < p.head_dim;
+    int64_t offset = 0;
+    if (in_bounds) {
+      const int64_t row = contiguous_rows ? first_row + r : p.kv.row(b, key);
+      offset = row * row_stride + int64_t(kv_head) * p.head_dim + col;
+    }
+    const int dst = r * Traits::kRowPitch + col;
+    copy_chunk(smem_k + dst, k + offset, in_bounds);
+    copy_chunk(smem_v + dst, v + offset, in_bounds);
+  }
+}
+
+}  // namespace jax_fmha::cuda

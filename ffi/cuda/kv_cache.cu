@@ -1,0 +1,71 @@
+// CUDA handler of jax_fmha_update_kv_cache (common/kv_cache_ffi.h): one warp per new token
+// copies its K and V rows into the cache slot KvCacheUpdate::target_row picks (dropped
+// writes are skipped there). The cache results alias the cache operands: in place.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common/kv_cache_ffi.h"
+
+namespace jax_fmha::cuda {
+namespace {
+
+constexpr int kTokensPerBlock = 8;  // one warp each
+
+// Grid: (token blocks of the longest new sequence, batch). Rows are copied in 16-byte
+// words (every supported row, Hkv * D elements with D a multiple of 8, is a multiple).
+__global__ void update_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
+                                       const uint4* __restrict__ k_new,
+                                       const uint4* __restrict__ v_new, uint4* k_cache,
+                                       uint4* v_cache, int64_t row_words) {
+  const int64_t b = blockIdx.y;
+  const int64_t t = int64_t(blockIdx.x) * kTokensPerBlock + threadIdx.x / 32;
+  if (!u.new_tokens.valid(b) || t >= u.new_tokens.len(b)) return;
+  const int64_t dst = u.target_row(b, t);
+  if (dst < 0) return;  // outside the sequence's capacity or pages: dropped
+  const int64_t src = u.new_tokens.begin(b) + t;
+  for (int64_t w = threadIdx.x % 32; w < row_words; w += 32) {
+    k_cache[dst * row_words + w] = k_new[src * row_words + w];
+    v_cache[dst * row_words + w] = v_new[src * row_words + w];
+  }
+}
+
+ffi::Error update_kv_cache_cuda(cudaStream_t stream, ffi::AnyBuffer k_cache,
+                                ffi::AnyBuffer v_cache, ffi::AnyBuffer k_new,
+                                ffi::AnyBuffer v_new, ffi::Buffer<ffi::S32> block_table,
+                                ffi::Buffer<ffi::S32> cache_seqlens,
+                                ffi::Buffer<ffi::S32> cu_seqlens_new,
+                                ffi::Result<ffi::AnyBuffer> k_out,
+                                ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
+  KvCacheUpdate u;
+  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table,
+                                        cache_seqlens, cu_seqlens_new, *k_out, *v_out, kv_layout,
+                                        u);
+      !err.success())
+    return err;
+  const int64_t row_bytes = u.row_elements * u.elem_bytes;
+  if (row_bytes % 16 != 0)
+    return shape_error("update_kv_cache (CUDA): a token's row must be a multiple of 16 bytes");
+  const int64_t token_blocks = (u.new_tokens.max_len + kTokensPerBlock - 1) / kTokensPerBlock;
+  if (token_blocks == 0 || u.batch == 0) return ffi::Error::Success();
+  if (token_blocks > 0x7fffffff || u.batch > 65535)
+    return shape_error("update_kv_cache (CUDA): too many new tokens or sequences");
+  const dim3 grid(unsigned(token_blocks), unsigned(u.batch));
+  update_kv_cache_kernel<<<grid, kTokensPerBlock * 32, 0, stream>>>(
+      u, static_cast<const uint4*>(k_new.untyped_data()),
+      static_cast<const uint4*>(v_new.untyped_data()), static_cast<uint4*>(k_out->untyped_data()),
+      static_cast<uint4*>(v_out->untyped_data()), row_bytes / 16);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_fmha update_kv_cache (CUDA): launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_fmha::cuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCuda, jax_fmha::cuda::update_kv_cache_cuda,
+                              jax_fmha::bind_kv_cache_update(
+                                  xla::ffi::Ffi::Bind()
+                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

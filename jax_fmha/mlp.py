@@ -1,0 +1,240 @@
+"""Fused feed-forward pieces: GLU activations (SwiGLU, GeGLU) and RMSNorm (+ residual).
+
+Every op works on rows: the last axis is the hidden axis, any number of leading axes (none
+for a 1-D input) are rows. Each is one pass over memory in the kernel, with float32
+arithmetic and one rounding to the input dtype at the store. Inputs are float32, bfloat16
+or float16; outputs have the input dtype. Forward only: ``jax.grad`` through a kernel
+raises (``backend="reference"`` is differentiable).
+
+The kernels are three FFI targets: ``jax_fmha_glu`` (both GLUs; the activation and the
+layout of gate and up are attributes), ``jax_fmha_rms_norm`` and
+``jax_fmha_rms_norm_residual``; their operands are decoded in ``ffi/common/mlp_ffi.h``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_fmha import _checks, reference
+from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, map_over_batch
+
+BACKENDS = ("auto", "reference")
+PACKED_LAYOUTS = ("concat", "interleaved")
+
+# Numbered as ffi/common/activations.h (Activation) and ffi/common/mlp_ffi.h (GluLayout).
+SILU, GELU_TANH, GELU_ERF = 0, 1, 2
+SEPARATE, CONCAT, INTERLEAVED = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------
+
+
+def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name: str):
+  """A primitive whose first ``row_operands(params)`` operands are [..., hidden] arrays
+  processed row by row; the others (a weight, an empty placeholder) are shared by all rows.
+
+  vmap over row operands is one more leading axis (moved to the front; an unbatched row
+  operand is broadcast). vmap over a shared operand falls back to one call per element.
+  """
+
+  def batching(args, dims, **params):
+    n = row_operands(params)
+    if any(d is not None for d in dims[n:]):
+      return map_over_batch(primitive, args, dims, params)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    outs = primitive.bind(*broadcast_batched(args[:n], dims[:n], size), *args[n:], **params)
+    return outs, [0] * len(outs)
+
+  primitive = define_ffi_primitive(target, target, abstract_eval, batching, api_name)
+  return primitive
+
+
+def _glu_abstract_eval(gate, up, *, activation, layout):
+  hidden = gate.shape[-1] if layout == SEPARATE else gate.shape[-1] // 2
+  return (gate.update(shape=gate.shape[:-1] + (hidden,)),)
+
+
+def _rms_norm_abstract_eval(x, weight, *, eps, weight_offset):
+  return (x.update(),)
+
+
+def _rms_norm_residual_abstract_eval(x, residual, weight, *, eps, weight_offset):
+  return (x.update(), x.update())
+
+
+glu_p = _define_rowwise_primitive(
+    "jax_fmha_glu", _glu_abstract_eval,
+    row_operands=lambda params: 2 if params["layout"] == SEPARATE else 1,
+    api_name="swiglu / jax_fmha.geglu")
+rms_norm_p = _define_rowwise_primitive(
+    "jax_fmha_rms_norm", _rms_norm_abstract_eval, row_operands=lambda params: 1,
+    api_name="rms_norm")
+rms_norm_residual_p = _define_rowwise_primitive(
+    "jax_fmha_rms_norm_residual", _rms_norm_residual_abstract_eval,
+    row_operands=lambda params: 2, api_name="rms_norm_residual")
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+
+def swiglu(gate, up=None, *, packed_layout: str = "concat", backend: str = "auto"):
+  """``silu(gate) * up``, fused (SwiGLU, as in Llama, Qwen, Mistral).
+
+  Args:
+    gate: ``[..., H]``; or, when ``up`` is None, the packed ``gate_up [..., 2H]`` that a
+      fused gate/up projection produces, laid out as ``packed_layout`` says.
+    up: ``[..., H]``, gate's shape and dtype; None for the packed form.
+    packed_layout: ``"concat"``: each row is ``[gate (H), up (H)]``, i.e.
+      ``gate = gate_up[..., :H]``, ``up = gate_up[..., H:]`` (a projection whose gate and
+      up weights are concatenated along the output axis); ``"interleaved"``: each row is
+      ``g0, u0, g1, u1, ...``, i.e. ``gate = gate_up[..., 0::2]``,
+      ``up = gate_up[..., 1::2]``. Only read for the packed form.
+    backend: ``"auto"``: the jax_fmha kernel of the platform the computation is placed on;
+      ``"reference"``: the pure-JAX ``jax_fmha.reference.swiglu``.
+
+  Returns:
+    ``[..., H]`` in the input dtype.
+  """
+  return _glu(gate, up, SILU, packed_layout, backend)
+
+
+def geglu(gate, up=None, *, approximate: bool = True, packed_layout: str = "concat",
+          backend: str = "auto"):
+  """``gelu(gate) * up``, fused (GeGLU, as in Gemma).
+
+  ``approximate=True`` uses the tanh approximation
+  ``gelu(x) = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``, False the exact
+  ``gelu(x) = x/2 * (1 + erf(x / sqrt(2)))`` (``jax.nn.gelu``'s two forms). The arguments
+  are those of ``swiglu``, packed forms included.
+  """
+  if not isinstance(approximate, (bool, np.bool_)):
+    raise TypeError(f"approximate: expected a bool, got {type(approximate).__name__} "
+                    f"{approximate!r}")
+  return _glu(gate, up, GELU_TANH if approximate else GELU_ERF, packed_layout, backend)
+
+
+def rms_norm(x, weight, eps: float = 1e-6, weight_offset: float = 0.0, *,
+             backend: str = "auto"):
+  """``x * rsqrt(mean(x^2, axis=-1) + eps) * (weight + weight_offset)``, fused.
+
+  Args:
+    x: ``[..., H]``, float32, bfloat16 or float16.
+    weight: ``[H]``, in x's dtype or float32 (a float32 weight is not rounded to x's dtype).
+    eps: added to the mean square; a Python float > 0.
+    weight_offset: added to the weight (1.0 is Gemma's convention of a zero-centered
+      weight); a Python float.
+    backend: ``"auto"`` (the kernel) or ``"reference"`` (``jax_fmha.reference.rms_norm``).
+
+  Returns:
+    ``[..., H]`` in x's dtype.
+  """
+  x, _, weight, eps, weight_offset = _check_rms_norm(x, None, weight, eps, weight_offset,
+                                                     backend)
+  if backend == "reference":
+    return reference.rms_norm(x, weight, eps, weight_offset)
+  return rms_norm_p.bind(x, weight, eps=np.float32(eps),
+                         weight_offset=np.float32(weight_offset))[0]
+
+
+def rms_norm_residual(x, residual, weight, eps: float = 1e-6, weight_offset: float = 0.0, *,
+                      backend: str = "auto"):
+  """``h = x + residual``, ``y = rms_norm(h, weight, eps, weight_offset)``, in one pass.
+
+  ``h`` is rounded to the input dtype, as a framework stores it, and ``y`` normalizes that
+  rounded ``h``. ``residual`` has x's shape and dtype; the other arguments are those of
+  ``rms_norm``.
+
+  Returns:
+    ``(y, h)``, both x's shape and dtype; ``h`` is the next block's residual stream.
+  """
+  x, residual, weight, eps, weight_offset = _check_rms_norm(x, residual, weight, eps,
+                                                            weight_offset, backend)
+  if backend == "reference":
+    return reference.rms_norm_residual(x, residual, weight, eps, weight_offset)
+  y, h = rms_norm_residual_p.bind(x, residual, weight, eps=np.float32(eps),
+                                  weight_offset=np.float32(weight_offset))
+  return y, h
+
+
+def _glu(gate, up, activation: int, packed_layout: str, backend: str):
+  gate, up, layout = _check_glu(gate, up, packed_layout, backend)
+  if backend == "reference":
+    if layout != SEPARATE:
+      gate, up = _split_packed(gate, layout)
+    if activation == SILU:
+      return reference.swiglu(gate, up)
+    return reference.geglu(gate, up, approximate=activation == GELU_TANH)
+  if layout != SEPARATE:
+    up = jnp.zeros((0,), gate.dtype)  # the packed form has no up operand
+  return glu_p.bind(gate, up, activation=np.int32(activation), layout=np.int32(layout))[0]
+
+
+def _split_packed(gate_up, layout: int):
+  if layout == INTERLEAVED:
+    return gate_up[..., 0::2], gate_up[..., 1::2]
+  hidden = gate_up.shape[-1] // 2
+  return gate_up[..., :hidden], gate_up[..., hidden:]
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+
+def _check_backend(backend):
+  if backend not in BACKENDS:
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _rowwise_array(name: str, x, meaning: str):
+  """An array of float dtype and rank >= 1."""
+  x = _checks.array(name, x)
+  _checks.float_dtype(name, x)
+  if x.ndim < 1:
+    raise ValueError(f"{name}: expected rank >= 1 ({meaning}), got a scalar")
+  return x
+
+
+def _check_glu(gate, up, packed_layout, backend):
+  _check_backend(backend)
+  if packed_layout not in PACKED_LAYOUTS:
+    raise ValueError(f"packed_layout: expected one of {PACKED_LAYOUTS}, got "
+                     f"{packed_layout!r}")
+  if up is None:
+    gate = _rowwise_array("gate", gate, "the packed gate_up [..., 2H]")
+    if gate.shape[-1] % 2:
+      raise ValueError(f"gate: the packed gate_up [..., 2H] needs an even last axis, got "
+                       f"shape {tuple(gate.shape)}")
+    return gate, None, CONCAT if packed_layout == "concat" else INTERLEAVED
+  gate = _rowwise_array("gate", gate, "[..., H]")
+  up = _rowwise_array("up", up, "[..., H]")
+  _checks.same_dtype(("gate", "up"), gate, up)
+  if up.shape != gate.shape:
+    raise ValueError(f"up: expected gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+  return gate, up, SEPARATE
+
+
+def _check_rms_norm(x, residual, weight, eps, weight_offset, backend):
+  _check_backend(backend)
+  x = _rowwise_array("x", x, "[..., H]")
+  if residual is not None:
+    residual = _rowwise_array("residual", residual, "[..., H]")
+    _checks.same_dtype(("x", "residual"), x, residual)
+    if residual.shape != x.shape:
+      raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got "
+                       f"{tuple(residual.shape)}")
+  weight = _checks.array("weight", weight)
+  if jnp.dtype(weight.dtype) not in (jnp.dtype(x.dtype), jnp.dtype(jnp.float32)):
+    raise TypeError(f"weight: expected dtype {jnp.dtype(x.dtype)} (x's) or float32, got "
+                    f"{weight.dtype}")
+  if weight.shape != (x.shape[-1],):
+    raise ValueError(f"weight: expected shape ({x.shape[-1]},) (x's hidden size), got "
+                     f"{tuple(weight.shape)}")
+  eps = _checks.static_float("eps", eps, minimum=0.0, strict=True)
+  weight_offset = _checks.static_float("weight_offset", weight_offset)
+  return x, residual, weight, eps, weight_offset

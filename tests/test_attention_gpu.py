@@ -1,0 +1,450 @@
+"""GPU-only tests of the CUDA attention forward (ffi/cuda/attention*), against the float64
+NumPy reference (tests/numpy_reference.py).
+
+They call the primitive directly (every layout: dense, packed, contiguous cache, paged;
+split-KV partial outputs) so that each mode is exercised whatever the public API exposes.
+Skipped when JAX has no GPU.
+
+Also runnable as a script:
+  python3 tests/test_attention_gpu.py --memcheck   a small subset of every mode, for
+      compute-sanitizer --tool memcheck python3 tests/test_attention_gpu.py --memcheck
+  python3 tests/test_attention_gpu.py --time       dense prefill bf16 d128 vs cuDNN
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy_reference as ref  # noqa: E402
+from jax_fmha import _primitives  # noqa: E402
+
+
+def _has_gpu() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")]
+
+BF16 = np.dtype(jnp.bfloat16)
+F16 = np.dtype(np.float16)
+DTYPES = [BF16, F16]
+OUT_TOL = {BF16: 1.5e-2, F16: 3e-3}  # max |err| <= tol * (1 + max |ref|)
+LSE_TOL = 1e-3  # LSE from bf16/fp16 inputs, float32 statistics
+
+
+def randn(rng, shape, dtype):
+  return np.asarray(rng.standard_normal(shape), dtype=dtype)
+
+
+def gpu(x):
+  return None if x is None else jax.device_put(x, jax.devices("gpu")[0])
+
+
+def run(q, k, v, *, kv_layout, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=None,
+        block_table=None, scale=None, softcap=0.0, window=(-1, -1), num_splits=1,
+        max_seqlen_q=None):
+  """The forward primitive on the GPU; returns NumPy (out, lse)."""
+  if scale is None:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+  if max_seqlen_q is None:
+    max_seqlen_q = q.shape[1] if q.ndim == 4 else q.shape[0]
+  out, lse = _primitives.attention_fwd(
+      gpu(q), gpu(k), gpu(v), cu_seqlens_q=gpu(cu_seqlens_q), cu_seqlens_k=gpu(cu_seqlens_k),
+      seq_lens=gpu(seq_lens), block_table=gpu(block_table), scale=scale, softcap=softcap,
+      window=window, kv_layout=kv_layout, num_splits=num_splits, max_seqlen_q=max_seqlen_q)
+  return np.asarray(out), np.asarray(lse)
+
+
+def merge_splits(outs, lses):
+  """NumPy LSE merge of split partials: outs [S, ...q], lses [S, ...lse] (float64)."""
+  outs, lses = outs.astype(np.float64), lses.astype(np.float64)
+  top = lses.max(axis=0)
+  safe = np.where(np.isneginf(top), 0.0, top)
+  w = np.exp(lses - safe)  # [S, ...lse]; empty splits weigh 0
+  total = w.sum(axis=0)
+  lse = np.where(total > 0, safe + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+  # Bring the weights to the output layout: dense lse [B, H, Sq] -> [B, Sq, H, 1];
+  # packed lse [H, T] -> [T, H, 1].
+  if outs.ndim == 5:
+    w_out = w.transpose(0, 1, 3, 2)[..., None]
+    t_out = total.transpose(0, 2, 1)[..., None]
+  else:
+    w_out = w.transpose(0, 2, 1)[..., None]
+    t_out = total.T[..., None]
+  out = (w_out * outs).sum(axis=0) / np.where(t_out > 0, t_out, 1.0)
+  return out, lse
+
+
+def check(out, lse, ref_out, ref_lse, dtype, what=""):
+  """Finite agreement within tolerance; -inf LSE (and 0 rows) exactly where expected."""
+  out64 = np.asarray(out, np.float64)
+  assert not np.isnan(out64).any(), f"{what}: NaN in output"
+  scale = 1.0 + float(np.abs(ref_out).max(initial=0.0))
+  err = float(np.abs(out64 - ref_out).max(initial=0.0))
+  assert err <= OUT_TOL[dtype] * scale, f"{what}: output error {err:.3g} (scale {scale:.3g})"
+  lse = np.asarray(lse, np.float64)
+  neg = np.isneginf(ref_lse)
+  assert np.array_equal(np.isneginf(lse), neg), f"{what}: -inf LSE pattern differs"
+  lerr = float(np.abs(lse[~neg] - ref_lse[~neg]).max(initial=0.0))
+  assert lerr <= LSE_TOL * (1 + float(np.abs(ref_lse[~neg]).max(initial=0.0))), \
+      f"{what}: LSE error {lerr:.3g}"
+
+
+def rows_of(lse_neg, dense):
+  """Boolean mask of output rows from an LSE mask (dense [B,H,Sq] / packed [H,T])."""
+  return lse_neg.transpose(0, 2, 1) if dense else lse_neg.T
+
+
+# ---------------------------------------------------------------------------------------
+# Dense
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_head_dims(rng, dtype, d, causal):
+  b, sq, sk, hq, hkv = 2, 133, 257, 4, 2
+  q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
+      randn(rng, (b, sk, hkv, d), dtype)
+  window = (-1, 0) if causal else (-1, -1)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window)
+  ro, rl = ref.dense(q, k, v, window=window)
+  assert out.dtype == dtype
+  check(out, lse, ro, rl, dtype, f"d{d}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2), (32, 1)])
+@pytest.mark.parametrize("sq,sk", [(1, 1000), (7, 129), (200, 200), (300, 100)])
+def test_dense_gqa_causal_shapes(rng, dtype, hq, hkv, sq, sk):
+  d = 128
+  q, k, v = randn(rng, (2, sq, hq, d), dtype), randn(rng, (2, sk, hkv, d), dtype), \
+      randn(rng, (2, sk, hkv, d), dtype)
+  for window in [(-1, -1), (-1, 0)]:
+    out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window)
+    ro, rl = ref.dense(q, k, v, window=window)
+    check(out, lse, ro, rl, dtype, f"window {window}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("window,softcap", [((32, 0), 0.0), ((16, 8), 0.0), ((-1, -1), 5.0),
+                                            ((64, -1), 30.0), ((0, 0), 0.0)])
+def test_dense_window_softcap(rng, dtype, window, softcap):
+  b, sq, sk, hq, hkv, d = 2, 190, 330, 8, 2, 64
+  q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
+      randn(rng, (b, sk, hkv, d), dtype)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window, softcap=softcap,
+                 scale=0.3)
+  ro, rl = ref.dense(q, k, v, window=window, softcap=softcap, scale=0.3)
+  check(out, lse, ro, rl, dtype)
+
+
+def test_public_api_dense_and_packed(rng):
+  import jax_fmha
+  q, k, v = (randn(rng, (2, 65, 8, 128), BF16) for _ in range(3))
+  out, lse = jax.jit(lambda *a: jax_fmha.attention(*a, causal=True, return_lse=True))(
+      gpu(q), gpu(k), gpu(v))
+  ro, rl = ref.dense(q, k, v, causal=True)
+  check(np.asarray(out), np.asarray(lse), ro, rl, BF16)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed (variable length), rows outside sequences, invalid sequences
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_packed_with_empty_and_outside_rows(rng, dtype, causal, num_splits):
+  hq, hkv, d = 8, 2, 96
+  # q rows 0..2 and 150..159 belong to no sequence; sequence 1 is empty.
+  cu_q = np.array([3, 10, 10, 140, 150], np.int32)
+  cu_k = np.array([0, 30, 31, 131, 300], np.int32)
+  q = randn(rng, (160, hq, d), dtype)
+  k, v = randn(rng, (300, hkv, d), dtype), randn(rng, (300, hkv, d), dtype)
+  window = (-1, 0) if causal else (-1, -1)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_PACKED, cu_seqlens_q=cu_q,
+                 cu_seqlens_k=cu_k, window=window, num_splits=num_splits, max_seqlen_q=130)
+  ro, rl = ref.packed(q, k, v, cu_q, cu_k, window=window)
+  if num_splits > 1:
+    assert out.shape == (num_splits,) + q.shape and out.dtype == np.float32
+    out, lse = merge_splits(out, lse)
+  check(out, lse, ro, rl, dtype)
+  empty = rows_of(np.isneginf(rl), dense=False)
+  assert (np.asarray(out, np.float64)[empty] == 0).all()
+
+
+def test_packed_sequence_longer_than_max_seqlen_is_nan(rng):
+  hq, d = 4, 64
+  cu = np.array([0, 20, 100, 110], np.int32)  # sequence 1 (80 rows) > max_seqlen_q = 50
+  q = randn(rng, (120, hq, d), BF16)
+  k, v = randn(rng, (110, hq, d), BF16), randn(rng, (110, hq, d), BF16)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_PACKED, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                 max_seqlen_q=50)
+  assert np.isnan(np.asarray(out[20:100], np.float32)).all() and np.isnan(lse[:, 20:100]).all()
+  ro, rl = ref.packed(q, k, v, cu, cu)
+  keep = np.r_[0:20, 100:120]
+  check(out[keep], lse[:, keep], ro[keep], rl[:, keep], BF16)
+
+
+# ---------------------------------------------------------------------------------------
+# Contiguous cache, paged KV
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("sq", [1, 4])
+def test_cache_with_seq_lens(rng, dtype, sq):
+  b, s_max, hq, hkv, d = 4, 300, 16, 2, 128
+  lens = np.array([0, 1, 129, 300], np.int32)
+  q = randn(rng, (b, sq, hq, d), dtype)
+  k, v = randn(rng, (b, s_max, hkv, d), dtype), randn(rng, (b, s_max, hkv, d), dtype)
+  for window in [(-1, -1), (-1, 0)]:
+    out, lse = run(q, k, v, kv_layout=_primitives.KV_CACHE, seq_lens=lens, window=window)
+    ro, rl = ref.kv_cache(q, k, v, lens, window=window)
+    check(out, lse, ro, rl, dtype)
+
+
+def paged_inputs(rng, dtype, *, b, page_size, lens, hq, hkv, d, sq, spare_pages=3):
+  pages_per_seq = max(1, -(-max(lens) // page_size))
+  num_pages = b * pages_per_seq + spare_pages
+  table = rng.permutation(num_pages)[:b * pages_per_seq].reshape(b, pages_per_seq)
+  q = randn(rng, (b, sq, hq, d), dtype)
+  kp = randn(rng, (num_pages, page_size, hkv, d), dtype)
+  vp = randn(rng, (num_pages, page_size, hkv, d), dtype)
+  return q, kp, vp, table.astype(np.int32), np.asarray(lens, np.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+@pytest.mark.parametrize("sq,hq,hkv", [(1, 32, 8), (1, 8, 8), (1, 32, 1), (5, 8, 2)])
+def test_paged(rng, dtype, page_size, sq, hq, hkv):
+  d = 128
+  lens = [0, 1, page_size, page_size + 1, 700]
+  q, kp, vp, table, lens = paged_inputs(rng, dtype, b=5, page_size=page_size, lens=lens,
+                                        hq=hq, hkv=hkv, d=d, sq=sq)
+  for window in [(-1, -1), (-1, 0)]:
+    out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+                   block_table=table, window=window)
+    ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
+    check(out, lse, ro, rl, dtype, f"page {page_size} window {window}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+@pytest.mark.parametrize("page_size,d", [(16, 128), (64, 64), (256, 256), (1, 80)])
+def test_paged_split_kv(rng, num_splits, page_size, d):
+  dtype = BF16
+  lens = [3000, 1, 0, 515]
+  q, kp, vp, table, lens = paged_inputs(rng, dtype, b=4, page_size=page_size, lens=lens,
+                                        hq=32, hkv=8, d=d, sq=1)
+  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+                 block_table=table, num_splits=num_splits, softcap=20.0)
+  if num_splits > 1:
+    assert out.shape == (num_splits,) + q.shape and out.dtype == np.float32
+    assert lse.shape == (num_splits, 4, 32, 1)
+    out, lse = merge_splits(out, lse)
+  ro, rl = ref.paged(q, kp, vp, table, lens, softcap=20.0)
+  check(out, lse, ro, rl, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_public_api_paged_decode_with_merge(rng, num_splits):
+  """jax_fmha.attention on pages: split-KV partials merged by the CUDA merge kernel."""
+  import jax_fmha
+  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=2, page_size=16, lens=[5000, 77],
+                                        hq=32, hkv=8, d=128, sq=1)
+  out, lse = jax.jit(lambda *a: jax_fmha.attention(
+      *a[:3], block_table=a[3], seq_lens=a[4], num_splits=num_splits, return_lse=True))(
+          gpu(q), gpu(kp), gpu(vp), gpu(table), gpu(lens))
+  ro, rl = ref.paged(q, kp, vp, table, lens)
+  assert np.asarray(out).dtype == BF16
+  check(np.asarray(out), np.asarray(lse), ro, rl, BF16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, num_splits):
+  page_size = 16
+  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=4, page_size=page_size,
+                                        lens=[40, 40, 40, 40], hq=8, hkv=2, d=64, sq=3)
+  num_pages = kp.shape[0]
+  table[1, 1] = num_pages  # used page out of range
+  table[2, 0] = -1         # negative page id
+  lens[3] = table.shape[1] * page_size + 1  # more keys than the table holds
+  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+                 block_table=table, num_splits=num_splits)
+  if num_splits > 1:
+    assert np.isnan(out[:, 1:]).all() and np.isnan(lse[:, 1:]).all()
+    out, lse = merge_splits(out, lse)
+  else:
+    assert np.isnan(np.asarray(out[1:], np.float32)).all() and np.isnan(lse[1:]).all()
+  ro, rl = ref.paged(q[:1], kp, vp, table[:1], lens[:1])
+  check(out[:1], lse[:1], ro, rl, BF16)
+
+
+# ---------------------------------------------------------------------------------------
+# Split-KV on dense prefill; large shapes; determinism; dtype errors
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [3, 16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_split_kv(rng, num_splits, causal):
+  dtype = F16
+  q = randn(rng, (2, 70, 8, 192), dtype)
+  k, v = randn(rng, (2, 999, 4, 192), dtype), randn(rng, (2, 999, 4, 192), dtype)
+  window = (-1, 0) if causal else (-1, -1)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, num_splits=num_splits,
+                 window=window)
+  out, lse = merge_splits(out, lse)
+  ro, rl = ref.dense(q, k, v, window=window)
+  check(out, lse, ro, rl, dtype)
+
+
+def sampled_reference(q, k, v, rows, causal):
+  """Float64 reference for a few query rows of a long dense sequence (B = 1)."""
+  q, k, v = (np.asarray(x[0], np.float64) for x in (q, k, v))
+  sq, hq, d = q.shape
+  sk, hkv = k.shape[:2]
+  g = hq // hkv
+  out = np.zeros((len(rows), hq, d))
+  lse = np.zeros((hq, len(rows)))
+  for n, i in enumerate(rows):
+    end = i + sk - sq + 1 if causal else sk
+    for h in range(hq):
+      s = k[:end, h // g] @ q[i, h] / math.sqrt(d)
+      m = s.max()
+      p = np.exp(s - m)
+      out[n, h] = p @ v[:end, h // g] / p.sum()
+      lse[h, n] = m + math.log(p.sum())
+  return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_16k_tokens(rng, causal):
+  dtype = BF16
+  s, hq, hkv, d = 16384, 8, 2, 128
+  q = randn(rng, (1, s, hq, d), dtype)
+  k, v = randn(rng, (1, s, hkv, d), dtype), randn(rng, (1, s, hkv, d), dtype)
+  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM,
+                 window=(-1, 0) if causal else (-1, -1))
+  rows = np.r_[0, 1, 127, 128, rng.integers(0, s, 28), s - 1]
+  ro, rl = sampled_reference(q, k, v, rows, causal)
+  check(out[0, rows], lse[0][:, rows], ro, rl, dtype)
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def test_deterministic(rng):
+  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=3, page_size=16, lens=[900, 33, 500],
+                                        hq=16, hkv=4, d=128, sq=7)
+  args = dict(kv_layout=_primitives.KV_PAGED, seq_lens=lens, block_table=table,
+              window=(-1, 0))
+  for splits in (1, 5):
+    a, la = run(q, kp, vp, num_splits=splits, **args)
+    b, lb = run(q, kp, vp, num_splits=splits, **args)
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert np.array_equal(la.view(np.uint8), lb.view(np.uint8))
+
+
+def test_float32_is_refused_with_a_cast_hint(rng):
+  q = randn(rng, (1, 8, 2, 64), np.float32)
+  with pytest.raises(Exception, match="bfloat16"):
+    run(q, q, q, kv_layout=_primitives.KV_UNIFORM)
+
+
+# ---------------------------------------------------------------------------------------
+# Script modes: memcheck subset, quick timing
+# ---------------------------------------------------------------------------------------
+
+
+def memcheck_subset():
+  """One small case of every mode (run under compute-sanitizer)."""
+  rng = np.random.default_rng(0)
+  test_dense_head_dims(rng, BF16, 80, True)
+  test_dense_window_softcap(rng, F16, (16, 8), 0.0)
+  test_packed_with_empty_and_outside_rows(rng, BF16, True, 3)
+  test_cache_with_seq_lens(rng, BF16, 1)
+  for page_size in (1, 16, 64):
+    test_paged(rng, BF16, page_size, 5, 8, 2)
+  test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
+  test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
+  test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
+  print("memcheck subset: done")
+
+
+def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
+  """Dense prefill bf16: ours vs jax.nn.dot_product_attention(cudnn), TFLOP/s (median)."""
+  import time
+  rng = np.random.default_rng(0)
+  q, k, v = (gpu(randn(rng, (b, s, h, d), BF16)) for _ in range(3))
+  rows = []
+  for causal in (False, True):
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    ours = jax.jit(lambda q, k, v: _primitives.attention_fwd(
+        q, k, v, scale=1 / math.sqrt(d), softcap=0.0, window=(-1, 0 if causal else -1),
+        kv_layout=_primitives.KV_UNIFORM, num_splits=1, max_seqlen_q=s)[0])
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"))
+    for name, fn in (("jax_fmha", ours), ("cudnn", cudnn)):
+      try:
+        for _ in range(3):
+          fn(q, k, v).block_until_ready()
+        times = []
+        for _ in range(reps):
+          t0 = time.perf_counter()
+          fn(q, k, v).block_until_ready()
+          times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        rows.append(f"{name:9s} causal={causal!s:5s} B={b} S={s} H={h} D={d}: "
+                    f"{t * 1e3:7.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s")
+      except Exception as e:  # a peer that fails to run is reported, not fatal
+        rows.append(f"{name:9s} causal={causal!s:5s}: failed: {type(e).__name__}: {e}")
+  print("\n".join(rows))
+
+
+def time_paged_decode(reps=20):
+  """Paged decode (page 16, GQA 32/8, d128, bf16) through jax_fmha.attention with the
+  static split heuristic: GB/s of K and V read (median)."""
+  import time
+  import jax_fmha
+  rows = []
+  for b, keys in ((64, 4096), (1, 131072)):
+    rng = np.random.default_rng(0)
+    q, kp, vp, table, lens = paged_inputs(rng, BF16, b=b, page_size=16, lens=[keys] * b,
+                                          hq=32, hkv=8, d=128, sq=1, spare_pages=0)
+    args = [gpu(x) for x in (q, kp, vp, table, lens)]
+    fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(q, k, v, block_table=t, seq_lens=l))
+    for _ in range(3):
+      fn(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn(*args).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    t = float(np.median(times))
+    kv_bytes = 2 * b * keys * 8 * 128 * 2
+    rows.append(f"paged decode B={b} keys={keys} page=16 Hq/Hkv=32/8 D=128: "
+                f"{t * 1e6:8.1f} us  {kv_bytes / t / 1e9:7.1f} GB/s")
+  print("\n".join(rows))
+
+
+if __name__ == "__main__":
+  if "--memcheck" in sys.argv:
+    memcheck_subset()
+  if "--time" in sys.argv:
+    time_prefill()
+    time_paged_decode()
