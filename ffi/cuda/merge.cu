@@ -1,27 +1,15 @@
 // CUDA handler of jax_fmha_merge_states (common/merge_ffi.h): one warp per row; the lanes
 // share the row's LSE statistics and split the head dim, so the partial outputs are read
 // coalesced, each once.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <string>
 
 #include "common/merge_ffi.h"
+#include "cuda/dtypes.cuh"
 
 namespace jax_fmha::cuda {
 namespace {
-
-template <typename OutT>
-__device__ __forceinline__ OutT from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 constexpr int kWarpsPerBlock = 8;
 
