@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/attention_ffi.h"
+#include "cuda/attention/decode_kernel.cuh"
 #include "cuda/attention/forward_kernel.cuh"
 
 namespace jax_fmha::cuda {
@@ -18,13 +19,12 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 }
 
 // Shared memory above 48 KB must be granted per kernel and per device; once each. (The
-// statics belong to one instantiation: kernels of the same signature must not share them.)
-template <class Traits, typename OutT>
+// statics belong to one instantiation: each kernel has its own.)
+template <auto kKernel, size_t kSmemBytes>
 cudaError_t allow_shared_memory() {
   const auto set = [] {
-    return cudaFuncSetAttribute(attention_forward_kernel<Traits, OutT>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                int(Traits::kSmemBytes));
+    return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                int(kSmemBytes));
   };
   constexpr int kMaxDevices = 64;
   static std::once_flag once[kMaxDevices];
@@ -36,20 +36,15 @@ cudaError_t allow_shared_memory() {
   return result[device];
 }
 
-template <typename Element, int kHeadDim, typename OutT>
-ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q, const void* k,
-                  const void* v, void* out, float* lse) {
-  using Traits = KernelTraits<Element, kHeadDim>;
-  OutT* out_typed = static_cast<OutT*>(out);
+// Up to this many packed rows per (sequence, KV head) the decode tile (16 rows, warps
+// splitting the keys) runs: its tiles of one KV head read the same keys, from L2 after the
+// first. Above, the 128-row prefill tile wastes less than it would re-read.
+constexpr int64_t kDecodeMaxRows = 64;
 
-  if (p.q.packed && p.batch >= 0) {
-    // Rows outside every sequence (and of invalid sequences): 0 / -inf (NaN), as on CPU.
-    const dim3 grid(unsigned(p.batch + 2), 8, unsigned(p.num_splits));
-    fill_rows_outside_sequences<OutT><<<grid, 256, 0, stream>>>(p, out_typed, lse);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-      return cuda_error("launching the fill of rows outside sequences", err);
-  }
-
+// One kernel over the grid (row tiles of the longest sequence, KV heads, batch x splits).
+template <class Traits, typename OutT, auto kKernel>
+ffi::Error launch_tiles(cudaStream_t stream, const AttentionProblem& p, const void* q,
+                        const void* k, const void* v, OutT* out, float* lse) {
   const int64_t row_tiles = (p.q.max_len * p.group() + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t z = p.batch * p.num_splits;
   if (row_tiles == 0 || z == 0) return ffi::Error::Success();
@@ -57,16 +52,37 @@ ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q,
     return ffi::Error::InvalidArgument(
         "jax_fmha attention (CUDA): grid too large (max_seqlen_q * group / 128 < 2^31, "
         "KV heads <= 65535, batch * num_splits <= 65535)");
-
-  if (cudaError_t err = allow_shared_memory<Traits, OutT>(); err != cudaSuccess)
+  if (cudaError_t err = allow_shared_memory<kKernel, Traits::kSmemBytes>(); err != cudaSuccess)
     return cuda_error("raising the shared-memory limit", err);
+  using Element = typename Traits::Element;
   const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
-  attention_forward_kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+  kKernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
       p, static_cast<const Element*>(q), static_cast<const Element*>(k),
-      static_cast<const Element*>(v), out_typed, lse);
+      static_cast<const Element*>(v), out, lse);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
     return cuda_error("launching the attention kernel", err);
   return ffi::Error::Success();
+}
+
+template <typename Element, int kHeadDim, typename OutT>
+ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q, const void* k,
+                  const void* v, void* out, float* lse) {
+  OutT* out_typed = static_cast<OutT*>(out);
+  if (p.q.packed && p.batch >= 0) {
+    // Rows outside every sequence (and of invalid sequences): 0 / -inf (NaN), as on CPU.
+    const dim3 grid(unsigned(p.batch + 2), 8, unsigned(p.num_splits));
+    fill_rows_outside_sequences<OutT><<<grid, 256, 0, stream>>>(p, out_typed, lse);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+      return cuda_error("launching the fill of rows outside sequences", err);
+  }
+  if (p.q.max_len * p.group() <= kDecodeMaxRows) {
+    using Traits = DecodeTraits<Element, kHeadDim>;
+    return launch_tiles<Traits, OutT, attention_decode_kernel<Traits, OutT>>(stream, p, q, k, v,
+                                                                       out_typed, lse);
+  }
+  using Traits = KernelTraits<Element, kHeadDim>;
+  return launch_tiles<Traits, OutT, attention_forward_kernel<Traits, OutT>>(stream, p, q, k, v,
+                                                                      out_typed, lse);
 }
 
 // Split-KV partial outputs are float32; otherwise the output has the input dtype.

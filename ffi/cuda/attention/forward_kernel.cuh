@@ -2,10 +2,11 @@
 // (sequence, KV head, split). Grid: (row tiles of the longest sequence, KV heads,
 // batch x splits); tiles past their sequence's rows exit at once.
 //
-// Main loop over key blocks, K/V double-buffered with cp.async: block n + 1 is in flight
-// while block n is multiplied. Per block: S = Q K^T (tensor cores), scale / softcap into the
-// log2 domain, mask only when the block is not seen whole by every row, online softmax,
-// O += P V (tensor cores).
+// Main loop over key blocks, K/V double-buffered with cp.async and one barrier a block: after
+// the barrier that publishes block n, every warp is done with block n - 1, so block n + 1 is
+// issued into that stage at once and lands while block n is multiplied. Per block:
+// S = Q K^T (tensor cores), softcap if any, mask only when the block is not seen whole by
+// every row, online softmax (scale folded into the exponent), O += P V (tensor cores).
 #pragma once
 
 #include "common/attention_problem.h"
@@ -50,7 +51,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp_row = (threadIdx.x / 32) * Traits::kWarpRows;
   // Warps whose rows are all past the sequence (few queries: decode) skip the arithmetic.
   const bool warp_has_rows = warp_row < rows;
-  const RowKeys<Traits> row_keys(p, split_range, row_begin, warp_row, rows_in_seq, sq, sk);
+  // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
+  const int first_row = int(row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
   const bool contiguous_rows =
       p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
@@ -68,29 +70,32 @@ __global__ void __launch_bounds__(Traits::kThreads)
   if (!keys.empty()) {
     // Blocks start at multiples of kBlockN (split ranges and whole pages align with them).
     const int first_block = keys.begin / kBlockN * kBlockN;
-    load_kv_tile<Traits>(smem_k, smem_v, k, v, p, b, kv_head, first_block, keys.end,
-                         contiguous_rows);
-    cute::cp_async_fence();
+    load_kv_tile<Traits, kBlockN, Traits::kThreads>(smem_k, smem_v, k, v, p, b, kv_head,
+                                                    first_block, keys.end, contiguous_rows,
+                                                    threadIdx.x);
+    cute::cp_async_fence();  // Q and block 0
     int stage = 0;
     for (int key_begin = first_block; key_begin < keys.end; key_begin += kBlockN) {
+      cute::cp_async_wait<0>();
+      __syncthreads();  // block n visible to all; every warp is past block n - 1
       const int next = key_begin + kBlockN;
-      if (next < keys.end)
-        load_kv_tile<Traits>(smem_k + (stage ^ 1) * Traits::kKvTileElems,
-                             smem_v + (stage ^ 1) * Traits::kKvTileElems, k, v, p, b, kv_head,
-                             next, keys.end, contiguous_rows);
-      cute::cp_async_fence();  // possibly empty: keeps "all but the newest group" uniform
-      cute::cp_async_wait<1>();
-      __syncthreads();
+      if (next < keys.end) {
+        load_kv_tile<Traits, kBlockN, Traits::kThreads>(
+            smem_k + (stage ^ 1) * Traits::kKvTileElems,
+            smem_v + (stage ^ 1) * Traits::kKvTileElems, k, v, p, b, kv_head, next, keys.end,
+            contiguous_rows, threadIdx.x);
+        cute::cp_async_fence();
+      }
       if (warp_has_rows) {
         float s[Traits::kMmaM][Traits::kKeyAtoms][4];
         warp_qk<Traits>(smem_q + warp_row * Traits::kRowPitch,
                         smem_k + stage * Traits::kKvTileElems, s);
-        transform.apply<Traits>(s);
-        if (keys.block_needs_mask(key_begin, kBlockN)) row_keys.apply(s, key_begin);
-        softmax.update(s, o);
+        if (transform.explicit_pass()) transform.apply<Traits>(s);
+        if (keys.block_needs_mask(key_begin, kBlockN))
+          mask_scores<Traits>(s, p, split_range, first_row, int(rows_in_seq), sq, sk, key_begin);
+        softmax.update(s, o, transform.fold());
         warp_pv<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
       }
-      __syncthreads();  // the stage is overwritten by the next iteration's copy
       stage ^= 1;
     }
   }

@@ -8,6 +8,9 @@
 //
 // Each warp owns kWarpRows consecutive rows of the tile (kMmaM m16 tiles of the mma.sync
 // m16n8k16 instruction) and all kBlockN keys of S = Q K^T and all head-dim columns of O.
+//
+// DecodeTraits: the tile for few packed rows per (sequence, KV head) (decode, small GQA
+// groups): 16 rows, and the warps split the keys instead of the rows.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,8 +43,10 @@ struct KernelTraits {
   // Compiled head dim (a smaller problem head_dim runs here with zero-padded columns).
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
-  // Above d64 the key tile is halved: it keeps S and O together within 255 registers (no
-  // spills) and two stages of K and V within an A100's 163 KB of shared memory.
+  // Above d64 the key tile is 32 keys: with 64, S (64 registers) and O (128) of a warp's 32
+  // rows at d128 leave ptxas short (148 B of spills), and on an H200 it measured 2-4% slower
+  // than 32 keys with one barrier a step (gpu_attention_perf_h200.md). 32 keys also keep two
+  // K/V stages within an A100's 163 KB of shared memory at d256.
   static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
   // Up to d128 a warp owns 32 rows (two m16 tiles share each K/V fragment it loads); above,
   // the O accumulator of 32 rows would not fit the registers, so 8 warps own 16 rows each.
@@ -73,9 +78,51 @@ struct KernelTraits {
 
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma k (16)");
   static_assert(kBlockN % 16 == 0 && kWarpRows % 16 == 0, "tiles must be mma multiples");
-  static_assert((kBlockM * kChunksPerRow) % kThreads == 0, "Q tile copy must split evenly");
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "K/V tile copy must split evenly");
   static_assert(kDimAtoms % 2 == 0 && kKeyAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");
+};
+
+// Decode tile: kBlockM = 16 packed rows (one m16 tile), shared by kWarps warps that each
+// stream their own 16-key blocks (warp w takes blocks w, w + kWarps, ...) through a private
+// cp.async pipeline of kStages stages, synchronizing only within the warp. The warps' partial
+// softmax states are combined through shared memory at the end. Memory-bound: the point is
+// many bytes in flight per SM, so the stages fill about 104 KB (two CTAs an SM up to d128).
+template <typename Element_, int kHeadDim_>
+struct DecodeTraits {
+  using Element = Element_;
+  using Mma = typename MmaAtom<Element>::Op;
+
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 16;
+  static constexpr int kBlockN = 16;  // keys of one warp step (one k16 step of P V)
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = kBlockM;  // every warp computes all rows
+  static constexpr int kMmaM = 1;
+  static constexpr int kKeyAtoms = kBlockN / 8;
+  static constexpr int kDimAtoms = kHeadDim / 8;
+
+  static constexpr int kChunk = 16 / sizeof(Element);
+  static constexpr int kChunksPerRow = kHeadDim / kChunk;
+  static constexpr int kRowPitch = kHeadDim + kChunk;
+
+  static constexpr int kQElems = kBlockM * kRowPitch;
+  static constexpr int kKvTileElems = kBlockN * kRowPitch;
+  static constexpr int kWarpStageBytes = 2 * kKvTileElems * int(sizeof(Element));
+  static constexpr int kStagesFit = (104 * 1024) / (kWarps * kWarpStageBytes);
+  static constexpr int kStages = kStagesFit < 2 ? 2 : (kStagesFit > 6 ? 6 : kStagesFit);
+
+  // The combine reuses the K/V stages: each warp's O (float32) and row statistics.
+  static constexpr int kCombinePitch = kHeadDim + 4;
+  static constexpr size_t kCombineBytes =
+      sizeof(float) * (size_t(kWarps) * kBlockM * kCombinePitch + 2 * kWarps * kBlockM);
+  static constexpr size_t kStageBytes = size_t(kWarps) * kStages * kWarpStageBytes;
+  static constexpr size_t kSmemBytes =
+      sizeof(Element) * size_t(kQElems) +
+      (kStageBytes > kCombineBytes ? kStageBytes : kCombineBytes);
+
+  static_assert((kBlockN * kChunksPerRow) % 32 == 0, "a warp's K/V copy must split evenly");
+  static_assert(kDimAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");
 };
 
 }  // namespace jax_fmha::cuda

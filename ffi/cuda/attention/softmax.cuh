@@ -1,6 +1,6 @@
-// Online softmax over key blocks, fp32, in base 2: scores are multiplied by
-// scale * log2(e) once (or softcapped and multiplied by log2(e)), so every exponential is a
-// single ex2 and the running max needs no rescaling. Each thread holds 2 * kMmaM rows
+// Online softmax over key blocks, fp32, in base 2: with no softcap the raw scores go in and
+// scale * log2(e) is folded into the max and into one FFMA before each ex2 (no separate
+// multiply pass); with a softcap the scores are first mapped to softcap * tanh(.) * log2(e). Each thread holds 2 * kMmaM rows
 // (rows g and g + 8 of each m16 tile); a row's 4 owner threads (one quad) combine their
 // maxima every block and their sums only at the end.
 #pragma once
@@ -38,6 +38,13 @@ struct ScoreTransform {
     return {scale * kLog2e, softcap > 0.f ? scale / softcap : 0.f, softcap * kLog2e,
             softcap > 0.f};
   }
+  // Whether apply() must run before the softmax: softcap, or a scale whose sign would turn
+  // the max of raw scores into the min of scaled ones (or, at 0, make -inf * 0 a NaN).
+  __device__ __forceinline__ bool explicit_pass() const {
+    return softcap || !(scale_log2 > 0.f);
+  }
+  // The multiplier the softmax applies to the scores it is given.
+  __device__ __forceinline__ float fold() const { return explicit_pass() ? 1.f : scale_log2; }
   template <class Traits>
   __device__ __forceinline__ void apply(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4]) const {
 #pragma unroll
@@ -63,10 +70,15 @@ struct OnlineSoftmax {
       for (int h = 0; h < 2; ++h) row_max[m][h] = -INFINITY, row_sum[m][h] = 0.f;
   }
 
-  // s: one block of log2-domain scores (masked keys -inf) -> probabilities exp2(s - max);
-  // rescales the output accumulator o by exp2(old max - new max).
+  // s: one block of scores, fold * s in the log2 domain (fold > 0; masked keys -inf) ->
+  // probabilities exp2(fold * s - max); rescales the accumulator o by exp2(old - new max).
+  // Once the running maxima settle most blocks move none of the warp's rows: the rescale of
+  // O (a multiply per accumulator) is then skipped for the whole warp.
   __device__ __forceinline__ void update(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
-                                         float (&o)[Traits::kMmaM][Traits::kDimAtoms][4]) {
+                                         float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                         float fold) {
+    float correction[Traits::kMmaM][2];
+    bool moved = false;
 #pragma unroll
     for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
@@ -75,27 +87,32 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int n = 0; n < Traits::kKeyAtoms; ++n)
           block_max = fmaxf(block_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
-        const float new_max = fmaxf(row_max[m][h], quad_max(block_max));
+        const float new_max = fmaxf(row_max[m][h], quad_max(block_max) * fold);
         // A row that has seen nothing keeps max -inf; subtracting 0 then keeps every
         // probability and the correction at exp2(-inf) = 0 instead of NaN.
         const float base = new_max == -INFINITY ? 0.f : new_max;
-        const float correction = exp2_approx(row_max[m][h] - base);
+        moved |= new_max != row_max[m][h];
+        correction[m][h] = exp2_approx(row_max[m][h] - base);
         row_max[m][h] = new_max;
         float block_sum = 0.f;
 #pragma unroll
         for (int n = 0; n < Traits::kKeyAtoms; ++n)
 #pragma unroll
           for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            s[m][n][e] = exp2_approx(s[m][n][e] - base);
+            s[m][n][e] = exp2_approx(fmaf(s[m][n][e], fold, -base));
             block_sum += s[m][n][e];
           }
-        row_sum[m][h] = row_sum[m][h] * correction + block_sum;
-#pragma unroll
-        for (int d = 0; d < Traits::kDimAtoms; ++d) {
-          o[m][d][2 * h] *= correction;
-          o[m][d][2 * h + 1] *= correction;
-        }
+        row_sum[m][h] = row_sum[m][h] * correction[m][h] + block_sum;
       }
+    // (A row whose max stays -inf has o = 0: skipping its correction of 0 changes nothing.)
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+        for (int d = 0; d < Traits::kDimAtoms; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[m][d][e] *= correction[m][e / 2];
+    }
   }
 };
 

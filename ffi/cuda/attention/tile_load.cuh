@@ -27,9 +27,13 @@ __device__ __forceinline__ bool kv_sequence_valid(const KvView& kv, int64_t b) {
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
   bool bad_page = false;
-  const int64_t pages = (n + kv.page_size - 1) / kv.page_size;
-  for (int64_t page = threadIdx.x; page < pages; page += blockDim.x)
-    bad_page |= !kv.page_id_valid(kv.page_id(b, page * kv.page_size));
+  const int pages = int((n + kv.page_size - 1) / kv.page_size);
+  const int32_t* ids = kv.block_table + b * kv.pages_per_seq;
+  // Every split of a long sequence scans all its page ids (8192 at 128k keys, page 16):
+  // unrolled, so that several independent loads are in flight instead of one at a time.
+#pragma unroll 8
+  for (int page = threadIdx.x; page < pages; page += blockDim.x)
+    bad_page |= !kv.page_id_valid(ids[page]);
   return !__syncthreads_or(bad_page);
 }
 
@@ -41,11 +45,13 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
                                             const typename Traits::Element* q,
                                             const AttentionProblem& p, int64_t q_begin,
                                             int kv_head, int64_t row_begin, int rows) {
-  constexpr int kCopies = Traits::kBlockM * Traits::kChunksPerRow / Traits::kThreads;
+  constexpr int kChunks = Traits::kBlockM * Traits::kChunksPerRow;
+  constexpr int kCopies = (kChunks + Traits::kThreads - 1) / Traits::kThreads;
   const int group = int(p.group());
 #pragma unroll
   for (int it = 0; it < kCopies; ++it) {
     const int c = threadIdx.x + it * Traits::kThreads;
+    if (kChunks % Traits::kThreads != 0 && c >= kChunks) break;  // (decode tile at d96)
     const int r = c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
     const bool in_bounds = r < rows && col < p.head_dim;
@@ -60,32 +66,43 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
   }
 }
 
-// Keys [key_begin, key_begin + kBlockN) of sequence b into one K and one V stage. Keys at
-// or past key_end (the last key any row of the tile sees, at most the sequence length) are
-// zero-filled, so that masked probabilities (exact zeros) never meet garbage values.
-// `contiguous_rows`: the block's keys are consecutive rows of the array (every layout but
-// pages smaller than the block); otherwise each row is looked up through the block table.
-template <class Traits>
+// Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile, the copies
+// shared by kCopyThreads threads (this one is `tid`): the whole CTA for the prefill tile, one
+// warp for a decode warp's own block. Keys at or past key_end (the last key any row of the
+// tile sees, at most the sequence length) are zero-filled, so that masked probabilities
+// (exact zeros) never meet garbage values. `contiguous_rows`: the block's keys are
+// consecutive rows of the array (every layout but pages smaller than the block, one page
+// lookup a block); otherwise each row is looked up through the block table.
+template <class Traits, int kRows, int kCopyThreads>
 __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              typename Traits::Element* smem_v,
                                              const typename Traits::Element* k,
                                              const typename Traits::Element* v,
                                              const AttentionProblem& p, int64_t b, int kv_head,
-                                             int key_begin, int key_end, bool contiguous_rows) {
-  constexpr int kCopies = Traits::kBlockN * Traits::kChunksPerRow / Traits::kThreads;
+                                             int key_begin, int key_end, bool contiguous_rows,
+                                             int tid) {
+  constexpr int kCopies = kRows * Traits::kChunksPerRow / kCopyThreads;
+  static_assert(kRows * Traits::kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
+  // Gathered rows are always pages; their lookup runs in 32 bits (keys and page sizes are
+  // below 2^31), a 64-bit division per row would cost a subroutine call and registers.
   const int64_t first_row = contiguous_rows ? p.kv.row(b, key_begin) : 0;
+  const int page_size = int(p.kv.page_size);
+  const int32_t* pages = p.kv.block_table + b * p.kv.pages_per_seq;
   const int64_t row_stride = p.kv_row_stride();
+  const int64_t head_offset = int64_t(kv_head) * p.head_dim;
 #pragma unroll
   for (int it = 0; it < kCopies; ++it) {
-    const int c = threadIdx.x + it * Traits::kThreads;
+    const int c = tid + it * kCopyThreads;
     const int r = c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
     const int key = key_begin + r;
     const bool in_bounds = key < key_end && col < p.head_dim;
     int64_t offset = 0;
     if (in_bounds) {
-      const int64_t row = contiguous_rows ? first_row + r : p.kv.row(b, key);
-      offset = row * row_stride + int64_t(kv_head) * p.head_dim + col;
+      const int64_t row = contiguous_rows
+                              ? first_row + r
+                              : int64_t(pages[key / page_size]) * page_size + key % page_size;
+      offset = row * row_stride + head_offset + col;
     }
     const int dst = r * Traits::kRowPitch + col;
     copy_chunk(smem_k + dst, k + offset, in_bounds);

@@ -1,0 +1,109 @@
+"""Quick CUDA attention timings for the kernel-tuning notes (gpu_attention_perf_*.md).
+
+Each case is timed as `reps` back-to-back calls of one jitted function and a single
+block_until_ready (median of 5 such batches), so host dispatch overlaps device work; the
+inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shapes in the
+same process. Run from outside the source tree with the package installed:
+  python3 benchmarks/results/gpu_attention_perf_bench.py
+"""
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_fmha
+from jax_fmha import _primitives
+
+
+def bench(fn, *args, reps=20):
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  batches = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(reps)]
+    jax.block_until_ready(outs)
+    batches.append((time.perf_counter() - t0) / reps)
+  return float(np.median(batches))
+
+
+def rand(key, shape):
+  return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32).astype(jnp.bfloat16)
+
+
+def prefill(rows):
+  for b, s, h, d in ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64),
+                     (2, 8192, 8, 256)):
+    q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
+    for causal in (False, True):
+      flops = 4 * b * h * s * s * d / (2 if causal else 1)
+      ours = jax.jit(lambda q, k, v, c=causal: _primitives.attention_fwd(
+          q, k, v, scale=1 / math.sqrt(q.shape[-1]), softcap=0.0, window=(-1, 0 if c else -1),
+          kv_layout=_primitives.KV_UNIFORM, num_splits=1, max_seqlen_q=q.shape[1])[0])
+      cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation="cudnn"))
+      line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
+      for name, fn in (("ours", ours), ("cudnn", cudnn)):
+        try:
+          t = bench(fn, q, k, v, reps=10)
+          line += f"  {name} {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
+        except Exception as e:  # a peer that fails is reported, not fatal
+          line += f"  {name} failed ({type(e).__name__})"
+      rows.append(line)
+      print(line, flush=True)
+
+
+def paged_prefill(rows):
+  b, s, h, d = 2, 8192, 16, 128
+  q = rand(0, (b, s, h, d))
+  for page in (16, 64, 256):
+    pages = b * s // page
+    kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
+    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+    lens = jnp.full((b,), s, jnp.int32)
+    fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=l, num_splits=1))
+    t = bench(fn, q, kp, vp, table, lens, reps=10)
+    line = (f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
+            f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s")
+    rows.append(line)
+    print(line, flush=True)
+
+
+def decode(rows):
+  hq, hkv, d, page = 32, 8, 128, 16
+  for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (64, 16384), (1, 131072),
+                  (8, 131072)):
+    pages = b * keys // page
+    q = rand(0, (b, 1, hq, d))
+    kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
+    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+    lens = jnp.full((b,), keys, jnp.int32)
+    kv_bytes = 2 * b * keys * hkv * d * 2
+    fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(q, k, v, block_table=t, seq_lens=l))
+    t = bench(fn, q, kp, vp, table, lens, reps=50)
+    line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128: ours {t * 1e6:8.1f} us "
+            f"{kv_bytes / t / 1e9:7.1f} GB/s")
+    # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache (its decode reference).
+    kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
+    try:
+      cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+      tc = bench(cd, q, kd, vd, reps=50)
+      line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
+    except Exception as e:
+      line += f"  cudnn failed ({type(e).__name__})"
+    rows.append(line)
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  import sys
+  print(jax.devices())
+  rows = []
+  prefill(rows)
+  if "--prefill-only" not in sys.argv:
+    paged_prefill(rows)
+    decode(rows)
+  print("\n".join(["", "summary:"] + rows))
