@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax_fmha import _checks, _primitives, reference
 
 BACKENDS = ("auto", "reference")
-MAX_SPLITS = 128
+MAX_SPLITS = 256
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
@@ -136,29 +136,48 @@ def _batch(p: _Problem) -> int:
   return p.cu_seqlens_q.shape[0] - 1 if p.cu_seqlens_q is not None else p.q.shape[0]
 
 
-def device_parallelism() -> int:
-  """Independent work units the default device runs at once: the GPU's multiprocessor
-  count, or the CPU's thread count. Static: read once per trace, never from device data."""
+@dataclasses.dataclass(frozen=True)
+class SplitPolicy:
+  """How a backend's kernels fill a device, for the split-KV heuristic.
+
+  rows_per_unit: query rows (of all heads sharing a KV head) one work unit computes;
+  slots: work units the device runs at once (one wave); waves: waves to aim for when
+  splitting; min_keys: fewest keys a split may get.
+  """
+  rows_per_unit: int
+  slots: int
+  waves: int
+  min_keys: int
+
+
+def split_policy(max_rows: int) -> SplitPolicy:
+  """The policy of the default device, from static information only (never device data,
+  so CUDA graphs stay valid): the CPU's thread count or the GPU's multiprocessor count."""
   device = jax.devices()[0]
-  if device.platform == "cpu":
-    return os.cpu_count() or 1
-  return int(getattr(device, "core_count", 0) or 132)
+  if device.platform == "cpu":  # 32-row tiles, dynamically scheduled over the threads
+    return SplitPolicy(rows_per_unit=32, slots=os.cpu_count() or 1, waves=2, min_keys=256)
+  sms = int(getattr(device, "core_count", 0) or 132)
+  # CUDA: decode-shaped problems (<= 64 rows) run 16-row tiles, 2 CTAs per SM; prefill
+  # runs 128-row tiles. Several waves hide the tail of memory-bound decoding.
+  return SplitPolicy(rows_per_unit=16 if max_rows <= 64 else 128, slots=2 * sms, waves=4,
+                     min_keys=512)
 
 
 def choose_num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q: int,
-                      max_seqlen_k: int, parallelism: int | None = None) -> int:
-  """Split-KV heuristic on static shapes only (CUDA graphs stay valid).
+                      max_seqlen_k: int, policy: SplitPolicy | None = None) -> int:
+  """Split-KV heuristic on static shapes only.
 
-  Work units are (sequence, KV head, block of 64 query rows of the heads sharing the KV
-  head). When they cannot fill about two waves of the device, split the keys so they do,
-  keeping at least 256 keys per split.
+  Work units are (sequence, KV head, tile of query rows of the heads sharing the KV head).
+  When they fill less than one and a half waves of the device, the keys are split so that
+  about ``policy.waves`` waves run, keeping at least ``policy.min_keys`` keys per split.
   """
-  parallelism = device_parallelism() if parallelism is None else parallelism
-  units = batch * num_kv_heads * max(1, -(-max_seqlen_q * group // 64))
-  target = 2 * parallelism
-  if units == 0 or units >= target:  # nothing to compute, or enough to fill the device
+  rows = max_seqlen_q * group
+  policy = split_policy(rows) if policy is None else policy
+  units = batch * num_kv_heads * max(1, -(-rows // policy.rows_per_unit))
+  if units == 0 or 2 * units >= 3 * policy.slots:  # nothing to do, or the device is full
     return 1
-  return int(max(1, min(-(-target // units), max_seqlen_k // 256, MAX_SPLITS)))
+  wanted = -(-policy.waves * policy.slots // units)
+  return int(max(1, min(wanted, max_seqlen_k // policy.min_keys, MAX_SPLITS)))
 
 
 def merge_attention_states(outs, lses, *, out_dtype=None, backend: str = "auto"):

@@ -16,7 +16,7 @@ import jax_fmha
 import numpy_reference as ref
 from conftest import (assert_attention_close, assert_close, randn, run_on, to_device,
                       FLOAT_DTYPES)
-from jax_fmha.attention import choose_num_splits
+from jax_fmha.attention import SplitPolicy, choose_num_splits
 
 
 def make_paged_cache(rng, lens, page_size, hkv, d, dtype, spare_pages=3):
@@ -294,15 +294,23 @@ def test_split_jaxpr_shows_forward_and_merge(rng):
 
 
 def test_num_splits_heuristic_is_static():
-  # Large batches fill the device: no split. One long sequence: split to fill it.
-  assert choose_num_splits(batch=256, num_kv_heads=8, group=4, max_seqlen_q=1,
-                           max_seqlen_k=8192, parallelism=132) == 1
-  many = choose_num_splits(batch=1, num_kv_heads=8, group=4, max_seqlen_q=1,
-                           max_seqlen_k=131072, parallelism=132)
-  assert 16 <= many <= 128
-  # Short caches are never split below 256 keys per split.
-  assert choose_num_splits(batch=1, num_kv_heads=1, group=1, max_seqlen_q=1,
-                           max_seqlen_k=300, parallelism=132) == 1
+  gpu = lambda rows: SplitPolicy(rows_per_unit=16 if rows <= 64 else 128, slots=264, waves=4,
+                                 min_keys=512)
+  decode = dict(num_kv_heads=8, group=4, max_seqlen_q=1)
+  # Enough sequences fill the device: no split.
+  assert choose_num_splits(batch=256, max_seqlen_k=8192, policy=gpu(4), **decode) == 1
+  assert choose_num_splits(batch=64, max_seqlen_k=4096, policy=gpu(4), **decode) == 1
+  # One long sequence: split to run about four waves (8 units x 132 splits = 1056 CTAs).
+  assert choose_num_splits(batch=1, max_seqlen_k=131072, policy=gpu(4), **decode) == 132
+  # A few sequences of 4k keys: as many splits as 512-key chunks allow.
+  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 8
+  # Short caches are never split below min_keys per split.
+  assert choose_num_splits(batch=1, max_seqlen_k=300, policy=gpu(4), **decode) == 1
+  cpu = SplitPolicy(rows_per_unit=32, slots=2, waves=2, min_keys=256)
+  mqa = dict(num_kv_heads=1, group=8, max_seqlen_q=1)
+  assert choose_num_splits(batch=1, max_seqlen_k=8192, policy=cpu, **mqa) == 4
+  assert choose_num_splits(batch=8, max_seqlen_k=8192, policy=cpu, **mqa) == 1
+  assert choose_num_splits(batch=0, max_seqlen_k=8192, policy=cpu, **mqa) == 1
 
 
 @pytest.mark.parametrize("out_dtype", [None, jnp.bfloat16])
