@@ -120,10 +120,11 @@ class _Problem:
 
 
 def _run_kernel(p: _Problem):
+  group = p.q.shape[-2] // p.k.shape[-2]
   splits = p.num_splits if p.num_splits is not None else choose_num_splits(
-      batch=_batch(p),
-      num_kv_heads=p.k.shape[-2], group=p.q.shape[-2] // p.k.shape[-2],
-      max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k)
+      batch=_batch(p), num_kv_heads=p.k.shape[-2], group=group,
+      max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
+      policy=split_policy(p.max_seqlen_q * group, _target_device(p.q)))
   out, lse = _primitives.attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
     return out, lse
@@ -150,10 +151,24 @@ class SplitPolicy:
   min_keys: int
 
 
-def split_policy(max_rows: int) -> SplitPolicy:
-  """The policy of the default device, from static information only (never device data,
-  so CUDA graphs stay valid): the CPU's thread count or the GPU's multiprocessor count."""
-  device = jax.devices()[0]
+def _target_device(x) -> jax.Device:
+  """The device a call on `x` will most likely run on, known at trace time: a concrete
+  input's own device, else the `jax.default_device` in force, else JAX's first device."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    devices = x.devices()
+    if len(devices) == 1:
+      return next(iter(devices))
+  default = jax.config.jax_default_device
+  if isinstance(default, str):
+    return jax.devices(default)[0]
+  return default if default is not None else jax.devices()[0]
+
+
+def split_policy(max_rows: int, device: jax.Device | None = None) -> SplitPolicy:
+  """The policy of `device` (default: JAX's first device), from static information only
+  (never device data, so CUDA graphs stay valid): the CPU's thread count or the GPU's
+  multiprocessor count."""
+  device = jax.devices()[0] if device is None else device
   if device.platform == "cpu":  # 32-row tiles, dynamically scheduled over the threads
     return SplitPolicy(rows_per_unit=32, slots=os.cpu_count() or 1, waves=2, min_keys=256)
   sms = int(getattr(device, "core_count", 0) or 132)
