@@ -173,9 +173,11 @@ def split_policy(max_rows: int, device: jax.Device | None = None) -> SplitPolicy
     return SplitPolicy(rows_per_unit=32, slots=os.cpu_count() or 1, waves=2, min_keys=256)
   sms = int(getattr(device, "core_count", 0) or 132)
   # CUDA: decode-shaped problems (<= 64 rows) run 16-row tiles, 2 CTAs per SM; prefill
-  # runs 128-row tiles. Several waves hide the tail of memory-bound decoding.
-  return SplitPolicy(rows_per_unit=16 if max_rows <= 64 else 128, slots=2 * sms, waves=4,
-                     min_keys=512)
+  # runs 128-row tiles. One wave of long splits: on an H200, 132 splits of ~1k keys for one
+  # 128k sequence ran at 1.2 TB/s where 33 splits of ~4k keys ran at 2.4
+  # (benchmarks/results/attention_gpu_h200.md).
+  return SplitPolicy(rows_per_unit=16 if max_rows <= 64 else 128, slots=2 * sms, waves=1,
+                     min_keys=1024)
 
 
 def choose_num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q: int,

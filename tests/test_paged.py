@@ -294,18 +294,17 @@ def test_split_jaxpr_shows_forward_and_merge(rng):
 
 
 def test_num_splits_heuristic_is_static():
-  gpu = lambda rows: SplitPolicy(rows_per_unit=16 if rows <= 64 else 128, slots=264, waves=4,
-                                 min_keys=512)
+  gpu = lambda rows: SplitPolicy(rows_per_unit=16 if rows <= 64 else 128, slots=264, waves=1,
+                                 min_keys=1024)
   decode = dict(num_kv_heads=8, group=4, max_seqlen_q=1)
   # Enough sequences fill the device: no split.
   assert choose_num_splits(batch=256, max_seqlen_k=8192, policy=gpu(4), **decode) == 1
   assert choose_num_splits(batch=64, max_seqlen_k=4096, policy=gpu(4), **decode) == 1
-  # One long sequence: split to run about four waves (8 units x 132 splits = 1056 CTAs).
-  assert choose_num_splits(batch=1, max_seqlen_k=131072, policy=gpu(4), **decode) == 132
-  # A few sequences of 4k keys: as many splits as 512-key chunks allow.
-  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 8
-  # Short caches are never split below min_keys per split.
-  assert choose_num_splits(batch=1, max_seqlen_k=300, policy=gpu(4), **decode) == 1
+  # One long sequence: split to fill one wave (8 units x 33 splits = 264 CTAs).
+  assert choose_num_splits(batch=1, max_seqlen_k=131072, policy=gpu(4), **decode) == 33
+  # A few sequences of 4k keys: no split shorter than min_keys.
+  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 3
+  assert choose_num_splits(batch=1, max_seqlen_k=2000, policy=gpu(4), **decode) == 1
   cpu = SplitPolicy(rows_per_unit=32, slots=2, waves=2, min_keys=256)
   mqa = dict(num_kv_heads=1, group=8, max_seqlen_q=1)
   assert choose_num_splits(batch=1, max_seqlen_k=8192, policy=cpu, **mqa) == 4
