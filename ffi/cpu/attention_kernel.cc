@@ -1,0 +1,374 @@
+// CPU flash-attention tile: blocked online softmax with float32 statistics and accumulators,
+// O(tile) memory (the Sq x Sk score matrix is never formed).
+//
+// Compiled once per instruction set into namespace JAX_FMHA_CPU_ISA (see attention_kernel.h
+// and CMakeLists.txt). Everything here is in that namespace or inlined: an out-of-line
+// shared (weak) function compiled with AVX could be picked by the linker for the baseline
+// code too (check with `nm -C` on the object files: no weak symbols outside the namespace).
+//
+// Layout: the tile's queries are transposed, qt[d][row], so that rows are vector lanes. The
+// scores of a key block are then computed as s[key][row] = sum_d K[key][d] * qt[d][row]:
+// one broadcast key element times a vector of rows per FMA (per bf16-pair dot product where
+// the CPU has AVX512-BF16), a register block of keys x row vectors, no horizontal sums and
+// no transposed keys. The softmax statistics (max, sum,
+// rescale) are per row, hence elementwise on those vectors. P V accumulates
+// acc[row][d] += p[key][row] * V[key][d]: a broadcast probability times a vector of d.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/attention_kernel.h"
+#include "cpu/dtypes.h"
+
+namespace jax_fmha::cpu::JAX_FMHA_CPU_ISA {
+namespace {
+
+// Vector width and register blocks. The QK block holds kQkRowVecs x kQkKeys accumulators,
+// the PV block kPvRows x kPvVecs: 16 of AVX-512's 32 registers, 8 of the 16 of AVX2/SSE,
+// leaving room for the operands and enough independent FMAs to hide their latency.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kQkKeys = 8;
+constexpr int kPvVecs = 4;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kQkKeys = 4;
+constexpr int kPvVecs = 2;
+#else
+constexpr int kLanes = 4;
+constexpr int kQkKeys = 4;
+constexpr int kPvVecs = 2;
+#endif
+constexpr int kQkRowVecs = 2;
+constexpr int kPvRows = 4;
+static_assert(kBlockKeys % kQkKeys == 0 && kTileRows % (kQkRowVecs * kLanes) == 0);
+static_assert(kTileRows % kPvRows == 0 && kPvRows <= kLanes);
+
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline IVec load(const int32_t* p) {
+  IVec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec splat(float x) { return x - Vec{}; }  // (x + 0 is not x for x = -0: not folded)
+inline Vec max(Vec a, Vec b) { return a > b ? a : b; }
+
+// exp(x) for x <= 0 (softmax arguments), within about 1 ulp: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by its Taylor series to degree 7 (truncation < 2e-8 relative),
+// 2^n built in the exponent bits. Below -87 (results under FLT_MIN, and -inf) gives 0; NaN
+// stays NaN.
+inline Vec exp_nonpositive(Vec x) {
+  const Vec xc = x < -87.f ? splat(-87.f) : x;
+  const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (xc * 1.44269504f + round_magic) - round_magic;
+  // r = x - n ln2 with ln2 split in two (Cody-Waite): n * 0.693145751953125 is exact.
+  const Vec r = (xc - n * 0.693145751953125f) - n * 1.42860682e-6f;
+  Vec poly = splat(1.f / 5040);
+  poly = poly * r + 1.f / 720;
+  poly = poly * r + 1.f / 120;
+  poly = poly * r + 1.f / 24;
+  poly = poly * r + 1.f / 6;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.f;
+  poly = poly * r + 1.f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec pow2n;
+  std::memcpy(&pow2n, &bits, sizeof pow2n);
+  return x < -87.f ? Vec{} : poly * pow2n;
+}
+
+// n elements to float32 (n a multiple of 8): bf16 and fp16 are converted on load.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
+  }
+}
+
+// s[j][row] = scale * sum_d key[j][d] * qt[d][row] for kQkKeys key rows and RowVecs row
+// vectors from qt (row stride kTileRows in both qt and s).
+template <int RowVecs>
+inline void qk_block(const float* qt, const float* const* key, int64_t D, float scale,
+                     float* s) {
+  Vec acc[kQkKeys][RowVecs] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    Vec q[RowVecs];
+    for (int v = 0; v < RowVecs; ++v) q[v] = load(qt + d * kTileRows + v * kLanes);
+    for (int j = 0; j < kQkKeys; ++j) {
+      const Vec kj = splat(key[j][d]);
+      for (int v = 0; v < RowVecs; ++v) acc[j][v] += kj * q[v];
+    }
+  }
+  for (int j = 0; j < kQkKeys; ++j)
+    for (int v = 0; v < RowVecs; ++v) store(s + j * kTileRows + v * kLanes, acc[j][v] * scale);
+}
+
+// bf16 inputs where the CPU has AVX512-BF16: the same scores from bf16 pairs, twice the
+// multiply-adds per instruction. vdpbf16ps adds q[2i] k[2i] + q[2i+1] k[2i+1] (products of
+// bf16 are exact in float32) to a float32 lane. qt holds the queries as bf16 pairs,
+// [D/2][kTileRows] 32-bit words (set_query_column); keys are read as stored.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16PairDot = true;
+template <int RowVecs>
+inline void qk_block(const float* qt, const bf16* const* key, int64_t D, float scale, float* s) {
+  __m512 acc[kQkKeys][RowVecs];
+  for (int j = 0; j < kQkKeys; ++j)
+    for (int v = 0; v < RowVecs; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < D / 2; ++pair) {
+    __m512bh q[RowVecs];
+    for (int v = 0; v < RowVecs; ++v)
+      q[v] = __m512bh(_mm512_loadu_si512(qt + pair * kTileRows + v * kLanes));
+    for (int j = 0; j < kQkKeys; ++j) {
+      int32_t k_pair;
+      std::memcpy(&k_pair, key[j] + 2 * pair, sizeof k_pair);
+      const __m512bh kj = __m512bh(_mm512_set1_epi32(k_pair));
+      for (int v = 0; v < RowVecs; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], kj, q[v]);
+    }
+  }
+  for (int j = 0; j < kQkKeys; ++j)
+    for (int v = 0; v < RowVecs; ++v) store(s + j * kTileRows + v * kLanes, acc[j][v] * scale);
+}
+#else
+constexpr bool kBf16PairDot = false;
+#endif
+
+// Column r of the transposed query tile from a query row (nullptr: a padding row of
+// zeros): float32 qt[d][r], or bf16 pairs for the pair dot product.
+template <typename T, bool Pairs>
+inline void set_query_column(float* qt, int64_t r, const T* src, int64_t D) {
+  if constexpr (Pairs) {
+    for (int64_t pair = 0; pair < D / 2; ++pair) {
+      uint16_t two[2] = {0, 0};
+      if (src) std::memcpy(two, src + 2 * pair, sizeof two);
+      std::memcpy(qt + pair * kTileRows + r, two, sizeof two);
+    }
+  } else {
+    float q_row[kMaxHeadDim] = {};
+    if (src) load_row(src, q_row, D);
+    for (int64_t d = 0; d < D; ++d) qt[d * kTileRows + r] = q_row[d];
+  }
+}
+
+// acc[r][d0 + d] = acc[r][d0 + d] * corr[r] + sum_{j < n} p[j][r] * value[j][d0 + d] for
+// kPvRows rows and Vecs vectors of d (acc has row stride Dp, p has kTileRows).
+template <int Vecs>
+inline void pv_block(const float* p, const float* const* value, int64_t d0, int64_t n,
+                     int64_t Dp, const float* corr, float* acc) {
+  Vec a[kPvRows][Vecs];
+  for (int r = 0; r < kPvRows; ++r)
+    for (int v = 0; v < Vecs; ++v) a[r][v] = load(acc + r * Dp + v * kLanes) * corr[r];
+  for (int64_t j = 0; j < n; ++j) {
+    Vec x[Vecs];
+    for (int v = 0; v < Vecs; ++v) x[v] = load(value[j] + d0 + v * kLanes);
+    for (int r = 0; r < kPvRows; ++r) {
+      const Vec pr = splat(p[j * kTileRows + r]);
+      for (int v = 0; v < Vecs; ++v) a[r][v] += pr * x[v];
+    }
+  }
+  for (int r = 0; r < kPvRows; ++r)
+    for (int v = 0; v < Vecs; ++v) store(acc + r * Dp + v * kLanes, a[r][v]);
+}
+
+template <typename T, typename OutT>
+void run_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
+  const AttentionProblem& p = *args.p;
+  const T* q = static_cast<const T*>(args.q);
+  const T* k = static_cast<const T*>(args.k);
+  const T* v = static_cast<const T*>(args.v);
+  OutT* out = static_cast<OutT*>(args.out);
+  const int64_t D = p.head_dim, Dp = padded_head_dim(D), group = p.group();
+  const int64_t sq = p.q.len(t.b), sk = p.kv.len(t.b);
+  const KeyRange split_range = split_keys(sk, t.split, p.num_splits, kBlockKeys);
+  // Rows are computed in whole vectors; the padding rows have zero queries and no visible
+  // key, and are never stored.
+  const int64_t row_vecs = (t.rows + kLanes - 1) / kLanes;
+  const int64_t padded_rows = row_vecs * kLanes;
+
+  float* qt = scratch;                        // [D][kTileRows] (see set_query_column)
+  float* acc = qt + kTileRows * D;            // [kTileRows][Dp]
+  float* kb = acc + kTileRows * Dp;           // [kBlockKeys][D]
+  float* vb = kb + kBlockKeys * D;            // [kBlockKeys][Dp]
+  float* s = vb + kBlockKeys * Dp;            // [kBlockKeys][kTileRows]: scores, then P
+  float* row_max = s + kBlockKeys * kTileRows;
+  float* row_sum = row_max + kTileRows;
+  float* corr = row_sum + kTileRows;          // rescale of acc for the current block
+  int32_t key_lo[kTileRows], key_hi[kTileRows];  // keys [lo, hi) visible to each row
+
+  // Key and value rows of the block: float32 rows are read in place when whole vectors
+  // cover them; otherwise they are converted (and zero-padded) into kb and vb. bf16 keys
+  // stay bf16 where the CPU multiplies bf16 pairs.
+  constexpr bool kPairs = kBf16PairDot && std::is_same_v<T, bf16>;
+  const std::conditional_t<kPairs, bf16, float>* key[kBlockKeys];
+  const float* value[kBlockKeys];
+  const bool in_place = std::is_same_v<T, float> && D % kLanes == 0;
+  const int64_t d_vecs = (D + kLanes - 1) / kLanes;
+
+  // Queries, visible keys (the union [lo, hi) over rows, and the block range where every
+  // row sees every key), statistics.
+  int64_t lo = sk, hi = 0, all_lo = 0, all_hi = sk;
+  for (int64_t r = 0; r < padded_rows; ++r) {
+    KeyRange keys{0, 0};
+    if (r < t.rows) {
+      const int64_t i = (t.row_begin + r) / group, h = t.kvh * group + (t.row_begin + r) % group;
+      const T* q_row = q + (p.q.begin(t.b) + i) * p.q_row_stride() + h * D;
+      set_query_column<T, kPairs>(qt, r, q_row, D);
+      keys = visible_keys(p, i, sq, sk);
+      keys.lo = std::max(keys.lo, split_range.lo);
+      keys.hi = std::min(keys.hi, split_range.hi);
+      if (!keys.empty()) lo = std::min(lo, keys.lo), hi = std::max(hi, keys.hi);
+      all_lo = std::max(all_lo, keys.lo);
+      all_hi = std::min(all_hi, keys.hi);
+    } else {
+      set_query_column<T, kPairs>(qt, r, nullptr, D);
+    }
+    key_lo[r] = int32_t(keys.lo);
+    key_hi[r] = int32_t(keys.hi);
+    row_max[r] = kNegInf;
+    row_sum[r] = 0.f;
+  }
+  std::memset(acc, 0, sizeof(float) * kTileRows * Dp);
+  for (int64_t j = 0; j < kBlockKeys; ++j)
+    std::memset(vb + j * Dp + D, 0, sizeof(float) * (Dp - D));
+
+  const int64_t kv_stride = p.kv_row_stride();
+  const auto kv_offset = [&](int64_t key) { return p.kv.row(t.b, key) * kv_stride + t.kvh * D; };
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlockKeys) {
+    const int64_t n = std::min(kBlockKeys, hi - j0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t offset = kv_offset(j0 + j);
+      if constexpr (kPairs) {
+        key[j] = k + offset;
+      } else if (in_place) {
+        key[j] = reinterpret_cast<const float*>(k + offset);
+      } else {
+        load_row(k + offset, kb + j * D, D);
+        key[j] = kb + j * D;
+      }
+      if (in_place) {
+        value[j] = reinterpret_cast<const float*>(v + offset);
+      } else {
+        load_row(v + offset, vb + j * Dp, D);
+        value[j] = vb + j * Dp;
+      }
+    }
+    // Prefetch the next block: its key and value rows are short runs (D elements, a
+    // KV-row stride apart, pages anywhere), which the hardware prefetchers do not follow.
+    // When few query rows share the keys (decode) this block's arithmetic is short, and
+    // without it the loads above would wait on memory latency, row after row.
+    for (int64_t j = j0 + kBlockKeys; j < std::min(j0 + 2 * kBlockKeys, hi); ++j) {
+      const char* key_row = reinterpret_cast<const char*>(k + kv_offset(j));
+      const char* value_row = reinterpret_cast<const char*>(v + kv_offset(j));
+      for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64) {
+        __builtin_prefetch(key_row + byte);
+        __builtin_prefetch(value_row + byte);
+      }
+    }
+    // Keys past n in the last QK register block repeat the first: their scores are unused.
+    const int64_t n_padded = (n + kQkKeys - 1) / kQkKeys * kQkKeys;
+    for (int64_t j = n; j < n_padded; ++j) key[j] = key[0];
+
+    // Scores.
+    for (int64_t j = 0; j < n_padded; j += kQkKeys) {
+      float* s_keys = s + j * kTileRows;
+      int64_t rv = 0;
+      for (; rv + kQkRowVecs <= row_vecs; rv += kQkRowVecs)
+        qk_block<kQkRowVecs>(qt + rv * kLanes, key + j, D, p.scale, s_keys + rv * kLanes);
+      for (; rv < row_vecs; ++rv)
+        qk_block<1>(qt + rv * kLanes, key + j, D, p.scale, s_keys + rv * kLanes);
+    }
+    if (p.softcap > 0.f)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t r = 0; r < padded_rows; ++r) {
+          float& x = s[j * kTileRows + r];
+          x = p.softcap * std::tanh(x / p.softcap);
+        }
+
+    // Mask (unless every row sees the whole block) and online softmax, a row vector at a
+    // time. A row that has seen no key yet keeps max -inf; its exponent is taken against 0,
+    // so its probabilities and rescale are exp(-inf) = 0.
+    const bool masked = j0 < all_lo || j0 + n > all_hi || padded_rows > t.rows;
+    for (int64_t rv = 0; rv < row_vecs; ++rv) {
+      float* col = s + rv * kLanes;
+      const IVec vlo = load(key_lo + rv * kLanes), vhi = load(key_hi + rv * kLanes);
+      Vec block_max = splat(kNegInf);
+      for (int64_t j = 0; j < n; ++j) {
+        Vec x = load(col + j * kTileRows);
+        if (masked) {
+          const int32_t pos = int32_t(j0 + j);
+          x = (vlo <= pos) & (vhi > pos) ? x : kNegInf;
+          store(col + j * kTileRows, x);
+        }
+        block_max = max(block_max, x);
+      }
+      const Vec old_max = load(row_max + rv * kLanes);
+      const Vec new_max = max(old_max, block_max);
+      const Vec ref = new_max == kNegInf ? Vec{} : new_max;
+      Vec block_sum{};
+      for (int64_t j = 0; j < n; ++j) {
+        const Vec e = exp_nonpositive(load(col + j * kTileRows) - ref);
+        store(col + j * kTileRows, e);
+        block_sum += e;
+      }
+      const Vec c = exp_nonpositive(old_max - ref);
+      store(corr + rv * kLanes, c);
+      store(row_max + rv * kLanes, new_max);
+      store(row_sum + rv * kLanes, load(row_sum + rv * kLanes) * c + block_sum);
+    }
+
+    // acc = acc * corr + P V, for the tile's rows rounded up to a register block.
+    for (int64_t r = 0; r < t.rows; r += kPvRows) {
+      int64_t dv = 0;
+      for (; dv + kPvVecs <= d_vecs; dv += kPvVecs)
+        pv_block<kPvVecs>(s + r, value, dv * kLanes, n, Dp, corr + r, acc + r * Dp + dv * kLanes);
+      for (; dv < d_vecs; ++dv)
+        pv_block<1>(s + r, value, dv * kLanes, n, Dp, corr + r, acc + r * Dp + dv * kLanes);
+    }
+  }
+
+  // Normalize and store. A row that saw no key gets 0 and LSE -inf.
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t i = (t.row_begin + r) / group, h = t.kvh * group + (t.row_begin + r) % group;
+    const bool seen = row_sum[r] > 0.f;
+    const float inv = seen ? 1.f / row_sum[r] : 0.f;
+    OutT* o = out + (t.split * p.q.rows + p.q.begin(t.b) + i) * p.q_row_stride() + h * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = from_float<OutT>(acc[r * Dp + d] * inv);
+    args.lse[t.split * p.lse_size() + p.lse_index(t.b, h, i)] =
+        seen ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+  }
+}
+
+template <typename T>
+void run_tile_for_output(const AttentionArgs& args, const Tile& t, float* scratch) {
+  if (args.float_out) return run_tile<T, float>(args, t, scratch);
+  return run_tile<T, T>(args, t, scratch);
+}
+
+}  // namespace
+
+void attention_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
+  switch (args.dtype) {
+    case Dtype::kF32: return run_tile_for_output<float>(args, t, scratch);
+    case Dtype::kBF16: return run_tile_for_output<bf16>(args, t, scratch);
+    case Dtype::kF16: return run_tile_for_output<f16>(args, t, scratch);
+  }
+}
+
+}  // namespace jax_fmha::cpu::JAX_FMHA_CPU_ISA
