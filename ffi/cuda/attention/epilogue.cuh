@@ -7,22 +7,12 @@
 #include <cmath>
 
 #include "common/attention_problem.h"
+#include "cuda/dtypes.cuh"
 #include "cuda/attention/kernel_traits.cuh"
 #include "cuda/attention/softmax.cuh"
 #include "cuda/attention/warp_mma.cuh"
 
 namespace jax_fmha::cuda {
-
-template <typename OutT>
-__device__ __forceinline__ OutT from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 template <typename OutT>
 __device__ __forceinline__ void store_pair(OutT* dst, float a, float b) {
