@@ -169,8 +169,9 @@ def split_policy(max_rows: int, device: jax.Device | None = None) -> SplitPolicy
   (never device data, so CUDA graphs stay valid): the CPU's thread count or the GPU's
   multiprocessor count."""
   device = jax.devices()[0] if device is None else device
-  if device.platform == "cpu":  # 32-row tiles, dynamically scheduled over the threads
-    return SplitPolicy(rows_per_unit=32, slots=os.cpu_count() or 1, waves=2, min_keys=256)
+  if device.platform == "cpu":  # 64-row tiles (ffi/cpu/attention_kernel.h), dynamically
+    # scheduled over the threads
+    return SplitPolicy(rows_per_unit=64, slots=os.cpu_count() or 1, waves=2, min_keys=256)
   sms = int(getattr(device, "core_count", 0) or 132)
   # CUDA: decode-shaped problems (<= 64 rows) run 16-row tiles, 2 CTAs per SM; prefill
   # runs 128-row tiles. One wave of long splits: on an H200, 132 splits of ~1k keys for one

@@ -305,7 +305,7 @@ def test_num_splits_heuristic_is_static():
   # A few sequences of 4k keys: no split shorter than min_keys.
   assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 3
   assert choose_num_splits(batch=1, max_seqlen_k=2000, policy=gpu(4), **decode) == 1
-  cpu = SplitPolicy(rows_per_unit=32, slots=2, waves=2, min_keys=256)
+  cpu = SplitPolicy(rows_per_unit=64, slots=2, waves=2, min_keys=256)
   mqa = dict(num_kv_heads=1, group=8, max_seqlen_q=1)
   assert choose_num_splits(batch=1, max_seqlen_k=8192, policy=cpu, **mqa) == 4
   assert choose_num_splits(batch=8, max_seqlen_k=8192, policy=cpu, **mqa) == 1
