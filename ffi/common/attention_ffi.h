@@ -172,4 +172,37 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// Buffers of one attention call, after decoding.
+struct AttentionData {
+  ffi::DataType dtype;  // of q, k, v
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;  // q's dtype, or float32 split-KV partials
+  float* lse;
+};
+
+// The handler of every backend: decodes and checks the call, then `Run` computes. Context is
+// what the backend binds first: ffi::ThreadPool on the CPU, cudaStream_t on CUDA.
+template <typename Context,
+          ffi::Error (*Run)(Context, const AttentionProblem&, const AttentionData&)>
+ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                             ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_seqlens_q,
+                             ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seq_lens,
+                             ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
+                             int32_t window_left, int32_t window_right, int32_t kv_layout,
+                             int32_t num_splits, int32_t max_seqlen_q) {
+  AttentionProblem p;
+  const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
+                             kv_layout, num_splits, max_seqlen_q};
+  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
+                                  *out, *lse, attrs, p);
+      !err.success())
+    return err;
+  const AttentionData data{q.element_type(), q.untyped_data(),  k.untyped_data(),
+                           v.untyped_data(), out->untyped_data(), lse->typed_data()};
+  return Run(context, p, data);
+}
+
 }  // namespace jax_fmha

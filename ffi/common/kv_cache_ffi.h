@@ -82,4 +82,25 @@ inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache, const ff
                         u.cache);
 }
 
+// The handler of every backend: decodes and checks the call, then `Run` copies the new
+// tokens from `k_new`/`v_new` into `k_cache`/`v_cache` (the aliased results).
+template <typename Context, ffi::Error (*Run)(Context, const KvCacheUpdate&, const void* k_new,
+                                              const void* v_new, void* k_cache, void* v_cache)>
+ffi::Error kv_cache_update_handler(Context context, ffi::AnyBuffer k_cache,
+                                   ffi::AnyBuffer v_cache, ffi::AnyBuffer k_new,
+                                   ffi::AnyBuffer v_new, ffi::Buffer<ffi::S32> block_table,
+                                   ffi::Buffer<ffi::S32> cache_seqlens,
+                                   ffi::Buffer<ffi::S32> cu_seqlens_new,
+                                   ffi::Result<ffi::AnyBuffer> k_out,
+                                   ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
+  KvCacheUpdate u;
+  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table,
+                                        cache_seqlens, cu_seqlens_new, *k_out, *v_out, kv_layout,
+                                        u);
+      !err.success())
+    return err;
+  return Run(context, u, k_new.untyped_data(), v_new.untyped_data(), k_out->untyped_data(),
+             v_out->untyped_data());
+}
+
 }  // namespace jax_fmha

@@ -130,23 +130,11 @@ void run_for_output(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
   return run<T>(pool, args);
 }
 
-xla::ffi::Error attention_cpu(xla::ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                              ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_seqlens_q,
-                              ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seq_lens,
-                              ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
-                              ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
-                              int32_t window_left, int32_t window_right, int32_t kv_layout,
-                              int32_t num_splits, int32_t max_seqlen_q) {
-  AttentionProblem p;
-  const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
-                             kv_layout, num_splits, max_seqlen_q};
-  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
-                                  *out, *lse, attrs, p);
-      !err.success())
-    return err;
-  AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, q.untyped_data(), k.untyped_data(),
-                     v.untyped_data(), out->untyped_data(), lse->typed_data()};
-  switch (q.element_type()) {
+ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
+                         const AttentionData& data) {
+  AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, data.q, data.k, data.v, data.out,
+                     data.lse};
+  switch (data.dtype) {
     case ffi::DataType::F32: args.dtype = Dtype::kF32; run_for_output<float>(pool, args); break;
     case ffi::DataType::BF16: args.dtype = Dtype::kBF16; run_for_output<bf16>(pool, args); break;
     case ffi::DataType::F16: args.dtype = Dtype::kF16; run_for_output<f16>(pool, args); break;
@@ -158,6 +146,7 @@ xla::ffi::Error attention_cpu(xla::ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
 }  // namespace
 }  // namespace jax_fmha::cpu
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaAttentionCpu, jax_fmha::cpu::attention_cpu,
-                              jax_fmha::bind_attention(
-                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaAttentionCpu,
+    (jax_fmha::attention_handler<xla::ffi::ThreadPool, jax_fmha::cpu::run_attention>),
+    jax_fmha::bind_attention(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));

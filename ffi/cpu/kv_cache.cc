@@ -9,23 +9,12 @@
 namespace jax_fmha::cpu {
 namespace {
 
-xla::ffi::Error update_kv_cache_cpu(xla::ffi::ThreadPool pool, ffi::AnyBuffer k_cache,
-                                    ffi::AnyBuffer v_cache, ffi::AnyBuffer k_new,
-                                    ffi::AnyBuffer v_new, ffi::Buffer<ffi::S32> block_table,
-                                    ffi::Buffer<ffi::S32> cache_seqlens,
-                                    ffi::Buffer<ffi::S32> cu_seqlens_new,
-                                    ffi::Result<ffi::AnyBuffer> k_out,
-                                    ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
-  KvCacheUpdate u;
-  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table,
-                                        cache_seqlens, cu_seqlens_new, *k_out, *v_out, kv_layout,
-                                        u);
-      !err.success())
-    return err;
-  auto* k_dst = static_cast<char*>(k_out->untyped_data());
-  auto* v_dst = static_cast<char*>(v_out->untyped_data());
-  const auto* k_src = static_cast<const char*>(k_new.untyped_data());
-  const auto* v_src = static_cast<const char*>(v_new.untyped_data());
+ffi::Error run_update(xla::ffi::ThreadPool pool, const KvCacheUpdate& u, const void* k_new,
+                      const void* v_new, void* k_cache, void* v_cache) {
+  const auto* k_src = static_cast<const char*>(k_new);
+  const auto* v_src = static_cast<const char*>(v_new);
+  auto* k_dst = static_cast<char*>(k_cache);
+  auto* v_dst = static_cast<char*>(v_cache);
   const int64_t row_bytes = u.row_elements * u.elem_bytes;
   parallel_for(pool, u.batch, [&](int64_t b) {
     if (!u.new_tokens.valid(b)) return;
@@ -43,6 +32,7 @@ xla::ffi::Error update_kv_cache_cpu(xla::ffi::ThreadPool pool, ffi::AnyBuffer k_
 }  // namespace
 }  // namespace jax_fmha::cpu
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCpu, jax_fmha::cpu::update_kv_cache_cpu,
-                              jax_fmha::bind_kv_cache_update(
-                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaUpdateKvCacheCpu,
+    (jax_fmha::kv_cache_update_handler<xla::ffi::ThreadPool, jax_fmha::cpu::run_update>),
+    jax_fmha::bind_kv_cache_update(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));

@@ -106,31 +106,16 @@ ffi::Error launch_for_head_dim(cudaStream_t stream, const AttentionProblem& p, c
   return launch_for_output<Element, 256>(stream, p, q, k, v, out, lse);
 }
 
-ffi::Error attention_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                          ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_seqlens_q,
-                          ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seq_lens,
-                          ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
-                          int32_t window_left, int32_t window_right, int32_t kv_layout,
-                          int32_t num_splits, int32_t max_seqlen_q) {
-  AttentionProblem p;
-  const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
-                             kv_layout, num_splits, max_seqlen_q};
-  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
-                                  *out, *lse, attrs, p);
-      !err.success())
-    return err;
+ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
+                         const AttentionData& data) {
   if (p.head_dim < 8 || p.head_dim % 8 != 0)
     return shape_error("the CUDA kernel needs head_dim a multiple of 8 in [8, 256]");
-  const void* qp = q.untyped_data();
-  const void* kp = k.untyped_data();
-  const void* vp = v.untyped_data();
-  void* op = out->untyped_data();
-  float* lp = lse->typed_data();
-  switch (q.element_type()) {
+  switch (data.dtype) {
     case ffi::DataType::BF16:
-      return launch_for_head_dim<__nv_bfloat16>(stream, p, qp, kp, vp, op, lp);
-    case ffi::DataType::F16: return launch_for_head_dim<__half>(stream, p, qp, kp, vp, op, lp);
+      return launch_for_head_dim<__nv_bfloat16>(stream, p, data.q, data.k, data.v, data.out,
+                                                data.lse);
+    case ffi::DataType::F16:
+      return launch_for_head_dim<__half>(stream, p, data.q, data.k, data.v, data.out, data.lse);
     case ffi::DataType::F32:
       return shape_error(
           "the CUDA attention kernel runs bfloat16 and float16 (tensor cores); cast q, k and "
@@ -142,8 +127,8 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 }  // namespace
 }  // namespace jax_fmha::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaAttentionCuda, jax_fmha::cuda::attention_cuda,
-                              jax_fmha::bind_attention(
-                                  xla::ffi::Ffi::Bind()
-                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaAttentionCuda, (jax_fmha::attention_handler<cudaStream_t, jax_fmha::cuda::run_attention>),
+    jax_fmha::bind_attention(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});

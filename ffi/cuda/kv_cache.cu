@@ -30,19 +30,8 @@ __global__ void update_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
   }
 }
 
-ffi::Error update_kv_cache_cuda(cudaStream_t stream, ffi::AnyBuffer k_cache,
-                                ffi::AnyBuffer v_cache, ffi::AnyBuffer k_new,
-                                ffi::AnyBuffer v_new, ffi::Buffer<ffi::S32> block_table,
-                                ffi::Buffer<ffi::S32> cache_seqlens,
-                                ffi::Buffer<ffi::S32> cu_seqlens_new,
-                                ffi::Result<ffi::AnyBuffer> k_out,
-                                ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
-  KvCacheUpdate u;
-  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table,
-                                        cache_seqlens, cu_seqlens_new, *k_out, *v_out, kv_layout,
-                                        u);
-      !err.success())
-    return err;
+ffi::Error run_update(cudaStream_t stream, const KvCacheUpdate& u, const void* k_new,
+                      const void* v_new, void* k_cache, void* v_cache) {
   const int64_t row_bytes = u.row_elements * u.elem_bytes;
   if (row_bytes % 16 != 0)
     return shape_error("update_kv_cache (CUDA): a token's row must be a multiple of 16 bytes");
@@ -52,9 +41,8 @@ ffi::Error update_kv_cache_cuda(cudaStream_t stream, ffi::AnyBuffer k_cache,
     return shape_error("update_kv_cache (CUDA): too many new tokens or sequences");
   const dim3 grid(unsigned(token_blocks), unsigned(u.batch));
   update_kv_cache_kernel<<<grid, kTokensPerBlock * 32, 0, stream>>>(
-      u, static_cast<const uint4*>(k_new.untyped_data()),
-      static_cast<const uint4*>(v_new.untyped_data()), static_cast<uint4*>(k_out->untyped_data()),
-      static_cast<uint4*>(v_out->untyped_data()), row_bytes / 16);
+      u, static_cast<const uint4*>(k_new), static_cast<const uint4*>(v_new),
+      static_cast<uint4*>(k_cache), static_cast<uint4*>(v_cache), row_bytes / 16);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_fmha update_kv_cache (CUDA): launch failed: ") +
                                 cudaGetErrorString(err));
@@ -64,8 +52,9 @@ ffi::Error update_kv_cache_cuda(cudaStream_t stream, ffi::AnyBuffer k_cache,
 }  // namespace
 }  // namespace jax_fmha::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCuda, jax_fmha::cuda::update_kv_cache_cuda,
-                              jax_fmha::bind_kv_cache_update(
-                                  xla::ffi::Ffi::Bind()
-                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaUpdateKvCacheCuda,
+    (jax_fmha::kv_cache_update_handler<cudaStream_t, jax_fmha::cuda::run_update>),
+    jax_fmha::bind_kv_cache_update(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});
