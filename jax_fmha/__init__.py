@@ -1,5 +1,12 @@
 """jax_fmha: fused attention and MLP kernels for JAX, as XLA FFI custom calls."""
 
+import pkgutil
+
+# Run from a source checkout (e.g. `python -m jax_fmha` in the repository root after
+# `pip install .`), this package is the source tree, which holds no compiled extension:
+# extend the package path to the installed copy so that `_jax_fmha_ext` is found there.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
 from jax_fmha import reference
 from jax_fmha._ffi import build_info
 from jax_fmha.attention import attention, merge_attention_states
