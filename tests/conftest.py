@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import zlib
@@ -22,12 +21,6 @@ import numpy as np
 import pytest
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_TESTS)
-# `python -m pytest` from the repository root puts the source tree first on sys.path; its
-# jax_fmha/ has no compiled extension (unless built in place), so test the installed package.
-if "jax_fmha" not in sys.modules and not glob.glob(
-    os.path.join(_REPO, "jax_fmha", "_jax_fmha_ext*")):
-  sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO]
 sys.path.insert(0, _TESTS)  # tests/numpy_reference.py
 
 import jax_fmha  # noqa: E402
@@ -35,8 +28,7 @@ import jax_fmha  # noqa: E402
 if jax_fmha._ffi._ext is None:  # pragma: no cover - environment problem, not a test failure
   raise pytest.UsageError(
       f"jax_fmha was imported from {os.path.dirname(jax_fmha.__file__)} without its compiled "
-      f"extension ({jax_fmha._ffi._IMPORT_ERROR}). Install it (`pip install .`) and run "
-      "`pytest` (not `python -m pytest`, which puts the source tree first on sys.path).")
+      f"extension ({jax_fmha._ffi._IMPORT_ERROR}). Install the package first: `pip install .`")
 
 FLOAT_DTYPES = {
     "float32": np.dtype(np.float32),
