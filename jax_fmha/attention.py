@@ -174,9 +174,9 @@ def split_policy(max_rows: int, device: jax.Device | None = None) -> SplitPolicy
     return SplitPolicy(rows_per_unit=64, slots=os.cpu_count() or 1, waves=2, min_keys=256)
   sms = int(getattr(device, "core_count", 0) or 132)
   # CUDA: decode-shaped problems (<= 64 rows) run 16-row tiles, 2 CTAs per SM; prefill
-  # runs 128-row tiles. One wave of long splits: on an H200, 132 splits of ~1k keys for one
-  # 128k sequence ran at 1.2 TB/s where 33 splits of ~4k keys ran at 2.4
-  # (benchmarks/results/attention_gpu_h200.md).
+  # runs 128-row tiles. One wave of long splits: on an H200, one 128k sequence (8 units)
+  # read 3.5 TB/s with 33 splits (one wave), 3.3 with 66 and 3.0 with 16 or 132
+  # (benchmarks/results/gpu_session2_h200.md).
   return SplitPolicy(rows_per_unit=16 if max_rows <= 64 else 128, slots=2 * sms, waves=1,
                      min_keys=1024)
 
@@ -187,15 +187,26 @@ def choose_num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q
 
   Work units are (sequence, KV head, tile of query rows of the heads sharing the KV head).
   When they fill less than one and a half waves of the device, the keys are split so that
-  about ``policy.waves`` waves run, keeping at least ``policy.min_keys`` keys per split.
+  about ``policy.waves`` waves run, keeping at least ``policy.min_keys`` keys per split. Of
+  the split counts just below and just above that aim, the one whose last wave is fuller
+  wins (a wave that is one fifth full costs as long as a full one): 64 units on 264 slots
+  get 4 splits (256 CTAs), not 5 (320 CTAs, two waves).
   """
   rows = max_seqlen_q * group
   policy = split_policy(rows) if policy is None else policy
   units = batch * num_kv_heads * max(1, -(-rows // policy.rows_per_unit))
   if units == 0 or 2 * units >= 3 * policy.slots:  # nothing to do, or the device is full
     return 1
-  wanted = -(-policy.waves * policy.slots // units)
-  return int(max(1, min(wanted, max_seqlen_k // policy.min_keys, MAX_SPLITS)))
+  most = max(1, min(max_seqlen_k // policy.min_keys, MAX_SPLITS))
+  target = policy.waves * policy.slots
+
+  def filled(splits: int) -> float:  # the share of the launched waves' slots with work
+    ctas = units * splits
+    return ctas / (-(-ctas // policy.slots) * policy.slots)
+
+  below = min(most, max(1, target // units))
+  above = min(most, -(-target // units))
+  return int(max((below, above), key=filled))  # a tie keeps the fewer, longer splits
 
 
 def merge_attention_states(outs, lses, *, out_dtype=None, backend: str = "auto"):

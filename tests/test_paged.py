@@ -302,8 +302,12 @@ def test_num_splits_heuristic_is_static():
   assert choose_num_splits(batch=64, max_seqlen_k=4096, policy=gpu(4), **decode) == 1
   # One long sequence: split to fill one wave (8 units x 33 splits = 264 CTAs).
   assert choose_num_splits(batch=1, max_seqlen_k=131072, policy=gpu(4), **decode) == 33
-  # A few sequences of 4k keys: no split shorter than min_keys.
-  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 3
+  # 64 units: 4 splits fill one wave (256 of 264 CTAs); 5 would spill into a second one.
+  assert choose_num_splits(batch=8, max_seqlen_k=131072, policy=gpu(4), **decode) == 4
+  # 128 units: 2 splits (256 CTAs), not 3 (384: a second wave under half full).
+  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 2
+  # A few short sequences: no split shorter than min_keys.
+  assert choose_num_splits(batch=1, max_seqlen_k=4096, policy=gpu(4), **decode) == 4
   assert choose_num_splits(batch=1, max_seqlen_k=2000, policy=gpu(4), **decode) == 1
   cpu = SplitPolicy(rows_per_unit=64, slots=2, waves=2, min_keys=256)
   mqa = dict(num_kv_heads=1, group=8, max_seqlen_q=1)
@@ -330,6 +334,32 @@ def test_merge_attention_states(device, rng, out_dtype):
   assert_close(lse, expected_lse.T, rtol=1e-6, atol=1e-5, what="lse")
   all_empty = jax_fmha.merge_attention_states(outs[1:2], lses[1:2])
   assert (np.asarray(all_empty[0]) == 0).all() and np.isneginf(np.asarray(all_empty[1])).all()
+
+
+@pytest.mark.parametrize("head_dim", [7, 128, 160])
+def test_merge_many_splits(device, rng, head_dim):
+  """More splits than a warp has lanes (the CUDA merge takes them 32 at a time), head dims
+  that are not a multiple of the 4-column vectors or wider than one pass, empty partials
+  holding garbage, a NaN partial: against the float64 formula."""
+  splits, rows = 45, 6
+  outs = randn(rng, (splits, rows, head_dim), np.float32)
+  lses = randn(rng, (splits, rows), np.float32) * 4
+  lses[::3, 1] = -np.inf
+  outs[::3, 1] = 1e30  # an empty partial's output must weigh nothing, garbage included
+  lses[:, 2] = -np.inf  # every partial of row 2 empty
+  lses[17, 4] = np.nan
+  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses))
+  with np.errstate(divide="ignore", invalid="ignore"):  # rows 2 and 4 are checked apart
+    top = np.max(np.where(np.isnan(lses), -np.inf, lses), 0).astype(np.float64)
+    finite = np.where(np.isneginf(lses), 0.0, np.exp(lses - top))
+    expected = np.einsum("sr,srd->rd", finite, np.where(finite[..., None] > 0, outs, 0.0))
+    expected /= finite.sum(0)[:, None]
+    expected_lse = np.log(finite.sum(0)) + top
+  ok = [0, 1, 3, 5]
+  assert_close(np.asarray(out)[ok], expected[ok], rtol=1e-5, atol=1e-5)
+  assert_close(np.asarray(lse)[ok], expected_lse[ok], rtol=1e-6, atol=1e-5, what="lse")
+  assert (np.asarray(out)[2] == 0).all() and np.isneginf(np.asarray(lse)[2])
+  assert np.isnan(np.asarray(out)[4]).all() and np.isnan(np.asarray(lse)[4])
 
 
 # ---------------------------------------------------------------------------------------

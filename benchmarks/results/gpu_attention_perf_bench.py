@@ -4,7 +4,9 @@ Each case is timed as `reps` back-to-back calls of one jitted function and a sin
 block_until_ready (median of 5 such batches), so host dispatch overlaps device work; the
 inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shapes in the
 same process. Run from outside the source tree with the package installed:
-  python3 benchmarks/results/gpu_attention_perf_bench.py
+  python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant]
+--variant times only our prefill at d128 and d256 (a kernel-traits variant, A/B in one call);
+the decode part also sweeps the split count of the two long-sequence cases.
 """
 import math
 import time
@@ -33,9 +35,12 @@ def rand(key, shape):
   return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32).astype(jnp.bfloat16)
 
 
-def prefill(rows):
-  for b, s, h, d in ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64),
-                     (2, 8192, 8, 256)):
+PREFILL_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
+VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (2, 8192, 8, 256))
+
+
+def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
+  for b, s, h, d in shapes:
     q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
     for causal in (False, True):
       flops = 4 * b * h * s * s * d / (2 if causal else 1)
@@ -45,7 +50,7 @@ def prefill(rows):
       cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
           q, k, v, is_causal=c, implementation="cudnn"))
       line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
-      for name, fn in (("ours", ours), ("cudnn", cudnn)):
+      for name, fn in (("ours", ours), ("cudnn", cudnn))[:2 if peers else 1]:
         try:
           t = bench(fn, q, k, v, reps=10)
           line += f"  {name} {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
@@ -74,26 +79,32 @@ def paged_prefill(rows):
 
 def decode(rows):
   hq, hkv, d, page = 32, 8, 128, 16
-  for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (64, 16384), (1, 131072),
-                  (8, 131072)):
+  cases = [(b, keys, None) for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096),
+                                           (64, 16384), (1, 131072), (8, 131072))]
+  # The split counts around the heuristic's choice (33, 4 and 2 on an H200).
+  cases += [(1, 131072, n) for n in (16, 66, 132)] + [(8, 131072, n) for n in (5, 8, 33)]
+  cases += [(16, 4096, 3)]
+  for b, keys, splits in cases:
     pages = b * keys // page
     q = rand(0, (b, 1, hq, d))
     kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
     lens = jnp.full((b,), keys, jnp.int32)
     kv_bytes = 2 * b * keys * hkv * d * 2
-    fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(q, k, v, block_table=t, seq_lens=l))
+    fn = jax.jit(lambda q, k, v, t, l, n=splits: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=l, num_splits=n))
     t = bench(fn, q, kp, vp, table, lens, reps=50)
-    line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128: ours {t * 1e6:8.1f} us "
-            f"{kv_bytes / t / 1e9:7.1f} GB/s")
-    # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache (its decode reference).
-    kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
-    try:
-      cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-      tc = bench(cd, q, kd, vd, reps=50)
-      line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
-    except Exception as e:
-      line += f"  cudnn failed ({type(e).__name__})"
+    line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
+            f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s")
+    if splits is None:  # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache
+      kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
+      try:
+        cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                                  implementation="cudnn"))
+        tc = bench(cd, q, kd, vd, reps=50)
+        line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
+      except Exception as e:
+        line += f"  cudnn failed ({type(e).__name__})"
     rows.append(line)
     print(line, flush=True)
 
@@ -101,9 +112,13 @@ def decode(rows):
 if __name__ == "__main__":
   import sys
   print(jax.devices())
+  print(jax_fmha.build_info())
   rows = []
-  prefill(rows)
-  if "--prefill-only" not in sys.argv:
+  if "--variant" in sys.argv:
+    prefill(rows, VARIANT_SHAPES, peers=False)
+  else:
+    prefill(rows)
+  if "--prefill-only" not in sys.argv and "--variant" not in sys.argv:
     paged_prefill(rows)
     decode(rows)
   print("\n".join(["", "summary:"] + rows))

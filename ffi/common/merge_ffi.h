@@ -46,15 +46,22 @@ inline ffi::Error decode_merge(const ffi::Buffer<ffi::F32>& partial_out,
   return ffi::Error::Success();
 }
 
-// Statistics of one row's partial LSEs (stride apart): weight(lse_s) is the normalized
-// weight of partial s, lse the merged LSE. Two passes over S floats, no storage.
+// Statistics of one row's partial LSEs: weight(lse_s) is the normalized weight of partial s,
+// lse the merged LSE. Built by make() from the partials' largest LSE, the sum of
+// exp(lse_s - max) and whether any LSE is NaN (backends reduce those their own way).
 struct MergeStats {
   float max_lse, sum, lse;
+  FMHA_HOST_DEVICE static MergeStats make(float max_lse, float sum, bool nan) {
+    if (nan) return {NAN, NAN, NAN};
+    if (max_lse == -INFINITY) return {max_lse, 0.f, -INFINITY};  // every partial empty
+    return {max_lse, sum, max_lse + logf(sum)};
+  }
   FMHA_HOST_DEVICE float weight(float partial_lse) const {
     return sum == 0.f ? 0.f : expf(partial_lse - max_lse) / sum;  // NaN stays NaN
   }
 };
 
+// One row's statistics from its num_splits LSEs, stride apart: two passes, no storage.
 FMHA_HOST_DEVICE MergeStats merge_stats(const float* lse, int64_t stride, int64_t num_splits) {
   float max_lse = -INFINITY;
   bool nan = false;
@@ -63,11 +70,10 @@ FMHA_HOST_DEVICE MergeStats merge_stats(const float* lse, int64_t stride, int64_
     nan |= x != x;
     max_lse = x > max_lse ? x : max_lse;
   }
-  if (nan) return {NAN, NAN, NAN};
-  if (max_lse == -INFINITY) return {max_lse, 0.f, -INFINITY};
   float sum = 0.f;
-  for (int64_t s = 0; s < num_splits; ++s) sum += expf(lse[s * stride] - max_lse);
-  return {max_lse, sum, max_lse + logf(sum)};
+  if (!nan && max_lse != -INFINITY)
+    for (int64_t s = 0; s < num_splits; ++s) sum += expf(lse[s * stride] - max_lse);
+  return MergeStats::make(max_lse, sum, nan);
 }
 
 }  // namespace jax_fmha

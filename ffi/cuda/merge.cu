@@ -1,8 +1,11 @@
-// CUDA handler of jax_fmha_merge_states (common/merge_ffi.h): one warp per row; the lanes
-// share the row's LSE statistics and split the head dim, so the partial outputs are read
-// coalesced, each once.
+// CUDA handler of jax_fmha_merge_states (common/merge_ffi.h): one warp per row. The lanes
+// first share the row's splits to reduce its LSE statistics, then share its columns (V
+// consecutive floats a lane: one 16-byte load per partial when the head dim allows) and run
+// over the splits with the loads of several splits in flight: a decode step merges few rows
+// (batch x heads) of many splits, so the merge must not be a chain of dependent loads.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "common/merge_ffi.h"
@@ -11,9 +14,15 @@
 namespace jax_fmha::cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
+constexpr int kWarpsPerBlock = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename OutT>
+template <int V>
+struct alignas(4 * V) Floats {
+  float v[V];
+};
+
+template <typename OutT, int V>
 __global__ void merge_kernel(const __grid_constant__ MergeProblem m,
                              const float* __restrict__ partial_out,
                              const float* __restrict__ partial_lse, OutT* __restrict__ out,
@@ -21,16 +30,48 @@ __global__ void merge_kernel(const __grid_constant__ MergeProblem m,
   const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= m.rows) return;
-  const MergeStats stats = merge_stats(partial_lse + row, m.rows, m.num_splits);
-  for (int64_t d = lane; d < m.head_dim; d += 32) {
-    float acc = 0.f;
-    for (int64_t s = 0; s < m.num_splits; ++s) {
-      const float w = stats.weight(partial_lse[s * m.rows + row]);
-      if (w != 0.f) acc += w * partial_out[(s * m.rows + row) * m.head_dim + d];
-    }
-    out[row * m.head_dim + d] = from_float<OutT>(stats.lse != stats.lse ? stats.lse : acc);
+  const float* row_lse = partial_lse + row;  // split s at row_lse[s * m.rows]
+
+  float max_lse = -INFINITY;
+  bool nan = false;
+  for (int64_t s = lane; s < m.num_splits; s += 32) {
+    const float x = row_lse[s * m.rows];
+    nan |= x != x;
+    max_lse = fmaxf(max_lse, x);
   }
+  for (int offset = 16; offset > 0; offset /= 2)
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(kFullMask, max_lse, offset));
+  nan = __any_sync(kFullMask, nan);
+  float sum = 0.f;
+  if (!nan && max_lse != -INFINITY)
+    for (int64_t s = lane; s < m.num_splits; s += 32) sum += expf(row_lse[s * m.rows] - max_lse);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  const MergeStats stats = MergeStats::make(max_lse, sum, nan);
   if (lane == 0) lse[row] = stats.lse;
+
+  for (int64_t col0 = 0; col0 < m.head_dim; col0 += 32 * V) {
+    const int64_t col = col0 + int64_t(lane) * V;
+    const bool active = col < m.head_dim;
+    float acc[V] = {};
+    // Splits in chunks of 32: lane j holds the weight of split chunk + j, then broadcasts it.
+    for (int64_t chunk = 0; chunk < m.num_splits; chunk += 32) {
+      const int n = int(min(int64_t(32), m.num_splits - chunk));
+      const float weight = lane < n ? stats.weight(row_lse[(chunk + lane) * m.rows]) : 0.f;
+#pragma unroll 8
+      for (int j = 0; j < n; ++j) {
+        const float w = __shfl_sync(kFullMask, weight, j);
+        if (!active) continue;
+        const Floats<V> x = *reinterpret_cast<const Floats<V>*>(
+            partial_out + ((chunk + j) * m.rows + row) * m.head_dim + col);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += w != 0.f ? w * x.v[i] : 0.f;  // empty: no NaN
+      }
+    }
+    if (!active) continue;
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      out[row * m.head_dim + col + i] = from_float<OutT>(stats.lse != stats.lse ? NAN : acc[i]);
+  }
 }
 
 template <typename OutT>
@@ -39,8 +80,11 @@ ffi::Error launch(cudaStream_t stream, const MergeProblem& m, const float* po, c
   const int64_t blocks = (m.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks == 0) return ffi::Error::Success();
   if (blocks > 0x7fffffff) return shape_error("merge: too many rows");
-  merge_kernel<OutT><<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-      m, po, pl, static_cast<OutT*>(out), lse);
+  // Four columns a lane when rows stay 16-byte aligned (XLA's buffers are).
+  const bool vectorized = m.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(po) % 16 == 0;
+  const auto kernel = vectorized ? merge_kernel<OutT, 4> : merge_kernel<OutT, 1>;
+  kernel<<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(m, po, pl,
+                                                               static_cast<OutT*>(out), lse);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_fmha merge (CUDA): launch failed: ") +
                                 cudaGetErrorString(err));

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "common/attention_problem.h"
+#include "cuda/attention/cta_tile.cuh"
 #include "cuda/attention/epilogue.cuh"
 #include "cuda/attention/kernel_traits.cuh"
 #include "cuda/attention/mask.cuh"
@@ -97,23 +98,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* smem_q = reinterpret_cast<Element*>(smem);
   unsigned char* smem_stages = smem + sizeof(Element) * Traits::kQElems;
 
-  const int64_t b = blockIdx.z % p.batch, split = blockIdx.z / p.batch;
-  const int kv_head = blockIdx.y;
-  if (!p.q.valid(b)) return;  // fill_rows_outside_sequences writes its NaN rows
-  const int64_t sq = p.q.len(b), q_begin = p.q.begin(b);
-  const int64_t rows_in_seq = sq * p.group();
-  const int64_t row_begin = int64_t(blockIdx.x) * Traits::kBlockM;
-  if (row_begin >= rows_in_seq) return;
-  const int rows = int(min(int64_t(Traits::kBlockM), rows_in_seq - row_begin));
-  const OutputRows dst{p, split, b, q_begin, kv_head};
-  if (!kv_sequence_valid(p.kv, b)) return store_nan_rows(out, lse, dst, row_begin, rows);
-
-  const int64_t sk = p.kv.len(b);
-  const KeyRange split_range = split_keys(sk, split, p.num_splits, kBlockN);
-  const TileKeys keys = tile_keys(p, split_range, row_begin / p.group(),
-                                  (row_begin + rows - 1) / p.group(), sq, sk);
+  CtaTile t;
+  if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
+  const TileKeys& keys = t.keys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first_row = int(row_begin) + lane / 4;
+  const int first_row = int(t.row_begin) + lane / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
   const bool contiguous_rows =
       p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
@@ -128,11 +117,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const auto block_key = [&](int j) { return first_block + (warp + kWarps * j) * kBlockN; };
   const auto load_block = [&](int j) {
     Element* dst_k = stage_k(j % kStages);
-    load_kv_tile<Traits, kBlockN, 32>(dst_k, dst_k + Traits::kKvTileElems, k, v, p, b,
-                                      kv_head, block_key(j), keys.end, contiguous_rows, lane);
+    load_kv_tile<Traits, kBlockN, 32>(dst_k, dst_k + Traits::kKvTileElems, k, v, p, t.b,
+                                      t.kv_head, block_key(j), keys.end, contiguous_rows, lane);
   };
 
-  load_q_tile<Traits>(smem_q, q, p, q_begin, kv_head, row_begin, rows);
+  load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
   cute::cp_async_fence();
   // Fill the pipeline: blocks 0 .. kStages - 2 (empty groups keep the wait count uniform).
 #pragma unroll
@@ -161,14 +150,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (transform.explicit_pass()) transform.apply<Traits>(s);
     const int key_begin = block_key(j);
     if (keys.block_needs_mask(key_begin, kBlockN))
-      mask_scores<Traits>(s, p, split_range, first_row, int(rows_in_seq), sq, sk, key_begin);
+      mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
+                              key_begin);
     softmax.update(s, o, transform.fold());
     warp_pv<Traits>(s, tile_k + Traits::kKvTileElems, o);
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // every warp is done with its stages: they become the combine scratch
   combine_and_store<Traits, OutT>(o, softmax, reinterpret_cast<float*>(smem_stages), out, lse,
-                                  dst, row_begin, rows);
+                                  t.output(p), t.row_begin, t.rows);
 }
 
 }  // namespace jax_fmha::cuda

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "common/attention_problem.h"
+#include "cuda/attention/cta_tile.cuh"
 #include "cuda/attention/epilogue.cuh"
 #include "cuda/attention/kernel_traits.cuh"
 #include "cuda/attention/mask.cuh"
@@ -20,7 +21,7 @@
 namespace jax_fmha::cuda {
 
 template <class Traits, typename OutT>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinCtasPerSm)
     attention_forward_kernel(const __grid_constant__ AttentionProblem p,
                              const typename Traits::Element* __restrict__ q,
                              const typename Traits::Element* __restrict__ k,
@@ -33,26 +34,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* smem_k = smem_q + Traits::kQElems;                                 // [stages]
   Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElems;          // [stages]
 
-  const int64_t b = blockIdx.z % p.batch, split = blockIdx.z / p.batch;
-  const int kv_head = blockIdx.y;
-  if (!p.q.valid(b)) return;  // fill_rows_outside_sequences writes its NaN rows
-  const int64_t sq = p.q.len(b), q_begin = p.q.begin(b);
-  const int64_t rows_in_seq = sq * p.group();
-  const int64_t row_begin = int64_t(blockIdx.x) * Traits::kBlockM;
-  if (row_begin >= rows_in_seq) return;
-  const int rows = int(min(int64_t(Traits::kBlockM), rows_in_seq - row_begin));
-  const OutputRows dst{p, split, b, q_begin, kv_head};
-  if (!kv_sequence_valid(p.kv, b)) return store_nan_rows(out, lse, dst, row_begin, rows);
-
-  const int64_t sk = p.kv.len(b);
-  const KeyRange split_range = split_keys(sk, split, p.num_splits, kBlockN);
-  const TileKeys keys = tile_keys(p, split_range, row_begin / p.group(),
-                                  (row_begin + rows - 1) / p.group(), sq, sk);
+  CtaTile t;
+  if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
+  const TileKeys& keys = t.keys;
   const int warp_row = (threadIdx.x / 32) * Traits::kWarpRows;
-  // Warps whose rows are all past the sequence (few queries: decode) skip the arithmetic.
-  const bool warp_has_rows = warp_row < rows;
+  // Warps whose rows are all past the sequence (few queries) skip the arithmetic.
+  const bool warp_has_rows = warp_row < t.rows;
   // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
-  const int first_row = int(row_begin) + warp_row + (threadIdx.x % 32) / 4;
+  const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
   const bool contiguous_rows =
       p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
@@ -66,11 +55,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int e = 0; e < 4; ++e) o[m][d][e] = 0.f;
   OnlineSoftmax<Traits> softmax;
 
-  load_q_tile<Traits>(smem_q, q, p, q_begin, kv_head, row_begin, rows);
+  load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
   if (!keys.empty()) {
     // Blocks start at multiples of kBlockN (split ranges and whole pages align with them).
     const int first_block = keys.begin / kBlockN * kBlockN;
-    load_kv_tile<Traits, kBlockN, Traits::kThreads>(smem_k, smem_v, k, v, p, b, kv_head,
+    load_kv_tile<Traits, kBlockN, Traits::kThreads>(smem_k, smem_v, k, v, p, t.b, t.kv_head,
                                                     first_block, keys.end, contiguous_rows,
                                                     threadIdx.x);
     cute::cp_async_fence();  // Q and block 0
@@ -82,7 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if (next < keys.end) {
         load_kv_tile<Traits, kBlockN, Traits::kThreads>(
             smem_k + (stage ^ 1) * Traits::kKvTileElems,
-            smem_v + (stage ^ 1) * Traits::kKvTileElems, k, v, p, b, kv_head, next, keys.end,
+            smem_v + (stage ^ 1) * Traits::kKvTileElems, k, v, p, t.b, t.kv_head, next, keys.end,
             contiguous_rows, threadIdx.x);
         cute::cp_async_fence();
       }
@@ -92,7 +81,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
                         smem_k + stage * Traits::kKvTileElems, s);
         if (transform.explicit_pass()) transform.apply<Traits>(s);
         if (keys.block_needs_mask(key_begin, kBlockN))
-          mask_scores<Traits>(s, p, split_range, first_row, int(rows_in_seq), sq, sk, key_begin);
+          mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
+                              key_begin);
         softmax.update(s, o, transform.fold());
         warp_pv<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
       }
@@ -101,7 +91,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused for the output tile
-  store_tile<Traits, OutT>(o, softmax, smem, out, lse, dst, row_begin, rows, warp_row);
+  store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows,
+                           warp_row);
 }
 
 }  // namespace jax_fmha::cuda

@@ -52,6 +52,7 @@ struct KernelTraits {
   // the O accumulator of 32 rows would not fit the registers, so 8 warps own 16 rows each.
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMinCtasPerSm = 0;  // __launch_bounds__: caps the registers a thread
   static constexpr int kWarpRows = kBlockM / kWarps;
   static constexpr int kMmaM = kWarpRows / 16;      // m16 tiles per warp
   static constexpr int kKeyAtoms = kBlockN / 8;     // n8 tiles of S per row block
@@ -78,7 +79,6 @@ struct KernelTraits {
 
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma k (16)");
   static_assert(kBlockN % 16 == 0 && kWarpRows % 16 == 0, "tiles must be mma multiples");
-  static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "K/V tile copy must split evenly");
   static_assert(kDimAtoms % 2 == 0 && kKeyAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");
 };
 

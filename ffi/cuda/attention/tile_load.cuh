@@ -19,20 +19,22 @@ __device__ __forceinline__ void copy_chunk(Element* smem_dst, const Element* gme
       *reinterpret_cast<cute::uint128_t*>(smem_dst), in_bounds);
 }
 
-// Whether every key of sequence b lies inside the K/V arrays (KvView::valid). For pages,
-// the CTA's threads check the sequence's page ids together; every thread of the CTA must
+// Whether sequence b fits its storage (KvView::valid), checking the page ids of the keys in
+// `keys` only: a split reads the pages of its own keys, not the 8192 ids of a 128k-key
+// sequence at page 16. A bad page id in another split's keys still turns every row of the
+// sequence into NaN, as on the CPU: that split's partial LSE is NaN, and the merge spreads
+// it. For pages, the CTA's threads check the ids together; every thread of the CTA must
 // call this (it synchronizes).
-__device__ __forceinline__ bool kv_sequence_valid(const KvView& kv, int64_t b) {
+__device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const KeyRange& keys) {
   if (kv.layout != KvLayout::kPaged) return kv.valid(b);
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
   bool bad_page = false;
-  const int pages = int((n + kv.page_size - 1) / kv.page_size);
+  const int first = int(keys.lo / kv.page_size);
+  const int last = keys.empty() ? first : int((keys.hi + kv.page_size - 1) / kv.page_size);
   const int32_t* ids = kv.block_table + b * kv.pages_per_seq;
-  // Every split of a long sequence scans all its page ids (8192 at 128k keys, page 16):
-  // unrolled, so that several independent loads are in flight instead of one at a time.
-#pragma unroll 8
-  for (int page = threadIdx.x; page < pages; page += blockDim.x)
+#pragma unroll 4
+  for (int page = first + int(threadIdx.x); page < last; page += blockDim.x)
     bad_page |= !kv.page_id_valid(ids[page]);
   return !__syncthreads_or(bad_page);
 }
@@ -81,8 +83,8 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              const AttentionProblem& p, int64_t b, int kv_head,
                                              int key_begin, int key_end, bool contiguous_rows,
                                              int tid) {
-  constexpr int kCopies = kRows * Traits::kChunksPerRow / kCopyThreads;
-  static_assert(kRows * Traits::kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  constexpr int kCopies = (kChunks + kCopyThreads - 1) / kCopyThreads;
   // Gathered rows are always pages; their lookup runs in 32 bits (keys and page sizes are
   // below 2^31), a 64-bit division per row would cost a subroutine call and registers.
   const int64_t first_row = contiguous_rows ? p.kv.row(b, key_begin) : 0;
@@ -93,6 +95,7 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
 #pragma unroll
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
+    if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (CTAs of 6 or 12 warps)
     const int r = c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
     const int key = key_begin + r;

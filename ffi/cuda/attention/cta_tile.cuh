@@ -1,0 +1,58 @@
+// The tile a CTA computes, from its place in the grid (x: row tile, y: KV head,
+// z: batch x splits), shared by the forward and the decode kernels: which sequence, split
+// and KV head, which packed query rows, which keys, and the early exits.
+#pragma once
+
+#include "common/attention_problem.h"
+#include "cuda/attention/epilogue.cuh"
+#include "cuda/attention/mask.cuh"
+#include "cuda/attention/tile_load.cuh"
+
+namespace jax_fmha::cuda {
+
+struct CtaTile {
+  int64_t b, split;
+  int kv_head;
+  int64_t sq, sk;         // queries and keys of sequence b
+  int64_t q_begin;        // the sequence's first query row of q
+  int64_t rows_in_seq;    // packed rows of the sequence: sq * group
+  int64_t row_begin;      // the tile's first packed row
+  int rows;               // the tile's packed rows inside the sequence (<= kBlockM)
+  KeyRange split_range;   // the keys of the split
+  TileKeys keys;          // the keys the tile's rows see, within the split
+
+  __device__ __forceinline__ OutputRows output(const AttentionProblem& p) const {
+    return {p, split, b, q_begin, kv_head};
+  }
+};
+
+// Places the CTA's tile of kBlockM packed rows, the splits cut at multiples of kBlockN keys.
+// Returns false when the CTA has nothing more to do: its rows lie past its sequence or the
+// query sequence is invalid (the fill kernel writes those rows), or its keys lie outside
+// the K/V arrays (it has written its rows as NaN). Every thread of the CTA must call it:
+// each condition is uniform over the CTA, and the page-id check synchronizes.
+template <int kBlockM, int kBlockN, typename OutT>
+__device__ __forceinline__ bool place_tile(const AttentionProblem& p, OutT* out, float* lse,
+                                           CtaTile& t) {
+  t.b = blockIdx.z % p.batch;
+  t.split = blockIdx.z / p.batch;
+  t.kv_head = blockIdx.y;
+  if (!p.q.valid(t.b)) return false;
+  t.sq = p.q.len(t.b);
+  t.q_begin = p.q.begin(t.b);
+  t.rows_in_seq = t.sq * p.group();
+  t.row_begin = int64_t(blockIdx.x) * kBlockM;
+  if (t.row_begin >= t.rows_in_seq) return false;
+  t.rows = int(min(int64_t(kBlockM), t.rows_in_seq - t.row_begin));
+  t.sk = p.kv.len(t.b);
+  t.split_range = split_keys(t.sk, t.split, p.num_splits, kBlockN);
+  if (!kv_keys_valid(p.kv, t.b, t.split_range)) {
+    store_nan_rows(out, lse, t.output(p), t.row_begin, t.rows);
+    return false;
+  }
+  t.keys = tile_keys(p, t.split_range, t.row_begin / p.group(),
+                     (t.row_begin + t.rows - 1) / p.group(), t.sq, t.sk);
+  return true;
+}
+
+}  // namespace jax_fmha::cuda
