@@ -21,7 +21,7 @@
 namespace jax_fmha::cuda {
 
 template <class Traits, typename OutT>
-__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinCtasPerSm)
+__global__ void __launch_bounds__(Traits::kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionProblem p,
                              const typename Traits::Element* __restrict__ q,
                              const typename Traits::Element* __restrict__ k,

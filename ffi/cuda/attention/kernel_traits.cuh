@@ -52,7 +52,6 @@ struct KernelTraits {
   // the O accumulator of 32 rows would not fit the registers, so 8 warps own 16 rows each.
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMinCtasPerSm = 0;  // __launch_bounds__: caps the registers a thread
   static constexpr int kWarpRows = kBlockM / kWarps;
   static constexpr int kMmaM = kWarpRows / 16;      // m16 tiles per warp
   static constexpr int kKeyAtoms = kBlockN / 8;     // n8 tiles of S per row block
