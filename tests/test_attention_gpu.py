@@ -76,6 +76,7 @@ def merge_splits(outs, lses):
   w = np.exp(lses - safe)  # [S, ...lse]; empty splits weigh 0
   total = w.sum(axis=0)
   lse = np.where(total > 0, safe + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+  lse = np.where(np.isnan(total), np.nan, lse)  # a NaN partial spoils the row, as on device
   # Bring the weights to the output layout: dense lse [B, H, Sq] -> [B, Sq, H, 1];
   # packed lse [H, T] -> [T, H, 1].
   if outs.ndim == 5:
@@ -386,6 +387,11 @@ def memcheck_subset():
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
+  import jax_fmha  # noqa: PLC0415
+  for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes
+    outs = rng.standard_normal((45, 6, d)).astype(np.float32)
+    lses = rng.standard_normal((45, 6)).astype(np.float32)
+    jax.block_until_ready(jax_fmha.merge_attention_states(gpu(outs), gpu(lses)))
   print("memcheck subset: done")
 
 
