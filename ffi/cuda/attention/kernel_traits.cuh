@@ -78,6 +78,7 @@ struct KernelTraits {
 
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma k (16)");
   static_assert(kBlockN % 16 == 0 && kWarpRows % 16 == 0, "tiles must be mma multiples");
+  static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "K/V tile copy must split evenly");
   static_assert(kDimAtoms % 2 == 0 && kKeyAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");
 };
 

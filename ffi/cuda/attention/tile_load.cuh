@@ -83,8 +83,8 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              const AttentionProblem& p, int64_t b, int kv_head,
                                              int key_begin, int key_end, bool contiguous_rows,
                                              int tid) {
-  constexpr int kChunks = kRows * Traits::kChunksPerRow;
-  constexpr int kCopies = (kChunks + kCopyThreads - 1) / kCopyThreads;
+  constexpr int kCopies = kRows * Traits::kChunksPerRow / kCopyThreads;
+  static_assert(kRows * Traits::kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
   // Gathered rows are always pages; their lookup runs in 32 bits (keys and page sizes are
   // below 2^31), a 64-bit division per row would cost a subroutine call and registers.
   const int64_t first_row = contiguous_rows ? p.kv.row(b, key_begin) : 0;
@@ -95,7 +95,6 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
 #pragma unroll
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
-    if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (CTAs of 6 or 12 warps)
     const int r = c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
     const int key = key_begin + r;
