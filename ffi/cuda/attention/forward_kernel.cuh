@@ -2,9 +2,10 @@
 // (sequence, KV head, split). Grid: (row tiles of the longest sequence, KV heads,
 // batch x splits); tiles past their sequence's rows exit at once.
 //
-// Main loop over key blocks, K/V double-buffered with cp.async and one barrier a block: after
-// the barrier that publishes block n, every warp is done with block n - 1, so block n + 1 is
-// issued into that stage at once and lands while block n is multiplied. Per block:
+// Main loop over key blocks, K/V in kStages shared-memory stages filled by cp.async, one
+// barrier a block: after the barrier that publishes block n, every warp is done with block
+// n - 1, so block n + kStages - 1 is issued into that stage at once and has kStages - 1
+// blocks' worth of arithmetic to land. Per block:
 // S = Q K^T (tensor cores), softcap if any, mask only when the block is not seen whole by
 // every row, online softmax (scale folded into the exponent), O += P V (tensor cores).
 #pragma once
@@ -57,24 +58,30 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
   if (!keys.empty()) {
+    constexpr int kStages = Traits::kStages;
     // Blocks start at multiples of kBlockN (split ranges and whole pages align with them).
     const int first_block = keys.begin / kBlockN * kBlockN;
-    load_kv_tile<Traits, kBlockN, Traits::kThreads>(smem_k, smem_v, k, v, p, t.b, t.kv_head,
-                                                    first_block, keys.end, contiguous_rows,
-                                                    threadIdx.x);
-    cute::cp_async_fence();  // Q and block 0
-    int stage = 0;
-    for (int key_begin = first_block; key_begin < keys.end; key_begin += kBlockN) {
-      cute::cp_async_wait<0>();
-      __syncthreads();  // block n visible to all; every warp is past block n - 1
-      const int next = key_begin + kBlockN;
-      if (next < keys.end) {
+    // Block n goes to stage n % kStages, issued kStages - 1 blocks ahead of its use. Every
+    // thread commits one cp.async group per block, empty past the last, so "block n has
+    // landed" is always "at most kStages - 2 newer groups are pending".
+    const auto issue = [&](int block) {
+      const int key_begin = first_block + block * kBlockN;
+      if (key_begin < keys.end) {
+        const int stage = block % kStages;
         load_kv_tile<Traits, kBlockN, Traits::kThreads>(
-            smem_k + (stage ^ 1) * Traits::kKvTileElems,
-            smem_v + (stage ^ 1) * Traits::kKvTileElems, k, v, p, t.b, t.kv_head, next, keys.end,
-            contiguous_rows, threadIdx.x);
-        cute::cp_async_fence();
+            smem_k + stage * Traits::kKvTileElems, smem_v + stage * Traits::kKvTileElems, k, v,
+            p, t.b, t.kv_head, key_begin, keys.end, contiguous_rows, threadIdx.x);
       }
+      cute::cp_async_fence();  // (the first group also holds Q)
+    };
+#pragma unroll
+    for (int block = 0; block < kStages - 1; ++block) issue(block);
+    for (int block = 0, key_begin = first_block; key_begin < keys.end;
+         ++block, key_begin += kBlockN) {
+      cute::cp_async_wait<kStages - 2>();
+      __syncthreads();  // block n visible to all; every warp is past block n - 1
+      issue(block + kStages - 1);  // into the stage of block n - 1
+      const int stage = block % kStages;
       if (warp_has_rows) {
         float s[Traits::kMmaM][Traits::kKeyAtoms][4];
         warp_qk<Traits>(smem_q + warp_row * Traits::kRowPitch,
@@ -86,7 +93,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
         softmax.update(s, o, transform.fold());
         warp_pv<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
       }
-      stage ^= 1;
     }
   }
   cute::cp_async_wait<0>();

@@ -83,32 +83,60 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              const AttentionProblem& p, int64_t b, int kv_head,
                                              int key_begin, int key_end, bool contiguous_rows,
                                              int tid) {
-  constexpr int kCopies = kRows * Traits::kChunksPerRow / kCopyThreads;
-  static_assert(kRows * Traits::kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
-  // Gathered rows are always pages; their lookup runs in 32 bits (keys and page sizes are
-  // below 2^31), a 64-bit division per row would cost a subroutine call and registers.
-  const int64_t first_row = contiguous_rows ? p.kv.row(b, key_begin) : 0;
+  using Element = typename Traits::Element;
+  constexpr int kChunksPerRow = Traits::kChunksPerRow;
+  constexpr int kCopies = kRows * kChunksPerRow / kCopyThreads;
+  static_assert(kRows * kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
+  // This runs once per key block of the main loop with every register taken, so its
+  // integer work is kept small: 32-bit page and bounds arithmetic (keys and page sizes are
+  // below 2^31; a 64-bit division would cost a subroutine call), one 64-bit product per
+  // block, and, where a copy pass covers whole rows, one pointer step per copy.
+  const int head_dim = int(p.head_dim);
+  const int64_t row_stride = p.kv_row_stride();
+  const int64_t head_offset = int64_t(kv_head) * head_dim;
   const int page_size = int(p.kv.page_size);
   const int32_t* pages = p.kv.block_table + b * p.kv.pages_per_seq;
-  const int64_t row_stride = p.kv_row_stride();
-  const int64_t head_offset = int64_t(kv_head) * p.head_dim;
+  const auto row_of_key = [&](int key) {
+    return p.kv.layout == KvLayout::kPaged
+               ? int64_t(pages[key / page_size]) * page_size + key % page_size
+               : p.kv.row(b, key);
+  };
+  if constexpr (kCopyThreads % kChunksPerRow == 0) {
+    if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
+      constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
+      const int r = tid / kChunksPerRow;
+      const int col = (tid % kChunksPerRow) * Traits::kChunk;
+      const int64_t offset = (row_of_key(key_begin) + r) * row_stride + head_offset + col;
+      const int64_t pass_stride = kRowsPerPass * row_stride;
+      const bool col_in_bounds = col < head_dim;
+#pragma unroll
+      for (int it = 0; it < kCopies; ++it) {
+        const bool in_bounds = col_in_bounds && key_begin + r + it * kRowsPerPass < key_end;
+        // Out of bounds nothing is read (zero fill); the address stays the array's start.
+        const int64_t src = in_bounds ? offset + it * pass_stride : 0;
+        const int dst = (r + it * kRowsPerPass) * Traits::kRowPitch + col;
+        copy_chunk(smem_k + dst, k + src, in_bounds);
+        copy_chunk(smem_v + dst, v + src, in_bounds);
+      }
+      return;
+    }
+  }
+  // General case: rows gathered through the block table one by one (pages smaller than
+  // the block), or head dims whose rows do not split evenly over the copy threads.
+  const int64_t first_row = contiguous_rows ? row_of_key(key_begin) : 0;
 #pragma unroll
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
-    const int r = c / Traits::kChunksPerRow;
-    const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
+    const int r = c / kChunksPerRow;
+    const int col = (c % kChunksPerRow) * Traits::kChunk;
     const int key = key_begin + r;
-    const bool in_bounds = key < key_end && col < p.head_dim;
-    int64_t offset = 0;
-    if (in_bounds) {
-      const int64_t row = contiguous_rows
-                              ? first_row + r
-                              : int64_t(pages[key / page_size]) * page_size + key % page_size;
-      offset = row * row_stride + head_offset + col;
-    }
+    const bool in_bounds = key < key_end && col < head_dim;
+    int64_t src = 0;
+    if (in_bounds)
+      src = (contiguous_rows ? first_row + r : row_of_key(key)) * row_stride + head_offset + col;
     const int dst = r * Traits::kRowPitch + col;
-    copy_chunk(smem_k + dst, k + offset, in_bounds);
-    copy_chunk(smem_v + dst, v + offset, in_bounds);
+    copy_chunk(smem_k + dst, k + src, in_bounds);
+    copy_chunk(smem_v + dst, v + src, in_bounds);
   }
 }
 
