@@ -1,6 +1,8 @@
 // Launch-shape sweep of the CUDA RMSNorm kernels, timed outside JAX (notes in
-// gpu_session3_h200.md). Compiled on the device against ffi/cuda/mlp.cu (or, with
-// -DOLD_KERNEL, against the session-2 copy, of which only the shipped launcher is timed):
+// gpu_session3_h200.md). Compiled on the device against ffi/cuda/mlp.cu, or, with
+// -DOLD_KERNEL, against an older copy (.bench_old/mlp_old.cu = `git show 01994cc:ffi/cuda/mlp.cu`),
+// of which only the shipped launcher is timed. Call 1 also timed a copy that loaded the
+// weights in pass 1 (.bench_old/mlp_lateweights.cu was the pass-2 version now committed):
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Iffi -isystem <jaxlib>/include \
 //        -DMLP_SOURCE='"cuda/mlp.cu"' benchmarks/results/rms_norm_sweep.cu -o sweep
 // Rows 16384 x hidden 4096, bf16 x / residual / y / h, float32 weight. Each line: median
