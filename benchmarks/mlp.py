@@ -5,15 +5,12 @@
 
 Sizes are Llama-8B-like: 16384 tokens, hidden 4096, intermediate 14336 (--small: 512
 tokens). For each op: jax_fmha's kernel; the jnp code a user writes, under jax.jit (XLA
-fuses it); and tokamax.layer_norm for the norms where tokamax imports. Each is timed two
-ways, after --warmup calls, as the median over 5 batches:
-  * "call": --reps separate calls of the jitted op queued back to back and waited for once
-    (host dispatch overlaps the device's work, but each call is its own executable, with
-    the device-side gap that costs, about 10 us on an H200);
-  * "chain": one jitted program of --reps steps, each step's inputs made from the last
-    step's outputs (nothing can be hoisted or skipped) and no fusion across steps: the op
-    inside a larger jitted program, as in a model. Ops whose output cannot feed their input
-    (packed GLU) have none.
+fuses it); and tokamax.layer_norm for the norms where tokamax imports. Each is timed, after
+--warmup calls, as the median over 5 batches of the time per call of --reps calls queued
+back to back and waited for once (so host dispatch overlaps the device's work). Each call
+is its own executable and pays the gap between executables (10-30 us on an H200, varying
+between runs), which matters for the 0.07-0.2 ms norms: their kernel-only device time is
+measured by benchmarks/results/mlp_device_time.py under Nsight Compute.
 GB/s counts the bytes the op must move (every input read once, every output written
 once); "speedup" is the baseline's time over jax_fmha's (> 1: jax_fmha is faster).
 """
@@ -50,18 +47,6 @@ def median_seconds(fn, args, warmup: int, reps: int, batches: int = 5) -> float:
     jax.block_until_ready([fn(*args) for _ in range(reps)])
     times.append((time.perf_counter() - start) / reps)
   return statistics.median(times)
-
-
-def chain_seconds(fn, args, feed, warmup: int, reps: int) -> float:
-  """Time per step of one jitted program of `reps` steps of fn; feed(outputs, inputs) gives
-  the next step's inputs. The steps are unrolled (a while loop would add copies of the
-  carried arrays that differ between implementations) and separated by optimization
-  barriers, so XLA cannot fuse one step's kernel into the next."""
-  def chained(*a):
-    for _ in range(reps):
-      a = jax.lax.optimization_barrier(feed(fn(*a), a))
-    return a
-  return median_seconds(jax.jit(chained), args, warmup, 1) / reps
 
 
 # ---- what a JAX user writes today ------------------------------------------------------
@@ -102,7 +87,7 @@ def tokamax_norms():
 
 
 def cases(rng, device, tokens, hidden, intermediate, dtype):
-  """(op, bytes moved, {implementation: function}, inputs, feed or None); jax_fmha first."""
+  """(op, bytes moved, {implementation: function}, inputs); jax_fmha is first."""
   def put(shape, scale=1.0, dt=dtype):
     return jax.device_put(np.asarray(rng.standard_normal(shape) * scale, dt), device)
 
@@ -121,26 +106,22 @@ def cases(rng, device, tokens, hidden, intermediate, dtype):
                     "xla (jnp)": reference.rms_norm_residual}
   if tokamax_fns:
     norm_impls["tokamax.layer_norm"], residual_impls["tokamax.layer_norm"] = tokamax_fns
-  glu_feed = lambda out, inputs: (out, inputs[1])  # noqa: E731 - gate <- out
-  norm_feed = lambda y, inputs: (y, inputs[1])  # noqa: E731 - x <- y
-  residual_feed = lambda yh, inputs: (yh[0], yh[1], inputs[2])  # noqa: E731 - x, residual <- y, h
   return [
       ("swiglu", glu_bytes, {"jax_fmha": jax_fmha.swiglu, "xla (jnp)": user_swiglu},
-       (gate, up), glu_feed),
+       (gate, up)),
       ("geglu tanh", glu_bytes,
        {"jax_fmha": jax_fmha.geglu, "xla (jnp)": functools.partial(user_geglu, approximate=True)},
-       (gate, up), glu_feed),
+       (gate, up)),
       ("geglu erf", glu_bytes,
        {"jax_fmha": functools.partial(jax_fmha.geglu, approximate=False),
-        "xla (jnp)": functools.partial(user_geglu, approximate=False)}, (gate, up), glu_feed),
+        "xla (jnp)": functools.partial(user_geglu, approximate=False)}, (gate, up)),
       ("swiglu packed concat", glu_bytes,
-       {"jax_fmha": jax_fmha.swiglu, "xla (slice + jnp)": user_swiglu_concat}, (concat,), None),
+       {"jax_fmha": jax_fmha.swiglu, "xla (slice + jnp)": user_swiglu_concat}, (concat,)),
       ("swiglu packed interleaved", glu_bytes,
        {"jax_fmha": functools.partial(jax_fmha.swiglu, packed_layout="interleaved"),
-        "xla (slice + jnp)": user_swiglu_interleaved}, (interleaved,), None),
-      ("rms_norm", norm_bytes, norm_impls, (x, weight), norm_feed),
-      ("rms_norm_residual", 2 * norm_bytes - hidden * 4, residual_impls, (x, residual, weight),
-       residual_feed),
+        "xla (slice + jnp)": user_swiglu_interleaved}, (interleaved,)),
+      ("rms_norm", norm_bytes, norm_impls, (x, weight)),
+      ("rms_norm_residual", 2 * norm_bytes - hidden * 4, residual_impls, (x, residual, weight)),
   ], tokamax_missing
 
 
@@ -171,34 +152,25 @@ def main():
   print(f"{device.device_kind} ({args.backend}), {args.dtype}, tokens {tokens}, hidden "
         f"{hidden}, intermediate {intermediate}" + (f"; {tokamax_missing}" if tokamax_missing
                                                      else ""))
-  print(f"{'op':27} {'implementation':20} {'call ms':>8} {'GB/s':>7} {'speedup':>7}"
-        f" {'chain ms':>8} {'GB/s':>7} {'speedup':>7}")
+  print(f"{'op':27} {'implementation':20} {'time (ms)':>10} {'GB/s':>8} {'speedup':>8}")
   results = []
-  for op, nbytes, impls, inputs, feed in all_cases:
+  for op, nbytes, impls, inputs in all_cases:
     if args.ops and op not in args.ops:
       continue
     ours = None
     for name, fn in impls.items():
-      seconds = median_seconds(jax.jit(fn), inputs, args.warmup, args.reps)
-      chain = chain_seconds(fn, inputs, feed, args.warmup, args.reps) if feed else None
+      fn = jax.jit(fn)
+      seconds = median_seconds(fn, inputs, args.warmup, args.reps)
       row = dict(op=op, implementation=name, time_ms=seconds * 1e3,
                  gb_per_s=nbytes / seconds / 1e9, bytes=nbytes)
-      if chain:
-        row.update(chain_time_ms=chain * 1e3, chain_gb_per_s=nbytes / chain / 1e9)
       if ours is None:
-        ours = (seconds, chain, jax.jit(fn)(*inputs))
+        ours = (seconds, fn(*inputs))
       else:
         row["jax_fmha_speedup"] = seconds / ours[0]
-        if chain:
-          row["chain_jax_fmha_speedup"] = chain / ours[1]
-        row["max_abs_difference_to_jax_fmha"] = max_difference(jax.jit(fn)(*inputs), ours[2])
+        row["max_abs_difference_to_jax_fmha"] = max_difference(fn(*inputs), ours[1])
       results.append(row)
       speedup = f"{row['jax_fmha_speedup']:.2f}x" if "jax_fmha_speedup" in row else ""
-      chain_cols = (f" {row['chain_time_ms']:8.3f} {row['chain_gb_per_s']:7.0f} "
-                   + (f"{row['chain_jax_fmha_speedup']:.2f}x".rjust(7)
-                      if "chain_jax_fmha_speedup" in row else " " * 7)) if chain else ""
-      print(f"{op:27} {name:20} {row['time_ms']:8.3f} {row['gb_per_s']:7.0f} {speedup:>7}"
-            + chain_cols)
+      print(f"{op:27} {name:20} {row['time_ms']:10.3f} {row['gb_per_s']:8.1f} {speedup:>8}")
 
   if args.out:
     record = dict(
