@@ -5,7 +5,7 @@ block_until_ready (median of 5 such batches), so host dispatch overlaps device w
 inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shapes in the
 same process. Run from outside the source tree with the package installed:
   python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant]
---variant times only our prefill at d128 and d256 (a kernel-traits variant, A/B in one call);
+--variant times only our prefill at d64, d128 and d256 (a kernel-traits variant, A/B in one call);
 the decode part also sweeps the split count of the two long-sequence cases.
 """
 import math
@@ -36,7 +36,7 @@ def rand(key, shape):
 
 
 PREFILL_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
-VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (2, 8192, 8, 256))
+VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
 
 
 def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
