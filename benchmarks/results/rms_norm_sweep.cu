@@ -5,6 +5,8 @@
 // weights in pass 1 (.bench_old/mlp_lateweights.cu was the pass-2 version now committed):
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Iffi -isystem <jaxlib>/include \
 //        -DMLP_SOURCE='"cuda/mlp.cu"' benchmarks/results/rms_norm_sweep.cu -o sweep
+// Session 4 (gpu_session4_run2.sh) also compiles it against copies of mlp.cu whose 16-byte
+// loads and/or stores carry the streaming cache hint (__ldcs / __stcs).
 // Rows 16384 x hidden 4096, bf16 x / residual / y / h, float32 weight. Each line: median
 // over 5 batches of 20 back-to-back launches, GB/s of the bytes the op must move.
 #include <algorithm>
@@ -55,6 +57,10 @@ int main() {
   };
   report("cudaMemcpy D2D (read + write the y bytes)", norm_bytes,
          median_ms([&] { cudaMemcpyAsync(y, x, n * 2, cudaMemcpyDeviceToDevice); }));
+  report("cudaMemcpy D2D x2 (the y and h bytes)", residual_bytes, median_ms([&] {
+           cudaMemcpyAsync(y, x, n * 2, cudaMemcpyDeviceToDevice);
+           cudaMemcpyAsync(h, res, n * 2, cudaMemcpyDeviceToDevice);
+         }));
   for (int residual = 0; residual < 2; ++residual) {
     RmsNormProblem p{ffi::DataType::BF16, ffi::DataType::F32, rows, hidden, x,
                      residual ? res : nullptr, w, y, residual ? h : nullptr, 1e-6f, 0.f};

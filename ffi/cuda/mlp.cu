@@ -257,18 +257,31 @@ __global__ void __launch_bounds__(kMaxRowThreads) rms_norm_kernel(RmsNormProblem
   }
 }
 
-template <typename T, typename W, int V, bool kResidual>
-void launch_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
-  // About kCachedVectors vectors per thread: enough loads in flight per thread, and blocks
-  // small enough for many per SM (rms_norm_sweep.cu: at 4096 bf16, 128 threads of 4 vectors
-  // a row ran within 1% of the best shape). At least 128 threads per block.
+template <typename T, typename W, int V, int kCached, bool kResidual>
+void launch_rms_norm_rows(cudaStream_t stream, const RmsNormProblem& p) {
+  // About kCached vectors per thread: enough loads in flight per thread, and blocks small
+  // enough for many per SM. At least 128 threads per block.
   const int64_t vectors = p.hidden / V;
   const int64_t threads_per_row =
-      std::clamp<int64_t>(next_pow2(ceil_div(vectors, kCachedVectors)), 32, kMaxRowThreads);
+      std::clamp<int64_t>(next_pow2(ceil_div(vectors, kCached)), 32, kMaxRowThreads);
   const int64_t rows_per_block = std::max<int64_t>(1, 128 / threads_per_row);
   const dim3 block{unsigned(threads_per_row), unsigned(rows_per_block)};
   const dim3 grid(unsigned(std::min(ceil_div(p.rows, rows_per_block), kMaxGridX)));
-  rms_norm_kernel<T, W, V, kCachedVectors, kResidual><<<grid, block, 0, stream>>>(p);
+  rms_norm_kernel<T, W, V, kCached, kResidual><<<grid, block, 0, stream>>>(p);
+}
+
+template <typename T, typename W, int V, bool kResidual>
+void launch_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
+  // rms_norm_sweep.cu, 16384 x 4096 bf16 on an H200 (gpu_session3/4_h200.md): rms_norm is
+  // within 1-3% of the best shape at 4 vectors x 128 threads a row. The residual op, which
+  // loads two vectors per cached one, ran at 4.0-4.07 TB/s (memcpy speed) with 2 vectors x
+  // 256 threads in all six measurements, where 4 x 128 varied between runs from 3.6 to
+  // 4.0. So it caches 2 vectors a thread while the row fits 2 x 512 vectors, 4 above.
+  if constexpr (kResidual) {
+    if (p.hidden / V <= 2 * kMaxRowThreads)
+      return launch_rms_norm_rows<T, W, V, 2, kResidual>(stream, p);
+  }
+  launch_rms_norm_rows<T, W, V, kCachedVectors, kResidual>(stream, p);
 }
 
 ffi::Error run_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
