@@ -8,17 +8,13 @@
 # ebea0a7; .variants/<v> is that tree with gpu_session4_variant_<v>.patch applied
 # (patch -p1 -d <copy>), and the working tree's ffi/ was .variants/pingpong.
 # Result (gpu_session4_call1_h200.txt): both variants slower at d64/d128, kept neither.
-set -uo pipefail
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"; OUT=$(realpath "$OUT"); REPO=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site ${WHL:-.whl_min}/*.whl && export PYTHONPATH=/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+source benchmarks/results/device_steps.sh
+device_setup .whl_min
 VARIANTS="baseline pipelined"
 {
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
+gpu_info
 start=$(date +%s)
-JAX_FMHA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=/tmp/build \
-  -C cmake.define.JAX_FMHA_CUDA_ARCHITECTURES=90a-real . > /tmp/build.log 2>&1 &
+build_working_tree &
 for v in $VARIANTS; do
   ( mkdir -p /tmp/src_$v && tar --exclude=./.whl_min --exclude=./.variants --exclude=./.git -cf - . | tar -xf - -C /tmp/src_$v \
     && rm -rf /tmp/src_$v/ffi && cp -r .variants/$v /tmp/src_$v/ffi \
