@@ -56,9 +56,7 @@ def in_program_seconds(fn, inputs, copies: int, warmup: int, reps: int) -> float
   sets = [tuple(a if a.ndim == 1 else jax.block_until_ready(a * (1 + k / 64)) for a in inputs)
           for k in range(copies)]
   program = jax.jit(lambda sets: [fn(*s) for s in sets])
-  seconds = median_seconds(program, (sets,), warmup, max(2, reps // 4))
-  del sets
-  return seconds / copies
+  return median_seconds(program, (sets,), warmup, max(2, reps // 4)) / copies
 
 
 # ---- what a JAX user writes today ------------------------------------------------------

@@ -68,10 +68,23 @@ FMHA_HOST_DEVICE float divide_ge1(float x, float d) {
 #endif
 }
 
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) by its Taylor series
-// to degree 7 (truncation error < 1e-8 relative). Out of [-104, 89] the result is replaced
-// by 0 or inf, what exp rounds to there (clamping x first would thread a constant through
-// the body, see branchless_select). NaN propagates (through r).
+// exp(r) for |r| <= ln(2) / 2 by its Taylor series to degree 7 (truncation error < 2e-8
+// relative), in Horner form. F: float, or a vector of floats (the CPU attention kernel's).
+template <typename F>
+FMHA_HOST_DEVICE F exp_reduced(F r) {
+  F p = r * (1.f / 5040.f) + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by exp_reduced. Out
+// of [-104, 89] the result is replaced by 0 or inf, what exp rounds to there (clamping x
+// first would thread a constant through the body, see branchless_select). NaN propagates
+// (through r).
 FMHA_HOST_DEVICE float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   // 2^(x log2 e) by ex2.approx; its .ftz form gives 0 for results below 2^-126 (x < -87),
@@ -90,14 +103,7 @@ FMHA_HOST_DEVICE float exp_f32(float x) {
       int32_t(uint32_t(float_bits(shifted)) - uint32_t(float_bits(kRoundingShift)));
   // r = x - n ln 2 with ln 2 split in two (Cody-Waite): n * 0.693359375 is exact.
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const float p = exp_reduced(r);
   // 2^n = 2^half * 2^(n - half): for n in [-150, 128] both factors are normal floats, so
   // the product overflows to inf and underflows to 0 exactly where exp does.
   const int32_t half = n_int >> 1;

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/activations.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/dtypes.h"
 
@@ -69,23 +70,15 @@ inline Vec splat(float x) { return x - Vec{}; }  // (x + 0 is not x for x = -0: 
 inline Vec max(Vec a, Vec b) { return a > b ? a : b; }
 
 // exp(x) for x <= 0 (softmax arguments), within about 1 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by its Taylor series to degree 7 (truncation < 2e-8 relative),
-// 2^n built in the exponent bits. Below -87 (results under FLT_MIN, and -inf) gives 0; NaN
-// stays NaN.
+// |r| <= ln2 / 2, exp(r) by exp_reduced (common/activations.h), 2^n built in the exponent
+// bits. Below -87 (results under FLT_MIN, and -inf) gives 0; NaN stays NaN.
 inline Vec exp_nonpositive(Vec x) {
   const Vec xc = x < -87.f ? splat(-87.f) : x;
   const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const Vec n = (xc * 1.44269504f + round_magic) - round_magic;
   // r = x - n ln2 with ln2 split in two (Cody-Waite): n * 0.693145751953125 is exact.
   const Vec r = (xc - n * 0.693145751953125f) - n * 1.42860682e-6f;
-  Vec poly = splat(1.f / 5040);
-  poly = poly * r + 1.f / 720;
-  poly = poly * r + 1.f / 120;
-  poly = poly * r + 1.f / 24;
-  poly = poly * r + 1.f / 6;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.f;
-  poly = poly * r + 1.f;
+  const Vec poly = exp_reduced(r);
   const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
   Vec pow2n;
   std::memcpy(&pow2n, &bits, sizeof pow2n);

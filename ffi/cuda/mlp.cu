@@ -272,11 +272,12 @@ void launch_rms_norm_rows(cudaStream_t stream, const RmsNormProblem& p) {
 
 template <typename T, typename W, int V, bool kResidual>
 void launch_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
-  // rms_norm_sweep.cu, 16384 x 4096 bf16 on an H200 (gpu_session3/4_h200.md): rms_norm is
-  // within 1-3% of the best shape at 4 vectors x 128 threads a row. The residual op, which
-  // loads two vectors per cached one, ran at 4.0-4.07 TB/s (memcpy speed) with 2 vectors x
-  // 256 threads in all six measurements, where 4 x 128 varied between runs from 3.6 to
-  // 4.0. So it caches 2 vectors a thread while the row fits 2 x 512 vectors, 4 above.
+  // rms_norm_sweep.cu, 16384 x 4096 bf16 on an H200 (gpu_session3/4_h200.md). The residual
+  // op, which loads two vectors per cached one, ran at 4.0-4.07 TB/s (memcpy speed) with 2
+  // vectors x 256 threads in all six measurements, where 4 x 128 varied between runs from
+  // 3.6 to 4.0. So it caches 2 vectors a thread while the row fits 2 x 512 vectors, 4
+  // above. rms_norm keeps 4 x 128: 3.56-3.89 TB/s between runs, against 3.76-3.79 for the
+  // best other shape (8 x 64, one row a block, which the launcher does not form).
   if constexpr (kResidual) {
     if (p.hidden / V <= 2 * kMaxRowThreads)
       return launch_rms_norm_rows<T, W, V, 2, kResidual>(stream, p);

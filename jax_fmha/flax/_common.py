@@ -48,6 +48,18 @@ def check_no_sow(sow_weights: bool):
                      "dot_product_attention to inspect them.")
 
 
+def attention_inputs(inputs_q, inputs_k, inputs_v, *, mask, sow_weights: bool,
+                     dropout_rate: float, deterministic: bool | None):
+  """What both MultiHeadAttention layers check and default on a call: raises for a mask,
+  sown weights or dropout (the kernel can do none of them), and returns (inputs_k,
+  inputs_v), each defaulting to the one before it (self-attention)."""
+  check_no_mask(mask)
+  check_no_sow(sow_weights)
+  check_no_dropout(dropout_rate, deterministic)
+  inputs_k = inputs_q if inputs_k is None else inputs_k
+  return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
 def resolve_causal(causal: bool, is_causal: bool, query_length: int, key_length: int) -> bool:
   """Combines a layer's ``causal`` with Flax's per-call ``is_causal`` (flax.nnx).
 

@@ -17,9 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_fmha.flax._common import (PagedKVCache, attend, check_gated_activation,
-                                   check_no_dropout, check_no_mask, check_no_sow,
-                                   gated_activation, make_attention_fn, rms_norm)
+from jax_fmha.flax._common import (PagedKVCache, attend, attention_inputs,
+                                   check_gated_activation, gated_activation,
+                                   make_attention_fn, rms_norm)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "MultiHeadDotProductAttention", "RMSNorm",
            "make_attention_fn"]
@@ -90,12 +90,10 @@ class MultiHeadDotProductAttention(nn.Module):
     for Flax's signature; there is no dropout to seed.
     """
     del dropout_rng
-    check_no_mask(mask)
-    check_no_sow(sow_weights)
-    check_no_dropout(self.dropout_rate,
-                     self.deterministic if deterministic is None else deterministic)
-    inputs_k = inputs_q if inputs_k is None else inputs_k
-    inputs_v = inputs_k if inputs_v is None else inputs_v
+    inputs_k, inputs_v = attention_inputs(
+        inputs_q, inputs_k, inputs_v, mask=mask, sow_weights=sow_weights,
+        dropout_rate=self.dropout_rate,
+        deterministic=self.deterministic if deterministic is None else deterministic)
 
     num_kv_heads = self.num_kv_heads or self.num_heads
     qkv_features = self.qkv_features or inputs_q.shape[-1]

@@ -17,10 +17,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_fmha.flax._common import (PagedKVCache, attend, check_gated_activation,
-                                   check_no_dropout, check_no_mask, check_no_sow,
-                                   gated_activation, make_attention_fn, resolve_causal,
-                                   rms_norm)
+from jax_fmha.flax._common import (PagedKVCache, attend, attention_inputs,
+                                   check_gated_activation, gated_activation,
+                                   make_attention_fn, resolve_causal, rms_norm)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "RMSNorm", "make_attention_fn"]
 
@@ -121,12 +120,10 @@ class MultiHeadAttention(nnx.Module):
     constructor's. ``rngs`` is accepted for Flax's signature; there is no dropout to seed.
     """
     del rngs
-    check_no_mask(mask)
-    check_no_sow(sow_weights)
-    check_no_dropout(self.dropout_rate,
-                     self.deterministic if deterministic is None else deterministic)
-    inputs_k = inputs_q if inputs_k is None else inputs_k
-    inputs_v = inputs_k if inputs_v is None else inputs_v
+    inputs_k, inputs_v = attention_inputs(
+        inputs_q, inputs_k, inputs_v, mask=mask, sow_weights=sow_weights,
+        dropout_rate=self.dropout_rate,
+        deterministic=self.deterministic if deterministic is None else deterministic)
 
     query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
     if self.query_ln is not None:
