@@ -25,6 +25,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaGluCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormResidualCuda);
+namespace jax_fmha::cuda {
+// The instantiation the attention forward tiles run on the current device, now:
+// "wgmma" (sm_90a) or "mma.sync" (ffi/cuda/attention.cu).
+const char* forward_kernel_name();
+}  // namespace jax_fmha::cuda
 #endif
 
 namespace {
@@ -82,4 +87,15 @@ NB_MODULE(_jax_fmha_ext, m) {
   m.def("cpu_targets", &cpu_targets, "FFI target name -> handler capsule, for platform 'cpu'");
   m.def("cuda_targets", &cuda_targets, "FFI target name -> handler capsule, for platform 'CUDA'");
   m.def("build_info", &build_info, "What this build of the extension holds");
+  m.def(
+      "cuda_forward_kernel",
+      [] {
+#ifdef JAX_FMHA_WITH_CUDA
+        return std::string(jax_fmha::cuda::forward_kernel_name());
+#else
+        return std::string();
+#endif
+      },
+      "The CUDA attention forward kernel the current device runs: 'wgmma' or 'mma.sync' "
+      "(JAX_FMHA_CUDA_FORWARD=portable selects the latter); '' without CUDA");
 }

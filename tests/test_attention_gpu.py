@@ -38,6 +38,34 @@ def _has_gpu() -> bool:
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")]
 
+# Every test runs on both forward kernels of a Hopper build: the wgmma kernel (what an sm_90
+# device runs by default) and the portable mma.sync kernel (JAX_FMHA_CUDA_FORWARD=portable,
+# read by the handler at each call). Elsewhere both runs take the portable kernel.
+@pytest.fixture(autouse=True, scope="module", params=["default", "portable"])
+def forward_kernel(request):
+  before = os.environ.get("JAX_FMHA_CUDA_FORWARD")
+  os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+  if request.param == "portable":
+    os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
+  yield request.param
+  os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+  if before is not None:
+    os.environ["JAX_FMHA_CUDA_FORWARD"] = before
+
+
+def hopper_build_and_device() -> bool:
+  import jax_fmha
+  archs = jax_fmha.build_info()["cuda_architectures"]
+  return (any("90a" in a for a in archs)
+          and jax.devices("gpu")[0].compute_capability.split(".")[0] == "9")
+
+
+def test_forward_kernel_choice(forward_kernel):
+  from jax_fmha import _ffi
+  wgmma = forward_kernel == "default" and hopper_build_and_device()
+  assert _ffi._ext.cuda_forward_kernel() == ("wgmma" if wgmma else "mma.sync")
+
+
 BF16 = np.dtype(jnp.bfloat16)
 F16 = np.dtype(np.float16)
 DTYPES = [BF16, F16]
@@ -376,8 +404,19 @@ def test_float32_is_refused_with_a_cast_hint(rng):
 
 
 def memcheck_subset():
-  """One small case of every mode (run under compute-sanitizer)."""
+  """One small case of every mode, on each forward kernel (run under compute-sanitizer)."""
+  for kernel in ("default", "portable"):
+    os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+    if kernel == "portable":
+      os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
+    memcheck_cases()
+    print(f"memcheck subset ({kernel} forward kernel): done")
+
+
+def memcheck_cases():
   rng = np.random.default_rng(0)
+  test_dense_head_dims(rng, BF16, 128, False)
+  test_dense_head_dims(rng, F16, 256, True)
   test_dense_head_dims(rng, BF16, 80, True)
   test_dense_window_softcap(rng, F16, (16, 8), 0.0)
   test_packed_with_empty_and_outside_rows(rng, BF16, True, 3)
@@ -392,7 +431,6 @@ def memcheck_subset():
     outs = rng.standard_normal((45, 6, d)).astype(np.float32)
     lses = rng.standard_normal((45, 6)).astype(np.float32)
     jax.block_until_ready(jax_fmha.merge_attention_states(gpu(outs), gpu(lses)))
-  print("memcheck subset: done")
 
 
 def time_prefill(b=2, s=8192, h=16, d=128, reps=20):

@@ -6,9 +6,12 @@ inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shape
 same process. Run from outside the source tree with the package installed:
   python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant]
 --variant times only our prefill at d64, d128 and d256 (a kernel-traits variant, A/B in one call);
-the decode part also sweeps the split count of the two long-sequence cases.
+the decode part also sweeps the split count of the two long-sequence cases. On a Hopper
+build the prefill runs on both forward kernels ("wgmma", the default there, and the portable
+"mma.sync", by JAX_FMHA_CUDA_FORWARD), in the same process.
 """
 import math
+import os
 import time
 
 import jax
@@ -39,6 +42,12 @@ PREFILL_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2
 VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
 
 
+def forward_kernels():
+  """Our forward kernels on this device: the default one, and the portable one if it differs."""
+  default = jax_fmha._ffi._ext.cuda_forward_kernel()
+  return [default] + (["mma.sync"] if default != "mma.sync" else [])
+
+
 def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
   for b, s, h, d in shapes:
     q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
@@ -50,12 +59,17 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
       cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
           q, k, v, is_causal=c, implementation="cudnn"))
       line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
-      for name, fn in (("ours", ours), ("cudnn", cudnn))[:2 if peers else 1]:
+      runs = [(kernel, ours) for kernel in forward_kernels()]
+      for name, fn in runs + [("cudnn", cudnn)] * peers:
+        os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+        if name == "mma.sync":
+          os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
         try:
           t = bench(fn, q, k, v, reps=10)
           line += f"  {name} {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
         except Exception as e:  # a peer that fails is reported, not fatal
           line += f"  {name} failed ({type(e).__name__})"
+      os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
       rows.append(line)
       print(line, flush=True)
 

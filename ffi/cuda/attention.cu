@@ -3,12 +3,15 @@
 // XLA gives us. Allocates nothing; every launch is checked.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
 #include "common/attention_ffi.h"
 #include "cuda/attention/decode_kernel.cuh"
 #include "cuda/attention/forward_kernel.cuh"
+#include "cuda/hopper/forward_kernel.cuh"
 
 namespace jax_fmha::cuda {
 namespace {
@@ -34,6 +37,33 @@ cudaError_t allow_shared_memory() {
   if (device >= kMaxDevices) return set();
   std::call_once(once[device], [&] { result[device] = set(); });
   return result[device];
+}
+
+// Whether the forward tiles run on the wgmma instantiation: the device is an sm_90 (H100,
+// H200, GH200) and this build holds sm_90a code (JAX_FMHA_HOPPER: 90a among the CUDA
+// architectures). JAX_FMHA_CUDA_FORWARD=portable in the environment keeps the mma.sync
+// kernel (read at every call, so tests and benchmarks can compare the two in one process).
+bool use_wgmma_kernel() {
+#if defined(JAX_FMHA_HOPPER)
+  if (const char* choice = std::getenv("JAX_FMHA_CUDA_FORWARD");
+      choice != nullptr && std::strcmp(choice, "portable") == 0)
+    return false;
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static bool is_sm90[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
+  std::call_once(once[device], [&] {
+    int major = 0;
+    is_sm90[device] =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+            cudaSuccess &&
+        major == 9;
+  });
+  return is_sm90[device];
+#else
+  return false;
+#endif
 }
 
 // Up to this many packed rows per (sequence, KV head) the decode tile (16 rows, warps
@@ -80,6 +110,11 @@ ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q,
     return launch_tiles<Traits, OutT, attention_decode_kernel<Traits, OutT>>(stream, p, q, k, v,
                                                                        out_typed, lse);
   }
+  if (use_wgmma_kernel()) {
+    using Traits = HopperTraits<Element, kHeadDim>;
+    return launch_tiles<Traits, OutT, attention_forward_kernel_sm90<Traits, OutT>>(
+        stream, p, q, k, v, out_typed, lse);
+  }
   using Traits = KernelTraits<Element, kHeadDim>;
   return launch_tiles<Traits, OutT, attention_forward_kernel<Traits, OutT>>(stream, p, q, k, v,
                                                                       out_typed, lse);
@@ -125,6 +160,9 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
 }
 
 }  // namespace
+
+const char* forward_kernel_name() { return use_wgmma_kernel() ? "wgmma" : "mma.sync"; }
+
 }  // namespace jax_fmha::cuda
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -44,6 +44,11 @@ struct OutputRows {
   }
 };
 
+// The epilogue stages the output tile through the kernel's shared memory, in the output
+// type, rows padded by 16 bytes.
+template <class Traits, typename OutT>
+constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
+
 // Every thread of the CTA calls this after the main loop with its accumulators; the shared
 // memory must be free (no copy in flight, every warp done reading it).
 template <class Traits, typename OutT>
@@ -51,8 +56,9 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
                                            const OnlineSoftmax<Traits>& softmax, void* smem,
                                            OutT* out, float* lse, const OutputRows& dst,
                                            int64_t row_begin, int rows, int warp_row) {
-  static_assert(Traits::template kOutTileFits<OutT>, "output tile exceeds shared memory");
-  constexpr int kPitch = Traits::template kOutPitch<OutT>;
+  constexpr int kPitch = kOutPitch<Traits, OutT>;
+  static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
+                "output tile exceeds shared memory");
   constexpr float kLn2 = 0.6931471805599453f;
   OutT* tile = static_cast<OutT*>(smem);
   const int lane = threadIdx.x % 32;

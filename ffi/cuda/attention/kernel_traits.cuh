@@ -57,6 +57,7 @@ struct KernelTraits {
   static constexpr int kKeyAtoms = kBlockN / 8;     // n8 tiles of S per row block
   static constexpr int kDimAtoms = kHeadDim / 8;    // n8 tiles of O per row block
   static constexpr int kStages = 2;                 // K/V tiles in flight (double buffer)
+  static constexpr int kGatherUnroll = 64;          // load_kv_tile: every copy unrolled
 
   // Shared-memory rows are padded by 16 bytes: the 8 rows one ldmatrix reads then start in
   // 8 different bank groups (the row pitch is an odd multiple of 16 bytes modulo 128).
@@ -69,12 +70,8 @@ struct KernelTraits {
   static constexpr size_t kSmemBytes =
       sizeof(Element) * (size_t(kQElems) + 2 * size_t(kStages) * kKvTileElems);
 
-  // The epilogue stages the output tile through the same shared memory, in the output type.
-  template <typename OutT>
-  static constexpr int kOutPitch = kHeadDim + 16 / int(sizeof(OutT));
-  template <typename OutT>
-  static constexpr bool kOutTileFits =
-      size_t(kBlockM) * kOutPitch<OutT> * sizeof(OutT) <= kSmemBytes;
+  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
+  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
 
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma k (16)");
   static_assert(kBlockN % 16 == 0 && kWarpRows % 16 == 0, "tiles must be mma multiples");
@@ -111,6 +108,7 @@ struct DecodeTraits {
   static constexpr int kWarpStageBytes = 2 * kKvTileElems * int(sizeof(Element));
   static constexpr int kStagesFit = (104 * 1024) / (kWarps * kWarpStageBytes);
   static constexpr int kStages = kStagesFit < 2 ? 2 : (kStagesFit > 6 ? 6 : kStagesFit);
+  static constexpr int kGatherUnroll = 64;
 
   // The combine reuses the K/V stages: each warp's O (float32) and row statistics.
   static constexpr int kCombinePitch = kHeadDim + 4;
@@ -120,6 +118,9 @@ struct DecodeTraits {
   static constexpr size_t kSmemBytes =
       sizeof(Element) * size_t(kQElems) +
       (kStageBytes > kCombineBytes ? kStageBytes : kCombineBytes);
+
+  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
+  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
 
   static_assert((kBlockN * kChunksPerRow) % 32 == 0, "a warp's K/V copy must split evenly");
   static_assert(kDimAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");

@@ -85,6 +85,15 @@ struct OnlineSoftmax {
                                          float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
                                          float fold) {
     float correction[Traits::kMmaM][2];
+    if (update_scores(s, fold, correction)) rescale(o, correction);
+  }
+
+  // The two halves of update(), for a caller that rescales O later (while a product that
+  // accumulates into O is in flight): s -> probabilities, row statistics, and the factor
+  // each row's O must be multiplied by. Returns whether any row of the warp needs it.
+  __device__ __forceinline__ bool update_scores(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
+                                                float fold,
+                                                float (&correction)[Traits::kMmaM][2]) {
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < Traits::kMmaM; ++m)
@@ -114,14 +123,17 @@ struct OnlineSoftmax {
         row_sum[m][h] = row_sum[m][h] * correction[m][h] + block_sum;
       }
     // (A row whose max stays -inf has o = 0: skipping its correction of 0 changes nothing.)
-    if (__any_sync(0xffffffffu, moved)) {
+    return __any_sync(0xffffffffu, moved);
+  }
+
+  __device__ __forceinline__ static void rescale(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                                 const float (&correction)[Traits::kMmaM][2]) {
 #pragma unroll
-      for (int m = 0; m < Traits::kMmaM; ++m)
+    for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
-        for (int d = 0; d < Traits::kDimAtoms; ++d)
+      for (int d = 0; d < Traits::kDimAtoms; ++d)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) o[m][d][e] *= correction[m][e / 2];
-    }
+        for (int e = 0; e < 4; ++e) o[m][d][e] *= correction[m][e / 2];
   }
 };
 

@@ -64,9 +64,12 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
       const int64_t head = int64_t(kv_head) * group + packed_row % group;
       src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
     }
-    copy_chunk(smem_q + r * Traits::kRowPitch + col, src, in_bounds);
+    copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
   }
 }
+
+// Which tiles of a key block load_kv_tile copies.
+enum class KvPart { kBoth, kKeys, kValues };
 
 // Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile, the copies
 // shared by kCopyThreads threads (this one is `tid`): the whole CTA for the prefill tile, one
@@ -74,8 +77,9 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
 // tile sees, at most the sequence length) are zero-filled, so that masked probabilities
 // (exact zeros) never meet garbage values. `contiguous_rows`: the block's keys are
 // consecutive rows of the array (every layout but pages smaller than the block, one page
-// lookup a block); otherwise each row is looked up through the block table.
-template <class Traits, int kRows, int kCopyThreads>
+// lookup a block); otherwise each row is looked up through the block table. kPart: K and V,
+// or only one of them (the other pointer is then unused).
+template <class Traits, int kRows, int kCopyThreads, KvPart kPart = KvPart::kBoth>
 __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              typename Traits::Element* smem_v,
                                              const typename Traits::Element* k,
@@ -114,17 +118,20 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
         const bool in_bounds = col_in_bounds && key_begin + r + it * kRowsPerPass < key_end;
         // Out of bounds nothing is read (zero fill); the address stays the array's start.
         const int64_t src = in_bounds ? offset + it * pass_stride : 0;
-        const int dst = (r + it * kRowsPerPass) * Traits::kRowPitch + col;
-        copy_chunk(smem_k + dst, k + src, in_bounds);
-        copy_chunk(smem_v + dst, v + src, in_bounds);
+        const int dst = Traits::kv_offset(r + it * kRowsPerPass, col);
+        if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
+        if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);
       }
       return;
     }
   }
   // General case: rows gathered through the block table one by one (pages smaller than
   // the block), or head dims whose rows do not split evenly over the copy threads.
+  // (Fully unrolled, every copy's address is computed ahead and held: Traits::kGatherUnroll
+  // bounds that where registers are short.)
   const int64_t first_row = contiguous_rows ? row_of_key(key_begin) : 0;
-#pragma unroll
+  constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
+#pragma unroll kUnroll
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
     const int r = c / kChunksPerRow;
@@ -134,9 +141,9 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
     int64_t src = 0;
     if (in_bounds)
       src = (contiguous_rows ? first_row + r : row_of_key(key)) * row_stride + head_offset + col;
-    const int dst = r * Traits::kRowPitch + col;
-    copy_chunk(smem_k + dst, k + src, in_bounds);
-    copy_chunk(smem_v + dst, v + src, in_bounds);
+    const int dst = Traits::kv_offset(r, col);
+    if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
+    if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);
   }
 }
 

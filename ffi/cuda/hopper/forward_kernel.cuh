@@ -1,0 +1,135 @@
+// The Hopper (sm_90a) attention forward kernel: the tile and problem of the portable kernel
+// (cuda/attention/forward_kernel.cuh: same grid, tile placement, loads, masks, softmax and
+// epilogue), with its products on warpgroup MMA and a main loop that overlaps them with
+// the softmax. One CTA = two warpgroups, each its own 64 rows of the 128-row tile.
+//
+// Per key block n, each warpgroup issues S_n = Q K_n^T and then O += P_{n-1} V_{n-1}, both
+// asynchronous; it waits for S_n only, and computes the softmax of block n while the tensor
+// cores still run P_{n-1} V_{n-1}; then waits for that, rescales O if a row maximum moved,
+// and keeps P_n in registers for the next step. (The other warpgroup interleaves too.)
+//
+// Loads: cp.async by all threads, into two stages each of K and V. V lags K by one block
+// (P V of a block runs one step after its Q K^T): the copy group issued at step n holds K of
+// block n + 1 and V of block n, and one barrier a step both publishes the group issued a
+// step earlier and frees the stages that group refills (K of n - 1, V of n - 2: every warp
+// is past step n - 1, where their last reads were waited for).
+#pragma once
+
+#include "common/attention_problem.h"
+#include "cuda/attention/cta_tile.cuh"
+#include "cuda/attention/epilogue.cuh"
+#include "cuda/attention/mask.cuh"
+#include "cuda/attention/softmax.cuh"
+#include "cuda/attention/tile_load.cuh"
+#include "cuda/hopper/kernel_traits.cuh"
+#include "cuda/hopper/warpgroup_mma.cuh"
+
+namespace jax_fmha::cuda {
+
+template <class Traits, typename OutT>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
+                                  const typename Traits::Element* __restrict__ q,
+                                  const typename Traits::Element* __restrict__ k,
+                                  const typename Traits::Element* __restrict__ v,
+                                  OutT* __restrict__ out, float* __restrict__ lse) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
+  using Element = typename Traits::Element;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kTile = Traits::kKvTileElems;
+  static_assert(Traits::kStages == 2, "the copy schedule above is for two stages");
+  extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
+  Element* smem_q = reinterpret_cast<Element*>(sm90_smem);
+  Element* smem_k = smem_q + Traits::kQElems;  // [2]
+  Element* smem_v = smem_k + 2 * kTile;        // [2]
+
+  CtaTile t;
+  if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
+  const TileKeys& keys = t.keys;
+  const int warp_row = (threadIdx.x / 32) * Traits::kWarpRows;
+  // A warpgroup whose rows all lie past the sequence skips the arithmetic (not the copies
+  // and barriers, which involve every thread).
+  const bool group_has_rows = warp_row / Traits::kMmaGroupRows * Traits::kMmaGroupRows < t.rows;
+  const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
+  const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+  const bool contiguous_rows =
+      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+
+  float o[1][Traits::kDimAtoms][4];
+#pragma unroll
+  for (int d = 0; d < Traits::kDimAtoms; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
+  auto& o_regs = reinterpret_cast<float(&)[Traits::kDimAtoms * 4]>(o);
+  OnlineSoftmax<Traits> softmax;
+  ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
+
+  load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
+  if (!keys.empty()) {
+    const int first_block = keys.begin / kBlockN * kBlockN;
+    const int blocks = (keys.end - first_block + kBlockN - 1) / kBlockN;
+    // One copy group: K of block `key_block` and V of block key_block - 1, where they exist.
+    const auto issue = [&](int key_block) {
+      const auto copy = [&](auto part, int block) {
+        load_kv_tile<Traits, kBlockN, Traits::kThreads, decltype(part)::value>(
+            smem_k + block % 2 * kTile, smem_v + block % 2 * kTile, k, v, p, t.b, t.kv_head,
+            first_block + block * kBlockN, keys.end, contiguous_rows, threadIdx.x);
+      };
+      if (key_block < blocks)
+        copy(std::integral_constant<KvPart, KvPart::kKeys>{}, key_block);
+      if (key_block > 0) copy(std::integral_constant<KvPart, KvPart::kValues>{}, key_block - 1);
+      cute::cp_async_fence();  // (the first group also holds Q)
+    };
+    issue(0);
+    for (int block = 0; block < blocks; ++block) {
+      cute::cp_async_wait<0>();
+      fence_shared_for_wgmma();
+      __syncthreads();  // K of this block, V of the last visible; their old stages free
+      issue(block + 1);
+      if (group_has_rows) {
+        float s[1][Traits::kKeyAtoms][4];
+        auto& s_regs = reinterpret_cast<float(&)[Traits::kKeyAtoms * 4]>(s);
+        issue_qk<Traits>(smem_q, smem_k + block % 2 * kTile, s);
+        if (block > 0) {
+          fence_registers(o_regs);
+          fence_registers(probs);
+          issue_pv<Traits>(probs, smem_v + (block - 1) % 2 * kTile, o);
+          wait_products<1>();  // S; P V of the last block still runs
+        } else {
+          wait_products<0>();
+        }
+        fence_registers(s_regs);
+        const int key_begin = first_block + block * kBlockN;
+        if (transform.explicit_pass()) transform.apply<Traits>(s);
+        if (keys.block_needs_mask(key_begin, kBlockN))
+          mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
+                              key_begin);
+        float correction[1][2];
+        const bool rescale = softmax.update_scores(s, transform.fold(), correction);
+        wait_products<0>();
+        fence_registers(o_regs);
+        fence_registers(probs);
+        if (rescale) softmax.rescale(o, correction);
+        pack_probabilities<Traits>(s, probs);
+      }
+    }
+    // P V of the last block: its V is the group issued in the last step.
+    cute::cp_async_wait<0>();
+    fence_shared_for_wgmma();
+    __syncthreads();
+    if (group_has_rows) {
+      fence_registers(o_regs);
+      fence_registers(probs);
+      issue_pv<Traits>(probs, smem_v + (blocks - 1) % 2 * kTile, o);
+      wait_products<0>();
+      fence_registers(o_regs);
+    }
+  }
+  cute::cp_async_wait<0>();
+  __syncthreads();  // shared memory is reused for the output tile
+  store_tile<Traits, OutT>(o, softmax, sm90_smem, out, lse, t.output(p), t.row_begin, t.rows,
+                           warp_row);
+#endif
+}
+
+}  // namespace jax_fmha::cuda

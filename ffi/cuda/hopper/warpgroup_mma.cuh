@@ -1,0 +1,125 @@
+// The two products of a warpgroup on wgmma (sm_90a), fp32 accumulators in the thread's
+// registers, laid out like the mma.sync accumulators of cuda/attention/warp_mma.cuh:
+//   S[1][kKeyAtoms]  = Q (warpgroup's 64 rows, shared) x K^T (key tile, shared)
+//   O[1][kDimAtoms] += P (probabilities, registers)    x V   (value tile, shared)
+// Each product is issued as one batch of k16 wgmma steps (issue_qk, issue_pv) and runs
+// asynchronously: the caller waits with wait_products<N>() (N = batches left in flight),
+// and until then reads nor writes neither the accumulators nor the P registers. CuTe builds
+// the shared-memory descriptors from the layouts of HopperTraits.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "cuda/attention/warp_mma.cuh"
+#include "cuda/hopper/kernel_traits.cuh"
+
+namespace jax_fmha::cuda {
+
+// Orders this thread's earlier generic-proxy writes of shared memory (cp.async, stores)
+// before later reads by wgmma (the async proxy); a barrier then extends it to the CTA.
+__device__ __forceinline__ void fence_shared_for_wgmma() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving register accesses across the asynchronous products.
+template <int kN>
+__device__ __forceinline__ void fence_registers(float (&regs)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) cute::warpgroup_fence_operand(regs[i]);
+}
+template <int kN>
+__device__ __forceinline__ void fence_registers(uint32_t (&regs)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) cute::warpgroup_fence_operand(regs[i]);
+}
+
+// Waits until at most kInFlight product batches of this warpgroup are still running.
+template <int kInFlight>
+__device__ __forceinline__ void wait_products() {
+  cute::warpgroup_wait<kInFlight>();
+}
+
+// c (+)= a b over the k-steps of the fragments, as one wgmma batch (not waited for).
+// accumulate false: c = a b (the first step scales the old c by zero).
+template <class TiledMma, class FragA, class FragB, class FragC>
+__device__ __forceinline__ void issue_gemm(TiledMma& mma, const FragA& a, const FragB& b,
+                                           FragC& c, bool accumulate) {
+  cute::warpgroup_arrive();
+  mma.accumulate_ = accumulate ? cute::GMMA::ScaleOut::One : cute::GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < cute::size<2>(a); ++k) {
+    cute::gemm(mma, a(cute::_, cute::_, k), b(cute::_, cute::_, k), c);
+    mma.accumulate_ = cute::GMMA::ScaleOut::One;
+  }
+  cute::warpgroup_commit_batch();
+}
+
+// The thread's accumulator registers of a tiled MMA over an M x N tile, as a CuTe tensor.
+template <class TiledMma, int kM, int kN>
+__device__ __forceinline__ auto accumulator_view(float* regs) {
+  using Layout = decltype(cute::partition_fragment_C(TiledMma{},
+                                                     cute::Shape<cute::Int<kM>, cute::Int<kN>>{})
+                              .layout());
+  return cute::make_tensor(cute::make_rmem_ptr(regs), Layout{});
+}
+
+// S = Q K^T for the warpgroup's rows. smem_q, smem_k: the tiles in HopperTraits' layouts.
+template <class Traits>
+__device__ __forceinline__ void issue_qk(const typename Traits::Element* smem_q,
+                                         const typename Traits::Element* smem_k,
+                                         float (&s)[1][Traits::kKeyAtoms][4]) {
+  using T = typename Traits::MmaElement;
+  typename Traits::MmaQK mma;
+  const auto thread_mma = mma.get_thread_slice(threadIdx.x);
+  const auto q = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_q)),
+                                   typename Traits::SmemLayoutQ{});
+  const auto k = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_k)),
+                                   typename Traits::SmemLayoutKV{});
+  auto acc = accumulator_view<typename Traits::MmaQK, Traits::kBlockM, Traits::kBlockN>(
+      &s[0][0][0]);
+  issue_gemm(mma, thread_mma.partition_fragment_A(q), thread_mma.partition_fragment_B(k), acc,
+             false);
+}
+
+// The register A operand of P V: per k16 step, the 8 values (column pair, row half, k half)
+// of the wgmma A layout, two 16-bit values a register.
+template <class Traits>
+using ProbabilityRegs = uint32_t[Traits::kBlockN / 16 * 4];
+
+// As with mma.sync, the probabilities in S's accumulator layout are that operand once two
+// adjacent n8 key tiles are packed into one k16 step.
+template <class Traits>
+__device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::kKeyAtoms][4],
+                                                   ProbabilityRegs<Traits>& regs) {
+#pragma unroll
+  for (int kk = 0; kk < Traits::kBlockN / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float(&pair)[4] = p[0][2 * kk + r / 2];
+      regs[4 * kk + r] =
+          pack2<typename Traits::Element>(pair[2 * (r % 2)], pair[2 * (r % 2) + 1]);
+    }
+}
+
+// O += P V for the warpgroup's rows; smem_v: the value tile in HopperTraits' layout.
+template <class Traits>
+__device__ __forceinline__ void issue_pv(const ProbabilityRegs<Traits>& p,
+                                         const typename Traits::Element* smem_v,
+                                         float (&o)[1][Traits::kDimAtoms][4]) {
+  using T = typename Traits::MmaElement;
+  typename Traits::MmaPV mma;
+  const auto thread_mma = mma.get_thread_slice(threadIdx.x);
+  const auto vt = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_v)),
+                                    typename Traits::SmemLayoutVt{});
+  const auto a = cute::make_tensor(
+      cute::make_rmem_ptr(reinterpret_cast<const T*>(&p[0])),
+      cute::Layout<cute::Shape<cute::Shape<cute::_2, cute::_2, cute::_2>, cute::_1,
+                               cute::Int<Traits::kBlockN / 16>>>{});
+  auto acc = accumulator_view<typename Traits::MmaPV, Traits::kBlockM, Traits::kHeadDim>(
+      &o[0][0][0]);
+  issue_gemm(mma, a, thread_mma.partition_fragment_B(vt), acc, true);
+}
+
+}  // namespace jax_fmha::cuda
