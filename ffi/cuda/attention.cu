@@ -39,10 +39,11 @@ cudaError_t allow_shared_memory() {
   return result[device];
 }
 
-// Whether the forward tiles run on the wgmma instantiation: the device is an sm_90 (H100,
-// H200, GH200) and this build holds sm_90a code (JAX_FMHA_HOPPER: 90a among the CUDA
-// architectures). JAX_FMHA_CUDA_FORWARD=portable in the environment keeps the mma.sync
-// kernel (read at every call, so tests and benchmarks can compare the two in one process).
+// Whether the forward tiles (head dims above 64) run on the wgmma kernel: the device is an
+// sm_90 (H100, H200, GH200) and this build holds sm_90a code (JAX_FMHA_HOPPER: 90a among
+// the CUDA architectures). JAX_FMHA_CUDA_FORWARD=portable in the environment keeps the
+// mma.sync kernel (read at every call, so tests and benchmarks can compare the two in one
+// process).
 bool use_wgmma_kernel() {
 #if defined(JAX_FMHA_HOPPER)
   if (const char* choice = std::getenv("JAX_FMHA_CUDA_FORWARD");
@@ -110,10 +111,14 @@ ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q,
     return launch_tiles<Traits, OutT, attention_decode_kernel<Traits, OutT>>(stream, p, q, k, v,
                                                                        out_typed, lse);
   }
-  if (use_wgmma_kernel()) {
-    using Traits = HopperTraits<Element, kHeadDim>;
-    return launch_tiles<Traits, OutT, attention_forward_kernel_sm90<Traits, OutT>>(
-        stream, p, q, k, v, out_typed, lse);
+  // At d64 the wgmma kernel measured slower than mma.sync on an H200 (257 vs 280 TFLOP/s:
+  // the products halve, the softmax does not; gpu_session5_h200.md): d64 stays portable.
+  if constexpr (kHeadDim > 64) {
+    if (use_wgmma_kernel()) {
+      using Traits = HopperTraits<Element, kHeadDim>;
+      return launch_tiles<Traits, OutT, attention_forward_kernel_sm90<Traits, OutT>>(
+          stream, p, q, k, v, out_typed, lse);
+    }
   }
   using Traits = KernelTraits<Element, kHeadDim>;
   return launch_tiles<Traits, OutT, attention_forward_kernel<Traits, OutT>>(stream, p, q, k, v,
