@@ -4,7 +4,7 @@ Each case is timed as `reps` back-to-back calls of one jitted function and a sin
 block_until_ready (median of 5 such batches), so host dispatch overlaps device work; the
 inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shapes in the
 same process. Run from outside the source tree with the package installed:
-  python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant]
+  python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant | --no-decode]
 --variant times only our prefill at d64, d128 and d256 (a kernel-traits variant, A/B in one call);
 the decode part also sweeps the split count of the two long-sequence cases. On a Hopper
 build the prefill runs on both forward kernels ("wgmma", the default there, and the portable
@@ -134,5 +134,6 @@ if __name__ == "__main__":
     prefill(rows)
   if "--prefill-only" not in sys.argv and "--variant" not in sys.argv:
     paged_prefill(rows)
-    decode(rows)
+    if "--no-decode" not in sys.argv:
+      decode(rows)
   print("\n".join(["", "summary:"] + rows))
