@@ -274,6 +274,20 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
     check(out, lse, ro, rl, dtype, f"page {page_size} window {window}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("page_size,d", [(16, 128), (128, 128), (256, 96), (64, 256)])
+def test_paged_prefill(rng, causal, page_size, d):
+  """Many query rows on pages: the forward tile kernels (wgmma where pages hold its blocks)."""
+  lens = [700, 129, 0, 300]
+  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=4, page_size=page_size, lens=lens,
+                                        hq=8, hkv=2, d=d, sq=150)
+  window = (-1, 0) if causal else (-1, -1)
+  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens, block_table=table,
+                 window=window)
+  ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
+  check(out, lse, ro, rl, BF16, f"page {page_size}")
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
 @pytest.mark.parametrize("page_size,d", [(16, 128), (64, 64), (256, 256), (1, 80)])
 def test_paged_split_kv(rng, num_splits, page_size, d):

@@ -124,31 +124,11 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
       }
       return;
     }
-    // Pages smaller than the block but holding whole passes: one block-table read a pass,
-    // the same entry for every thread of the pass.
-    constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
-    if (page_size % kRowsPerPass == 0) {
-      const int r = tid / kChunksPerRow;
-      const int col = (tid % kChunksPerRow) * Traits::kChunk;
-      const int64_t thread_offset = r * row_stride + head_offset + col;
-      const bool col_in_bounds = col < head_dim;
-      constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
-#pragma unroll kUnroll
-      for (int it = 0; it < kCopies; ++it) {
-        const int pass_key = key_begin + it * kRowsPerPass;
-        const bool in_bounds = col_in_bounds && pass_key + r < key_end;
-        const int64_t src = in_bounds ? row_of_key(pass_key) * row_stride + thread_offset : 0;
-        const int dst = Traits::kv_offset(r + it * kRowsPerPass, col);
-        if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
-        if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);
-      }
-      return;
-    }
   }
-  // General case: rows gathered through the block table one by one (pages smaller than a
-  // pass), or head dims whose rows do not split evenly over the copy threads.
+  // General case: rows gathered through the block table one by one (pages smaller than
+  // the block), or head dims whose rows do not split evenly over the copy threads.
   // (Fully unrolled, every copy's address is computed ahead and held: Traits::kGatherUnroll
-  // bounds that where registers are short, here and above.)
+  // bounds that where registers are short.)
   const int64_t first_row = contiguous_rows ? row_of_key(key_begin) : 0;
   constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
 #pragma unroll kUnroll
