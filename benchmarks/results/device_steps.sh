@@ -39,3 +39,17 @@ mlp_benchmarks() {
     python3 "$REPO/benchmarks/results/mlp_device_time.py" --parse /tmp/ncu_mlp.csv
   } 2>&1 | tee "$OUT/mlp_device_time.txt"
 }
+
+# The CUDA attention tests: test_attention_gpu.py (both forward kernels), the -k gpu cases of
+# the attention and paged suites, and compute-sanitizer memcheck of the attention subset.
+# Run from tests/.
+attention_gpu_tests() {
+  for t in test_attention_gpu.py "test_attention.py test_paged.py"; do
+    echo "== pytest $t"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rf \
+      $( [ "$t" = test_attention_gpu.py ] || echo "-k gpu") $t 2>&1 | grep -E "^FAILED|passed|failed|error" | tail -8
+  done
+  echo "== compute-sanitizer memcheck subset (attention, both kernels)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 test_attention_gpu.py --memcheck 2>&1 | tail -4; echo "memcheck rc=${PIPESTATUS[0]}"
+}

@@ -14,14 +14,7 @@ cd /tmp && python3 -c "import jax, jax_fmha; print(jax.devices(), jax_fmha.build
 echo "== prefill A/B: wgmma, mma.sync, cuDNN; paged prefill"
 timeout 100 python3 "$REPO/benchmarks/results/gpu_attention_perf_bench.py" --no-decode 2>&1 | sed -n '/summary:/,$p'
 cd "$REPO/tests"
-for t in test_attention_gpu.py "test_attention.py test_paged.py"; do
-  echo "== pytest $t"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -rf \
-    $( [ "$t" = test_attention_gpu.py ] || echo "-k gpu") $t 2>&1 | grep -E "^FAILED|passed|failed|error" | tail -8
-done
-echo "== compute-sanitizer memcheck subset (attention, both kernels)"
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 test_attention_gpu.py --memcheck 2>&1 | tail -4; echo "memcheck rc=${PIPESTATUS[0]}"
+attention_gpu_tests
 } 2>&1 | tee "$OUT/call4.txt"
 cd /tmp; mkdir -p /tmp/res
 for suite in prefill paged; do
