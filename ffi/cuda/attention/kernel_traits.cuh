@@ -35,8 +35,16 @@ struct MmaAtom<__half> {
   using Op = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
+// Shared-memory tiles of rows padded to kRowPitch elements (the mma.sync kernels): element
+// offset of (row, column), for the tile loaders.
+template <int kRowPitch>
+struct PaddedRowTiles {
+  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
+  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
+};
+
 template <typename Element_, int kHeadDim_>
-struct KernelTraits {
+struct KernelTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   using Element = Element_;
   using Mma = typename MmaAtom<Element>::Op;
 
@@ -70,9 +78,7 @@ struct KernelTraits {
   static constexpr size_t kSmemBytes =
       sizeof(Element) * (size_t(kQElems) + 2 * size_t(kStages) * kKvTileElems);
 
-  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
-  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
-
+  static_assert(kRowPitch == kHeadDim_ + 16 / sizeof(Element_), "PaddedRowTiles pitch");
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma k (16)");
   static_assert(kBlockN % 16 == 0 && kWarpRows % 16 == 0, "tiles must be mma multiples");
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "K/V tile copy must split evenly");
@@ -85,7 +91,7 @@ struct KernelTraits {
 // softmax states are combined through shared memory at the end. Memory-bound: the point is
 // many bytes in flight per SM, so the stages fill about 104 KB (two CTAs an SM up to d128).
 template <typename Element_, int kHeadDim_>
-struct DecodeTraits {
+struct DecodeTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   using Element = Element_;
   using Mma = typename MmaAtom<Element>::Op;
 
@@ -119,9 +125,7 @@ struct DecodeTraits {
       sizeof(Element) * size_t(kQElems) +
       (kStageBytes > kCombineBytes ? kStageBytes : kCombineBytes);
 
-  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
-  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
-
+  static_assert(kRowPitch == kHeadDim_ + 16 / sizeof(Element_), "PaddedRowTiles pitch");
   static_assert((kBlockN * kChunksPerRow) % 32 == 0, "a warp's K/V copy must split evenly");
   static_assert(kDimAtoms % 2 == 0, "ldmatrix.x4 loads n8 tile pairs");
 };

@@ -60,8 +60,10 @@ struct HopperTraits {
   static constexpr int kKeyAtoms = kBlockN / 8;
   static constexpr int kDimAtoms = kHeadDim / 8;
   static constexpr int kStages = 2;
-  // Row-by-row page gathers (pages smaller than kBlockN) two copies at a time: S, P and O
-  // in flight together leave no registers for eight copies' addresses.
+  // load_kv_tile's general path two copies at a time. At run time it serves d96 here (rows
+  // of 12 chunks do not split over 256 threads); the launcher sends pages smaller than
+  // kBlockN to the portable kernel. Fully unrolled, its compiled row-by-row page gather
+  // held eight copies' addresses beside S, P and O and spilled 120 bytes at d128.
   static constexpr int kGatherUnroll = 2;
 
   static constexpr int kChunk = 16 / sizeof(Element);

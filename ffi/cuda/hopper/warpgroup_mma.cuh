@@ -24,13 +24,9 @@ __device__ __forceinline__ void fence_shared_for_wgmma() {
 }
 
 // Keeps the compiler from moving register accesses across the asynchronous products.
-template <int kN>
-__device__ __forceinline__ void fence_registers(float (&regs)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) cute::warpgroup_fence_operand(regs[i]);
-}
-template <int kN>
-__device__ __forceinline__ void fence_registers(uint32_t (&regs)[kN]) {
+// (T: float accumulators or uint32_t packed P.)
+template <typename T, int kN>
+__device__ __forceinline__ void fence_registers(T (&regs)[kN]) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) cute::warpgroup_fence_operand(regs[i]);
 }
