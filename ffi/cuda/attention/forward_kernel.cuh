@@ -70,7 +70,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const int stage = block % kStages;
         load_kv_tile<Traits, kBlockN, Traits::kThreads>(
             smem_k + stage * Traits::kKvTileElems, smem_v + stage * Traits::kKvTileElems, k, v,
-            p, t.b, t.kv_head, key_begin, keys.end, contiguous_rows, threadIdx.x);
+            p, t.b, t.kv_head, key_begin, keys.end, contiguous_rows,
+            key_block_rows<1, kBlockN>(p, t.b, key_begin, keys.end),
+            threadIdx.x);
       }
       cute::cp_async_fence();  // (the first group also holds Q)
     };

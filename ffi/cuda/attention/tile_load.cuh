@@ -71,53 +71,102 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
 // Which tiles of a key block load_kv_tile copies.
 enum class KvPart { kBoth, kKeys, kValues };
 
+// The row of key `key` (below the sequence's capacity, page id valid) of sequence b in the
+// K/V arrays. 32-bit page arithmetic: keys and page sizes are below 2^31, and a 64-bit
+// division would cost a subroutine call in loops that have every register taken.
+__device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b, int key) {
+  if (p.kv.layout != KvLayout::kPaged) return p.kv.row(b, key);
+  const int page_size = int(p.kv.page_size);
+  const int32_t* pages = p.kv.block_table + b * p.kv.pages_per_seq;
+  return int64_t(pages[key / page_size]) * page_size + key % page_size;
+}
+
+// Where a block of kRuns runs of keys lies in the K/V arrays when each run's keys are
+// consecutive rows ("contiguous runs": every layout but pages, and pages that are a multiple
+// of the run): run i from first_row[i] on. Otherwise no rows are known ahead, and each row
+// is looked up through the block table as it is copied. Looking the runs up ahead of the
+// copies (key_block_rows) lets a kernel fetch a later block's page ids while it still
+// computes, so that no copy waits for a block-table read.
+template <int kRuns>
+struct KeyBlockRows {
+  int64_t first_row[kRuns];
+
+  // The row of the block's key r (a key of the block, inside the problem).
+  template <int kRunKeys>
+  __device__ __forceinline__ int64_t row(int r) const {
+    int64_t result = first_row[0] + r;
+#pragma unroll
+    for (int i = 1; i < kRuns; ++i)
+      if (r >= i * kRunKeys) result = first_row[i] + (r - i * kRunKeys);
+    return result;
+  }
+};
+
+// The rows of the first keys of the runs of keys [key_begin, key_begin + kRuns * kRunKeys)
+// of sequence b, key_begin below key_end (callers load only blocks that hold keys). A later
+// run starting at or past key_end holds no key that is read: it is not looked up (its page
+// id may lie past the block table). (Run 0 is looked up for any layout, contiguous runs or
+// not: one read of a block-table entry the gather reads anyway, and ptxas allocates the
+// portable kernel's registers without a spill this way.)
+template <int kRuns, int kRunKeys>
+__device__ __forceinline__ KeyBlockRows<kRuns> key_block_rows(const AttentionProblem& p,
+                                                              int64_t b, int key_begin,
+                                                              int key_end) {
+  KeyBlockRows<kRuns> rows;
+  rows.first_row[0] = key_row(p, b, key_begin);
+#pragma unroll
+  for (int i = 1; i < kRuns; ++i) {
+    const int key = key_begin + i * kRunKeys;
+    rows.first_row[i] = key < key_end ? key_row(p, b, key) : 0;
+  }
+  return rows;
+}
+
 // Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile, the copies
 // shared by kCopyThreads threads (this one is `tid`): the whole CTA for the prefill tile, one
-// warp for a decode warp's own block. Keys at or past key_end (the last key any row of the
-// tile sees, at most the sequence length) are zero-filled, so that masked probabilities
-// (exact zeros) never meet garbage values. `contiguous_rows`: the block's keys are
-// consecutive rows of the array (every layout but pages smaller than the block, one page
-// lookup a block); otherwise each row is looked up through the block table. kPart: K and V,
-// or only one of them (the other pointer is then unused).
-template <class Traits, int kRows, int kCopyThreads, KvPart kPart = KvPart::kBoth>
+// warp for a decode warp's own block. With `contiguous_runs`, `rows` says where the keys
+// lie (KeyBlockRows, runs of kRows / kRuns keys). Keys at or past key_end (the last key any row of the tile sees, at
+// most the sequence length) are zero-filled, so that masked probabilities (exact zeros)
+// never meet garbage values. kPart: K and V, or only one of them (the other pointer is then
+// unused).
+template <class Traits, int kRows, int kCopyThreads, KvPart kPart = KvPart::kBoth, int kRuns>
 __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              typename Traits::Element* smem_v,
                                              const typename Traits::Element* k,
                                              const typename Traits::Element* v,
                                              const AttentionProblem& p, int64_t b, int kv_head,
-                                             int key_begin, int key_end, bool contiguous_rows,
-                                             int tid) {
+                                             int key_begin, int key_end, bool contiguous_runs,
+                                             const KeyBlockRows<kRuns>& rows, int tid) {
   using Element = typename Traits::Element;
   constexpr int kChunksPerRow = Traits::kChunksPerRow;
   constexpr int kCopies = kRows * kChunksPerRow / kCopyThreads;
+  constexpr int kRunKeys = kRows / kRuns;
   static_assert(kRows * kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
+  static_assert(kRows % kRuns == 0, "runs must split the block evenly");
   // This runs once per key block of the main loop with every register taken, so its
-  // integer work is kept small: 32-bit page and bounds arithmetic (keys and page sizes are
-  // below 2^31; a 64-bit division would cost a subroutine call), one 64-bit product per
-  // block, and, where a copy pass covers whole rows, one pointer step per copy.
+  // integer work is kept small: 32-bit page and bounds arithmetic, one 64-bit product per
+  // run, and, where a copy pass covers whole rows of one run, one pointer step per copy.
   const int head_dim = int(p.head_dim);
   const int64_t row_stride = p.kv_row_stride();
   const int64_t head_offset = int64_t(kv_head) * head_dim;
-  const int page_size = int(p.kv.page_size);
-  const int32_t* pages = p.kv.block_table + b * p.kv.pages_per_seq;
-  const auto row_of_key = [&](int key) {
-    return p.kv.layout == KvLayout::kPaged
-               ? int64_t(pages[key / page_size]) * page_size + key % page_size
-               : p.kv.row(b, key);
-  };
-  if constexpr (kCopyThreads % kChunksPerRow == 0) {
-    if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
-      constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
+  constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
+  if constexpr (kCopyThreads % kChunksPerRow == 0 && kRunKeys % kRowsPerPass == 0) {
+    if (contiguous_runs) {  // a pass of the copy threads covers kRowsPerPass whole rows
+      constexpr int kPassesPerRun = kRunKeys / kRowsPerPass;
       const int r = tid / kChunksPerRow;
       const int col = (tid % kChunksPerRow) * Traits::kChunk;
-      const int64_t offset = (row_of_key(key_begin) + r) * row_stride + head_offset + col;
+      int64_t run_offset[kRuns];
+#pragma unroll
+      for (int i = 0; i < kRuns; ++i)
+        run_offset[i] = (rows.first_row[i] + r) * row_stride + head_offset + col;
       const int64_t pass_stride = kRowsPerPass * row_stride;
       const bool col_in_bounds = col < head_dim;
 #pragma unroll
       for (int it = 0; it < kCopies; ++it) {
         const bool in_bounds = col_in_bounds && key_begin + r + it * kRowsPerPass < key_end;
         // Out of bounds nothing is read (zero fill); the address stays the array's start.
-        const int64_t src = in_bounds ? offset + it * pass_stride : 0;
+        const int64_t src =
+            in_bounds ? run_offset[it / kPassesPerRun] + it % kPassesPerRun * pass_stride : 0;
         const int dst = Traits::kv_offset(r + it * kRowsPerPass, col);
         if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
         if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);
@@ -125,11 +174,10 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
       return;
     }
   }
-  // General case: rows gathered through the block table one by one (pages smaller than
-  // the block), or head dims whose rows do not split evenly over the copy threads.
+  // General case: rows gathered through the block table one by one (pages smaller than a
+  // run), or head dims whose rows do not split evenly over the copy threads.
   // (Fully unrolled, every copy's address is computed ahead and held: Traits::kGatherUnroll
   // bounds that where registers are short.)
-  const int64_t first_row = contiguous_rows ? row_of_key(key_begin) : 0;
   constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
 #pragma unroll kUnroll
   for (int it = 0; it < kCopies; ++it) {
@@ -140,7 +188,9 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
     const bool in_bounds = key < key_end && col < head_dim;
     int64_t src = 0;
     if (in_bounds)
-      src = (contiguous_rows ? first_row + r : row_of_key(key)) * row_stride + head_offset + col;
+      src = (contiguous_runs ? rows.template row<kRunKeys>(r) : key_row(p, b, key)) *
+                row_stride +
+            head_offset + col;
     const int dst = Traits::kv_offset(r, col);
     if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
     if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);

@@ -12,7 +12,9 @@
 // (P V of a block runs one step after its Q K^T): the copy group issued at step n holds K of
 // block n + 1 and V of block n, and one barrier a step both publishes the group issued a
 // step earlier and frees the stages that group refills (K of n - 1, V of n - 2: every warp
-// is past step n - 1, where their last reads were waited for).
+// is past step n - 1, where their last reads were waited for). Where the rows of a block
+// lie (for pages: its page ids) is read a step before its copies are issued, so the copies
+// never wait for the block table.
 #pragma once
 
 #include "common/attention_problem.h"
@@ -52,8 +54,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const bool group_has_rows = warp_row / Traits::kMmaGroupRows * Traits::kMmaGroupRows < t.rows;
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  const bool contiguous_rows =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+  // (The launcher sends pages that are not a multiple of a run to the portable kernel; the
+  // row-by-row gather keeps any other page size correct here too.)
+  const bool contiguous_runs =
+      p.kv.layout != KvLayout::kPaged || p.kv.page_size % Traits::kRunKeys == 0;
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -68,16 +72,25 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (!keys.empty()) {
     const int first_block = keys.begin / kBlockN * kBlockN;
     const int blocks = (keys.end - first_block + kBlockN - 1) / kBlockN;
+    using BlockRows = KeyBlockRows<Traits::kKeyRuns>;
+    const auto rows_of = [&](int block) {
+      return key_block_rows<Traits::kKeyRuns, Traits::kRunKeys>(
+          p, t.b, first_block + block * kBlockN, keys.end);
+    };
+    // The rows of the blocks whose V, K and next K come next: a block's rows are looked up
+    // one step before its K is copied, and kept for its V a step later.
+    BlockRows v_rows, k_rows = rows_of(0), next_k_rows = blocks > 1 ? rows_of(1) : k_rows;
     // One copy group: K of block `key_block` and V of block key_block - 1, where they exist.
     const auto issue = [&](int key_block) {
-      const auto copy = [&](auto part, int block) {
+      const auto copy = [&](auto part, int block, const BlockRows& rows) {
         load_kv_tile<Traits, kBlockN, Traits::kThreads, decltype(part)::value>(
             smem_k + block % 2 * kTile, smem_v + block % 2 * kTile, k, v, p, t.b, t.kv_head,
-            first_block + block * kBlockN, keys.end, contiguous_rows, threadIdx.x);
+            first_block + block * kBlockN, keys.end, contiguous_runs, rows, threadIdx.x);
       };
       if (key_block < blocks)
-        copy(std::integral_constant<KvPart, KvPart::kKeys>{}, key_block);
-      if (key_block > 0) copy(std::integral_constant<KvPart, KvPart::kValues>{}, key_block - 1);
+        copy(std::integral_constant<KvPart, KvPart::kKeys>{}, key_block, k_rows);
+      if (key_block > 0)
+        copy(std::integral_constant<KvPart, KvPart::kValues>{}, key_block - 1, v_rows);
       cute::cp_async_fence();  // (the first group also holds Q)
     };
     issue(0);
@@ -85,6 +98,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::cp_async_wait<0>();
       fence_shared_for_wgmma();
       __syncthreads();  // K of this block, V of the last visible; their old stages free
+      v_rows = k_rows;
+      k_rows = next_k_rows;
+      if (block + 2 < blocks) next_k_rows = rows_of(block + 2);  // used at the next step
       issue(block + 1);
       if (group_has_rows) {
         float s[1][Traits::kKeyAtoms][4];

@@ -60,10 +60,15 @@ struct HopperTraits {
   static constexpr int kKeyAtoms = kBlockN / 8;
   static constexpr int kDimAtoms = kHeadDim / 8;
   static constexpr int kStages = 2;
-  // load_kv_tile's general path two copies at a time. At run time it serves d96 here (rows
-  // of 12 chunks do not split over 256 threads); the launcher sends pages smaller than
-  // kBlockN to the portable kernel. Fully unrolled, its compiled row-by-row page gather
-  // held eight copies' addresses beside S, P and O and spilled 120 bytes at d128.
+  // A key block is loaded as runs of 64 keys, each run's rows looked up one block ahead
+  // (KeyBlockRows): pages of 64 keys or a multiple of 64 load as fast as a dense array.
+  static constexpr int kRunKeys = 64;
+  static constexpr int kKeyRuns = kBlockN / kRunKeys;
+  // load_kv_tile's general path two copies at a time. At run time it serves d96 and d192
+  // here (their rows do not split evenly over 256 threads); the launcher sends pages that
+  // are not a multiple of kRunKeys to the portable kernel. Fully unrolled, its compiled
+  // row-by-row page gather held eight copies' addresses beside S, P and O and spilled 120
+  // bytes at d128.
   static constexpr int kGatherUnroll = 2;
 
   static constexpr int kChunk = 16 / sizeof(Element);
@@ -128,6 +133,7 @@ struct HopperTraits {
                     (kKvTileElems * sizeof(Element)) % kSmemAlign == 0,
                 "tiles must keep the swizzle alignment");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of an sm_90 CTA");
+  static_assert(kBlockN % kRunKeys == 0, "runs must split the key block");
 };
 
 }  // namespace jax_fmha::cuda

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Session-6 device call 1: the wgmma kernel takes pages that are a multiple of 64 keys, each
+# block's 64-key runs looked up a step ahead of their copies. Build; prefill A/B (wgmma,
+# mma.sync, cuDNN) and paged prefill at pages 16/64/256; the CUDA attention tests on both
+# forward kernels, the -k gpu attention/paged suites, memcheck (both kernels); the harness
+# paged suite (with our dense prefill) and prefill suite with every peer.
+# Carry .whl_fa3 (cutlass, flash_attn3_jax, einops).
+source benchmarks/results/device_steps.sh
+device_setup .whl_fa3
+{
+gpu_info
+start=$(date +%s)
+build_working_tree; echo "build: $(( $(date +%s) - start )) s"; tail -n 3 /tmp/build.log
+cd /tmp && python3 -c "import jax, jax_fmha; print(jax.devices(), jax_fmha.build_info(), jax_fmha._ffi._ext.cuda_forward_kernel())"
+echo "== prefill A/B: wgmma, mma.sync, cuDNN; paged prefill"
+timeout 100 python3 "$REPO/benchmarks/results/gpu_attention_perf_bench.py" --no-decode 2>&1 | sed -n '/summary:/,$p'
+cd "$REPO/tests"
+attention_gpu_tests
+echo "elapsed: $(( $(date +%s) - start )) s"
+} 2>&1 | tee "$OUT/call1.txt"
+cd /tmp; mkdir -p /tmp/res
+for suite in paged prefill; do
+  timeout 150 python3 "$REPO/benchmarks/attention.py" --backend gpu --suite $suite \
+    --out /tmp/res/attention_gpu_${suite}_h200.json > "$OUT/harness_$suite.txt" 2>&1
+  echo "$suite harness rc=$?"; grep -vE "pallas: failed|fa3: failed" "$OUT/harness_$suite.txt" | tail -30
+done
+cp /tmp/res/*.json /tmp/res/*.png "$OUT"/ 2>/dev/null; ls /tmp/res
