@@ -19,6 +19,15 @@ build_working_tree() {
     -C cmake.define.JAX_FMHA_CUDA_ARCHITECTURES=90a-real . > /tmp/build.log 2>&1
 }
 
+# The GPU, the build with its time, and what the installed package reports (the build's
+# backends and the forward kernel the device runs). Leaves the shell in /tmp.
+build_and_report() {
+  gpu_info
+  local start; start=$(date +%s)
+  build_working_tree; echo "build: $(( $(date +%s) - start )) s"; tail -n 3 /tmp/build.log
+  cd /tmp && python3 -c "import jax, jax_fmha; print(jax.devices(), jax_fmha.build_info(), jax_fmha._ffi._ext.cuda_forward_kernel())"
+}
+
 # The launch-shape sweep of the RMSNorm kernels, built against ffi/cuda/$1 -> /tmp/sweep_$2.
 build_sweep() {
   local inc

@@ -8,10 +8,8 @@
 source benchmarks/results/device_steps.sh
 device_setup .whl_fa3
 {
-gpu_info
 start=$(date +%s)
-build_working_tree; echo "build: $(( $(date +%s) - start )) s"; tail -n 3 /tmp/build.log
-cd /tmp && python3 -c "import jax, jax_fmha; print(jax.devices(), jax_fmha.build_info(), jax_fmha._ffi._ext.cuda_forward_kernel())"
+build_and_report
 echo "== prefill A/B: wgmma, mma.sync, cuDNN; paged prefill"
 timeout 100 python3 "$REPO/benchmarks/results/gpu_attention_perf_bench.py" --no-decode 2>&1 | sed -n '/summary:/,$p'
 cd "$REPO/tests"

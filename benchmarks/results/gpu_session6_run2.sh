@@ -5,10 +5,7 @@
 source benchmarks/results/device_steps.sh
 device_setup .whl_fa3
 {
-gpu_info
-start=$(date +%s)
-build_working_tree; echo "build: $(( $(date +%s) - start )) s"; tail -n 3 /tmp/build.log
-cd /tmp && python3 -c "import jax, jax_fmha; print(jax.devices(), jax_fmha.build_info(), jax_fmha._ffi._ext.cuda_forward_kernel())"
+build_and_report
 } 2>&1 | tee "$OUT/call2.txt"
 cd /tmp; mkdir -p /tmp/res
 timeout 420 python3 "$REPO/benchmarks/attention.py" --backend gpu --suite all \
