@@ -276,17 +276,21 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("page_size,d,num_splits", [
-    (16, 128, 1),   # pages smaller than a 64-key run: the portable kernel
-    (64, 128, 1),   # a 128-key wgmma block in two runs on two pages
-    (64, 128, 3),
-    (192, 128, 1),  # runs cross no page, blocks do
-    (128, 128, 1), (256, 96, 1), (64, 96, 1),  # d96: the wgmma loads' general path
-    (64, 192, 1), (64, 256, 1)])
+    (8, 128, 1),    # pages that are not a multiple of a 16-key run: the portable kernel
+    (16, 128, 1),   # wgmma: a 128-key block in eight runs on eight pages
+    (16, 128, 3),
+    (48, 128, 1),   # runs cross no page, blocks do
+    (64, 128, 1),   # wgmma: two 64-key runs on two pages
+    (192, 128, 1), (128, 128, 1),
+    (256, 96, 1), (16, 96, 1),  # d96: the wgmma loads' general path
+    (16, 192, 1), (64, 256, 1)])
 def test_paged_prefill(rng, causal, page_size, d, num_splits):
-  """Many query rows on pages: the forward tile kernels (wgmma for pages of 64 keys or a
-  multiple). Lengths end inside a block's first run (700, 129, 300: its second run is
-  never looked up) and inside its second (1000)."""
-  lens = [700, 129, 0, 300, 1000]
+  """Many query rows on pages: the forward tile kernels (wgmma for pages of 16 keys or a
+  multiple: 16-key runs with their page ids staged in shared memory, or, for multiples of
+  64, 64-key runs looked up into registers a step ahead). The lengths end inside a run (700,
+  1000), one key into a block (129) and at the end of a run (304): the block's later runs
+  are never looked up."""
+  lens = [700, 129, 0, 304, 1000]
   q, kp, vp, table, lens = paged_inputs(rng, BF16, b=5, page_size=page_size, lens=lens,
                                         hq=8, hkv=2, d=d, sq=150)
   window = (-1, 0) if causal else (-1, -1)
@@ -447,8 +451,10 @@ def memcheck_cases():
   test_cache_with_seq_lens(rng, BF16, 1)
   for page_size in (1, 16, 64):
     test_paged(rng, BF16, page_size, 5, 8, 2)
-  test_paged_prefill(rng, False, 64, 128, 1)  # wgmma: runs of 64 keys on pages
-  test_paged_prefill(rng, True, 64, 96, 1)
+  test_paged_prefill(rng, False, 16, 128, 1)  # wgmma: runs of 16 keys on pages
+  test_paged_prefill(rng, True, 16, 96, 1)
+  test_paged_prefill(rng, False, 48, 128, 3)
+  test_paged_prefill(rng, True, 64, 128, 1)  # wgmma: runs of 64 keys
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel

@@ -113,13 +113,14 @@ ffi::Error launch(cudaStream_t stream, const AttentionProblem& p, const void* q,
   }
   // At d64 the wgmma kernel measured slower than mma.sync on an H200 (257 vs 280 TFLOP/s:
   // the products halve, the softmax does not; gpu_session5_h200.md): d64 stays portable.
-  // Pages that are not a multiple of its 64-key runs take the portable kernel too: the
-  // wgmma kernel issues its copies ahead of its products, so the row-by-row block-table
-  // reads of such pages stall them (0.42-0.49x of dense at page 16; gpu_session5_h200.md).
+  // Pages that are not a multiple of its 16-key runs take the portable kernel too: the
+  // wgmma kernel issues its copies ahead of its products, so row-by-row block-table reads
+  // would stall them (0.42-0.49x of dense at pages 16 and 64 before the runs;
+  // gpu_session5_h200.md).
   if constexpr (kHeadDim > 64) {
     using Traits = HopperTraits<Element, kHeadDim>;
     if (use_wgmma_kernel() &&
-        (p.kv.layout != KvLayout::kPaged || p.kv.page_size % Traits::kRunKeys == 0)) {
+        (p.kv.layout != KvLayout::kPaged || p.kv.page_size % Traits::kPageRunKeys == 0)) {
       return launch_tiles<Traits, OutT, attention_forward_kernel_sm90<Traits, OutT>>(
           stream, p, q, k, v, out_typed, lse);
     }

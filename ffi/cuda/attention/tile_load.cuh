@@ -81,17 +81,24 @@ __device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b,
   return int64_t(pages[key / page_size]) * page_size + key % page_size;
 }
 
-// Where a block of kRuns runs of keys lies in the K/V arrays when each run's keys are
-// consecutive rows ("contiguous runs": every layout but pages, and pages that are a multiple
-// of the run): run i from first_row[i] on. Otherwise no rows are known ahead, and each row
-// is looked up through the block table as it is copied. Looking the runs up ahead of the
-// copies (key_block_rows) lets a kernel fetch a later block's page ids while it still
-// computes, so that no copy waits for a block-table read.
-template <int kRuns>
+// Where a key block lies in the K/V arrays, for load_kv_tile: as kRuns runs of consecutive
+// keys, each run in consecutive rows (run_row<kRunKeys>(i): the row of run i's first key;
+// row<kRunKeys>(r): the row of the block's key r). Two kinds hold it: KeyBlockRows (below)
+// and PagedRuns.
+//
+// KeyBlockRows: the first row of each run, in registers. One run covers the block in every
+// layout but pages; pages that are a multiple of the run hold each run in one page. Looking
+// the runs up a step ahead of the copies (key_block_rows) lets a kernel fetch a later
+// block's page ids while it still computes, so that no copy waits for a block-table read.
+template <int kRuns_>
 struct KeyBlockRows {
+  static constexpr int kRuns = kRuns_;
   int64_t first_row[kRuns];
 
-  // The row of the block's key r (a key of the block, inside the problem).
+  template <int kRunKeys>
+  __device__ __forceinline__ int64_t run_row(int run) const {
+    return first_row[run];
+  }
   template <int kRunKeys>
   __device__ __forceinline__ int64_t row(int r) const {
     int64_t result = first_row[0] + r;
@@ -101,6 +108,44 @@ struct KeyBlockRows {
     return result;
   }
 };
+
+// PagedRuns: many runs (pages as small as a run) would take too many registers, so the page
+// id of each run sits in shared memory instead, where stage_page_ids put it a step ahead.
+// Reading it back costs a shared-memory load and the row arithmetic at every run's copies.
+template <int kRuns_>
+struct PagedRuns {
+  static constexpr int kRuns = kRuns_;
+  const int32_t* page_ids;  // shared memory: the page of each run of the block
+  int page_size;
+  int key_begin;  // the block's first key
+
+  template <int kRunKeys>
+  __device__ __forceinline__ int64_t run_row(int run) const {
+    return int64_t(page_ids[run]) * page_size + (key_begin + run * kRunKeys) % page_size;
+  }
+  template <int kRunKeys>
+  __device__ __forceinline__ int64_t row(int r) const {
+    return run_row<kRunKeys>(r / kRunKeys) + r % kRunKeys;
+  }
+};
+
+// Copies the page ids of the kRuns runs of kRunKeys keys from key_begin on (sequence b)
+// into smem_ids: cp.async, 4 bytes for each of threads 0 .. kRuns - 1, in the caller's copy
+// group. A run starting at or past key_end gets id 0 and is never read: its table entry
+// may lie past the sequence's row of the block table, and is not touched.
+template <int kRuns, int kRunKeys>
+__device__ __forceinline__ void stage_page_ids(int32_t* smem_ids, const AttentionProblem& p,
+                                               int64_t b, int key_begin, int key_end,
+                                               int tid) {
+  if (tid >= kRuns) return;
+  const int key = key_begin + tid * kRunKeys;
+  const bool in_bounds = key < key_end;
+  const int32_t* src =
+      p.kv.block_table + (in_bounds ? b * p.kv.pages_per_seq + key / int(p.kv.page_size) : 0);
+  cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+      *reinterpret_cast<const uint32_t*>(src), *reinterpret_cast<uint32_t*>(smem_ids + tid),
+      in_bounds);
+}
 
 // The rows of the first keys of the runs of keys [key_begin, key_begin + kRuns * kRunKeys)
 // of sequence b, key_begin below key_end (callers load only blocks that hold keys). A later
@@ -125,24 +170,25 @@ __device__ __forceinline__ KeyBlockRows<kRuns> key_block_rows(const AttentionPro
 // Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile, the copies
 // shared by kCopyThreads threads (this one is `tid`): the whole CTA for the prefill tile, one
 // warp for a decode warp's own block. With `contiguous_runs`, `rows` says where the keys
-// lie (KeyBlockRows, runs of kRows / kRuns keys). Keys at or past key_end (the last key any row of the tile sees, at
-// most the sequence length) are zero-filled, so that masked probabilities (exact zeros)
-// never meet garbage values. kPart: K and V, or only one of them (the other pointer is then
-// unused).
-template <class Traits, int kRows, int kCopyThreads, KvPart kPart = KvPart::kBoth, int kRuns>
+// lie (KeyBlockRows, PagedRuns: runs of kRows / kRuns keys); otherwise each row is looked
+// up through the block table as it is copied. Keys at or past key_end (the last key any
+// row of the tile sees, at most the sequence length) are zero-filled, so that masked
+// probabilities (exact zeros) never meet garbage values. kPart: K and V, or only one of
+// them (the other pointer is then unused).
+template <class Traits, int kRows, int kCopyThreads, KvPart kPart = KvPart::kBoth, class Rows>
 __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
                                              typename Traits::Element* smem_v,
                                              const typename Traits::Element* k,
                                              const typename Traits::Element* v,
                                              const AttentionProblem& p, int64_t b, int kv_head,
                                              int key_begin, int key_end, bool contiguous_runs,
-                                             const KeyBlockRows<kRuns>& rows, int tid) {
+                                             const Rows& rows, int tid) {
   using Element = typename Traits::Element;
   constexpr int kChunksPerRow = Traits::kChunksPerRow;
   constexpr int kCopies = kRows * kChunksPerRow / kCopyThreads;
-  constexpr int kRunKeys = kRows / kRuns;
+  constexpr int kRunKeys = kRows / Rows::kRuns;
   static_assert(kRows * kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
-  static_assert(kRows % kRuns == 0, "runs must split the block evenly");
+  static_assert(kRows % Rows::kRuns == 0, "runs must split the block evenly");
   // This runs once per key block of the main loop with every register taken, so its
   // integer work is kept small: 32-bit page and bounds arithmetic, one 64-bit product per
   // run, and, where a copy pass covers whole rows of one run, one pointer step per copy.
@@ -155,18 +201,17 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
       constexpr int kPassesPerRun = kRunKeys / kRowsPerPass;
       const int r = tid / kChunksPerRow;
       const int col = (tid % kChunksPerRow) * Traits::kChunk;
-      int64_t run_offset[kRuns];
-#pragma unroll
-      for (int i = 0; i < kRuns; ++i)
-        run_offset[i] = (rows.first_row[i] + r) * row_stride + head_offset + col;
       const int64_t pass_stride = kRowsPerPass * row_stride;
       const bool col_in_bounds = col < head_dim;
+      int64_t run_offset = 0;
 #pragma unroll
       for (int it = 0; it < kCopies; ++it) {
+        if (it % kPassesPerRun == 0)  // the thread's row in the next run
+          run_offset = (rows.template run_row<kRunKeys>(it / kPassesPerRun) + r) * row_stride +
+                       head_offset + col;
         const bool in_bounds = col_in_bounds && key_begin + r + it * kRowsPerPass < key_end;
         // Out of bounds nothing is read (zero fill); the address stays the array's start.
-        const int64_t src =
-            in_bounds ? run_offset[it / kPassesPerRun] + it % kPassesPerRun * pass_stride : 0;
+        const int64_t src = in_bounds ? run_offset + it % kPassesPerRun * pass_stride : 0;
         const int dst = Traits::kv_offset(r + it * kRowsPerPass, col);
         if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);
         if constexpr (kPart != KvPart::kKeys) copy_chunk(smem_v + dst, v + src, in_bounds);

@@ -13,8 +13,9 @@
 // block n + 1 and V of block n, and one barrier a step both publishes the group issued a
 // step earlier and frees the stages that group refills (K of n - 1, V of n - 2: every warp
 // is past step n - 1, where their last reads were waited for). Where the rows of a block
-// lie (for pages: its page ids) is read a step before its copies are issued, so the copies
-// never wait for the block table.
+// lie (for pages: its page ids) is read a step or two before its copies are issued, so the
+// copies never wait for the block table: into registers for 64-key runs (dense layouts,
+// pages of 64 keys or a multiple), into shared memory for 16-key runs (other pages).
 #pragma once
 
 #include "common/attention_problem.h"
@@ -44,6 +45,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Element* smem_q = reinterpret_cast<Element*>(sm90_smem);
   Element* smem_k = smem_q + Traits::kQElems;  // [2]
   Element* smem_v = smem_k + 2 * kTile;        // [2]
+  int32_t* smem_page_ids = reinterpret_cast<int32_t*>(sm90_smem + Traits::kPageIdsOffset);
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -54,10 +56,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const bool group_has_rows = warp_row / Traits::kMmaGroupRows * Traits::kMmaGroupRows < t.rows;
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  // (The launcher sends pages that are not a multiple of a run to the portable kernel; the
-  // row-by-row gather keeps any other page size correct here too.)
-  const bool contiguous_runs =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % Traits::kRunKeys == 0;
+  // Pages that are not a multiple of 64 keys load as 16-key runs with staged page ids.
+  // (The launcher sends pages that are not a multiple of 16 to the portable kernel; the
+  // row-by-row gather keeps any page size correct here too.)
+  const bool staged_ids = p.kv.layout == KvLayout::kPaged && p.kv.page_size % Traits::kRunKeys;
+  const bool page_runs = p.kv.page_size % Traits::kPageRunKeys == 0;
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -72,20 +75,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (!keys.empty()) {
     const int first_block = keys.begin / kBlockN * kBlockN;
     const int blocks = (keys.end - first_block + kBlockN - 1) / kBlockN;
+    constexpr int kPageRuns = Traits::kPageRuns;
     using BlockRows = KeyBlockRows<Traits::kKeyRuns>;
     const auto rows_of = [&](int block) {
       return key_block_rows<Traits::kKeyRuns, Traits::kRunKeys>(
           p, t.b, first_block + block * kBlockN, keys.end);
     };
-    // The rows of the blocks whose V, K and next K come next: a block's rows are looked up
-    // one step before its K is copied, and kept for its V a step later.
-    BlockRows v_rows, k_rows = rows_of(0), next_k_rows = blocks > 1 ? rows_of(1) : k_rows;
+    const auto page_ids = [&](int block) {
+      return smem_page_ids + block % Traits::kPageIdSlots * kPageRuns;
+    };
+    const auto stage_ids = [&](int block) {
+      if (page_runs)
+        stage_page_ids<kPageRuns, Traits::kPageRunKeys>(
+            page_ids(block), p, t.b, first_block + block * kBlockN, keys.end, threadIdx.x);
+    };
+    // 64-key runs: the rows of the blocks whose V, K and next K come next; a block's rows
+    // are looked up one step before its K is copied, and kept for its V a step later.
+    BlockRows v_rows, k_rows, next_k_rows;
+    if (!staged_ids) {
+      k_rows = rows_of(0);
+      next_k_rows = blocks > 1 ? rows_of(1) : k_rows;
+    }
     // One copy group: K of block `key_block` and V of block key_block - 1, where they exist.
     const auto issue = [&](int key_block) {
       const auto copy = [&](auto part, int block, const BlockRows& rows) {
-        load_kv_tile<Traits, kBlockN, Traits::kThreads, decltype(part)::value>(
-            smem_k + block % 2 * kTile, smem_v + block % 2 * kTile, k, v, p, t.b, t.kv_head,
-            first_block + block * kBlockN, keys.end, contiguous_runs, rows, threadIdx.x);
+        constexpr KvPart kPart = decltype(part)::value;
+        Element* const dst_k = smem_k + block % 2 * kTile;
+        Element* const dst_v = smem_v + block % 2 * kTile;
+        const int key_begin = first_block + block * kBlockN;
+        if (staged_ids) {
+          load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
+              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, page_runs,
+              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.page_size), key_begin},
+              threadIdx.x);
+        } else {
+          load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
+              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, true, rows,
+              threadIdx.x);
+        }
       };
       if (key_block < blocks)
         copy(std::integral_constant<KvPart, KvPart::kKeys>{}, key_block, k_rows);
@@ -93,6 +120,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         copy(std::integral_constant<KvPart, KvPart::kValues>{}, key_block - 1, v_rows);
       cute::cp_async_fence();  // (the first group also holds Q)
     };
+    if (staged_ids) {  // the page ids of blocks 0 and 1 before any copy
+      stage_ids(0);
+      if (blocks > 1) stage_ids(1);
+      cute::cp_async_fence();
+      cute::cp_async_wait<0>();
+      __syncthreads();
+    }
     issue(0);
     for (int block = 0; block < blocks; ++block) {
       cute::cp_async_wait<0>();
@@ -100,7 +134,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       __syncthreads();  // K of this block, V of the last visible; their old stages free
       v_rows = k_rows;
       k_rows = next_k_rows;
-      if (block + 2 < blocks) next_k_rows = rows_of(block + 2);  // used at the next step
+      if (block + 2 < blocks) {  // used at the next step
+        if (staged_ids) stage_ids(block + 2);
+        else next_k_rows = rows_of(block + 2);
+      }
       issue(block + 1);
       if (group_has_rows) {
         float s[1][Traits::kKeyAtoms][4];

@@ -12,7 +12,8 @@
 // Shared memory: Q (kBlockM x d), and kStages stages of K and V (kBlockN x d each), all in
 // the K-major swizzled layout wgmma reads (rows of d elements in 128-byte swizzle atoms).
 // Q K^T reads Q and K from there (both operands K-major: the reduction runs over d); P V
-// reads V through a transposed view (d x keys, "MN-major"), P from registers.
+// reads V through a transposed view (d x keys, "MN-major"), P from registers. After them,
+// for pages loaded as 16-key runs, the page ids of the key blocks in flight.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -64,9 +65,16 @@ struct HopperTraits {
   // (KeyBlockRows): pages of 64 keys or a multiple of 64 load as fast as a dense array.
   static constexpr int kRunKeys = 64;
   static constexpr int kKeyRuns = kBlockN / kRunKeys;
+  // Other pages that are a multiple of 16 keys load as runs of 16 (PagedRuns): the page ids
+  // of block n + 2 are copied to shared memory at step n, with that step's copies, into one
+  // of kPageIdSlots slots (a slot is read at the two steps after the one that fills it, so
+  // three would do).
+  static constexpr int kPageRunKeys = 16;
+  static constexpr int kPageRuns = kBlockN / kPageRunKeys;
+  static constexpr int kPageIdSlots = 4;
   // load_kv_tile's general path two copies at a time. At run time it serves d96 and d192
   // here (their rows do not split evenly over 256 threads); the launcher sends pages that
-  // are not a multiple of kRunKeys to the portable kernel. Fully unrolled, its compiled
+  // are not a multiple of kPageRunKeys to the portable kernel. Fully unrolled, its compiled
   // row-by-row page gather held eight copies' addresses beside S, P and O and spilled 120
   // bytes at d128.
   static constexpr int kGatherUnroll = 2;
@@ -101,8 +109,10 @@ struct HopperTraits {
 
   static constexpr int kQElems = int(cute::cosize_v<SmemLayoutQ>);
   static constexpr int kKvTileElems = int(cute::cosize_v<SmemLayoutKV>);
-  static constexpr size_t kSmemBytes =
+  static constexpr size_t kPageIdsOffset =
       sizeof(Element) * (size_t(kQElems) + 2 * size_t(kStages) * kKvTileElems);
+  static constexpr size_t kSmemBytes =
+      kPageIdsOffset + sizeof(int32_t) * kPageIdSlots * kPageRuns;
   // Every tile starts on a swizzle-pattern boundary (the wgmma descriptors assume it).
   static constexpr size_t kSmemAlign = 1024;
 
