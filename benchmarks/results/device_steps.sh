@@ -62,3 +62,12 @@ attention_gpu_tests() {
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 test_attention_gpu.py --memcheck 2>&1 | tail -4; echo "memcheck rc=${PIPESTATUS[0]}"
 }
+
+# The prefill A/B of both forward kernels and cuDNN, with paged prefill
+# (gpu_attention_perf_bench.py), then the CUDA attention tests. Leaves the shell in tests/.
+attention_ab_and_tests() {
+  echo "== prefill A/B: wgmma, mma.sync, cuDNN; paged prefill"
+  timeout 100 python3 "$REPO/benchmarks/results/gpu_attention_perf_bench.py" --no-decode 2>&1 | sed -n '/summary:/,$p'
+  cd "$REPO/tests"
+  attention_gpu_tests
+}

@@ -11,10 +11,7 @@ device_setup .whl_fa3
 {
 start=$(date +%s)
 build_and_report
-echo "== prefill A/B: wgmma, mma.sync, cuDNN; paged prefill"
-timeout 100 python3 "$REPO/benchmarks/results/gpu_attention_perf_bench.py" --no-decode 2>&1 | sed -n '/summary:/,$p'
-cd "$REPO/tests"
-attention_gpu_tests
+attention_ab_and_tests
 echo "elapsed: $(( $(date +%s) - start )) s"
 } 2>&1 | tee "$OUT/call3.txt"
 cd /tmp; mkdir -p /tmp/res3
