@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // Pages that are not a multiple of 64 keys load as 16-key runs with staged page ids.
   // (The launcher sends pages that are not a multiple of 16 to the portable kernel; the
   // row-by-row gather keeps any page size correct here too.)
-  const bool staged_ids = p.kv.layout == KvLayout::kPaged && p.kv.page_size % Traits::kRunKeys;
+  const bool staged_ids =
+      p.kv.layout == KvLayout::kPaged && p.kv.page_size % Traits::kRunKeys != 0;
   const bool page_runs = p.kv.page_size % Traits::kPageRunKeys == 0;
 
   float o[1][Traits::kDimAtoms][4];
