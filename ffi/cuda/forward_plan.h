@@ -1,0 +1,79 @@
+// Which CUDA attention kernel computes a problem, and what the split-KV planner must know of
+// each: the packed query rows of its tile and the CTAs an SM holds at once. Plain C++ (no
+// CUDA headers): the launcher (attention.cu) calls it at run time, the planner
+// (common/split_policy.h, through the extension) at trace time, in every build.
+// Why the kernels are shaped and chosen so: docs/design/cuda_attention.md.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace jax_fmha::cuda {
+
+enum class ForwardKernel : int32_t {
+  kDecode = 0,    // few packed rows per KV head: 16-row tiles, the warps split the keys
+  kPortable = 1,  // sm80+: mma.sync, 128-row tiles
+  kHopper = 2,    // sm_90a: wgmma, 128-row tiles
+};
+
+struct KernelShape {
+  int64_t block_m;      // packed query rows (queries x heads of a KV head) of one CTA
+  int64_t ctas_per_sm;  // CTAs one SM runs at once
+};
+
+// The decode tile: 16 rows; two CTAs an SM (its K/V stages fill about 104 KB).
+inline constexpr KernelShape kDecodeShape{16, 2};
+// The portable forward tile: 128 rows, two CTAs an SM up to d128.
+inline constexpr KernelShape kPortableShape{128, 2};
+// The Hopper forward tile: 128 rows, one CTA an SM (its shared memory and registers).
+inline constexpr KernelShape kHopperShape{128, 1};
+
+constexpr KernelShape kernel_shape(ForwardKernel kernel) {
+  switch (kernel) {
+    case ForwardKernel::kDecode: return kDecodeShape;
+    case ForwardKernel::kPortable: return kPortableShape;
+    default: return kHopperShape;
+  }
+}
+
+// Up to this many packed rows per (sequence, KV head) the decode tile runs: its tiles of one
+// KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
+// than it would re-read.
+inline constexpr int64_t kDecodeMaxRows = 64;
+// The Hopper kernel runs head dims above 64 (at d64 mma.sync measured faster), and pages
+// that are a multiple of its 16-key runs (smaller pages would stall its copies).
+inline constexpr int64_t kHopperMinHeadDim = 65;
+inline constexpr int64_t kHopperPageRunKeys = 16;
+
+// Whether this build holds the sm_90a kernel (90a among the CUDA architectures).
+#if defined(JAX_FMHA_HOPPER)
+inline constexpr bool kHopperBuilt = true;
+#else
+inline constexpr bool kHopperBuilt = false;
+#endif
+
+// JAX_FMHA_CUDA_FORWARD=portable keeps Hopper devices on the portable kernel. Read at every
+// call, so that tests and benchmarks can compare the two kernels in one process.
+inline bool portable_forced() {
+  const char* choice = std::getenv("JAX_FMHA_CUDA_FORWARD");
+  return choice != nullptr && std::strcmp(choice, "portable") == 0;
+}
+
+// Whether a device of this compute capability runs the Hopper kernel where it can.
+inline bool hopper_device(int compute_capability_major) {
+  return kHopperBuilt && compute_capability_major == 9 && !portable_forced();
+}
+
+// The kernel for a problem with `rows_per_kv_head` packed rows (max_seqlen_q x group) per
+// (sequence, KV head), head dim `head_dim`, and pages of `page_size` keys (0: not paged).
+inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_per_kv_head,
+                                    int64_t head_dim, int64_t page_size) {
+  if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
+  if (hopper_device(compute_capability_major) && head_dim >= kHopperMinHeadDim &&
+      page_size % kHopperPageRunKeys == 0)
+    return ForwardKernel::kHopper;
+  return ForwardKernel::kPortable;
+}
+
+}  // namespace jax_fmha::cuda
