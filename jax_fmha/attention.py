@@ -1,26 +1,27 @@
-"""``jax_fmha.attention``: the flash-attention forward, and the split-KV merge."""
+"""``jax_fmha.attention``: the flash-attention forward and its primitive."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 
-from jax_fmha import _checks, _primitives, reference
+from jax_fmha import _split_plan, _validation, reference
+from jax_fmha._primitives import (broadcast_batched, define_ffi_primitive, derived_aval,
+                                  empty_i32, map_over_batch)
+from jax_fmha._validation import AttentionProblem, Backend, KvLayout
+from jax_fmha.merge import merge_attention_states
 
-BACKENDS = ("auto", "reference")
-MAX_SPLITS = 256
 
-
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
-              window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int | None = None,
-              max_seqlen_k: int | None = None, block_table=None, seq_lens=None,
-              num_splits: int | None = None, return_lse: bool = False,
-              backend: str = "auto"):
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
+              scale: float | None = None, window: tuple[int, int] = (-1, -1),
+              softcap: float = 0.0, cu_seqlens_q: ArrayLike | None = None,
+              cu_seqlens_k: ArrayLike | None = None, max_seqlen_q: int | None = None,
+              max_seqlen_k: int | None = None, block_table: ArrayLike | None = None,
+              seq_lens: ArrayLike | None = None, num_splits: int | None = None,
+              return_lse: bool = False,
+              backend: Backend = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
   """Scaled dot-product attention, computed by a fused flash-attention kernel.
 
   Query layouts:
@@ -79,7 +80,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
   Returns:
     ``out`` with q's shape and dtype, or ``(out, lse)`` when ``return_lse``.
   """
-  problem = _check_attention(
+  problem = _validation.attention(
       q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
       max_seqlen_k=max_seqlen_k, block_table=block_table, seq_lens=seq_lens,
@@ -91,41 +92,15 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
   return (out, lse) if return_lse else out
 
 
-@dataclasses.dataclass(frozen=True)
-class _Problem:
-  """Validated, canonical arguments of one attention call."""
-  q: jax.Array
-  k: jax.Array
-  v: jax.Array
-  cu_seqlens_q: jax.Array | None
-  cu_seqlens_k: jax.Array | None
-  seq_lens: jax.Array | None
-  block_table: jax.Array | None
-  scale: float
-  softcap: float
-  window: tuple[int, int]
-  kv_layout: int
-  max_seqlen_q: int
-  max_seqlen_k: int
-  num_splits: int | None
-
-  def operands(self) -> dict:
-    return dict(q=self.q, k=self.k, v=self.v, cu_seqlens_q=self.cu_seqlens_q,
-                cu_seqlens_k=self.cu_seqlens_k, seq_lens=self.seq_lens,
-                block_table=self.block_table)
-
-  def attributes(self) -> dict:
-    return dict(scale=self.scale, softcap=self.softcap, window=self.window,
-                kv_layout=self.kv_layout, max_seqlen_q=self.max_seqlen_q)
-
-
-def _run_kernel(p: _Problem):
-  group = p.q.shape[-2] // p.k.shape[-2]
-  splits = p.num_splits if p.num_splits is not None else choose_num_splits(
-      batch=_batch(p), num_kv_heads=p.k.shape[-2], group=group,
-      max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
-      policy=split_policy(p.max_seqlen_q * group, _target_device(p.q)))
-  out, lse = _primitives.attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
+def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
+  splits = p.num_splits
+  if splits is None:
+    splits = _split_plan.num_splits(
+        batch=p.batch, num_kv_heads=p.k.shape[-2], group=p.q.shape[-2] // p.k.shape[-2],
+        max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k, head_dim=p.q.shape[-1],
+        page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
+        device=_split_plan.target_device(p.q))
+  out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
     return out, lse
   # Partial LSEs [S, B, Hq, Sq] / [S, Hq, Tq] are put in the output's row order for the merge.
@@ -133,222 +108,88 @@ def _run_kernel(p: _Problem):
   return out, jnp.swapaxes(lse, -1, -2)
 
 
-def _batch(p: _Problem) -> int:
-  return p.cu_seqlens_q.shape[0] - 1 if p.cu_seqlens_q is not None else p.q.shape[0]
+# ---------------------------------------------------------------------------------------
+# The forward primitive
+# ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitPolicy:
-  """How a backend's kernels fill a device, for the split-KV heuristic.
-
-  rows_per_unit: query rows (of all heads sharing a KV head) one work unit computes;
-  slots: work units the device runs at once (one wave); waves: waves to aim for when
-  splitting; min_keys: fewest keys a split may get.
-  """
-  rows_per_unit: int
-  slots: int
-  waves: int
-  min_keys: int
-
-
-def _target_device(x) -> jax.Device:
-  """The device a call on `x` will most likely run on, known at trace time: a concrete
-  input's own device, else the `jax.default_device` in force, else JAX's first device."""
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    devices = x.devices()
-    if len(devices) == 1:
-      return next(iter(devices))
-  default = jax.config.jax_default_device
-  if isinstance(default, str):
-    return jax.devices(default)[0]
-  return default if default is not None else jax.devices()[0]
+def _attention_abstract_eval(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, *,
+                             scale, softcap, window_left, window_right, kv_layout, num_splits,
+                             max_seqlen_q):
+  if q.ndim == 4:  # dense [B, Sq, Hq, D] -> lse [B, Hq, Sq]
+    lse_shape, lse_axes = (q.shape[0], q.shape[2], q.shape[1]), (0, 2, 1)
+  else:  # packed [Tq, Hq, D] -> lse [Hq, Tq]
+    lse_shape, lse_axes = (q.shape[1], q.shape[0]), (1, 0)
+  if num_splits == 1:
+    return (q.update(), derived_aval(q, lse_shape, jnp.float32, lse_axes))
+  # Split-KV: float32 partial outputs and LSEs, one per split, on a new leading axis.
+  out = derived_aval(q, (num_splits,) + q.shape, jnp.float32, (None,) + tuple(range(q.ndim)))
+  lse = derived_aval(q, (num_splits,) + lse_shape, jnp.float32, (None,) + lse_axes)
+  return (out, lse)
 
 
-def split_policy(max_rows: int, device: jax.Device | None = None) -> SplitPolicy:
-  """The policy of `device` (default: JAX's first device), from static information only
-  (never device data, so CUDA graphs stay valid): the CPU's thread count or the GPU's
-  multiprocessor count."""
-  device = jax.devices()[0] if device is None else device
-  if device.platform == "cpu":  # 64-row tiles (ffi/cpu/attention_kernel.h), dynamically
-    # scheduled over the threads
-    return SplitPolicy(rows_per_unit=64, slots=os.cpu_count() or 1, waves=2, min_keys=256)
-  sms = int(getattr(device, "core_count", 0) or 132)
-  # CUDA: decode-shaped problems (<= 64 rows) run 16-row tiles, 2 CTAs per SM; prefill
-  # runs 128-row tiles. One wave of long splits: on an H200, one 128k sequence (8 units)
-  # read 3.5 TB/s with 33 splits (one wave), 3.3 with 66 and 3.0 with 16 or 132
-  # (benchmarks/results/gpu_session2_h200.md).
-  return SplitPolicy(rows_per_unit=16 if max_rows <= 64 else 128, slots=2 * sms, waves=1,
-                     min_keys=1024)
+def _attention_batching(args, dims, **params):
+  q = args[0]
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  dense_q = q.ndim - (dims[0] is not None) == 4
+  # Dense queries with dense / cached / paged keys: the vmapped axis folds into the batch.
+  # Packed (variable-length) forms run once per batch element.
+  if dense_q and params["kv_layout"] != "packed":
+    q, k, v, seq_lens, table = _fold_dense(args, dims, size, params["kv_layout"])
+    out, lse = attention_fwd_p.bind(q, k, v, args[3], args[4], seq_lens, table, **params)
+    lead = 0 if params["num_splits"] == 1 else 1
+    out = out.reshape(out.shape[:lead] + (size, -1) + out.shape[lead + 1:])
+    lse = lse.reshape(lse.shape[:lead] + (size, -1) + lse.shape[lead + 1:])
+    return [out, lse], [lead, lead]
+  return map_over_batch(attention_fwd_p, args, dims, params)
 
 
-def choose_num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q: int,
-                      max_seqlen_k: int, policy: SplitPolicy | None = None) -> int:
-  """Split-KV heuristic on static shapes only.
-
-  Work units are (sequence, KV head, tile of query rows of the heads sharing the KV head).
-  When they fill less than one and a half waves of the device, the keys are split so that
-  about ``policy.waves`` waves run, keeping at least ``policy.min_keys`` keys per split. Of
-  the split counts just below and just above that aim, the one whose last wave is fuller
-  wins (a wave that is one fifth full costs as long as a full one): 64 units on 264 slots
-  get 4 splits (256 CTAs), not 5 (320 CTAs, two waves).
-  """
-  rows = max_seqlen_q * group
-  policy = split_policy(rows) if policy is None else policy
-  units = batch * num_kv_heads * max(1, -(-rows // policy.rows_per_unit))
-  if units == 0 or 2 * units >= 3 * policy.slots:  # nothing to do, or the device is full
-    return 1
-  most = max(1, min(max_seqlen_k // policy.min_keys, MAX_SPLITS))
-  target = policy.waves * policy.slots
-
-  def filled(splits: int) -> float:  # the share of the launched waves' slots with work
-    ctas = units * splits
-    return ctas / (-(-ctas // policy.slots) * policy.slots)
-
-  below = min(most, max(1, target // units))
-  above = min(most, -(-target // units))
-  return int(max((below, above), key=filled))  # a tie keeps the fewer, longer splits
+def _fold_dense(args, dims, size, kv_layout: KvLayout):
+  q, k, v, _, _, seq_lens, table = args
+  merge = lambda x: x.reshape((-1,) + x.shape[2:])
+  q = merge(broadcast_batched([q], dims[:1], size)[0])
+  if kv_layout in ("uniform", "cache"):
+    k, v = (merge(x) for x in broadcast_batched([k, v], dims[1:3], size))
+    if kv_layout == "cache":
+      seq_lens = merge(broadcast_batched([seq_lens], dims[5:6], size)[0])
+    return q, k, v, seq_lens, table
+  # Paged: pages may be shared (unbatched) or per batch element (stacked, ids offset).
+  seq_lens, table = (merge(x) for x in broadcast_batched([seq_lens, table], dims[5:7], size))
+  if dims[1] is not None or dims[2] is not None:
+    k, v = broadcast_batched([k, v], dims[1:3], size)
+    num_pages = k.shape[1]
+    offsets = jnp.repeat(jnp.arange(size, dtype=jnp.int32) * num_pages,
+                         table.shape[0] // size)
+    table = table + offsets[:, None]
+    k, v = merge(k), merge(v)
+  return q, k, v, seq_lens, table
 
 
-def merge_attention_states(outs, lses, *, out_dtype=None, backend: str = "auto"):
-  """Merges attention results over disjoint key sets (split-KV, cascade, prefix caching).
-
-  Args:
-    outs: ``[S, ..., D]``: S partial attention outputs, each normalized over its own keys.
-    lses: ``[S, ...]`` float: their log-sum-exps (``-inf`` for an empty key set).
-    out_dtype: dtype of the merged output (default: ``outs.dtype``).
-    backend: ``"auto"`` (kernel) or ``"reference"``.
-
-  Returns:
-    ``(out [..., D], lse [...])``: the attention over the union of the key sets. Partial
-    results with LSE ``-inf`` weigh nothing; rows whose partials are all empty get 0 and
-    ``-inf``. Merging is exact up to float32 rounding.
-  """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-  outs, lses = _checks.array("outs", outs), _checks.array("lses", lses)
-  _checks.float_dtype("outs", outs)
-  _checks.float_dtype("lses", lses)
-  if outs.ndim < 2 or lses.shape != outs.shape[:-1]:
-    raise ValueError(f"lses: expected shape outs.shape[:-1] = {tuple(outs.shape[:-1])} "
-                     f"(outs [S, ..., D]), got {tuple(lses.shape)}")
-  if outs.shape[0] < 1:
-    raise ValueError("outs: expected at least one partial result on axis 0, got 0")
-  out_dtype = jnp.dtype(outs.dtype if out_dtype is None else out_dtype)
-  if out_dtype not in _checks.FLOAT_DTYPES:
-    raise TypeError(f"out_dtype: expected float32, bfloat16 or float16, got {out_dtype}")
-  outs, lses = outs.astype(jnp.float32), lses.astype(jnp.float32)
-  if backend == "reference":
-    out, lse = reference.merge_attention_states(outs, lses)
-    return out.astype(out_dtype), lse
-  if outs.shape[-1] > _checks.MAX_HEAD_DIM:
-    raise ValueError(f"outs: head_dim must be at most {_checks.MAX_HEAD_DIM}, "
-                     f"got {outs.shape[-1]}")
-  return tuple(_primitives.merge_states_p.bind(outs, lses, out_dtype=out_dtype))
+def _attention_platform_check(platform, avals_in):
+  # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
+  if platform == "cuda" and avals_in[0].dtype == jnp.float32:
+    raise TypeError(
+        "jax_fmha.attention on the GPU takes bfloat16 or float16 q, k, v, got float32: cast "
+        "them (e.g. q.astype(jnp.bfloat16)), or use backend='reference' for float32")
 
 
-def _check_attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, block_table, seq_lens, num_splits,
-                     backend) -> _Problem:
-  """Validates the arguments; returns the canonical problem for the primitive."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-  q, k, v = (_checks.array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    _checks.float_dtype(name, x)
-  _checks.same_dtype(("q", "k", "v"), q, k, v)
-  if v.shape != k.shape:
-    raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-
-  # Queries.
-  if cu_seqlens_q is not None:
-    _checks.rank("q", q, (3,), "packed [Tq, Hq, D] with cu_seqlens_q; dense q is rank 4 "
-                 "and takes no cu_seqlens")
-    cu_seqlens_q = _checks.int32_vector("cu_seqlens_q", cu_seqlens_q, None,
-                                        "[B + 1] prefix sums")
-    if cu_seqlens_q.shape[0] < 1:
-      raise ValueError("cu_seqlens_q: expected shape [B + 1] with B >= 0, got (0,)")
-    batch = cu_seqlens_q.shape[0] - 1
-    max_seqlen_q = q.shape[0] if max_seqlen_q is None else \
-        _checks.static_int("max_seqlen_q", max_seqlen_q, 0)
-  else:
-    if q.ndim == 3:
-      raise ValueError(f"q: expected rank 4 (dense [B, Sq, Hq, D]), got shape "
-                       f"{tuple(q.shape)} (rank 3): packed q [Tq, Hq, D] needs cu_seqlens_q")
-    _checks.rank("q", q, (4,), "dense [B, Sq, Hq, D]")
-    if max_seqlen_q is not None:
-      raise ValueError(f"max_seqlen_q: only for packed q (with cu_seqlens_q), got "
-                       f"{max_seqlen_q}")
-    batch, max_seqlen_q = q.shape[0], q.shape[1]
-
-  # Keys and values.
-  if block_table is not None or seq_lens is not None:
-    kv_layout, max_seqlen_k, block_table = _check_cache(k, cu_seqlens_k, block_table, seq_lens,
-                                                        batch, max_seqlen_k)
-    seq_lens = _checks.int32_vector("seq_lens", seq_lens, batch, "[B] keys per sequence")
-  elif cu_seqlens_k is not None or cu_seqlens_q is not None:
-    if cu_seqlens_q is None or cu_seqlens_k is None:
-      raise ValueError("cu_seqlens_q and cu_seqlens_k: the packed (variable-length) form "
-                       "needs both, got only "
-                       + ("cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k"))
-    _checks.rank("k", k, (3,), "packed [Tk, Hkv, D] with cu_seqlens_k")
-    cu_seqlens_k = _checks.int32_vector("cu_seqlens_k", cu_seqlens_k, batch + 1,
-                                        "[B + 1] prefix sums, B from cu_seqlens_q")
-    max_seqlen_k = k.shape[0] if max_seqlen_k is None else \
-        _checks.static_int("max_seqlen_k", max_seqlen_k, 0)
-    kv_layout = _primitives.KV_PACKED
-  else:
-    _checks.rank("k", k, (4,), "dense [B, Sk, Hkv, D]")
-    if k.shape[0] != q.shape[0]:
-      raise ValueError(f"k: batch {k.shape[0]} differs from q's batch {q.shape[0]} "
-                       f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if max_seqlen_k is not None:
-      raise ValueError(f"max_seqlen_k: only for packed keys (with cu_seqlens_k), got "
-                       f"{max_seqlen_k}")
-    kv_layout, max_seqlen_k = _primitives.KV_UNIFORM, k.shape[1]
-
-  num_q_heads, d = q.shape[-2], q.shape[-1]
-  num_kv_heads = k.shape[-2]
-  _checks.head_dim("q", d)
-  if k.shape[-1] != d:
-    raise ValueError(f"k: head_dim {k.shape[-1]} differs from q's head_dim {d}")
-  if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-    raise ValueError(f"k: num_kv_heads ({num_kv_heads}) must divide q's num_heads "
-                     f"({num_q_heads}) for MHA/GQA/MQA")
-
-  if not isinstance(causal, (bool, jnp.bool_)):
-    raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
-  window = _checks.window(window)
-  if causal:
-    window = (window[0], 0)
-  scale = 1.0 / math.sqrt(d) if scale is None else _checks.static_float("scale", scale)
-  softcap = _checks.static_float("softcap", softcap, minimum=0.0)
-  if num_splits is not None:
-    num_splits = _checks.static_int("num_splits", num_splits, 1)
-    if num_splits > MAX_SPLITS:
-      raise ValueError(f"num_splits: expected at most {MAX_SPLITS}, got {num_splits}")
-  return _Problem(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                  seq_lens=seq_lens, block_table=block_table, scale=scale, softcap=softcap,
-                  window=window, kv_layout=kv_layout, max_seqlen_q=max_seqlen_q,
-                  max_seqlen_k=max_seqlen_k, num_splits=num_splits)
+attention_fwd_p = define_ffi_primitive(
+    "jax_fmha_attention_fwd", "jax_fmha_attention_fwd", _attention_abstract_eval,
+    _attention_batching, api_name="attention", named_params={"kv_layout": "kv_layouts"},
+    platform_check=_attention_platform_check)
 
 
-def _check_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
-  """Checks a contiguous or paged cache; returns (kv_layout, bound on keys per sequence,
-  block_table)."""
-  if seq_lens is None:
-    raise ValueError("seq_lens: a paged cache (block_table) needs seq_lens int32 [B], "
-                     "got None")
-  for name, value in (("cu_seqlens_k", cu_seqlens_k), ("max_seqlen_k", max_seqlen_k)):
-    if value is not None:
-      raise ValueError(f"{name}: not used with a KV cache (seq_lens gives the lengths), "
-                       f"got {value if name == 'max_seqlen_k' else 'an array'}")
-  if block_table is None:
-    _checks.rank("k", k, (4,), "contiguous cache [B, S_max, Hkv, D] with seq_lens")
-    if k.shape[0] != batch:
-      raise ValueError(f"k: cache batch {k.shape[0]} differs from q's batch {batch}")
-    return _primitives.KV_CACHE, k.shape[1], None
-  _checks.rank("k", k, (4,), "pages [num_pages, page_size, Hkv, D] with block_table")
-  block_table = _checks.block_table(block_table, batch)
-  if k.shape[1] < 1:
-    raise ValueError(f"k: page_size (axis 1 of the pages) must be >= 1, got {k.shape[1]}")
-  return _primitives.KV_PAGED, block_table.shape[1] * k.shape[1], block_table
+def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=None,
+                  block_table=None, scale: float, softcap: float, window: tuple[int, int],
+                  kv_layout: KvLayout, num_splits: int, max_seqlen_q: int):
+  """Binds the attention forward primitive; arguments are already validated."""
+  return attention_fwd_p.bind(
+      q, k, v,
+      empty_i32() if cu_seqlens_q is None else cu_seqlens_q,
+      empty_i32() if cu_seqlens_k is None else cu_seqlens_k,
+      empty_i32() if seq_lens is None else seq_lens,
+      empty_i32(0, 0) if block_table is None else block_table,
+      scale=np.float32(scale), softcap=np.float32(softcap),
+      window_left=np.int32(window[0]), window_right=np.int32(window[1]),
+      kv_layout=kv_layout, num_splits=np.int32(num_splits),
+      max_seqlen_q=np.int32(max_seqlen_q))

@@ -1,16 +1,22 @@
-"""KV-cache append and the one-call append-then-attend used for decoding."""
+"""KV-cache append (``update_kv_cache``, with its primitive) and the one-call
+append-then-attend used for decoding (``attention_with_kvcache``)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.typing import ArrayLike
 
-from jax_fmha import _checks, _primitives, reference
-from jax_fmha.attention import BACKENDS, attention
+from jax_fmha import _validation, reference
+from jax_fmha._primitives import define_ffi_primitive, empty_i32, map_over_batch
+from jax_fmha._validation import Backend
+from jax_fmha.attention import attention
 
 
-def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                    cu_seqlens_new=None, *, backend: str = "auto"):
+def update_kv_cache(k_cache: ArrayLike, v_cache: ArrayLike, k_new: ArrayLike,
+                    v_new: ArrayLike, block_table: ArrayLike | None,
+                    cache_seqlens: ArrayLike, cu_seqlens_new: ArrayLike | None = None, *,
+                    backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
   """Writes new tokens into a paged or contiguous KV cache; returns ``(k_cache, v_cache)``.
 
   Args:
@@ -29,60 +35,29 @@ def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
   Writes past a sequence's capacity (``S_max``, or ``pages_per_seq * page_size``), onto a
   page id outside ``[0, num_pages)``, or with a negative ``cache_seqlens[b]`` are dropped.
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-  k_cache, v_cache, k_new, v_new = (_checks.array(n, x) for n, x in (
-      ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)))
-  for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
-                  ("v_new", v_new)):
-    _checks.float_dtype(name, x)
-  _checks.same_dtype(("k_cache", "v_cache", "k_new", "v_new"), k_cache, v_cache, k_new, v_new)
-  _checks.rank("k_cache", k_cache, (4,), "pages [num_pages, page_size, Hkv, D] or a "
-               "contiguous cache [B, S_max, Hkv, D]")
-  if v_cache.shape != k_cache.shape:
-    raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got "
-                     f"{tuple(v_cache.shape)}")
-  if v_new.shape != k_new.shape:
-    raise ValueError(f"v_new: expected k_new's shape {tuple(k_new.shape)}, got "
-                     f"{tuple(v_new.shape)}")
-  if cu_seqlens_new is not None:
-    _checks.rank("k_new", k_new, (3,), "packed [T_new, Hkv, D] with cu_seqlens_new")
-    cu_seqlens_new = _checks.int32_vector("cu_seqlens_new", cu_seqlens_new, None,
-                                          "[B + 1] prefix sums")
-    batch = cu_seqlens_new.shape[0] - 1
-  else:
-    _checks.rank("k_new", k_new, (4,), "dense [B, S_new, Hkv, D]; packed new tokens need "
-                 "cu_seqlens_new")
-    batch = k_new.shape[0]
-  if k_new.shape[-2:] != k_cache.shape[-2:]:
-    raise ValueError(f"k_new: heads and head_dim {tuple(k_new.shape[-2:])} differ from the "
-                     f"cache's {tuple(k_cache.shape[-2:])}")
-  cache_seqlens = _checks.int32_vector("cache_seqlens", cache_seqlens, batch,
-                                       "[B] tokens already cached per sequence")
-  if block_table is not None:
-    block_table = _checks.block_table(block_table, batch)
-    kv_layout = _primitives.KV_PAGED
-  else:
-    if k_cache.shape[0] != batch:
-      raise ValueError(f"k_cache: contiguous cache batch {k_cache.shape[0]} differs from "
-                       f"the new tokens' batch {batch}")
-    kv_layout = _primitives.KV_CACHE
+  update = _validation.update_kv_cache(k_cache, v_cache, k_new, v_new, block_table,
+                                       cache_seqlens, cu_seqlens_new, backend)
   if backend == "reference":
-    return reference.update_kv_cache(k_cache, v_cache, k_new, v_new, block_table,
-                                     cache_seqlens, cu_seqlens_new)
-  empty = _primitives.empty_i32
-  k_cache, v_cache = _primitives.update_kv_cache_p.bind(
-      k_cache, v_cache, k_new, v_new,
-      empty(0, 0) if block_table is None else block_table, cache_seqlens,
-      empty() if cu_seqlens_new is None else cu_seqlens_new, kv_layout=np.int32(kv_layout))
+    return reference.update_kv_cache(update.k_cache, update.v_cache, update.k_new,
+                                     update.v_new, update.block_table, update.cache_seqlens,
+                                     update.cu_seqlens_new)
+  k_cache, v_cache = update_kv_cache_p.bind(
+      update.k_cache, update.v_cache, update.k_new, update.v_new,
+      empty_i32(0, 0) if update.block_table is None else update.block_table,
+      update.cache_seqlens,
+      empty_i32() if update.cu_seqlens_new is None else update.cu_seqlens_new,
+      kv_layout=update.kv_layout)
   return k_cache, v_cache
 
 
-def attention_with_kvcache(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens,
-                           block_table=None, cu_seqlens_q=None, max_seqlen_q=None,
-                           causal: bool = False, scale=None, window=(-1, -1),
-                           softcap: float = 0.0, num_splits=None, return_lse: bool = False,
-                           backend: str = "auto"):
+def attention_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k_new: ArrayLike | None = None,
+    v_new: ArrayLike | None = None, *, cache_seqlens: ArrayLike,
+    block_table: ArrayLike | None = None, cu_seqlens_q: ArrayLike | None = None,
+    max_seqlen_q: int | None = None, causal: bool = False, scale: float | None = None,
+    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, num_splits: int | None = None,
+    return_lse: bool = False, backend: Backend = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Appends ``k_new``/``v_new`` to the cache, then attends over cache plus new tokens.
 
   ``q`` is dense ``[B, Sq, Hq, D]`` or packed ``[Tq, Hq, D]`` with ``cu_seqlens_q``; the new
@@ -94,10 +69,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k_new=None, v_new=None, *, cache
   Returns ``(out, k_cache, v_cache)`` (``(out, lse, k_cache, v_cache)`` with
   ``return_lse``). Donate the caches under ``jax.jit`` for an in-place update.
   """
-  if (k_new is None) != (v_new is None):
-    raise ValueError("k_new and v_new: give both or neither")
-  cache_seqlens = _checks.int32_vector(
-      "cache_seqlens", cache_seqlens, None, "[B] tokens already cached per sequence")
+  cache_seqlens = _validation.attention_with_kvcache(k_new, v_new, cache_seqlens)
   seq_lens = cache_seqlens
   if k_new is not None:
     k_cache, v_cache = update_kv_cache(k_cache, v_cache, k_new, v_new, block_table,
@@ -113,3 +85,23 @@ def attention_with_kvcache(q, k_cache, v_cache, k_new=None, v_new=None, *, cache
   if return_lse:
     return result[0], result[1], k_cache, v_cache
   return result, k_cache, v_cache
+
+
+# ---------------------------------------------------------------------------------------
+# The cache-append primitive (in place: the cache results alias the cache operands)
+# ---------------------------------------------------------------------------------------
+
+
+def _update_abstract_eval(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                          cu_seqlens_new, *, kv_layout):
+  return (k_cache.update(), v_cache.update())
+
+
+def _update_batching(args, dims, **params):
+  return map_over_batch(update_kv_cache_p, args, dims, params)
+
+
+update_kv_cache_p = define_ffi_primitive(
+    "jax_fmha_update_kv_cache", "jax_fmha_update_kv_cache", _update_abstract_eval,
+    _update_batching, api_name="update_kv_cache", named_params={"kv_layout": "kv_layouts"},
+    operand_output_aliases={0: 0, 1: 1})

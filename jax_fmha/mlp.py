@@ -13,18 +13,14 @@ layout of gate and up are attributes), ``jax_fmha_rms_norm`` and
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from jax_fmha import _checks, reference
+from jax_fmha import _validation, reference
 from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, map_over_batch
-
-BACKENDS = ("auto", "reference")
-PACKED_LAYOUTS = ("concat", "interleaved")
-
-# Numbered as ffi/common/activations.h (Activation) and ffi/common/mlp_ffi.h (GluLayout).
-SILU, GELU_TANH, GELU_ERF = 0, 1, 2
-SEPARATE, CONCAT, INTERLEAVED = 0, 1, 2
+from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 
 
 # ---------------------------------------------------------------------------------------
@@ -32,7 +28,8 @@ SEPARATE, CONCAT, INTERLEAVED = 0, 1, 2
 # ---------------------------------------------------------------------------------------
 
 
-def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name: str):
+def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name: str,
+                              **definition_args):
   """A primitive whose first ``row_operands(params)`` operands are [..., hidden] arrays
   processed row by row; the others (a weight, an empty placeholder) are shared by all rows.
 
@@ -48,12 +45,13 @@ def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name
     outs = primitive.bind(*broadcast_batched(args[:n], dims[:n], size), *args[n:], **params)
     return outs, [0] * len(outs)
 
-  primitive = define_ffi_primitive(target, target, abstract_eval, batching, api_name)
+  primitive = define_ffi_primitive(target, target, abstract_eval, batching, api_name,
+                                   **definition_args)
   return primitive
 
 
 def _glu_abstract_eval(gate, up, *, activation, layout):
-  hidden = gate.shape[-1] if layout == SEPARATE else gate.shape[-1] // 2
+  hidden = gate.shape[-1] if layout == "separate" else gate.shape[-1] // 2
   return (gate.update(shape=gate.shape[:-1] + (hidden,)),)
 
 
@@ -67,8 +65,9 @@ def _rms_norm_residual_abstract_eval(x, residual, weight, *, eps, weight_offset)
 
 glu_p = _define_rowwise_primitive(
     "jax_fmha_glu", _glu_abstract_eval,
-    row_operands=lambda params: 2 if params["layout"] == SEPARATE else 1,
-    api_name="swiglu / jax_fmha.geglu")
+    row_operands=lambda params: 2 if params["layout"] == "separate" else 1,
+    api_name="swiglu / jax_fmha.geglu",
+    named_params={"activation": "glu_activations", "layout": "glu_layouts"})
 rms_norm_p = _define_rowwise_primitive(
     "jax_fmha_rms_norm", _rms_norm_abstract_eval, row_operands=lambda params: 1,
     api_name="rms_norm")
@@ -82,7 +81,8 @@ rms_norm_residual_p = _define_rowwise_primitive(
 # ---------------------------------------------------------------------------------------
 
 
-def swiglu(gate, up=None, *, packed_layout: str = "concat", backend: str = "auto"):
+def swiglu(gate: ArrayLike, up: ArrayLike | None = None, *,
+           packed_layout: PackedLayout = "concat", backend: Backend = "auto") -> jax.Array:
   """``silu(gate) * up``, fused (SwiGLU, as in Llama, Qwen, Mistral).
 
   Args:
@@ -100,11 +100,11 @@ def swiglu(gate, up=None, *, packed_layout: str = "concat", backend: str = "auto
   Returns:
     ``[..., H]`` in the input dtype.
   """
-  return _glu(gate, up, SILU, packed_layout, backend)
+  return _glu(gate, up, "silu", packed_layout, backend)
 
 
-def geglu(gate, up=None, *, approximate: bool = True, packed_layout: str = "concat",
-          backend: str = "auto"):
+def geglu(gate: ArrayLike, up: ArrayLike | None = None, *, approximate: bool = True,
+          packed_layout: PackedLayout = "concat", backend: Backend = "auto") -> jax.Array:
   """``gelu(gate) * up``, fused (GeGLU, as in Gemma).
 
   ``approximate=True`` uses the tanh approximation
@@ -112,14 +112,12 @@ def geglu(gate, up=None, *, approximate: bool = True, packed_layout: str = "conc
   ``gelu(x) = x/2 * (1 + erf(x / sqrt(2)))`` (``jax.nn.gelu``'s two forms). The arguments
   are those of ``swiglu``, packed forms included.
   """
-  if not isinstance(approximate, (bool, np.bool_)):
-    raise TypeError(f"approximate: expected a bool, got {type(approximate).__name__} "
-                    f"{approximate!r}")
-  return _glu(gate, up, GELU_TANH if approximate else GELU_ERF, packed_layout, backend)
+  approximate = _validation.static_bool("approximate", approximate)
+  return _glu(gate, up, "gelu_tanh" if approximate else "gelu_erf", packed_layout, backend)
 
 
-def rms_norm(x, weight, eps: float = 1e-6, weight_offset: float = 0.0, *,
-             backend: str = "auto"):
+def rms_norm(x: ArrayLike, weight: ArrayLike, eps: float = 1e-6, weight_offset: float = 0.0,
+             *, backend: Backend = "auto") -> jax.Array:
   """``x * rsqrt(mean(x^2, axis=-1) + eps) * (weight + weight_offset)``, fused.
 
   Args:
@@ -133,16 +131,17 @@ def rms_norm(x, weight, eps: float = 1e-6, weight_offset: float = 0.0, *,
   Returns:
     ``[..., H]`` in x's dtype.
   """
-  x, _, weight, eps, weight_offset = _check_rms_norm(x, None, weight, eps, weight_offset,
-                                                     backend)
+  x, _, weight, eps, weight_offset = _validation.rms_norm(x, None, weight, eps, weight_offset,
+                                                          backend)
   if backend == "reference":
     return reference.rms_norm(x, weight, eps, weight_offset)
   return rms_norm_p.bind(x, weight, eps=np.float32(eps),
                          weight_offset=np.float32(weight_offset))[0]
 
 
-def rms_norm_residual(x, residual, weight, eps: float = 1e-6, weight_offset: float = 0.0, *,
-                      backend: str = "auto"):
+def rms_norm_residual(x: ArrayLike, residual: ArrayLike, weight: ArrayLike,
+                      eps: float = 1e-6, weight_offset: float = 0.0, *,
+                      backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
   """``h = x + residual``, ``y = rms_norm(h, weight, eps, weight_offset)``, in one pass.
 
   ``h`` is rounded to the input dtype, as a framework stores it, and ``y`` normalizes that
@@ -152,8 +151,8 @@ def rms_norm_residual(x, residual, weight, eps: float = 1e-6, weight_offset: flo
   Returns:
     ``(y, h)``, both x's shape and dtype; ``h`` is the next block's residual stream.
   """
-  x, residual, weight, eps, weight_offset = _check_rms_norm(x, residual, weight, eps,
-                                                            weight_offset, backend)
+  x, residual, weight, eps, weight_offset = _validation.rms_norm(x, residual, weight, eps,
+                                                                 weight_offset, backend)
   if backend == "reference":
     return reference.rms_norm_residual(x, residual, weight, eps, weight_offset)
   y, h = rms_norm_residual_p.bind(x, residual, weight, eps=np.float32(eps),
@@ -161,80 +160,23 @@ def rms_norm_residual(x, residual, weight, eps: float = 1e-6, weight_offset: flo
   return y, h
 
 
-def _glu(gate, up, activation: int, packed_layout: str, backend: str):
-  gate, up, layout = _check_glu(gate, up, packed_layout, backend)
+def _glu(gate, up, activation: GluActivation, packed_layout: PackedLayout,
+         backend: Backend) -> jax.Array:
+  gate, up, layout = _validation.glu(gate, up, packed_layout, backend)
   if backend == "reference":
-    if layout != SEPARATE:
+    if layout != "separate":
       gate, up = _split_packed(gate, layout)
-    if activation == SILU:
+    if activation == "silu":
       return reference.swiglu(gate, up)
-    return reference.geglu(gate, up, approximate=activation == GELU_TANH)
-  if layout != SEPARATE:
+    return reference.geglu(gate, up, approximate=activation == "gelu_tanh")
+  if layout != "separate":
     up = jnp.zeros((0,), gate.dtype)  # the packed form has no up operand
-  return glu_p.bind(gate, up, activation=np.int32(activation), layout=np.int32(layout))[0]
+  return glu_p.bind(gate, up, activation=activation, layout=layout)[0]
 
 
-def _split_packed(gate_up, layout: int):
-  if layout == INTERLEAVED:
+def _split_packed(gate_up, layout: GluLayout):
+  if layout == "interleaved":
     return gate_up[..., 0::2], gate_up[..., 1::2]
   hidden = gate_up.shape[-1] // 2
   return gate_up[..., :hidden], gate_up[..., hidden:]
 
-
-# ---------------------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------------------
-
-
-def _check_backend(backend):
-  if backend not in BACKENDS:
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-
-
-def _rowwise_array(name: str, x, meaning: str):
-  """An array of float dtype and rank >= 1."""
-  x = _checks.array(name, x)
-  _checks.float_dtype(name, x)
-  if x.ndim < 1:
-    raise ValueError(f"{name}: expected rank >= 1 ({meaning}), got a scalar")
-  return x
-
-
-def _check_glu(gate, up, packed_layout, backend):
-  _check_backend(backend)
-  if packed_layout not in PACKED_LAYOUTS:
-    raise ValueError(f"packed_layout: expected one of {PACKED_LAYOUTS}, got "
-                     f"{packed_layout!r}")
-  if up is None:
-    gate = _rowwise_array("gate", gate, "the packed gate_up [..., 2H]")
-    if gate.shape[-1] % 2:
-      raise ValueError(f"gate: the packed gate_up [..., 2H] needs an even last axis, got "
-                       f"shape {tuple(gate.shape)}")
-    return gate, None, CONCAT if packed_layout == "concat" else INTERLEAVED
-  gate = _rowwise_array("gate", gate, "[..., H]")
-  up = _rowwise_array("up", up, "[..., H]")
-  _checks.same_dtype(("gate", "up"), gate, up)
-  if up.shape != gate.shape:
-    raise ValueError(f"up: expected gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-  return gate, up, SEPARATE
-
-
-def _check_rms_norm(x, residual, weight, eps, weight_offset, backend):
-  _check_backend(backend)
-  x = _rowwise_array("x", x, "[..., H]")
-  if residual is not None:
-    residual = _rowwise_array("residual", residual, "[..., H]")
-    _checks.same_dtype(("x", "residual"), x, residual)
-    if residual.shape != x.shape:
-      raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got "
-                       f"{tuple(residual.shape)}")
-  weight = _checks.array("weight", weight)
-  if jnp.dtype(weight.dtype) not in (jnp.dtype(x.dtype), jnp.dtype(jnp.float32)):
-    raise TypeError(f"weight: expected dtype {jnp.dtype(x.dtype)} (x's) or float32, got "
-                    f"{weight.dtype}")
-  if weight.shape != (x.shape[-1],):
-    raise ValueError(f"weight: expected shape ({x.shape[-1]},) (x's hidden size), got "
-                     f"{tuple(weight.shape)}")
-  eps = _checks.static_float("eps", eps, minimum=0.0, strict=True)
-  weight_offset = _checks.static_float("weight_offset", weight_offset)
-  return x, residual, weight, eps, weight_offset

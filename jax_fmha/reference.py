@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Key/value layouts (as in jax_fmha._primitives).
-_KV_UNIFORM, _KV_PACKED, _KV_CACHE, _KV_PAGED = 0, 1, 2, 3
+from jax_fmha._validation import KvLayout
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -27,16 +27,16 @@ def _rows_valid(cu_seqlens, rows, max_len):
   return (first >= 0) & (last >= first) & (last <= rows) & (last - first <= max_len)
 
 
-def _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table):
+def _padded_kv(k, v, kv_layout: KvLayout, cu_seqlens_k, seq_lens, block_table):
   """Keys and values as [B, S, Hkv, D] with lengths [B] and validity [B] (see attention)."""
-  if kv_layout == _KV_UNIFORM:
+  if kv_layout == "uniform":
     lens = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
     return k, v, lens, jnp.ones(lens.shape, bool)
-  if kv_layout == _KV_PACKED:
+  if kv_layout == "packed":
     idx = jnp.clip(cu_seqlens_k[:-1, None] + jnp.arange(k.shape[0])[None, :], 0, k.shape[0] - 1)
     lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     return k[idx], v[idx], lens, _rows_valid(cu_seqlens_k, k.shape[0], k.shape[0])
-  if kv_layout == _KV_CACHE:
+  if kv_layout == "cache":
     return k, v, seq_lens, (seq_lens >= 0) & (seq_lens <= k.shape[1])
   page_size = k.shape[1]
   ids = jnp.clip(block_table, 0, k.shape[0] - 1)
@@ -72,10 +72,13 @@ def _softmax(s, mask):
 
 
 def attention(q, k, v, *, scale: float, softcap: float = 0.0, window=(-1, -1),
-              kv_layout: int = _KV_UNIFORM, cu_seqlens_q=None, cu_seqlens_k=None,
+              kv_layout: KvLayout = "uniform", cu_seqlens_q=None, cu_seqlens_k=None,
               seq_lens=None, block_table=None, max_seqlen_q=None):
   """Reference attention on validated, canonical arguments (see ``jax_fmha.attention``;
-  ``causal`` is already folded into ``window[1] = 0``). Returns ``(out, lse)``."""
+  ``causal`` is already folded into ``window[1] = 0``). ``kv_layout`` says which keys are
+  given: ``"uniform"`` (dense), ``"packed"`` (with ``cu_seqlens_k``), ``"cache"`` (with
+  ``seq_lens``) or ``"paged"`` (with ``block_table`` and ``seq_lens``). Returns
+  ``(out, lse)``."""
   kd, vd, k_len, kv_ok = _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table)
   group = q.shape[-2] // k.shape[-2]
   kd = jnp.repeat(kd.astype(jnp.float32), group, axis=2)  # [B, S, Hq, D]

@@ -1,4 +1,4 @@
-"""A float64 NumPy attention reference, written from the specification (issue 2).
+"""A float64 NumPy attention reference, written from the specification.
 
 Deliberately independent of ``jax_fmha.reference``: it loops over sequences and heads and
 builds every mask from the definitions, in float64, so the kernels and the pure-JAX

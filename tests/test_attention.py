@@ -1,4 +1,4 @@
-"""Tests of jax_fmha.attention (issue 2): dense and variable-length (packed) forward.
+"""Tests of jax_fmha.attention: dense and variable-length (packed) forward.
 
 Every numeric test compares against the float64 NumPy reference in numpy_reference.py on
 fresh random inputs, with per-dtype tolerances (conftest.OUT_TOL / LSE_TOL). Numeric tests
@@ -893,7 +893,7 @@ def test_bad_input_at_trace_time(case):
 
 
 def test_none_inputs():
-  q, k, v = _z(Q), _z(KV), _z(KV)
+  q, v = _z(Q), _z(KV)
   with pytest.raises(TypeError, match=r"^k: expected an array, got None"):
     jax_fmha.attention(q, None, v)
 

@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy_reference as ref  # noqa: E402
-from jax_fmha import _primitives  # noqa: E402
+from jax_fmha.attention import attention_fwd  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -89,7 +89,7 @@ def run(q, k, v, *, kv_layout, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=No
     scale = 1.0 / math.sqrt(q.shape[-1])
   if max_seqlen_q is None:
     max_seqlen_q = q.shape[1] if q.ndim == 4 else q.shape[0]
-  out, lse = _primitives.attention_fwd(
+  out, lse = attention_fwd(
       gpu(q), gpu(k), gpu(v), cu_seqlens_q=gpu(cu_seqlens_q), cu_seqlens_k=gpu(cu_seqlens_k),
       seq_lens=gpu(seq_lens), block_table=gpu(block_table), scale=scale, softcap=softcap,
       window=window, kv_layout=kv_layout, num_splits=num_splits, max_seqlen_q=max_seqlen_q)
@@ -150,7 +150,7 @@ def test_dense_head_dims(rng, dtype, d, causal):
   q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
       randn(rng, (b, sk, hkv, d), dtype)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window)
+  out, lse = run(q, k, v, kv_layout="uniform", window=window)
   ro, rl = ref.dense(q, k, v, window=window)
   assert out.dtype == dtype
   check(out, lse, ro, rl, dtype, f"d{d}")
@@ -164,7 +164,7 @@ def test_dense_gqa_causal_shapes(rng, dtype, hq, hkv, sq, sk):
   q, k, v = randn(rng, (2, sq, hq, d), dtype), randn(rng, (2, sk, hkv, d), dtype), \
       randn(rng, (2, sk, hkv, d), dtype)
   for window in [(-1, -1), (-1, 0)]:
-    out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window)
+    out, lse = run(q, k, v, kv_layout="uniform", window=window)
     ro, rl = ref.dense(q, k, v, window=window)
     check(out, lse, ro, rl, dtype, f"window {window}")
 
@@ -176,7 +176,7 @@ def test_dense_window_softcap(rng, dtype, window, softcap):
   b, sq, sk, hq, hkv, d = 2, 190, 330, 8, 2, 64
   q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
       randn(rng, (b, sk, hkv, d), dtype)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, window=window, softcap=softcap,
+  out, lse = run(q, k, v, kv_layout="uniform", window=window, softcap=softcap,
                  scale=0.3)
   ro, rl = ref.dense(q, k, v, window=window, softcap=softcap, scale=0.3)
   check(out, lse, ro, rl, dtype)
@@ -207,7 +207,7 @@ def test_packed_with_empty_and_outside_rows(rng, dtype, causal, num_splits):
   q = randn(rng, (160, hq, d), dtype)
   k, v = randn(rng, (300, hkv, d), dtype), randn(rng, (300, hkv, d), dtype)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_PACKED, cu_seqlens_q=cu_q,
+  out, lse = run(q, k, v, kv_layout="packed", cu_seqlens_q=cu_q,
                  cu_seqlens_k=cu_k, window=window, num_splits=num_splits, max_seqlen_q=130)
   ro, rl = ref.packed(q, k, v, cu_q, cu_k, window=window)
   if num_splits > 1:
@@ -223,7 +223,7 @@ def test_packed_sequence_longer_than_max_seqlen_is_nan(rng):
   cu = np.array([0, 20, 100, 110], np.int32)  # sequence 1 (80 rows) > max_seqlen_q = 50
   q = randn(rng, (120, hq, d), BF16)
   k, v = randn(rng, (110, hq, d), BF16), randn(rng, (110, hq, d), BF16)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_PACKED, cu_seqlens_q=cu, cu_seqlens_k=cu,
+  out, lse = run(q, k, v, kv_layout="packed", cu_seqlens_q=cu, cu_seqlens_k=cu,
                  max_seqlen_q=50)
   assert np.isnan(np.asarray(out[20:100], np.float32)).all() and np.isnan(lse[:, 20:100]).all()
   ro, rl = ref.packed(q, k, v, cu, cu)
@@ -244,7 +244,7 @@ def test_cache_with_seq_lens(rng, dtype, sq):
   q = randn(rng, (b, sq, hq, d), dtype)
   k, v = randn(rng, (b, s_max, hkv, d), dtype), randn(rng, (b, s_max, hkv, d), dtype)
   for window in [(-1, -1), (-1, 0)]:
-    out, lse = run(q, k, v, kv_layout=_primitives.KV_CACHE, seq_lens=lens, window=window)
+    out, lse = run(q, k, v, kv_layout="cache", seq_lens=lens, window=window)
     ro, rl = ref.kv_cache(q, k, v, lens, window=window)
     check(out, lse, ro, rl, dtype)
 
@@ -268,7 +268,7 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
   q, kp, vp, table, lens = paged_inputs(rng, dtype, b=5, page_size=page_size, lens=lens,
                                         hq=hq, hkv=hkv, d=d, sq=sq)
   for window in [(-1, -1), (-1, 0)]:
-    out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+    out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
                    block_table=table, window=window)
     ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
     check(out, lse, ro, rl, dtype, f"page {page_size} window {window}")
@@ -294,7 +294,7 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
   q, kp, vp, table, lens = paged_inputs(rng, BF16, b=5, page_size=page_size, lens=lens,
                                         hq=8, hkv=2, d=d, sq=150)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens, block_table=table,
+  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens, block_table=table,
                  window=window, num_splits=num_splits)
   if num_splits > 1:
     out, lse = merge_splits(out, lse)
@@ -309,7 +309,7 @@ def test_paged_split_kv(rng, num_splits, page_size, d):
   lens = [3000, 1, 0, 515]
   q, kp, vp, table, lens = paged_inputs(rng, dtype, b=4, page_size=page_size, lens=lens,
                                         hq=32, hkv=8, d=d, sq=1)
-  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
                  block_table=table, num_splits=num_splits, softcap=20.0)
   if num_splits > 1:
     assert out.shape == (num_splits,) + q.shape and out.dtype == np.float32
@@ -342,7 +342,7 @@ def test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, num_splits):
   table[1, 1] = num_pages  # used page out of range
   table[2, 0] = -1         # negative page id
   lens[3] = table.shape[1] * page_size + 1  # more keys than the table holds
-  out, lse = run(q, kp, vp, kv_layout=_primitives.KV_PAGED, seq_lens=lens,
+  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
                  block_table=table, num_splits=num_splits)
   if num_splits > 1:
     # A split checks the page ids of its own keys: the bad page makes its partial NaN, and
@@ -368,7 +368,7 @@ def test_dense_split_kv(rng, num_splits, causal):
   q = randn(rng, (2, 70, 8, 192), dtype)
   k, v = randn(rng, (2, 999, 4, 192), dtype), randn(rng, (2, 999, 4, 192), dtype)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM, num_splits=num_splits,
+  out, lse = run(q, k, v, kv_layout="uniform", num_splits=num_splits,
                  window=window)
   out, lse = merge_splits(out, lse)
   ro, rl = ref.dense(q, k, v, window=window)
@@ -400,7 +400,7 @@ def test_large_16k_tokens(rng, causal):
   s, hq, hkv, d = 16384, 8, 2, 128
   q = randn(rng, (1, s, hq, d), dtype)
   k, v = randn(rng, (1, s, hkv, d), dtype), randn(rng, (1, s, hkv, d), dtype)
-  out, lse = run(q, k, v, kv_layout=_primitives.KV_UNIFORM,
+  out, lse = run(q, k, v, kv_layout="uniform",
                  window=(-1, 0) if causal else (-1, -1))
   rows = np.r_[0, 1, 127, 128, rng.integers(0, s, 28), s - 1]
   ro, rl = sampled_reference(q, k, v, rows, causal)
@@ -411,7 +411,7 @@ def test_large_16k_tokens(rng, causal):
 def test_deterministic(rng):
   q, kp, vp, table, lens = paged_inputs(rng, BF16, b=3, page_size=16, lens=[900, 33, 500],
                                         hq=16, hkv=4, d=128, sq=7)
-  args = dict(kv_layout=_primitives.KV_PAGED, seq_lens=lens, block_table=table,
+  args = dict(kv_layout="paged", seq_lens=lens, block_table=table,
               window=(-1, 0))
   for splits in (1, 5):
     a, la = run(q, kp, vp, num_splits=splits, **args)
@@ -423,7 +423,7 @@ def test_deterministic(rng):
 def test_float32_is_refused_with_a_cast_hint(rng):
   q = randn(rng, (1, 8, 2, 64), np.float32)
   with pytest.raises(Exception, match="bfloat16"):
-    run(q, q, q, kv_layout=_primitives.KV_UNIFORM)
+    run(q, q, q, kv_layout="uniform")
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,9 +473,9 @@ def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
   rows = []
   for causal in (False, True):
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    ours = jax.jit(lambda q, k, v: _primitives.attention_fwd(
+    ours = jax.jit(lambda q, k, v: attention_fwd(
         q, k, v, scale=1 / math.sqrt(d), softcap=0.0, window=(-1, 0 if causal else -1),
-        kv_layout=_primitives.KV_UNIFORM, num_splits=1, max_seqlen_q=s)[0])
+        kv_layout="uniform", num_splits=1, max_seqlen_q=s)[0])
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn"))
     for name, fn in (("jax_fmha", ours), ("cudnn", cudnn)):

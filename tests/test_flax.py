@@ -1,4 +1,4 @@
-"""jax_fmha.flax (issue 7): every layer against its Flax counterpart with the same
+"""jax_fmha.flax: every layer against its Flax counterpart with the same
 parameters (same parameter tree, outputs within float32 tolerance), the paged decode path
 against full recomputation, and the errors for what the kernels cannot express."""
 

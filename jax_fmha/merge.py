@@ -1,0 +1,60 @@
+"""``jax_fmha.merge_attention_states``: merging attention results over disjoint key sets,
+and its primitive (also the last step of split-KV attention)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from jax_fmha import _validation, reference
+from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, derived_aval
+from jax_fmha._validation import Backend
+
+
+def merge_attention_states(outs: ArrayLike, lses: ArrayLike, *,
+                           out_dtype: DTypeLike | None = None,
+                           backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
+  """Merges attention results over disjoint key sets (split-KV, cascade, prefix caching).
+
+  Args:
+    outs: ``[S, ..., D]``: S partial attention outputs, each normalized over its own keys.
+    lses: ``[S, ...]`` float: their log-sum-exps (``-inf`` for an empty key set).
+    out_dtype: dtype of the merged output (default: ``outs.dtype``).
+    backend: ``"auto"`` (kernel) or ``"reference"``.
+
+  Returns:
+    ``(out [..., D], lse [...])``: the attention over the union of the key sets. Partial
+    results with LSE ``-inf`` weigh nothing; rows whose partials are all empty get 0 and
+    ``-inf``. Merging is exact up to float32 rounding.
+  """
+  outs, lses, out_dtype = _validation.merge_attention_states(outs, lses, out_dtype, backend)
+  if backend == "reference":
+    out, lse = reference.merge_attention_states(outs, lses)
+    return out.astype(out_dtype), lse
+  out, lse = merge_states_p.bind(outs, lses, out_dtype=out_dtype)
+  return out, lse
+
+
+# ---------------------------------------------------------------------------------------
+# The merge primitive
+# ---------------------------------------------------------------------------------------
+
+
+def _merge_abstract_eval(partial_out, partial_lse, *, out_dtype):
+  rest = tuple(range(1, partial_out.ndim))
+  return (derived_aval(partial_out, partial_out.shape[1:], out_dtype, rest),
+          derived_aval(partial_lse, partial_lse.shape[1:], jnp.float32, rest[:-1]))
+
+
+def _merge_batching(args, dims, *, out_dtype):
+  # Row-wise over every axis but the leading split axis: the vmapped axis becomes axis 1.
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  partial_out, partial_lse = (jnp.moveaxis(x, 0, 1) for x in broadcast_batched(args, dims, size))
+  outs = merge_states_p.bind(partial_out, partial_lse, out_dtype=out_dtype)
+  return list(outs), [0, 0]
+
+
+merge_states_p = define_ffi_primitive(
+    "jax_fmha_merge_states", "jax_fmha_merge_states", _merge_abstract_eval, _merge_batching,
+    api_name="merge_attention_states", static_params=("out_dtype",))
