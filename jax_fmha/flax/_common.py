@@ -7,8 +7,9 @@ trees are Flax's) and hold the cache; everything they compute is here.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, Literal, NamedTuple, get_args
 
+import jax
 import jax.numpy as jnp
 
 import jax_fmha
@@ -75,7 +76,8 @@ def resolve_causal(causal: bool, is_causal: bool, query_length: int, key_length:
   return bool(causal or is_causal)
 
 
-def make_attention_fn(*, causal: bool = False, window: tuple[int, int] = (-1, -1)):
+def make_attention_fn(*, causal: bool = False,
+                      window: tuple[int, int] = (-1, -1)) -> Callable[..., jax.Array]:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``, computed by ``jax_fmha.attention``.
 
@@ -255,16 +257,17 @@ def rms_norm(x, scale, *, epsilon: float, dtype=None, residual=None):
   return jax_fmha.rms_norm_residual(x, residual.astype(dtype), weight, eps=epsilon)
 
 
-GATED_ACTIVATIONS = ("silu", "gelu")
+GatedActivation = Literal["silu", "gelu"]
+GATED_ACTIVATIONS: tuple[str, ...] = get_args(GatedActivation)
 
 
-def check_gated_activation(activation: str):
+def check_gated_activation(activation: GatedActivation):
   if activation not in GATED_ACTIVATIONS:
     raise ValueError(f"activation: expected one of {GATED_ACTIVATIONS} (SwiGLU, GeGLU), got "
                      f"{activation!r}")
 
 
-def gated_activation(gate, up, *, activation: str, approximate_gelu: bool):
+def gated_activation(gate, up, *, activation: GatedActivation, approximate_gelu: bool):
   """``act(gate) * up`` by jax_fmha's fused GLU kernels: SwiGLU or GeGLU."""
   if activation == "silu":
     return jax_fmha.swiglu(gate, up)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
-def apply_rope(x, positions, theta: float = 10000.0):
+def apply_rope(x: jax.Array, positions: ArrayLike, theta: float = 10000.0) -> jax.Array:
   """Rotates each head vector of ``x`` by angles proportional to its token's position.
 
   The head dimension ``D`` is split into halves ``(x1, x2)``; pair ``i`` (``x1[i]``,

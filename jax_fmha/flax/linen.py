@@ -12,19 +12,19 @@ Forward only (the kernels have no gradient).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax.typing import Dtype, Initializer, PrecisionLike
+from jax.typing import ArrayLike
 
-from jax_fmha.flax._common import (PagedKVCache, attend, attention_inputs,
+from jax_fmha.flax._common import (GatedActivation, PagedKVCache, attend, attention_inputs,
                                    check_gated_activation, gated_activation,
                                    make_attention_fn, rms_norm)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "MultiHeadDotProductAttention", "RMSNorm",
            "make_attention_fn"]
-
-Initializer = Any
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -59,13 +59,13 @@ class MultiHeadDotProductAttention(nn.Module):
   """
   num_heads: int
   num_kv_heads: int | None = None
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   qkv_features: int | None = None
   out_features: int | None = None
   dropout_rate: float = 0.0
   deterministic: bool | None = None
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = nn.initializers.lecun_normal()
   out_kernel_init: Initializer | None = None
   bias_init: Initializer = nn.initializers.zeros_init()
@@ -79,9 +79,10 @@ class MultiHeadDotProductAttention(nn.Module):
   page_size: int = 16
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               deterministic: bool | None = None, dropout_rng=None,
-               sow_weights: bool = False, lengths=None):
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
+               inputs_v: jax.Array | None = None, *, mask: jax.Array | None = None,
+               deterministic: bool | None = None, dropout_rng: jax.Array | None = None,
+               sow_weights: bool = False, lengths: ArrayLike | None = None) -> jax.Array:
     """Attention of ``inputs_q [batch..., Sq, features]`` over ``inputs_k``/``inputs_v``
     (default: ``inputs_q``, self-attention).
 
@@ -159,13 +160,14 @@ class RMSNorm(nn.Module):
   (``jax_fmha.rms_norm_residual``), for pre-norm residual blocks.
   """
   epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   use_scale: bool = True
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x, residual=None):
+  def __call__(self, x: jax.Array,
+               residual: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     scale = (self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
              if self.use_scale else None)
     return rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype, residual=residual)
@@ -186,17 +188,17 @@ class GatedMLP(nn.Module):
   """
   hidden_features: int
   out_features: int | None = None
-  activation: str = "silu"
+  activation: GatedActivation = "silu"
   approximate_gelu: bool = True
   use_bias: bool = False
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: PrecisionLike = None
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     check_gated_activation(self.activation)
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, precision=self.precision,

@@ -12,18 +12,19 @@ Forward only (the kernels have no gradient).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer, PrecisionLike
+from jax.typing import ArrayLike
 
-from jax_fmha.flax._common import (PagedKVCache, attend, attention_inputs,
+from jax_fmha.flax._common import (GatedActivation, PagedKVCache, attend, attention_inputs,
                                    check_gated_activation, gated_activation,
                                    make_attention_fn, resolve_causal, rms_norm)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "RMSNorm", "make_attention_fn"]
-
-Initializer = Any
 
 
 class MultiHeadAttention(nnx.Module):
@@ -56,16 +57,16 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
                out_features: int | None = None, num_kv_heads: int | None = None,
-               in_kv_features: int | None = None, *, dtype=None,
-               param_dtype=jnp.float32, dropout_rate: float = 0.0,
-               deterministic: bool | None = None, precision=None,
+               in_kv_features: int | None = None, *, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, dropout_rate: float = 0.0,
+               deterministic: bool | None = None, precision: PrecisionLike = None,
                kernel_init: Initializer = nnx.initializers.lecun_normal(),
                out_kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(),
                out_bias_init: Initializer | None = None, use_bias: bool = True,
                decode: bool = False, normalize_qk: bool = False, causal: bool = False,
                window: tuple[int, int] = (-1, -1), rope_theta: float | None = None,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs) -> None:
     qkv_features = in_features if qkv_features is None else qkv_features
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if qkv_features % num_heads or num_heads % num_kv_heads:
@@ -97,7 +98,8 @@ class MultiHeadAttention(nnx.Module):
         param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.key_pages = self.value_pages = self.block_table = self.seq_lens = nnx.data(None)
 
-  def init_cache(self, input_shape, dtype=None, *, page_size: int = 16):
+  def init_cache(self, input_shape: Sequence[int], dtype: Dtype | None = None, *,
+                 page_size: int = 16) -> None:
     """Makes an empty paged KV cache for inputs ``(batch, max_length, ...)`` (Flax's
     ``init_cache`` argument): ``max_length`` tokens per sequence, in pages of
     ``page_size`` tokens, of ``dtype`` (default: the layer's ``dtype`` or
@@ -109,9 +111,11 @@ class MultiHeadAttention(nnx.Module):
     for name, initial_value in empty._asdict().items():
       setattr(self, name, nnx.Cache(initial_value))
 
-  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
-               decode: bool | None = None, is_causal: bool = False, lengths=None):
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
+               inputs_v: jax.Array | None = None, *, mask: jax.Array | None = None,
+               deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+               sow_weights: bool = False, decode: bool | None = None,
+               is_causal: bool = False, lengths: ArrayLike | None = None) -> jax.Array:
     """Attention of ``inputs_q [batch..., Sq, in_features]`` over ``inputs_k``/``inputs_v``
     (default: ``inputs_q``, self-attention).
 
@@ -153,14 +157,15 @@ class RMSNorm(nnx.Module):
   (``jax_fmha.rms_norm_residual``), for pre-norm residual blocks.
   """
 
-  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None,
-               param_dtype=jnp.float32, use_scale: bool = True,
-               scale_init: Initializer = nnx.initializers.ones, rngs: nnx.Rngs):
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_scale: bool = True,
+               scale_init: Initializer = nnx.initializers.ones, rngs: nnx.Rngs) -> None:
     self.epsilon, self.dtype = epsilon, dtype
     self.scale = (nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
                   if use_scale else nnx.data(None))
 
-  def __call__(self, x, residual=None):
+  def __call__(self, x: jax.Array,
+               residual: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     scale = None if self.scale is None else self.scale[...]
     return rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype, residual=residual)
 
@@ -180,10 +185,12 @@ class GatedMLP(nnx.Module):
   """
 
   def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-               *, activation: str = "silu", approximate_gelu: bool = True,
-               use_bias: bool = False, dtype=None, param_dtype=jnp.float32, precision=None,
+               *, activation: GatedActivation = "silu", approximate_gelu: bool = True,
+               use_bias: bool = False, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                kernel_init: Initializer = nnx.initializers.lecun_normal(),
-               bias_init: Initializer = nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+               bias_init: Initializer = nnx.initializers.zeros_init(),
+               rngs: nnx.Rngs) -> None:
     check_gated_activation(activation)
     self.activation, self.approximate_gelu = activation, approximate_gelu
     linear = functools.partial(nnx.Linear, use_bias=use_bias, dtype=dtype,
@@ -194,7 +201,7 @@ class GatedMLP(nnx.Module):
     self.down_proj = linear(hidden_features,
                             in_features if out_features is None else out_features)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     hidden = gated_activation(self.gate_proj(x), self.up_proj(x), activation=self.activation,
                               approximate_gelu=self.approximate_gelu)
     return self.down_proj(hidden)
