@@ -16,7 +16,6 @@ import jax_fmha
 import numpy_reference as ref
 from conftest import (assert_attention_close, assert_close, randn, run_on, to_device,
                       FLOAT_DTYPES)
-from jax_fmha.attention import SplitPolicy, choose_num_splits
 
 
 def make_paged_cache(rng, lens, page_size, hkv, d, dtype, spare_pages=3):
@@ -291,29 +290,6 @@ def test_split_jaxpr_shows_forward_and_merge(rng):
   hlo = jax.jit(lambda q: jax_fmha.attention(
       q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4)).lower(q).as_text()
   assert "jax_fmha_merge_states" in hlo
-
-
-def test_num_splits_heuristic_is_static():
-  gpu = lambda rows: SplitPolicy(rows_per_unit=16 if rows <= 64 else 128, slots=264, waves=1,
-                                 min_keys=1024)
-  decode = dict(num_kv_heads=8, group=4, max_seqlen_q=1)
-  # Enough sequences fill the device: no split.
-  assert choose_num_splits(batch=256, max_seqlen_k=8192, policy=gpu(4), **decode) == 1
-  assert choose_num_splits(batch=64, max_seqlen_k=4096, policy=gpu(4), **decode) == 1
-  # One long sequence: split to fill one wave (8 units x 33 splits = 264 CTAs).
-  assert choose_num_splits(batch=1, max_seqlen_k=131072, policy=gpu(4), **decode) == 33
-  # 64 units: 4 splits fill one wave (256 of 264 CTAs); 5 would spill into a second one.
-  assert choose_num_splits(batch=8, max_seqlen_k=131072, policy=gpu(4), **decode) == 4
-  # 128 units: 2 splits (256 CTAs), not 3 (384: a second wave under half full).
-  assert choose_num_splits(batch=16, max_seqlen_k=4096, policy=gpu(4), **decode) == 2
-  # A few short sequences: no split shorter than min_keys.
-  assert choose_num_splits(batch=1, max_seqlen_k=4096, policy=gpu(4), **decode) == 4
-  assert choose_num_splits(batch=1, max_seqlen_k=2000, policy=gpu(4), **decode) == 1
-  cpu = SplitPolicy(rows_per_unit=64, slots=2, waves=2, min_keys=256)
-  mqa = dict(num_kv_heads=1, group=8, max_seqlen_q=1)
-  assert choose_num_splits(batch=1, max_seqlen_k=8192, policy=cpu, **mqa) == 4
-  assert choose_num_splits(batch=8, max_seqlen_k=8192, policy=cpu, **mqa) == 1
-  assert choose_num_splits(batch=0, max_seqlen_k=8192, policy=cpu, **mqa) == 1
 
 
 @pytest.mark.parametrize("out_dtype", [None, jnp.bfloat16])
