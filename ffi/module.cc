@@ -1,10 +1,21 @@
-// The nanobind extension: exposes every FFI handler as a capsule, grouped by platform, and
-// what the build holds. Python registers the capsules with jax.ffi.register_ffi_target under
-// the same target names on every platform, so lowering is platform-independent.
+// The nanobind extension: exposes every FFI handler as a capsule, grouped by platform, what
+// the build holds, the constants Python shares with the kernels, and the split-KV planner.
+// Python registers the capsules with jax.ffi.register_ffi_target under the same target names
+// on every platform, so lowering is platform-independent.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
+#include <string>
+
+#include "common/activations.h"
+#include "common/constants.h"
+#include "common/mlp_ffi.h"
+#include "common/split_policy.h"
+#include "cpu/attention_kernel.h"
+#include "cuda/forward_plan.h"
+#include "cuda/split_policy.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -77,7 +88,82 @@ nb::dict build_info() {
   info["cuda_architectures"] = "";
 #endif
   info["backends"] = backends;
+  info["hopper_kernel"] = jax_fmha::cuda::kHopperBuilt;
   return info;
+}
+
+template <typename Enum, size_t N>
+nb::dict name_table(const jax_fmha::EnumName<Enum> (&names)[N]) {
+  nb::dict table;
+  for (const auto& entry : names) table[entry.name] = static_cast<int64_t>(entry.value);
+  return table;
+}
+
+nb::dict constants() {
+  nb::dict result;
+  result["kv_layouts"] = name_table(jax_fmha::kKvLayoutNames);
+  result["glu_layouts"] = name_table(jax_fmha::kGluLayoutNames);
+  result["glu_activations"] = name_table(jax_fmha::kActivationNames);
+  result["max_head_dim"] = jax_fmha::kMaxHeadDim;
+  result["max_splits"] = jax_fmha::kMaxSplits;
+  nb::dict platforms;
+  for (const auto& platform : jax_fmha::kPlatformNames) platforms[platform.lowering] = platform.ffi;
+  result["platforms"] = platforms;
+  return result;
+}
+
+// The forward kernel that would run a problem, and its split-KV policy. `parallelism` is the
+// CPU's threads or the GPU's SMs; rows_per_kv_head = max_seqlen_q x group.
+struct PlannedKernel {
+  const char* kernel;
+  jax_fmha::SplitPolicy policy;
+};
+
+PlannedKernel plan_kernel(const std::string& platform, int64_t parallelism,
+                          int compute_capability_major, int64_t rows_per_kv_head,
+                          int64_t head_dim, int64_t page_size) {
+  if (parallelism < 1) throw nb::value_error("parallelism must be at least 1");
+  if (platform == "cpu") return {"cpu", jax_fmha::cpu::split_policy(parallelism)};
+  if (platform != "cuda") throw nb::value_error(("unknown platform '" + platform + "'").c_str());
+  namespace cuda = jax_fmha::cuda;
+  const cuda::ForwardKernel kernel =
+      cuda::forward_kernel(compute_capability_major, rows_per_kv_head, head_dim, page_size);
+  for (const auto& entry : cuda::kForwardKernelNames)
+    if (entry.value == kernel) return {entry.name, cuda::split_policy(kernel, parallelism)};
+  throw nb::value_error("unnamed CUDA forward kernel");
+}
+
+nb::dict split_policy(const std::string& platform, int64_t parallelism,
+                      int compute_capability_major, int64_t rows_per_kv_head, int64_t head_dim,
+                      int64_t page_size) {
+  const PlannedKernel plan = plan_kernel(platform, parallelism, compute_capability_major,
+                                         rows_per_kv_head, head_dim, page_size);
+  nb::dict result;
+  result["kernel"] = plan.kernel;
+  result["rows_per_unit"] = plan.policy.rows_per_unit;
+  result["slots"] = plan.policy.slots;
+  result["waves"] = plan.policy.waves;
+  result["min_keys"] = plan.policy.min_keys;
+  return result;
+}
+
+int64_t plan_num_splits(const std::string& platform, int64_t parallelism,
+                        int compute_capability_major, int64_t batch, int64_t num_kv_heads,
+                        int64_t group, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                        int64_t head_dim, int64_t page_size) {
+  const PlannedKernel plan = plan_kernel(platform, parallelism, compute_capability_major,
+                                         max_seqlen_q * group, head_dim, page_size);
+  return jax_fmha::choose_num_splits(batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,
+                                     plan.policy);
+}
+
+int64_t choose_num_splits(int64_t batch, int64_t num_kv_heads, int64_t group,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t rows_per_unit,
+                          int64_t slots, int64_t waves, int64_t min_keys) {
+  if (rows_per_unit < 1 || slots < 1 || waves < 1 || min_keys < 1)
+    throw nb::value_error("rows_per_unit, slots, waves and min_keys must be at least 1");
+  return jax_fmha::choose_num_splits(batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,
+                                     {rows_per_unit, slots, waves, min_keys});
 }
 
 }  // namespace
@@ -87,6 +173,24 @@ NB_MODULE(_jax_fmha_ext, m) {
   m.def("cpu_targets", &cpu_targets, "FFI target name -> handler capsule, for platform 'cpu'");
   m.def("cuda_targets", &cuda_targets, "FFI target name -> handler capsule, for platform 'CUDA'");
   m.def("build_info", &build_info, "What this build of the extension holds");
+  m.def("constants", &constants,
+        "The constants Python shares with the kernels: attribute numbers by name, limits, and "
+        "platform names (JAX lowering -> register_ffi_target)");
+  m.def("split_policy", &split_policy, nb::arg("platform"), nb::arg("parallelism"),
+        nb::arg("compute_capability_major"), nb::arg("rows_per_kv_head"), nb::arg("head_dim"),
+        nb::arg("page_size"),
+        "The forward kernel ('cpu', 'decode', 'portable' or 'hopper') that would run a problem "
+        "and its split-KV policy (rows_per_unit, slots, waves, min_keys)");
+  m.def("plan_num_splits", &plan_num_splits, nb::arg("platform"), nb::arg("parallelism"),
+        nb::arg("compute_capability_major"), nb::arg("batch"), nb::arg("num_kv_heads"),
+        nb::arg("group"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("head_dim"),
+        nb::arg("page_size"),
+        "Split-KV splits for a problem on a device: platform 'cpu' (parallelism: threads) or "
+        "'cuda' (parallelism: SMs); page_size 0 when the keys are not paged");
+  m.def("choose_num_splits", &choose_num_splits, nb::arg("batch"), nb::arg("num_kv_heads"),
+        nb::arg("group"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"),
+        nb::arg("rows_per_unit"), nb::arg("slots"), nb::arg("waves"), nb::arg("min_keys"),
+        "The split-KV heuristic alone, for a given policy");
   m.def(
       "cuda_forward_kernel",
       [] {

@@ -19,9 +19,6 @@ except ImportError as e:  # pragma: no cover - only without a built extension
 else:
   _IMPORT_ERROR = None
 
-# Platform names as JAX's lowering sees them -> as register_ffi_target wants them.
-_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
-
 BUILD_HINT = (
     "Install jax_fmha from source with `pip install .` (the CUDA backend is built when "
     "`nvcc` is found, or with JAX_FMHA_CUDA=ON), or pass backend='reference' to run the "
@@ -35,9 +32,10 @@ def registered_targets() -> dict[str, frozenset[str]]:
   if _ext is None:
     return {}
   result = {}
+  ffi_platforms = constants()["platforms"]
   for platform, targets in (("cpu", _ext.cpu_targets()), ("cuda", _ext.cuda_targets())):
     for name, capsule in targets.items():
-      jax.ffi.register_ffi_target(name, capsule, platform=_PLATFORMS[platform])
+      jax.ffi.register_ffi_target(name, capsule, platform=ffi_platforms[platform])
     result[platform] = frozenset(targets)
   return result
 
@@ -55,12 +53,26 @@ def missing_kernel_error(name: str, platform: str) -> RuntimeError:
   return RuntimeError(f"jax_fmha: {why}. {BUILD_HINT}")
 
 
+@functools.cache
+def constants() -> dict:
+  """The constants Python shares with the kernels, as the extension defines them.
+
+  Returns a dict with ``kv_layouts``, ``glu_layouts`` and ``glu_activations`` (name -> the
+  number the custom calls take), ``max_head_dim``, ``max_splits``, and ``platforms`` (JAX's
+  lowering platform name -> the name ``jax.ffi.register_ffi_target`` takes).
+  """
+  if _ext is None:
+    raise missing_kernel_error("any target", "cpu")
+  return _ext.constants()
+
+
 def build_info() -> dict:
   """What the installed extension holds.
 
   Returns a dict with ``version``, ``backends`` (e.g. ``["cpu", "cuda"]``),
-  ``cuda_architectures`` (empty without CUDA), ``jaxlib_version`` (the jaxlib whose FFI
-  headers it was built against), and ``jax_version`` (the jax running now).
+  ``cuda_architectures`` (empty without CUDA), ``hopper_kernel`` (whether the sm_90a
+  forward kernel is built), ``jaxlib_version`` (the jaxlib whose FFI headers it was built
+  against), and ``jax_version`` (the jax running now).
   """
   if _ext is None:
     raise missing_kernel_error("any target", "cpu")

@@ -25,12 +25,16 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/enum_names.h"
 #include "common/macros.h"
 
 namespace jax_fmha {
 
-// Numbered as jax_fmha/mlp.py passes them (the "activation" attribute).
+// The "activation" attribute of the GLU custom call.
 enum class Activation : int32_t { kSilu = 0, kGeluTanh = 1, kGeluErf = 2 };
+inline constexpr EnumName<Activation> kActivationNames[] = {
+    {"silu", Activation::kSilu}, {"gelu_tanh", Activation::kGeluTanh},
+    {"gelu_erf", Activation::kGeluErf}};
 
 FMHA_HOST_DEVICE int32_t float_bits(float f) {
   int32_t i;

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "common/attention_problem.h"
+#include "common/constants.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_fmha {
@@ -140,7 +141,7 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   if (kd[kd.size() - 1] != p.head_dim) return shape_error("k head_dim differs from q's");
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0)
     return shape_error("num_q_heads must be a multiple of num_kv_heads");
-  if (p.head_dim > 256) return shape_error("head_dim must be at most 256");
+  if (p.head_dim > kMaxHeadDim) return shape_error("head_dim must be at most 256");
 
   if (auto err = decode_seq_rows(q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
     return err;

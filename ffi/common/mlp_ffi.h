@@ -17,18 +17,23 @@
 #include <utility>
 
 #include "common/activations.h"
+#include "common/enum_names.h"
+#include "common/errors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_fmha {
 
 namespace ffi = xla::ffi;
 
-// Where gate and up come from, numbered as jax_fmha/mlp.py passes them ("layout").
+// Where gate and up come from: the "layout" attribute of the GLU custom call.
 enum class GluLayout : int32_t {
   kSeparate = 0,     // gate [..., H] and up [..., H]
   kConcat = 1,       // one [..., 2H]: gate is the first half of each row, up the second
   kInterleaved = 2,  // one [..., 2H]: g0, u0, g1, u1, ...
 };
+inline constexpr EnumName<GluLayout> kGluLayoutNames[] = {{"separate", GluLayout::kSeparate},
+                                                          {"concat", GluLayout::kConcat},
+                                                          {"interleaved", GluLayout::kInterleaved}};
 
 struct GluProblem {
   ffi::DataType dtype;  // of every operand and of out

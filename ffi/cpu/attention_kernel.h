@@ -12,12 +12,19 @@
 #include <cstdint>
 
 #include "common/attention_problem.h"
+#include "common/constants.h"
+#include "common/split_policy.h"
 
 namespace jax_fmha::cpu {
 
-constexpr int64_t kTileRows = 64;   // query rows per tile (jax_fmha.attention assumes 64)
+constexpr int64_t kTileRows = 64;   // query rows per tile
 constexpr int64_t kBlockKeys = 64;  // keys per step of the online softmax
-constexpr int64_t kMaxHeadDim = 256;
+
+// The split-KV policy (common/split_policy.h): tiles are scheduled dynamically over the
+// threads; two waves of splits of at least 256 keys (docs/design/split_kv.md).
+inline SplitPolicy split_policy(int64_t threads) {
+  return SplitPolicy{kTileRows, threads, /*waves=*/2, /*min_keys=*/256};
+}
 
 enum class Dtype { kF32, kBF16, kF16 };
 

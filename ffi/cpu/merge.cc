@@ -9,7 +9,6 @@ namespace jax_fmha::cpu {
 namespace {
 
 constexpr int64_t kRowsPerItem = 64;
-constexpr int64_t kMaxHeadDim = 256;
 
 template <typename OutT>
 void merge(xla::ffi::ThreadPool& pool, const MergeProblem& m, const float* partial_out,
