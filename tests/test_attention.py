@@ -688,6 +688,30 @@ def test_missing_platform_kernel_raises_clear_error(rng):
   jax.export.export(g, platforms=["cuda"])(q, k, v)
 
 
+def test_reference_backend_needs_no_extension(monkeypatch):
+  """backend='reference' never reads the extension, so the kernels' limits (head dim,
+  split count) do not apply to it; backend='auto' raises the extension's error."""
+  def no_extension():
+    raise RuntimeError("no extension")
+
+  monkeypatch.setattr(jax_fmha._ffi, "constants", no_extension)
+  q, k = jnp.ones((1, 4, 2, 264)), jnp.ones((1, 6, 1, 264))
+  out = jax_fmha.attention(q, k, k, causal=True, num_splits=1000, backend="reference")
+  assert out.shape == q.shape
+  pages, table = jnp.zeros((4, 8, 1, 264)), jnp.arange(4, dtype=jnp.int32).reshape(2, 2)
+  out, _, _ = jax_fmha.attention_with_kvcache(
+      jnp.ones((2, 1, 2, 264)), pages, pages, jnp.ones((2, 1, 1, 264)), jnp.ones((2, 1, 1, 264)),
+      cache_seqlens=jnp.array([3, 5], jnp.int32), block_table=table, backend="reference")
+  assert out.shape == (2, 1, 2, 264)
+  out, _ = jax_fmha.merge_attention_states(jnp.ones((3, 5, 300)), jnp.zeros((3, 5)),
+                                           backend="reference")
+  assert out.shape == (5, 300)
+  x = jnp.ones((3, 16))
+  assert jax_fmha.geglu(x, packed_layout="interleaved", backend="reference").shape == (3, 8)
+  with pytest.raises(RuntimeError, match="no extension"):
+    jax_fmha.attention(q, k, k)
+
+
 # ---------------------------------------------------------------------------------------
 # Forward only
 # ---------------------------------------------------------------------------------------
