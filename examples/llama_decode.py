@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_fmha.flax import apply_rope
-from jax_fmha.flax import nnx as fmha
+from jax_fmha.flax import apply_rope, nnx as fmha
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,6 @@ from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_with_kvcache", "build_info", "geglu",
+__all__ = ["__version__", "attention", "attention_with_kvcache", "build_info", "geglu",
            "merge_attention_states", "reference", "rms_norm", "rms_norm_residual", "swiglu",
-           "update_kv_cache", "__version__"]
+           "update_kv_cache"]

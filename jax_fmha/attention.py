@@ -8,8 +8,13 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jax_fmha import _split_plan, _validation, reference
-from jax_fmha._primitives import (broadcast_batched, define_ffi_primitive, derived_aval,
-                                  empty_i32, map_over_batch)
+from jax_fmha._primitives import (
+  broadcast_batched,
+  define_ffi_primitive,
+  derived_aval,
+  empty_i32,
+  map_over_batch,
+)
 from jax_fmha._validation import AttentionProblem, Backend, KvLayout
 from jax_fmha.merge import merge_attention_states
 

@@ -22,7 +22,6 @@ from jax_fmha import _validation, reference
 from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, map_over_batch
 from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 
-
 # ---------------------------------------------------------------------------------------
 # Primitives
 # ---------------------------------------------------------------------------------------

@@ -195,10 +195,8 @@ def _assert_empty_rows_zero(out, expected_lse):
   """Rows whose reference LSE is -inf must be exactly 0 in the output."""
   o = as_f64(out)
   e = np.asarray(expected_lse)
-  if o.ndim == 4:  # dense: out [B, Sq, Hq, D], lse [B, Hq, Sq]
-    empty = np.isneginf(e).transpose(0, 2, 1)
-  else:  # packed: out [Tq, Hq, D], lse [Hq, Tq]
-    empty = np.isneginf(e).T
+  # Dense: out [B, Sq, Hq, D], lse [B, Hq, Sq]; packed: out [Tq, Hq, D], lse [Hq, Tq].
+  empty = np.isneginf(e).transpose(0, 2, 1) if o.ndim == 4 else np.isneginf(e).T
   rows = o[empty]
   assert (rows == 0).all(), (f"{int((rows != 0).any(axis=-1).sum())} rows that see no key "
                              "are not exactly 0")

@@ -17,9 +17,19 @@ import numpy as np
 import pytest
 
 import jax_fmha
+
 import numpy_reference as npref
-from conftest import (FLOAT_DTYPES, OUT_TOL, assert_attention_close, assert_close, dtype_name,
-                      native_dtype, randn, run_on, to_device)
+from conftest import (
+  FLOAT_DTYPES,
+  OUT_TOL,
+  assert_attention_close,
+  assert_close,
+  dtype_name,
+  native_dtype,
+  randn,
+  run_on,
+  to_device,
+)
 
 DTYPES = list(FLOAT_DTYPES)  # "float32", "bfloat16", "float16"
 TARGET = "jax_fmha_attention_fwd"

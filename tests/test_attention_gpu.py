@@ -24,8 +24,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy_reference as ref  # noqa: E402
-from jax_fmha.attention import attention_fwd  # noqa: E402
+from jax_fmha.attention import attention_fwd
+
+import numpy_reference as ref
 
 
 def _has_gpu() -> bool:
@@ -458,7 +459,7 @@ def memcheck_cases():
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
-  import jax_fmha  # noqa: PLC0415
+  import jax_fmha
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes
     outs = rng.standard_normal((45, 6, d)).astype(np.float32)
     lses = rng.standard_normal((45, 6)).astype(np.float32)
@@ -473,10 +474,10 @@ def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
   rows = []
   for causal in (False, True):
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    ours = jax.jit(lambda q, k, v: attention_fwd(
+    ours = jax.jit(lambda q, k, v, causal=causal: attention_fwd(
         q, k, v, scale=1 / math.sqrt(d), softcap=0.0, window=(-1, 0 if causal else -1),
         kv_layout="uniform", num_splits=1, max_seqlen_q=s)[0])
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+    cudnn = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn"))
     for name, fn in (("jax_fmha", ours), ("cudnn", cudnn)):
       try:
@@ -490,7 +491,7 @@ def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
         t = float(np.median(times))
         rows.append(f"{name:9s} causal={causal!s:5s} B={b} S={s} H={h} D={d}: "
                     f"{t * 1e3:7.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s")
-      except Exception as e:  # a peer that fails to run is reported, not fatal
+      except Exception as e:  # noqa: BLE001 - a peer that fails to run is reported, not fatal
         rows.append(f"{name:9s} causal={causal!s:5s}: failed: {type(e).__name__}: {e}")
   print("\n".join(rows))
 
@@ -499,6 +500,7 @@ def time_paged_decode(reps=20):
   """Paged decode (page 16, GQA 32/8, d128, bf16) through jax_fmha.attention with the
   static split heuristic: GB/s of K and V read (median)."""
   import time
+
   import jax_fmha
   rows = []
   for b, keys in ((64, 4096), (1, 131072)):

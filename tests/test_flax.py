@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import OUT_TOL, assert_close, randn
 from jax_fmha.flax import apply_rope, linen as fmha_linen, make_attention_fn, nnx as fmha_nnx
+
+from conftest import OUT_TOL, assert_close, randn
 
 TOL = OUT_TOL["float32"]
 BATCH, LENGTH, FEATURES, HEADS = 2, 12, 32, 4  # head_dim 8
@@ -83,7 +84,7 @@ def test_attention_fn_refuses_what_it_cannot_express(x):
   attention_fn = make_attention_fn(causal=True)
   linen_layer = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=attention_fn)
   params = linen_layer.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="mask: got an array of shape .*causal=True"):
+  with pytest.raises(ValueError, match=r"mask: got an array of shape .*causal=True"):
     linen_layer.apply(params, x, mask=causal_mask(LENGTH))
   with pytest.raises(ValueError, match="no attention dropout"):
     nn.MultiHeadDotProductAttention(num_heads=HEADS, dropout_rate=0.1,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_fmha
+
 from conftest import FLOAT_DTYPES, randn, to_device
 
 DTYPES = list(FLOAT_DTYPES)

@@ -5,6 +5,7 @@ Every kernel result is compared with the float64 NumPy reference in numpy_refere
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 
 import jax_fmha
+
 import numpy_reference as ref
-from conftest import (assert_attention_close, assert_close, randn, run_on, to_device,
-                      FLOAT_DTYPES)
+from conftest import FLOAT_DTYPES, assert_attention_close, assert_close, randn, run_on, to_device
 
 
 def make_paged_cache(rng, lens, page_size, hkv, d, dtype, spare_pages=3):
@@ -218,7 +219,7 @@ def test_append_then_attend_equals_concatenation(device, rng, page_size, packed_
     k_new, v_new = randn(rng, (3, 3, hkv, d), dtype), randn(rng, (3, 3, hkv, d), dtype)
     q = randn(rng, (3, 3, 8, d), dtype)
     rows = lambda b: b
-  out, k2, v2 = jax_fmha.attention_with_kvcache(
+  out, _, _ = jax_fmha.attention_with_kvcache(
       *to_device(device, q, k, v, k_new, v_new), cache_seqlens=cache_seqlens,
       block_table=table, cu_seqlens_q=cu, causal=True)
   for b in range(3):
@@ -299,7 +300,7 @@ def test_merge_attention_states(device, rng, out_dtype):
   keys = randn(rng, (90, 2, 32), np.float32)
   values = randn(rng, (90, 2, 32), np.float32)
   bounds = [0, 40, 40, 90]  # the middle segment is empty
-  parts = [ref.attend_sequence(q, keys[a:b], values[a:b]) for a, b in zip(bounds, bounds[1:])]
+  parts = [ref.attend_sequence(q, keys[a:b], values[a:b]) for a, b in itertools.pairwise(bounds)]
   outs = np.stack([p[0] for p in parts]).astype(np.float32)  # [S, 6, 4, 32]
   lses = np.stack([p[1].T for p in parts]).astype(np.float32)  # [S, 6, 4]
   out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses),
@@ -350,10 +351,14 @@ def _paged_args():
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError, "block_table: expected dtype int32"),
-    (dict(block_table=jnp.zeros((2, 3), jnp.float32)), TypeError, "block_table: expected dtype int32"),
-    (dict(block_table=jnp.zeros((6,), jnp.int32)), ValueError, r"block_table: expected shape \[B=2"),
-    (dict(block_table=jnp.zeros((3, 3), jnp.int32)), ValueError, r"block_table: expected shape \[B=2"),
+    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError,
+     "block_table: expected dtype int32"),
+    (dict(block_table=jnp.zeros((2, 3), jnp.float32)), TypeError,
+     "block_table: expected dtype int32"),
+    (dict(block_table=jnp.zeros((6,), jnp.int32)), ValueError,
+     r"block_table: expected shape \[B=2"),
+    (dict(block_table=jnp.zeros((3, 3), jnp.int32)), ValueError,
+     r"block_table: expected shape \[B=2"),
     (dict(seq_lens=jnp.zeros((3,), jnp.int32)), ValueError, r"seq_lens: expected shape \[2\]"),
     (dict(seq_lens=jnp.zeros((2,), jnp.float32)), TypeError, "seq_lens: expected dtype int32"),
     (dict(seq_lens=None), ValueError, "seq_lens: a paged cache"),
@@ -378,8 +383,10 @@ def test_paged_bad_input(change, error, match):
     (dict(k_new=jnp.zeros((2, 1, 3, 64), jnp.bfloat16)), ValueError, "k_new: heads and head_dim"),
     (dict(k_new=jnp.zeros((2, 1, 2, 64), jnp.float16)), TypeError, "share one dtype"),
     (dict(v_cache=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v_cache: expected"),
-    (dict(cache_seqlens=jnp.zeros((3,), jnp.int32)), ValueError, r"cache_seqlens: expected shape \[2\]"),
-    (dict(block_table=jnp.zeros((2, 3), jnp.uint32)), TypeError, "block_table: expected dtype int32"),
+    (dict(cache_seqlens=jnp.zeros((3,), jnp.int32)), ValueError,
+     r"cache_seqlens: expected shape \[2\]"),
+    (dict(block_table=jnp.zeros((2, 3), jnp.uint32)), TypeError,
+     "block_table: expected dtype int32"),
     (dict(cu_seqlens_new=jnp.zeros((3,), jnp.int32)), ValueError, "k_new: expected rank 3"),
 ])
 def test_update_bad_input(change, error, match):

@@ -7,7 +7,8 @@ trees are Flax's) and hold the cache; everything they compute is here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, NamedTuple, get_args
+from collections.abc import Callable
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp

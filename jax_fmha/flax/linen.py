@@ -19,9 +19,16 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer, PrecisionLike
 from jax.typing import ArrayLike
 
-from jax_fmha.flax._common import (GatedActivation, PagedKVCache, attend, attention_inputs,
-                                   check_gated_activation, gated_activation,
-                                   make_attention_fn, rms_norm)
+from jax_fmha.flax._common import (
+  GatedActivation,
+  PagedKVCache,
+  attend,
+  attention_inputs,
+  check_gated_activation,
+  gated_activation,
+  make_attention_fn,
+  rms_norm,
+)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "MultiHeadDotProductAttention", "RMSNorm",
            "make_attention_fn"]

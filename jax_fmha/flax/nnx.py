@@ -12,7 +12,7 @@ Forward only (the kernels have no gradient).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,17 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 from jax.typing import ArrayLike
 
-from jax_fmha.flax._common import (GatedActivation, PagedKVCache, attend, attention_inputs,
-                                   check_gated_activation, gated_activation,
-                                   make_attention_fn, resolve_causal, rms_norm)
+from jax_fmha.flax._common import (
+  GatedActivation,
+  PagedKVCache,
+  attend,
+  attention_inputs,
+  check_gated_activation,
+  gated_activation,
+  make_attention_fn,
+  resolve_causal,
+  rms_norm,
+)
 
 __all__ = ["GatedMLP", "MultiHeadAttention", "RMSNorm", "make_attention_fn"]
 
