@@ -11,6 +11,7 @@
 
 #include "common/attention_problem.h"
 #include "common/constants.h"
+#include "common/errors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_fmha {
@@ -50,18 +51,16 @@ auto bind_attention(Binding binding) {
       .template Attr<int32_t>("max_seqlen_q");
 }
 
-inline ffi::Error shape_error(const std::string& what) {
-  return ffi::Error::InvalidArgument("jax_fmha custom call: " + what);
-}
-
 // Rows of B sequences: `x` is dense [B, S, H, D] (cu_seqlens empty) or packed [T, H, D].
-inline ffi::Error decode_seq_rows(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& cu_seqlens,
-                                  int64_t max_len, const char* name, SeqRows& rows) {
+// `op` names the custom call in errors.
+inline ffi::Error decode_seq_rows(const char* op, const ffi::AnyBuffer& x,
+                                  const ffi::Buffer<ffi::S32>& cu_seqlens, int64_t max_len,
+                                  const char* name, SeqRows& rows) {
   const auto d = x.dimensions();
   rows.packed = d.size() == 3;
   if (rows.packed) {
     if (cu_seqlens.element_count() < 1)
-      return shape_error(std::string("packed ") + name + " needs cu_seqlens");
+      return invalid_argument(op, std::string("packed ") + name + " needs cu_seqlens");
     rows.cu_seqlens = cu_seqlens.typed_data();
     rows.rows = d[0];
   } else {
@@ -72,30 +71,33 @@ inline ffi::Error decode_seq_rows(const ffi::AnyBuffer& x, const ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// Keys or values `x` of `batch` sequences in `layout` (see KvLayout).
-inline ffi::Error decode_kv_view(const ffi::AnyBuffer& x, KvLayout layout, int64_t batch,
-                                 const ffi::Buffer<ffi::S32>& cu_seqlens,
+// Keys or values `x` of `batch` sequences in `layout` (see KvLayout); `op` names the custom
+// call in errors.
+inline ffi::Error decode_kv_view(const char* op, const ffi::AnyBuffer& x, KvLayout layout,
+                                 int64_t batch, const ffi::Buffer<ffi::S32>& cu_seqlens,
                                  const ffi::Buffer<ffi::S32>& seq_lens,
                                  const ffi::Buffer<ffi::S32>& block_table, KvView& kv) {
   const auto d = x.dimensions();
   kv.layout = layout;
   const bool needs_lens = layout == KvLayout::kCache || layout == KvLayout::kPaged;
   if (needs_lens) {
-    if (int64_t(seq_lens.element_count()) != batch) return shape_error("seq_lens must be [B]");
+    if (int64_t(seq_lens.element_count()) != batch)
+      return invalid_argument(op, "seq_lens must be [B]");
     kv.seq_lens = seq_lens.typed_data();
   }
   switch (layout) {
     case KvLayout::kUniform:
     case KvLayout::kCache:
-      if (d.size() != 4 || d[0] != batch) return shape_error("k/v batch differs from q's");
+      if (d.size() != 4 || d[0] != batch)
+        return invalid_argument(op, "k/v batch differs from q's");
       kv.seqs.uniform_len = d[1];
       kv.seqs.max_len = d[1];
       kv.rows = d[0] * d[1];
       return ffi::Error::Success();
     case KvLayout::kPacked:
-      if (d.size() != 3) return shape_error("packed k/v must have rank 3");
+      if (d.size() != 3) return invalid_argument(op, "packed k/v must have rank 3");
       if (int64_t(cu_seqlens.element_count()) != batch + 1)
-        return shape_error("cu_seqlens_k must have batch + 1 entries");
+        return invalid_argument(op, "cu_seqlens_k must have batch + 1 entries");
       kv.seqs.packed = true;
       kv.seqs.cu_seqlens = cu_seqlens.typed_data();
       kv.seqs.rows = kv.rows = d[0];
@@ -103,18 +105,19 @@ inline ffi::Error decode_kv_view(const ffi::AnyBuffer& x, KvLayout layout, int64
       return ffi::Error::Success();
     case KvLayout::kPaged: {
       const auto td = block_table.dimensions();
-      if (d.size() != 4) return shape_error("k/v pages must have rank 4");
-      if (td.size() != 2 || td[0] != batch) return shape_error("block_table must be [B, M]");
+      if (d.size() != 4) return invalid_argument(op, "k/v pages must have rank 4");
+      if (td.size() != 2 || td[0] != batch)
+        return invalid_argument(op, "block_table must be [B, M]");
       kv.num_pages = d[0];
       kv.page_size = d[1];
       kv.rows = d[0] * d[1];
       kv.pages_per_seq = td[1];
       kv.block_table = block_table.typed_data();
-      if (kv.page_size <= 0) return shape_error("page_size must be positive");
+      if (kv.page_size <= 0) return invalid_argument(op, "page_size must be positive");
       return ffi::Error::Success();
     }
   }
-  return shape_error("unknown kv_layout");
+  return invalid_argument(op, "unknown kv_layout");
 }
 
 // Fills `p` from the buffers and attributes, checking every size the kernels rely on.
@@ -126,28 +129,34 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
                                    const ffi::Buffer<ffi::S32>& block_table,
                                    const ffi::AnyBuffer& out, const ffi::Buffer<ffi::F32>& lse,
                                    const AttentionAttrs& a, AttentionProblem& p) {
+  constexpr const char* kOp = "attention";
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
-  if (qd.size() != 3 && qd.size() != 4) return shape_error("q must have rank 3 or 4");
+  if (qd.size() != 3 && qd.size() != 4) return invalid_argument(kOp, "q must have rank 3 or 4");
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
-    return shape_error("q, k and v must share one dtype");
-  if (k.dimensions().size() != v.dimensions().size()) return shape_error("k and v ranks differ");
+    return invalid_argument(kOp, "q, k and v must share one dtype");
+  if (k.dimensions().size() != v.dimensions().size())
+    return invalid_argument(kOp, "k and v ranks differ");
   for (size_t i = 0; i < kd.size(); ++i)
-    if (k.dimensions()[i] != v.dimensions()[i]) return shape_error("k and v shapes differ");
+    if (k.dimensions()[i] != v.dimensions()[i])
+      return invalid_argument(kOp, "k and v shapes differ");
 
   p.num_q_heads = qd[qd.size() - 2];
   p.head_dim = qd[qd.size() - 1];
   p.num_kv_heads = kd[kd.size() - 2];
-  if (kd[kd.size() - 1] != p.head_dim) return shape_error("k head_dim differs from q's");
+  if (kd[kd.size() - 1] != p.head_dim)
+    return invalid_argument(kOp, "k head_dim differs from q's");
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0)
-    return shape_error("num_q_heads must be a multiple of num_kv_heads");
-  if (p.head_dim > kMaxHeadDim) return shape_error("head_dim must be at most 256");
+    return invalid_argument(kOp, "num_q_heads must be a multiple of num_kv_heads");
+  if (p.head_dim > kMaxHeadDim)
+    return invalid_argument(kOp, "head_dim must be at most " + std::to_string(kMaxHeadDim));
 
-  if (auto err = decode_seq_rows(q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
+  if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q);
+      !err.success())
     return err;
   p.batch = p.q.packed ? int64_t(cu_seqlens_q.element_count()) - 1 : qd[0];
-  if (auto err = decode_kv_view(k, static_cast<KvLayout>(a.kv_layout), p.batch, cu_seqlens_k,
-                                seq_lens, block_table, p.kv);
+  if (auto err = decode_kv_view(kOp, k, static_cast<KvLayout>(a.kv_layout), p.batch,
+                                cu_seqlens_k, seq_lens, block_table, p.kv);
       !err.success())
     return err;
 
@@ -156,20 +165,20 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   p.window_left = a.window_left;
   p.window_right = a.window_right;
   p.num_splits = a.num_splits;
-  if (p.num_splits < 1) return shape_error("num_splits must be at least 1");
+  if (p.num_splits < 1) return invalid_argument(kOp, "num_splits must be at least 1");
 
   // Results: out is q's shape (q's dtype), or float32 [num_splits, ...q] partials.
   const auto od = out.dimensions();
   const size_t lead = p.num_splits > 1 ? 1 : 0;
-  if (od.size() != qd.size() + lead) return shape_error("out has an unexpected rank");
+  if (od.size() != qd.size() + lead) return invalid_argument(kOp, "out has an unexpected rank");
   if (lead && (od[0] != p.num_splits || out.element_type() != ffi::DataType::F32))
-    return shape_error("split outputs must be float32 [num_splits, ...q.shape]");
+    return invalid_argument(kOp, "split outputs must be float32 [num_splits, ...q.shape]");
   if (!lead && out.element_type() != q.element_type())
-    return shape_error("out must have q's dtype");
+    return invalid_argument(kOp, "out must have q's dtype");
   for (size_t i = 0; i < qd.size(); ++i)
-    if (od[i + lead] != qd[i]) return shape_error("out shape differs from q's");
+    if (od[i + lead] != qd[i]) return invalid_argument(kOp, "out shape differs from q's");
   if (int64_t(lse.element_count()) != p.num_splits * p.lse_size())
-    return shape_error("lse has an unexpected size");
+    return invalid_argument(kOp, "lse has an unexpected size");
   return ffi::Error::Success();
 }
 

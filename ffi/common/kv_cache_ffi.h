@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "common/attention_ffi.h"
+#include "common/errors.h"
 
 namespace jax_fmha {
 
@@ -44,42 +45,45 @@ struct KvCacheUpdate {
   }
 };
 
-inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache,
+inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache,
+                                         const ffi::AnyBuffer& v_cache,
                                          const ffi::AnyBuffer& k_new, const ffi::AnyBuffer& v_new,
                                          const ffi::Buffer<ffi::S32>& block_table,
                                          const ffi::Buffer<ffi::S32>& cache_seqlens,
                                          const ffi::Buffer<ffi::S32>& cu_seqlens_new,
                                          const ffi::AnyBuffer& k_out, const ffi::AnyBuffer& v_out,
                                          int32_t kv_layout, KvCacheUpdate& u) {
+  constexpr const char* kOp = "update_kv_cache";
   const auto cd = k_cache.dimensions();
   const auto nd = k_new.dimensions();
   if (k_cache.element_type() != v_cache.element_type() ||
       k_new.element_type() != k_cache.element_type() ||
       v_new.element_type() != k_cache.element_type())
-    return shape_error("update_kv_cache: caches and new tokens must share one dtype");
+    return invalid_argument(kOp, "caches and new tokens must share one dtype");
   if (k_cache.element_count() != v_cache.element_count() ||
       k_out.element_count() != k_cache.element_count() ||
       v_out.element_count() != v_cache.element_count() ||
       k_new.element_count() != v_new.element_count())
-    return shape_error("update_kv_cache: k and v shapes differ");
+    return invalid_argument(kOp, "k and v shapes differ");
   if (cd.size() != 4 || (nd.size() != 3 && nd.size() != 4))
-    return shape_error("update_kv_cache: unexpected ranks");
+    return invalid_argument(kOp, "unexpected ranks");
   u.row_elements = cd[2] * cd[3];
   if (nd[nd.size() - 2] * nd[nd.size() - 1] != u.row_elements)
-    return shape_error("update_kv_cache: new tokens' heads/head_dim differ from the cache's");
+    return invalid_argument(kOp, "new tokens' heads/head_dim differ from the cache's");
   u.elem_bytes = int64_t(ffi::ByteWidth(k_cache.element_type()));
   u.batch = int64_t(cache_seqlens.element_count());
-  if (auto err = decode_seq_rows(k_new, cu_seqlens_new, 0, "k_new", u.new_tokens); !err.success())
+  if (auto err = decode_seq_rows(kOp, k_new, cu_seqlens_new, 0, "k_new", u.new_tokens);
+      !err.success())
     return err;
   u.new_tokens.max_len = u.new_tokens.packed ? u.new_tokens.rows : u.new_tokens.uniform_len;
   if (u.new_tokens.packed ? int64_t(cu_seqlens_new.element_count()) != u.batch + 1
                           : nd[0] != u.batch)
-    return shape_error("update_kv_cache: new tokens' batch differs from cache_seqlens'");
+    return invalid_argument(kOp, "new tokens' batch differs from cache_seqlens'");
   const auto layout = static_cast<KvLayout>(kv_layout);
   if (layout != KvLayout::kCache && layout != KvLayout::kPaged)
-    return shape_error("update_kv_cache: kv_layout must be a cache or pages");
-  return decode_kv_view(k_cache, layout, u.batch, cu_seqlens_new, cache_seqlens, block_table,
-                        u.cache);
+    return invalid_argument(kOp, "kv_layout must be a cache or pages");
+  return decode_kv_view(kOp, k_cache, layout, u.batch, cu_seqlens_new, cache_seqlens,
+                        block_table, u.cache);
 }
 
 // The handler of every backend: decodes and checks the call, then `Run` copies the new

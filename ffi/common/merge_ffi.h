@@ -6,12 +6,19 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
 
-#include "common/attention_ffi.h"
+#include "common/constants.h"
+#include "common/errors.h"
+#include "common/macros.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace jax_fmha {
+
+namespace ffi = xla::ffi;
 
 template <typename Binding>
 auto bind_merge(Binding binding) {
@@ -27,23 +34,50 @@ struct MergeProblem {
   int64_t head_dim = 0;  // the last axis of out
 };
 
+// Fills `m` from the buffers, checking every size the kernels rely on, the head dim (the CPU
+// kernel keeps a row on the stack) and the output dtype.
 inline ffi::Error decode_merge(const ffi::Buffer<ffi::F32>& partial_out,
                                const ffi::Buffer<ffi::F32>& partial_lse, const ffi::AnyBuffer& out,
                                const ffi::Buffer<ffi::F32>& lse, MergeProblem& m) {
+  constexpr const char* kOp = "merge";
   const auto od = partial_out.dimensions();
   const auto ld = partial_lse.dimensions();
   if (od.size() < 2 || ld.size() != od.size() - 1 || od[0] != ld[0])
-    return shape_error("merge: partial_out must be [S, ..., D] and partial_lse [S, ...]");
+    return invalid_argument(kOp, "partial_out must be [S, ..., D] and partial_lse [S, ...]");
   for (size_t i = 0; i < ld.size(); ++i)
-    if (od[i] != ld[i]) return shape_error("merge: partial_out and partial_lse disagree");
+    if (od[i] != ld[i]) return invalid_argument(kOp, "partial_out and partial_lse disagree");
   m.num_splits = od[0];
   m.head_dim = od[od.size() - 1];
   m.rows = int64_t(lse.element_count());
-  if (m.num_splits < 1) return shape_error("merge: need at least one partial result");
+  if (m.num_splits < 1) return invalid_argument(kOp, "need at least one partial result");
+  if (m.head_dim > kMaxHeadDim)
+    return invalid_argument(kOp, "head_dim must be at most " + std::to_string(kMaxHeadDim));
   if (int64_t(partial_lse.element_count()) != m.num_splits * m.rows ||
       int64_t(out.element_count()) != m.rows * m.head_dim)
-    return shape_error("merge: out/lse sizes do not match the partial results");
+    return invalid_argument(kOp, "out/lse sizes do not match the partial results");
+  const ffi::DataType out_dtype = out.element_type();
+  if (out_dtype != ffi::DataType::F32 && out_dtype != ffi::DataType::BF16 &&
+      out_dtype != ffi::DataType::F16)
+    return invalid_argument(kOp, "out must be float32, bfloat16 or float16");
   return ffi::Error::Success();
+}
+
+// The handler of every backend: decodes and checks the call, then `Run` merges. Context is
+// what the backend binds first: ffi::ThreadPool on the CPU, cudaStream_t on CUDA. Run is
+//   ffi::Error run(Context, const MergeProblem&, const float* partial_out,
+//                  const float* partial_lse, ffi::DataType out_dtype, void* out, float* lse)
+// with out_dtype float32, bfloat16 or float16 (decode_merge admits no other).
+template <typename Context,
+          ffi::Error (*Run)(Context, const MergeProblem&, const float* partial_out,
+                            const float* partial_lse, ffi::DataType out_dtype, void* out,
+                            float* lse)>
+ffi::Error merge_handler(Context context, ffi::Buffer<ffi::F32> partial_out,
+                         ffi::Buffer<ffi::F32> partial_lse, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+  MergeProblem m;
+  if (auto err = decode_merge(partial_out, partial_lse, *out, *lse, m); !err.success()) return err;
+  return Run(context, m, partial_out.typed_data(), partial_lse.typed_data(), out->element_type(),
+             out->untyped_data(), lse->typed_data());
 }
 
 // Statistics of one row's partial LSEs: weight(lse_s) is the normalized weight of partial s,

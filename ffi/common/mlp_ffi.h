@@ -89,10 +89,6 @@ auto bind_rms_norm_residual(Binding binding) {
       .template Attr<float>("weight_offset");
 }
 
-inline ffi::Error mlp_error(const char* op, const std::string& what) {
-  return ffi::Error::InvalidArgument(std::string("jax_fmha ") + op + " custom call: " + what);
-}
-
 inline bool is_float_dtype(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
@@ -119,7 +115,7 @@ inline bool matches(const ffi::AnyBuffer& b, const ffi::AnyBuffer& like, int64_t
 inline ffi::Error decode_glu(const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up,
                              const ffi::AnyBuffer& out, int32_t activation, int32_t layout,
                              GluProblem& p) {
-  const auto fail = [](const std::string& what) { return mlp_error("glu", what); };
+  const auto fail = [](const std::string& what) { return invalid_argument("glu", what); };
   if (!is_float_dtype(gate.element_type()))
     return fail("unsupported dtype (float32, bfloat16, float16)");
   if (!rows_of(gate, p.rows)) return fail("gate must have rank >= 1");
@@ -158,7 +154,7 @@ inline ffi::Error decode_rms_norm(const ffi::AnyBuffer& x, const ffi::AnyBuffer*
                                   const ffi::AnyBuffer& weight, const ffi::AnyBuffer& y,
                                   const ffi::AnyBuffer* h, float eps, float weight_offset,
                                   RmsNormProblem& p) {
-  const auto fail = [](const std::string& what) { return mlp_error("rms_norm", what); };
+  const auto fail = [](const std::string& what) { return invalid_argument("rms_norm", what); };
   if (!is_float_dtype(x.element_type()))
     return fail("unsupported dtype (float32, bfloat16, float16)");
   if (!rows_of(x, p.rows)) return fail("x must have rank >= 1");

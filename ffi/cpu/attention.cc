@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "common/attention_ffi.h"
+#include "common/errors.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/dtypes.h"
 #include "cpu/parallel.h"
@@ -98,7 +99,8 @@ struct Tiles {
     fill_rows(clamp(p.q.cu_seqlens[p.batch]), p.q.rows, 0.f, kNegInf);
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t b = 0; b < p.batch; ++b)
-      if (!p.q.valid(b)) fill_rows(clamp(p.q.cu_seqlens[b]), clamp(p.q.cu_seqlens[b + 1]), nan, nan);
+      if (!p.q.valid(b))
+        fill_rows(clamp(p.q.cu_seqlens[b]), clamp(p.q.cu_seqlens[b + 1]), nan, nan);
   }
 
   void fill_rows(int64_t row_begin, int64_t row_end, float value, float lse_value) const {
@@ -138,7 +140,8 @@ ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
     case ffi::DataType::F32: args.dtype = Dtype::kF32; run_for_output<float>(pool, args); break;
     case ffi::DataType::BF16: args.dtype = Dtype::kBF16; run_for_output<bf16>(pool, args); break;
     case ffi::DataType::F16: args.dtype = Dtype::kF16; run_for_output<f16>(pool, args); break;
-    default: return shape_error("unsupported dtype (float32, bfloat16, float16)");
+    default:
+      return invalid_argument("attention", "unsupported dtype (float32, bfloat16, float16)");
   }
   return ffi::Error::Success();
 }

@@ -11,7 +11,7 @@ namespace {
 constexpr int64_t kRowsPerItem = 64;
 
 template <typename OutT>
-void merge(xla::ffi::ThreadPool& pool, const MergeProblem& m, const float* partial_out,
+void merge(ffi::ThreadPool& pool, const MergeProblem& m, const float* partial_out,
            const float* partial_lse, OutT* out, float* lse) {
   const int64_t items = (m.rows + kRowsPerItem - 1) / kRowsPerItem;
   parallel_for(pool, items, [&](int64_t item) {
@@ -35,21 +35,17 @@ void merge(xla::ffi::ThreadPool& pool, const MergeProblem& m, const float* parti
   });
 }
 
-xla::ffi::Error merge_cpu(xla::ffi::ThreadPool pool, ffi::Buffer<ffi::F32> partial_out,
-                          ffi::Buffer<ffi::F32> partial_lse, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> lse) {
-  MergeProblem m;
-  if (auto err = decode_merge(partial_out, partial_lse, *out, *lse, m); !err.success()) return err;
-  if (m.head_dim > kMaxHeadDim) return shape_error("merge: head_dim must be at most 256");
-  const float* po = partial_out.typed_data();
-  const float* pl = partial_lse.typed_data();
-  void* o = out->untyped_data();
-  float* l = lse->typed_data();
-  switch (out->element_type()) {
-    case ffi::DataType::F32: merge(pool, m, po, pl, static_cast<float*>(o), l); break;
-    case ffi::DataType::BF16: merge(pool, m, po, pl, static_cast<bf16*>(o), l); break;
-    case ffi::DataType::F16: merge(pool, m, po, pl, static_cast<f16*>(o), l); break;
-    default: return shape_error("merge: out must be float32, bfloat16 or float16");
+ffi::Error run_merge(ffi::ThreadPool pool, const MergeProblem& m, const float* partial_out,
+                     const float* partial_lse, ffi::DataType out_dtype, void* out, float* lse) {
+  switch (out_dtype) {
+    case ffi::DataType::F32:
+      merge(pool, m, partial_out, partial_lse, static_cast<float*>(out), lse);
+      break;
+    case ffi::DataType::BF16:
+      merge(pool, m, partial_out, partial_lse, static_cast<bf16*>(out), lse);
+      break;
+    default:  // F16: merge_handler admits no other dtype
+      merge(pool, m, partial_out, partial_lse, static_cast<f16*>(out), lse);
   }
   return ffi::Error::Success();
 }
@@ -57,6 +53,7 @@ xla::ffi::Error merge_cpu(xla::ffi::ThreadPool pool, ffi::Buffer<ffi::F32> parti
 }  // namespace
 }  // namespace jax_fmha::cpu
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaMergeCpu, jax_fmha::cpu::merge_cpu,
-                              jax_fmha::bind_merge(
-                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaMergeCpu,
+    (jax_fmha::merge_handler<xla::ffi::ThreadPool, jax_fmha::cpu::run_merge>),
+    jax_fmha::bind_merge(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));
