@@ -1,12 +1,13 @@
-"""Device time of the RMSNorm ops, kernel by kernel, without host dispatch (session-3 notes,
-gpu_session3_h200.md). The per-call timing of benchmarks/mlp.py includes each executable's
-launch gap, about as long as a 4096-wide norm of 16384 rows; this measures what the kernels
-themselves take. Run under Nsight Compute, at the card's own clocks, with the profiled
-range opened around the timed calls only (inputs and compilation are outside it):
+"""Device time of the RMSNorm ops, kernel by kernel, without host dispatch.
 
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-      python3 mlp_device_time.py > ncu.csv
-  python3 mlp_device_time.py --parse ncu.csv
+      python3 benchmarks/tools/mlp_device_time.py > ncu.csv
+  python3 benchmarks/tools/mlp_device_time.py --parse ncu.csv
+
+The per-call timing of benchmarks/mlp.py includes each executable's launch gap (10-30 us on
+an H200), about as long as a 4096-wide norm of 16384 rows; this measures the kernels alone,
+at the card's own clocks, with the profiled range opened around the timed calls only (inputs
+and compilation are outside it). Needs cupy (for cudaProfilerStart/Stop).
 
 Calls, in order, 3 each: jax_fmha.rms_norm_residual, XLA's, jax_fmha.rms_norm, XLA's.
 jax_fmha's kernels are named rms_norm_kernel; XLA's are the others between them.

@@ -1,7 +1,9 @@
-"""Kernels to profile under Nsight Compute, launched through JAX as a user would
-(session-3 notes, gpu_session3_h200.md):
-  ncu -k regex:rms_norm python3 ncu_targets.py norm    # ours and XLA's fusion, 2 calls each
-  ncu -k regex:attention_forward python3 ncu_targets.py prefill   # d128, B2 x 8k, full
+"""Kernels to profile under Nsight Compute, launched through JAX as a user would.
+
+  ncu -k regex:rms_norm python3 benchmarks/tools/ncu_targets.py norm        # ours and XLA's, 2 calls each
+  ncu -k regex:attention_forward python3 benchmarks/tools/ncu_targets.py prefill   # d128, B2 x 8k, full
+
+Add --set full (or the sections wanted) and -o to keep a report.
 """
 import math
 import sys

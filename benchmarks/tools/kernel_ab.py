@@ -1,14 +1,21 @@
-"""Quick CUDA attention timings for the kernel-tuning notes (gpu_attention_perf_*.md).
+"""A/B timing of the CUDA attention kernels, in one process (the harness times whole suites
+against peers; this compares our own kernels and variants of them).
 
-Each case is timed as `reps` back-to-back calls of one jitted function and a single
-block_until_ready (median of 5 such batches), so host dispatch overlaps device work; the
-inputs of the prefill cases are 100+ MB, well past L2. cuDNN runs the same shapes in the
-same process. Run from outside the source tree with the package installed:
-  python3 benchmarks/results/gpu_attention_perf_bench.py [--prefill-only | --variant | --no-decode]
---variant times only our prefill at d64, d128 and d256 (a kernel-traits variant, A/B in one call);
-the decode part also sweeps the split count of the two long-sequence cases. On a Hopper
-build the prefill runs on both forward kernels ("wgmma", the default there, and the portable
-"mma.sync", by JAX_FMHA_CUDA_FORWARD), in the same process.
+  python3 benchmarks/tools/kernel_ab.py [--prefill-only | --no-decode | --variant]
+
+Run on the GPU machine with the package installed, from outside the source tree (or with
+the repository's jax_fmha not first on sys.path). Prefill (d64/d128/d256, bf16, full and
+causal) runs on every forward kernel the device has: on a Hopper build "wgmma" (the
+default there) and "mma.sync" (the portable kernel, through JAX_FMHA_CUDA_FORWARD=portable,
+read at each call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256,
+and paged decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and
+split counts around the planner's choice. --variant times only our prefill, for comparing
+a rebuilt kernel variant against the same lines of an earlier run.
+
+Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
+to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs
+are 100+ MB, well past L2. TFLOP/s count 4 * B * H * Sq * Sk * D (half when causal); decode
+GB/s count the K and V bytes read. The last lines repeat every result under "summary:".
 """
 import math
 import os
@@ -19,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_fmha
-from jax_fmha import _primitives
 
 
 def bench(fn, *args, reps=20):
@@ -53,9 +59,8 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
     q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
     for causal in (False, True):
       flops = 4 * b * h * s * s * d / (2 if causal else 1)
-      ours = jax.jit(lambda q, k, v, c=causal: _primitives.attention_fwd(
-          q, k, v, scale=1 / math.sqrt(q.shape[-1]), softcap=0.0, window=(-1, 0 if c else -1),
-          kv_layout=_primitives.KV_UNIFORM, num_splits=1, max_seqlen_q=q.shape[1])[0])
+      ours = jax.jit(lambda q, k, v, c=causal: jax_fmha.attention(
+          q, k, v, causal=c, num_splits=1))
       cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
           q, k, v, is_causal=c, implementation="cudnn"))
       line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
@@ -95,7 +100,7 @@ def decode(rows):
   hq, hkv, d, page = 32, 8, 128, 16
   cases = [(b, keys, None) for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096),
                                            (64, 16384), (1, 131072), (8, 131072))]
-  # The split counts around the heuristic's choice (33, 4 and 2 on an H200).
+  # Split counts around the planner's choice (33, 4 and 2 on an H200).
   cases += [(1, 131072, n) for n in (16, 66, 132)] + [(8, 131072, n) for n in (5, 8, 33)]
   cases += [(16, 4096, 3)]
   for b, keys, splits in cases:

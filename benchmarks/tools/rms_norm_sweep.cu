@@ -1,12 +1,11 @@
-// Launch-shape sweep of the CUDA RMSNorm kernels, timed outside JAX (notes in
-// gpu_session3_h200.md). Compiled on the device against ffi/cuda/mlp.cu, or, with
-// -DOLD_KERNEL, against an older copy (.bench_old/mlp_old.cu = `git show 01994cc:ffi/cuda/mlp.cu`),
-// of which only the shipped launcher is timed. Call 1 also timed a copy that loaded the
-// weights in pass 1 (.bench_old/mlp_lateweights.cu was the pass-2 version now committed):
+// Launch-shape sweep of the CUDA RMSNorm kernels, timed outside JAX with CUDA events: the
+// shipped launcher, every (vectors cached a thread, threads a row, rows a block) shape of
+// rms_norm_kernel, and cudaMemcpy of the same bytes as the ceiling. Build and run on the GPU
+// machine from the repository root (or `bash benchmarks/tools/device_run.sh setup sweep`):
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Iffi -isystem <jaxlib>/include \
-//        -DMLP_SOURCE='"cuda/mlp.cu"' benchmarks/results/rms_norm_sweep.cu -o sweep
-// Session 4 (gpu_session4_run2.sh) also compiles it against copies of mlp.cu whose 16-byte
-// loads and/or stores carry the streaming cache hint (__ldcs / __stcs).
+//        -DMLP_SOURCE='"cuda/mlp.cu"' benchmarks/tools/rms_norm_sweep.cu -o /tmp/sweep && /tmp/sweep
+// MLP_SOURCE may name a modified copy of ffi/cuda/mlp.cu (a variant to compare). With
+// -DOLD_KERNEL only the copy's launcher is timed (for a copy whose kernel template differs).
 // Rows 16384 x hidden 4096, bf16 x / residual / y / h, float32 weight. Each line: median
 // over 5 batches of 20 back-to-back launches, GB/s of the bytes the op must move.
 #include <algorithm>
