@@ -23,10 +23,11 @@
 #   ncu-mlp          benchmarks/tools/mlp_device_time.py under Nsight Compute (needs cupy).
 #   sweep            build and run benchmarks/tools/rms_norm_sweep.cu against ffi/cuda/mlp.cu.
 #
-# Everything printed goes to $OUT/device_run.log (and stdout); with harness=all and mlp that
-# log, attention.json, five PNGs and mlp.json are the 8 files the device returns. Copy the
-# JSONs and PNGs into benchmarks/results/<device>/ and run benchmarks/tools/results_md.py
-# there. Per-step time limits (seconds) can be changed through the environment:
+# Everything printed goes to stdout and to $OUT/device_run.log (OUT defaults to
+# /tmp/jax_fmha_device_run); the harness and mlp steps write their JSON and PNGs there too
+# (with harness=all and mlp: the log, attention.json, five PNGs and mlp.json, 8 files).
+# Copy the JSONs and PNGs into benchmarks/results/<device>/ and run
+# `python benchmarks/tools/results_md.py benchmarks/results/<device>`. Per-step time limits (seconds) can be changed through the environment:
 # TEST_TIMEOUT (300), SANITIZER_TIMEOUT (300), HARNESS_TIMEOUT (480), STEP_TIMEOUT (240).
 set -uo pipefail
 
@@ -35,7 +36,7 @@ if [ ! -f "$REPO/benchmarks/tools/device_run.sh" ]; then
   echo "run from the repository root" >&2
   exit 2
 fi
-OUT=${OUT:-$REPO/device_out}
+OUT=${OUT:-/tmp/jax_fmha_device_run}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 LOG=$OUT/device_run.log
