@@ -1,7 +1,9 @@
 """Attention benchmarks: jax_fmha against the attention a JAX user can reach for, in one run.
 
-    python benchmarks/attention.py --backend gpu --suite all --out benchmarks/results/h200/attention.json
-    python benchmarks/attention.py --backend cpu --suite cpu --out benchmarks/results/cpu-2core/attention.json
+    python benchmarks/attention.py --backend gpu --suite all \
+        --out benchmarks/results/h200/attention.json
+    python benchmarks/attention.py --backend cpu --suite cpu \
+        --out benchmarks/results/cpu-2core/attention.json
     python benchmarks/tools/results_md.py benchmarks/results/h200   # RESULTS.md from the JSONs
 
 Suites (``--suite``): prefill, gqa, paged (paged prefill), decode (paged decode), varlen
@@ -37,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -338,7 +340,9 @@ def decode_case(peers, *, batch, seq_k, dtype) -> Case:
     paged_attention = pallas_fn(peers, "pallas_paged")
     # Its cache layout is [Hkv, num_pages, page, D]: a user of it stores the cache that way.
     # It has no softmax scale: the queries are scaled first.
-    prepare = lambda x: dict(x, k=jnp.moveaxis(x["k"], 2, 0), v=jnp.moveaxis(x["v"], 2, 0))
+    def prepare(x):
+      return dict(x, k=jnp.moveaxis(x["k"], 2, 0), v=jnp.moveaxis(x["v"], 2, 0))
+
     scale = 1.0 / math.sqrt(head_dim)
     return Impl(lambda x: paged_attention(x["q"][:, 0] * scale, x["k"], x["v"],
                                           x["block_table"], x["seq_lens"])[:, None],
@@ -641,7 +645,7 @@ def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: 
       device=device.device_kind, platform=device.platform, backend=backend,
       jax_version=jax.__version__, jax_fmha_build=build_info(),
       jax_fmha_path=os.path.dirname(jax_fmha.__file__), git=git_revision(),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       cpu_count=os.cpu_count(), load_average=os.getloadavg(), dtype=dtype.name, size=size,
       suites=list(suites), argv=sys.argv, peers=peers.notes, rows=[])
   log(f"device {device.device_kind} ({backend}), jax {jax.__version__}, "
@@ -694,11 +698,12 @@ def plot_suite(rows, suite: str, path=None):
   lines = -(-len(groups) // cols)
   fig, axes = plt.subplots(lines, cols, figsize=(5 * cols, 3.6 * lines), squeeze=False)
   xlabel = {"paged": "page size", "decode": "KV length", "varlen": "max sequence length"}
-  for ax, group in zip(axes.flat, groups):
+  for ax, group in zip(axes.flat, groups, strict=False):
     grows = [r for r in rows if r["group"] == group]
     for name in dict.fromkeys(n for r in grows for n in r["rate"]):
       points = [(r["x"], r["rate"][name]) for r in grows if name in r["rate"]]
-      ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == OURS else 1.2)
+      ax.plot(*zip(*points, strict=True), marker="o", label=name,
+              linewidth=2.5 if name == OURS else 1.2)
     ax.set_xscale("log", base=2)
     xs = sorted({r["x"] for r in grows})
     ax.set_xticks(xs, [_tokens(x) for x in xs])

@@ -141,7 +141,7 @@ def cases(rng, device, tokens, hidden, intermediate, dtype):
 
 
 def max_difference(a, b) -> float:
-  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
              for x, y in leaves)
 
@@ -220,7 +220,7 @@ def main():
         in_program_calls=args.in_program,
         jax_version=jax.__version__, jax_fmha=jax_fmha.build_info(),
         tokamax=tokamax_missing or "measured", git=git_revision(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         argv=sys.argv, results=results)
     with open(args.out, "w") as f:
       json.dump(record, f, indent=1)

@@ -17,7 +17,6 @@ to back and one block_until_ready, so host dispatch overlaps device work. The pr
 are 100+ MB, well past L2. TFLOP/s count 4 * B * H * Sq * Sk * D (half when causal); decode
 GB/s count the K and V bytes read. The last lines repeat every result under "summary:".
 """
-import math
 import os
 import time
 
@@ -87,8 +86,8 @@ def paged_prefill(rows):
     kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
     lens = jnp.full((b,), s, jnp.int32)
-    fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=l, num_splits=1))
+    fn = jax.jit(lambda q, k, v, t, lens: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=1))
     t = bench(fn, q, kp, vp, table, lens, reps=10)
     line = (f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
             f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s")
@@ -110,8 +109,8 @@ def decode(rows):
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
     lens = jnp.full((b,), keys, jnp.int32)
     kv_bytes = 2 * b * keys * hkv * d * 2
-    fn = jax.jit(lambda q, k, v, t, l, n=splits: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=l, num_splits=n))
+    fn = jax.jit(lambda q, k, v, t, lens, n=splits: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=n))
     t = bench(fn, q, kp, vp, table, lens, reps=50)
     line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
             f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s")
@@ -130,6 +129,8 @@ def decode(rows):
 
 if __name__ == "__main__":
   import sys
+  if set(sys.argv[1:]) - {"--prefill-only", "--no-decode", "--variant"}:
+    sys.exit(__doc__)
   print(jax.devices())
   print(jax_fmha.build_info())
   rows = []

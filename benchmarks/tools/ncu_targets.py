@@ -1,7 +1,10 @@
 """Kernels to profile under Nsight Compute, launched through JAX as a user would.
 
-  ncu -k regex:rms_norm python3 benchmarks/tools/ncu_targets.py norm        # ours and XLA's, 2 calls each
-  ncu -k regex:attention_forward python3 benchmarks/tools/ncu_targets.py prefill   # d128, B2 x 8k, full
+  ncu -k regex:rms_norm python3 benchmarks/tools/ncu_targets.py norm
+  ncu -k regex:attention_forward python3 benchmarks/tools/ncu_targets.py prefill
+
+norm: ours and XLA's RMSNorm and RMSNorm + residual, 2 calls each (16384 x 4096 bf16);
+prefill: one d128 attention, B2 x 8k, 16 heads, full.
 
 Add --set full (or the sections wanted) and -o to keep a report.
 """

@@ -79,7 +79,10 @@ def attention_section(record, directory) -> list[str]:
       f"- Software: jax {record.get('jax_version')}; {build}",
       f"- Revision: {revision(record)}",
       f"- Command: `{command(record.get('argv'))}`",
-      f"- dtype {record.get('dtype')} (the `cpu` suite runs float32 and bfloat16), sizes "
+      f"- dtype {record.get('dtype')}"
+      + (" (the `cpu` suite runs float32 and bfloat16)" if "cpu" in record.get("suites", [])
+         else "")
+      + f", sizes "
       f"`{record.get('size')}`; dispatch floor "
       f"{record.get('dispatch_floor_ms', 0) * 1e3:.1f} us per call"
       + (f"; load average {record['load_average'][0]:.1f} at the start, "
