@@ -79,6 +79,7 @@ def attention_section(record, directory) -> list[str]:
       f"- Software: jax {record.get('jax_version')}; {build}",
       f"- Revision: {revision(record)}",
       f"- Command: `{command(record.get('argv'))}`",
+      *([f"- Note: {record['note']}"] if record.get("note") else []),
       f"- dtype {record.get('dtype')}"
       + (" (the `cpu` suite runs float32 and bfloat16)" if "cpu" in record.get("suites", [])
          else "")
