@@ -27,8 +27,13 @@
 # /tmp/jax_fmha_device_run); the harness and mlp steps write their JSON and PNGs there too
 # (with harness=all and mlp: the log, attention.json, five PNGs and mlp.json, 8 files).
 # Copy the JSONs and PNGs into benchmarks/results/<device>/ and run
-# `python benchmarks/tools/results_md.py benchmarks/results/<device>`. Per-step time limits (seconds) can be changed through the environment:
-# TEST_TIMEOUT (300), SANITIZER_TIMEOUT (300), HARNESS_TIMEOUT (480), STEP_TIMEOUT (240).
+# `python benchmarks/tools/results_md.py benchmarks/results/<device>`.
+#
+# A machine that allows 10 minutes a command takes the steps over a few commands on the same
+# (warm) machine, e.g. `setup build tests memcheck`, then `setup racecheck synccheck`, then
+# `setup harness=all mlp`; build/device and the installed package stay between them.
+# Per-step time limits in seconds, from the environment: TEST_TIMEOUT (300),
+# SANITIZER_TIMEOUT (300), HARNESS_TIMEOUT (480), STEP_TIMEOUT (240).
 set -uo pipefail
 
 REPO=$(pwd)
