@@ -8,13 +8,13 @@
 
 Suites (``--suite``): prefill, gqa, paged (paged prefill), decode (paged decode), varlen
 (packed mixed batches), ``all`` (the five), and ``cpu`` (prefill and paged decode at sizes
-a 2-core CPU runs in a few minutes). Each
-case runs every implementation on the same random inputs: ``jax_fmha`` (ours), then the peers
-``xla`` and ``cudnn`` (``jax.nn.dot_product_attention``), ``pallas`` (the Triton attention
-shipped with jax) and ``fa3`` (flash_attn3_jax, when importable). A peer without a paged or
-packed mode does what a user would do, inside the timed function: gather the pages through
-the block table (``jnp.take``), pad packed sequences to a batch with length masks, or use
-segment ids. A peer that cannot run a case is skipped with a note in the row.
+a 2-core CPU runs in a few minutes). Each case runs every implementation on the same random
+inputs: ``jax_fmha`` (ours), then the peers ``xla`` and ``cudnn``
+(``jax.nn.dot_product_attention``), ``pallas`` (the Triton attention shipped with jax) and
+``fa3`` (flash_attn3_jax, when importable). A peer without a paged or packed mode does what
+a user would do, inside the timed function: gather the pages through the block table
+(``jnp.take``), pad packed sequences to a batch with length masks, or use segment ids. A
+peer that cannot run a case is skipped with a note in the row.
 
 Timing: each function is jitted once and warmed up, then timed with ``block_until_ready``
 (median of the samples; each sample loops over calls until it lasts 20 ms on the GPU,
