@@ -1,16 +1,20 @@
 """Attention benchmarks: jax_fmha against the attention a JAX user can reach for, in one run.
 
-    python benchmarks/attention.py --backend gpu --suite all --out $OUT/attention_h100.json
-    python benchmarks/attention.py --backend cpu --suite cpu-targets --out cpu_targets.json
+    python benchmarks/attention.py --backend gpu --suite all \
+        --out benchmarks/results/h200/attention.json
+    python benchmarks/attention.py --backend cpu --suite cpu \
+        --out benchmarks/results/cpu-2core/attention.json
+    python benchmarks/tools/results_md.py benchmarks/results/h200   # RESULTS.md from the JSONs
 
 Suites (``--suite``): prefill, gqa, paged (paged prefill), decode (paged decode), varlen
-(packed mixed batches), ``all`` (the five), and ``cpu-targets`` (issue 6's CPU shapes). Each
-case runs every implementation on the same random inputs: ``jax_fmha`` (ours), then the peers
-``xla`` and ``cudnn`` (``jax.nn.dot_product_attention``), ``pallas`` (the Triton attention
-shipped with jax) and ``fa3`` (flash_attn3_jax, when importable). A peer without a paged or
-packed mode does what a user would do, inside the timed function: gather the pages through
-the block table (``jnp.take``), pad packed sequences to a batch with length masks, or use
-segment ids. A peer that cannot run a case is skipped with a note in the row.
+(packed mixed batches), ``all`` (the five), and ``cpu`` (prefill and paged decode at sizes
+a 2-core CPU runs in a few minutes). Each case runs every implementation on the same random
+inputs: ``jax_fmha`` (ours), then the peers ``xla`` and ``cudnn``
+(``jax.nn.dot_product_attention``), ``pallas`` (the Triton attention shipped with jax) and
+``fa3`` (flash_attn3_jax, when importable). A peer without a paged or packed mode does what
+a user would do, inside the timed function: gather the pages through the block table
+(``jnp.take``), pad packed sequences to a batch with length masks, or use segment ids. A
+peer that cannot run a case is skipped with a note in the row.
 
 Timing: each function is jitted once and warmed up, then timed with ``block_until_ready``
 (median of the samples; each sample loops over calls until it lasts 20 ms on the GPU,
@@ -35,14 +39,13 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_fmha
-from jax_fmha.attention import choose_num_splits
 
 SUITES = ("prefill", "gqa", "paged", "decode", "varlen")
 OURS = "jax_fmha"
@@ -106,7 +109,6 @@ class Case:
   impls: dict  # name -> Impl, or a str: why that peer is skipped
   work: float  # FLOPs, or bytes for GB/s
   metric: str  # "TFLOP/s" or "GB/s"
-  target: tuple | None = None  # (row key, goal): an issue's target for this shape
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,14 +117,15 @@ class Case:
 @dataclasses.dataclass
 class Peers:
   backend: str
+  device: jax.Device | None = None
   pallas_mha: Callable | None = None
   pallas_paged: Callable | None = None
   fa3: object | None = None
   notes: dict = dataclasses.field(default_factory=dict)
 
 
-def probe_peers(backend: str) -> Peers:
-  peers = Peers(backend)
+def probe_peers(backend: str, device: jax.Device | None = None) -> Peers:
+  peers = Peers(backend, device)
   if backend != "gpu":
     peers.notes["cudnn, pallas, fa3"] = "GPU only"
     return peers
@@ -202,7 +205,7 @@ def random_qkv(key, q_shape, kv_shape, dtype) -> dict:
 
 
 def dense_case(suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal, dtype,
-               group, target=None) -> Case:
+               group) -> Case:
   """Self-attention prefill, [B, S, H, D] in and out (prefill and gqa suites)."""
   scale = 1.0 / math.sqrt(head_dim)
   rep = q_heads // kv_heads
@@ -239,7 +242,7 @@ def dense_case(suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal,
                  head_dim=head_dim, causal=causal, dtype=_name(dtype)),
       make_inputs=lambda key: random_qkv(key, (batch, seq, q_heads, head_dim),
                                          (batch, seq, kv_heads, head_dim), dtype),
-      impls=impls, work=flops, metric="TFLOP/s", target=target)
+      impls=impls, work=flops, metric="TFLOP/s")
 
 
 def paged_inputs(key, *, batch, seq_q, seq_k, q_heads, kv_heads, head_dim, page, dtype) -> dict:
@@ -264,8 +267,7 @@ def paged_gather_impl(implementation, causal) -> Impl:
   return Impl(fn)
 
 
-def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtype,
-                       target=None) -> Case:
+def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtype) -> Case:
   scale = 1.0 / math.sqrt(head_dim)
 
   def ours(x):
@@ -312,14 +314,23 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
                                            q_heads=heads, kv_heads=heads,
                                            head_dim=head_dim, page=page, dtype=dtype),
       impls=impls, work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
-      metric="TFLOP/s", target=target)
+      metric="TFLOP/s")
 
 
-def decode_case(peers, *, batch, seq_k, dtype, target=None) -> Case:
+def our_num_splits(*, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, page, device) -> int:
+  """The split-KV count jax_fmha picks for a shape on `device` (shown in decode rows, and
+  given to flash_attn3_jax as `fa3_splits`)."""
+  from jax_fmha._split_plan import num_splits  # noqa: PLC0415 - only the decode suite needs it
+  return int(num_splits(batch=batch, num_kv_heads=kv_heads, group=q_heads // kv_heads,
+                        max_seqlen_q=seq_q, max_seqlen_k=seq_k, head_dim=head_dim,
+                        page_size=page, device=device))
+
+
+def decode_case(peers, *, batch, seq_k, dtype) -> Case:
   q_heads, kv_heads, head_dim, page = (DECODE[n] for n in ("q_heads", "kv_heads", "head_dim",
                                                            "page"))
-  splits = choose_num_splits(batch=batch, num_kv_heads=kv_heads, group=q_heads // kv_heads,
-                             max_seqlen_q=1, max_seqlen_k=seq_k)
+  splits = our_num_splits(batch=batch, q_heads=q_heads, kv_heads=kv_heads, seq_q=1,
+                          seq_k=seq_k, head_dim=head_dim, page=page, device=peers.device)
 
   def ours(x):
     return jax_fmha.attention(x["q"], x["k"], x["v"], block_table=x["block_table"],
@@ -329,7 +340,9 @@ def decode_case(peers, *, batch, seq_k, dtype, target=None) -> Case:
     paged_attention = pallas_fn(peers, "pallas_paged")
     # Its cache layout is [Hkv, num_pages, page, D]: a user of it stores the cache that way.
     # It has no softmax scale: the queries are scaled first.
-    prepare = lambda x: dict(x, k=jnp.moveaxis(x["k"], 2, 0), v=jnp.moveaxis(x["v"], 2, 0))
+    def prepare(x):
+      return dict(x, k=jnp.moveaxis(x["k"], 2, 0), v=jnp.moveaxis(x["v"], 2, 0))
+
     scale = 1.0 / math.sqrt(head_dim)
     return Impl(lambda x: paged_attention(x["q"][:, 0] * scale, x["k"], x["v"],
                                           x["block_table"], x["seq_lens"])[:, None],
@@ -362,7 +375,7 @@ def decode_case(peers, *, batch, seq_k, dtype, target=None) -> Case:
       make_inputs=lambda key: paged_inputs(key, batch=batch, seq_q=1, seq_k=seq_k,
                                            q_heads=q_heads, kv_heads=kv_heads,
                                            head_dim=head_dim, page=page, dtype=dtype),
-      impls=impls, work=kv_bytes, metric="GB/s", target=target)
+      impls=impls, work=kv_bytes, metric="GB/s")
 
 
 def random_lengths(rng, tokens, max_len) -> list[int]:
@@ -440,20 +453,15 @@ def varlen_case(peers, *, tokens, max_len, heads, head_dim, dtype, seed) -> Case
 
 def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
   c = SIZES[size]
-  gpu_full = size == "full" and peers.backend == "gpu"
   cases = []
   if suite == "prefill":
     for d in c["head_dims"]:
       for causal in (False, True):
         for s in c["seqlens"]:
-          # Issue 5: >= 350 TFLOP/s, bf16 d128 non-causal at 8k-16k tokens.
-          target = (("rate", 350.0) if gpu_full and d == 128 and not causal and s >= 8192
-                    and dtype == jnp.bfloat16 else None)
           cases.append(dense_case(
               "prefill", peers, batch=max(1, c["tokens"] // s), seq=s,
               q_heads=c["hidden"] // d, kv_heads=c["hidden"] // d, head_dim=d, causal=causal,
-              dtype=dtype, group=f"d{d} {_name(dtype)}{' causal' if causal else ''}",
-              target=target))
+              dtype=dtype, group=f"d{d} {_name(dtype)}{' causal' if causal else ''}"))
   elif suite == "gqa":
     for causal in (False, True):
       for s in c["gqa_seqlens"]:
@@ -467,19 +475,14 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
         for page in PAGE_SIZES:
           if page > s:
             continue
-          # Issue 5: paged prefill within 0.9x of our dense prefill at page size >= 64.
-          target = ("vs_dense", 0.9) if gpu_full and page >= 64 else None
           cases.append(paged_prefill_case(
               peers, batch=max(1, c["paged_tokens"] // s), seq=s, heads=c["paged_heads"],
-              head_dim=128, page=page, causal=causal, dtype=dtype, target=target))
+              head_dim=128, page=page, causal=causal, dtype=dtype))
   elif suite == "decode":
     for b in c["decode_batches"]:
       for sk in c["decode_kv"]:
         if b * sk <= c["decode_max_tokens"]:
-          # Issue 5: >= 3.0 TB/s of KV read at 64 x 4k and 1 x 128k keys.
-          target = ("rate", 3000.0) if gpu_full and (b, sk) in ((64, 4096), (1, 131072)) \
-              else None
-          cases.append(decode_case(peers, batch=b, seq_k=sk, dtype=dtype, target=target))
+          cases.append(decode_case(peers, batch=b, seq_k=sk, dtype=dtype))
   elif suite == "varlen":
     for i, m in enumerate(c["varlen_max"]):
       cases.append(varlen_case(peers, tokens=c["varlen_tokens"], max_len=m,
@@ -489,9 +492,9 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
   return cases
 
 
-def cpu_target_cases(peers: Peers) -> list[Case]:
-  """Issue 6: prefill B=1, 8 heads, d128, fp32 and bf16, causal and full, S = 2k/4k/8k, and
-  paged decode (page 16, GQA 32/8, 8 x 8k keys): each at least 2x its baseline."""
+def cpu_cases(peers: Peers) -> list[Case]:
+  """The ``cpu`` suite: prefill B=1, 8 heads, d128, fp32 and bf16, causal and full,
+  S = 2k/4k/8k, and paged decode (page 16, GQA 32/8, 8 x 8k keys), against XLA."""
   cases = []
   for dtype in (jnp.float32, jnp.bfloat16):
     for causal in (False, True):
@@ -499,10 +502,9 @@ def cpu_target_cases(peers: Peers) -> list[Case]:
         cases.append(dense_case(
             "prefill", peers, batch=1, seq=s, q_heads=8, kv_heads=8, head_dim=128,
             causal=causal, dtype=dtype,
-            group=f"b1 h8 d128 {_name(dtype)}{' causal' if causal else ''}",
-            target=("speedup", 2.0)))
+            group=f"b1 h8 d128 {_name(dtype)}{' causal' if causal else ''}"))
   for dtype in (jnp.float32, jnp.bfloat16):
-    cases.append(decode_case(peers, batch=8, seq_k=8192, dtype=dtype, target=("speedup", 2.0)))
+    cases.append(decode_case(peers, batch=8, seq_k=8192, dtype=dtype))
   return cases
 
 
@@ -551,7 +553,7 @@ def mismatch(out, ref, ref_name) -> str | None:
   return None if err <= tol else f"mismatch: max |out - {ref_name}| = {err:.3g} (> {tol:.2g})"
 
 
-def measure(case: Case, backend: str, seed: int) -> dict:
+def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> dict:
   """Runs every implementation of a case on the same inputs; returns the result row."""
   key = jax.random.key(seed)
   set_bytes = sum(a.size * a.dtype.itemsize
@@ -576,7 +578,7 @@ def measure(case: Case, backend: str, seed: int) -> dict:
       elif note := mismatch(out, reference[1], reference[0]):
         row["notes"][name] = note
       del out
-      ms, calls = time_call(fn, arg_sets, **TIMING[backend])
+      ms, calls = time_call(fn, arg_sets, **(timing or TIMING[backend]))
     except Exception as e:  # noqa: BLE001 - a failing implementation is a note, not a crash
       row["notes"][name] = f"failed: {_short(e)}"
       continue
@@ -590,11 +592,6 @@ def measure(case: Case, backend: str, seed: int) -> dict:
                     if peers and OURS in row["ms"] else None)
   if DENSE in row["ms"] and OURS in row["ms"]:
     row["vs_dense"] = row["ms"][DENSE] / row["ms"][OURS]  # >= 1: paged as fast as dense
-  if case.target:
-    what, goal = case.target
-    value = row["rate"].get(OURS) if what == "rate" else row.get(what)
-    row["target"] = dict(what=what if what != "rate" else case.metric, goal=goal, value=value,
-                         met=value is not None and value >= goal)
   return row
 
 
@@ -635,23 +632,28 @@ def git_revision() -> str | None:
 
 
 def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: int = 0,
-        log=print, on_row=None) -> dict:
-  """Runs the suites ("cpu-targets" or names from SUITES); returns the results dict.
+        budget_s: float | None = None, log=print, on_row=None) -> dict:
+  """Runs the suites ("cpu" or names from SUITES); returns the results dict.
+  `budget_s` overrides the timing budget per implementation and case (a quick look: 0.2).
   `on_row(results)` is called after each row (main saves the JSON there, so a run cut
   short keeps what it measured)."""
   device = jax.devices(backend)[0]
   dtype = jnp.dtype(dtype or (jnp.float32 if backend == "cpu" else jnp.bfloat16))
   size = "small" if small else ("full" if backend == "gpu" else "cpu")
-  peers = probe_peers(backend)
+  peers = probe_peers(backend, device)
   results = dict(
       device=device.device_kind, platform=device.platform, backend=backend,
       jax_version=jax.__version__, jax_fmha_build=build_info(),
       jax_fmha_path=os.path.dirname(jax_fmha.__file__), git=git_revision(),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       cpu_count=os.cpu_count(), load_average=os.getloadavg(), dtype=dtype.name, size=size,
       suites=list(suites), argv=sys.argv, peers=peers.notes, rows=[])
   log(f"device {device.device_kind} ({backend}), jax {jax.__version__}, "
       f"jax_fmha {results['jax_fmha_build']}, peers: {peers.notes}")
+  timing = dict(TIMING[backend])
+  if budget_s is not None:
+    timing.update(budget_s=budget_s, max_reps=min(timing["max_reps"], 5))
+  results["timing"] = timing
   begin = time.perf_counter()
   with jax.default_device(device):
     # The time of a trivial jitted call: no kernel can be timed below JAX's dispatch.
@@ -659,25 +661,17 @@ def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: 
                                              **TIMING[backend])[0]
     log(f"dispatch floor: {results['dispatch_floor_ms'] * 1e3:.1f} us per call")
     for suite in suites:
-      cases = (cpu_target_cases(peers) if suite == "cpu-targets"
+      cases = (cpu_cases(peers) if suite == "cpu"
                else suite_cases(suite, size, peers, dtype))
       log(f"\n== {suite}: {len(cases)} cases; per row: ours ms, ours rate | peers' rates "
           "(TFLOP/s; GB/s for decode) | speedup vs the best peer")
       for i, case in enumerate(cases):
-        row = measure(case, backend, seed + i)
+        row = measure(case, backend, seed + i, timing)
         results["rows"].append(row)
         log(f"[{time.perf_counter() - begin:6.0f}s] {format_row(row)}{format_notes(row)}")
         if on_row:
           on_row(results)
   results["load_average_end"] = os.getloadavg()
-  results["targets"] = [dict(label=r["label"], **r["target"]) for r in results["rows"]
-                        if "target" in r]
-  if results["targets"]:
-    log("\n== targets")
-    for t in results["targets"]:
-      value = "-" if t["value"] is None else f"{t['value']:.2f}"
-      log(f"{'met ' if t['met'] else 'MISS'} {t['label']:<44} {t['what']} {value} "
-          f"(goal >= {t['goal']})")
   return results
 
 
@@ -704,11 +698,12 @@ def plot_suite(rows, suite: str, path=None):
   lines = -(-len(groups) // cols)
   fig, axes = plt.subplots(lines, cols, figsize=(5 * cols, 3.6 * lines), squeeze=False)
   xlabel = {"paged": "page size", "decode": "KV length", "varlen": "max sequence length"}
-  for ax, group in zip(axes.flat, groups):
+  for ax, group in zip(axes.flat, groups, strict=False):
     grows = [r for r in rows if r["group"] == group]
     for name in dict.fromkeys(n for r in grows for n in r["rate"]):
       points = [(r["x"], r["rate"][name]) for r in grows if name in r["rate"]]
-      ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == OURS else 1.2)
+      ax.plot(*zip(*points, strict=True), marker="o", label=name,
+              linewidth=2.5 if name == OURS else 1.2)
     ax.set_xscale("log", base=2)
     xs = sorted({r["x"] for r in grows})
     ax.set_xticks(xs, [_tokens(x) for x in xs])
@@ -730,18 +725,22 @@ def plot_suite(rows, suite: str, path=None):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--suite", default="all", choices=(*SUITES, "all", "cpu-targets"))
+  parser.add_argument("--suite", default="all",
+                      help=f"all, cpu, or a comma list of {', '.join(SUITES)}")
   parser.add_argument("--backend", choices=("cpu", "gpu"), default=None,
                       help="default: gpu when JAX has one, else cpu")
   parser.add_argument("--small", action="store_true", help="small shapes, for a quick check")
   parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                       help="default: float32 on the CPU, bfloat16 on the GPU "
-                           "(cpu-targets runs both float32 and bfloat16)")
+                           "(the cpu suite runs both float32 and bfloat16)")
   parser.add_argument("--out", help="JSON results path; PNG plots go next to it")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   backend = args.backend or ("gpu" if jax.default_backend() == "gpu" else "cpu")
-  suites = SUITES if args.suite == "all" else (args.suite,)
+  suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
+  unknown = [s for s in suites if s not in (*SUITES, "cpu")]
+  if unknown:
+    parser.error(f"unknown suite {', '.join(unknown)}: choose all, cpu or from {SUITES}")
   def save(results):
     if args.out:
       with open(args.out, "w") as f:

@@ -1,7 +1,8 @@
 """Fused MLP kernels vs what a JAX user writes today, in one run on the same inputs.
 
-  python benchmarks/mlp.py --backend gpu --out benchmarks/results/mlp_h100.json
-  python benchmarks/mlp.py --backend cpu --small --out benchmarks/results/mlp_cpu.json
+  python benchmarks/mlp.py --backend gpu --out benchmarks/results/h200/mlp.json
+  python benchmarks/mlp.py --backend cpu --small --out benchmarks/results/cpu-2core/mlp.json
+  python benchmarks/tools/results_md.py benchmarks/results/h200   # RESULTS.md from the JSONs
 
 Sizes are Llama-8B-like: 16384 tokens, hidden 4096, intermediate 14336 (--small: 512
 tokens). For each op: jax_fmha's kernel; the jnp code a user writes, under jax.jit (XLA
@@ -10,7 +11,7 @@ fuses it); and tokamax.layer_norm for the norms where tokamax imports. Each is t
 back to back and waited for once (so host dispatch overlaps the device's work). Each call
 is its own executable and pays the gap between executables (10-30 us on an H200, varying
 between runs), which matters for the 0.07-0.2 ms norms: their kernel-only device time is
-measured by benchmarks/results/mlp_device_time.py under Nsight Compute.
+measured by benchmarks/tools/mlp_device_time.py under Nsight Compute.
 GB/s counts the bytes the op must move (every input read once, every output written
 once); "speedup" is the baseline's time over jax_fmha's (> 1: jax_fmha is faster).
 """
@@ -18,10 +19,14 @@ once); "speedup" is the baseline's time over jax_fmha's (> 1: jax_fmha is faster
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -136,9 +141,19 @@ def cases(rng, device, tokens, hidden, intermediate, dtype):
 
 
 def max_difference(a, b) -> float:
-  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
              for x, y in leaves)
+
+
+def git_revision() -> str | None:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    rev = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return rev.stdout.strip() or None
 
 
 def main():
@@ -197,13 +212,16 @@ def main():
       print(line)
 
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     record = dict(
         machine=args.machine or platform.node(), device=device.device_kind,
         backend=args.backend, dtype=args.dtype, tokens=tokens, hidden=hidden,
         intermediate=intermediate, warmup=args.warmup, reps=args.reps,
         in_program_calls=args.in_program,
         jax_version=jax.__version__, jax_fmha=jax_fmha.build_info(),
-        tokamax=tokamax_missing or "measured", results=results)
+        tokamax=tokamax_missing or "measured", git=git_revision(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        argv=sys.argv, results=results)
     with open(args.out, "w") as f:
       json.dump(record, f, indent=1)
     print(f"wrote {args.out}")

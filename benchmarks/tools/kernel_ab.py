@@ -1,0 +1,145 @@
+"""A/B timing of the CUDA attention kernels, in one process (the harness times whole suites
+against peers; this compares our own kernels and variants of them).
+
+  python3 benchmarks/tools/kernel_ab.py [--prefill-only | --no-decode | --variant]
+
+Run on the GPU machine with the package installed, from outside the source tree (or with
+the repository's jax_fmha not first on sys.path). Prefill (d64/d128/d256, bf16, full and
+causal) runs on every forward kernel the device has: on a Hopper build "wgmma" (the
+default there) and "mma.sync" (the portable kernel, through JAX_FMHA_CUDA_FORWARD=portable,
+read at each call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256,
+and paged decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and
+split counts around the planner's choice. --variant times only our prefill, for comparing
+a rebuilt kernel variant against the same lines of an earlier run.
+
+Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
+to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs
+are 100+ MB, well past L2. TFLOP/s count 4 * B * H * Sq * Sk * D (half when causal); decode
+GB/s count the K and V bytes read. The last lines repeat every result under "summary:".
+"""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_fmha
+
+
+def bench(fn, *args, reps=20):
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  batches = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(reps)]
+    jax.block_until_ready(outs)
+    batches.append((time.perf_counter() - t0) / reps)
+  return float(np.median(batches))
+
+
+def rand(key, shape):
+  return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32).astype(jnp.bfloat16)
+
+
+PREFILL_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
+VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
+
+
+def forward_kernels():
+  """Our forward kernels on this device: the default one, and the portable one if it differs."""
+  default = jax_fmha._ffi._ext.cuda_forward_kernel()
+  return [default] + (["mma.sync"] if default != "mma.sync" else [])
+
+
+def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
+  for b, s, h, d in shapes:
+    q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
+    for causal in (False, True):
+      flops = 4 * b * h * s * s * d / (2 if causal else 1)
+      ours = jax.jit(lambda q, k, v, c=causal: jax_fmha.attention(
+          q, k, v, causal=c, num_splits=1))
+      cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation="cudnn"))
+      line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
+      runs = [(kernel, ours) for kernel in forward_kernels()]
+      for name, fn in runs + [("cudnn", cudnn)] * peers:
+        os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+        if name == "mma.sync":
+          os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
+        try:
+          t = bench(fn, q, k, v, reps=10)
+          line += f"  {name} {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
+        except Exception as e:  # a peer that fails is reported, not fatal
+          line += f"  {name} failed ({type(e).__name__})"
+      os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
+      rows.append(line)
+      print(line, flush=True)
+
+
+def paged_prefill(rows):
+  b, s, h, d = 2, 8192, 16, 128
+  q = rand(0, (b, s, h, d))
+  for page in (16, 64, 256):
+    pages = b * s // page
+    kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
+    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+    lens = jnp.full((b,), s, jnp.int32)
+    fn = jax.jit(lambda q, k, v, t, lens: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=1))
+    t = bench(fn, q, kp, vp, table, lens, reps=10)
+    line = (f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
+            f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s")
+    rows.append(line)
+    print(line, flush=True)
+
+
+def decode(rows):
+  hq, hkv, d, page = 32, 8, 128, 16
+  cases = [(b, keys, None) for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096),
+                                           (64, 16384), (1, 131072), (8, 131072))]
+  # Split counts around the planner's choice (33, 4 and 2 on an H200).
+  cases += [(1, 131072, n) for n in (16, 66, 132)] + [(8, 131072, n) for n in (5, 8, 33)]
+  cases += [(16, 4096, 3)]
+  for b, keys, splits in cases:
+    pages = b * keys // page
+    q = rand(0, (b, 1, hq, d))
+    kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
+    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+    lens = jnp.full((b,), keys, jnp.int32)
+    kv_bytes = 2 * b * keys * hkv * d * 2
+    fn = jax.jit(lambda q, k, v, t, lens, n=splits: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=n))
+    t = bench(fn, q, kp, vp, table, lens, reps=50)
+    line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
+            f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s")
+    if splits is None:  # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache
+      kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
+      try:
+        cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                                  implementation="cudnn"))
+        tc = bench(cd, q, kd, vd, reps=50)
+        line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
+      except Exception as e:
+        line += f"  cudnn failed ({type(e).__name__})"
+    rows.append(line)
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  import sys
+  if set(sys.argv[1:]) - {"--prefill-only", "--no-decode", "--variant"}:
+    sys.exit(__doc__)
+  print(jax.devices())
+  print(jax_fmha.build_info())
+  rows = []
+  if "--variant" in sys.argv:
+    prefill(rows, VARIANT_SHAPES, peers=False)
+  else:
+    prefill(rows)
+  if "--prefill-only" not in sys.argv and "--variant" not in sys.argv:
+    paged_prefill(rows)
+    if "--no-decode" not in sys.argv:
+      decode(rows)
+  print("\n".join(["", "summary:"] + rows))
