@@ -1,5 +1,6 @@
 """The split-KV plan: the heuristic and each kernel's policy (ffi/common/split_policy.h), as
-the extension exports them, and the device lookup of jax_fmha._split_plan."""
+the extension exports them, and the device lookup of jax_fmha._split_plan; and the constants
+the extension shares with Python, the split limit among them."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def test_num_splits_heuristic_is_static():
   assert splits(cpu, batch=1, max_seqlen_k=8192, **mqa) == 4
   assert splits(cpu, batch=8, max_seqlen_k=8192, **mqa) == 1
   assert splits(cpu, batch=0, max_seqlen_k=8192, **mqa) == 1
+
+
+def test_constants():
+  assert _ffi.constants() == {
+      "kv_layouts": {"uniform": 0, "packed": 1, "cache": 2, "paged": 3},
+      "glu_layouts": {"separate": 0, "concat": 1, "interleaved": 2},
+      "glu_activations": {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2},
+      "max_head_dim": 256,
+      "max_splits": 256,
+      "platforms": {"cpu": "cpu", "cuda": "CUDA"},
+  }
 
 
 def test_splits_are_bounded():

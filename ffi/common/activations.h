@@ -10,10 +10,7 @@
 // exp_f32 below vectorizes, unlike glibc's expf/tanhf/erff (which only have SIMD versions
 // under -ffast-math). On the device, exp_f32 and the divisions (divide_ge1) are the bare
 // MUFU instructions ex2.approx and rcp.approx: a GLU must stay cheaper than the memory
-// traffic it rides on. A bfloat16 GLU then takes ~12 (silu), ~16 (gelu_tanh) and ~28
-// (gelu_erf) instructions per element, conversions included; with CUDA's expf and
-// __fdividef it took ~20, ~24 and ~38, which left the exact GeGLU compute-bound on an
-// H200 (3.4 TB/s of kernel bandwidth, against 4.3 for SwiGLU; now 4.1).
+// traffic it rides on (instruction counts and bandwidth: docs/design/mlp_kernels.md).
 //
 // Accuracy (relative): on the host, exp_f32 within 2 ulp; silu and gelu_tanh within a few
 // ulp (a few 1e-7); gelu_erf within ~1e-6 down to x = -6, a few 1e-6 below (the rounding

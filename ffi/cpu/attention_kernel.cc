@@ -180,173 +180,281 @@ inline void pv_block(const float* p, const float* const* value, int64_t d0, int6
     for (int v = 0; v < Vecs; ++v) store(acc + r * Dp + v * kLanes, a[r][v]);
 }
 
-template <typename T, typename OutT>
-void run_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
+// ---- the tile, step by step ------------------------------------------------------------
+// run_tile's steps are forced inline: the tile stays one function, compiled as one hot loop.
+#define FMHA_TILE_STEP inline __attribute__((always_inline))
+
+// bf16 keys stay bf16 where the CPU multiplies bf16 pairs; other keys are read as float32.
+template <typename T>
+constexpr bool kPairs = kBf16PairDot && std::is_same_v<T, bf16>;
+template <typename T>
+using KeyElement = std::conditional_t<kPairs<T>, bf16, float>;
+
+// Sizes of a tile, computed once: rows are computed in whole vectors (the padding rows have
+// zero queries and no visible key, and are never stored).
+struct TileShape {
+  int64_t D, Dp;      // head dim, and padded_head_dim(D)
+  int64_t group;      // query heads per KV head
+  int64_t kv_stride;  // elements between key rows
+  int64_t row_vecs, padded_rows;
+};
+
+FMHA_TILE_STEP TileShape tile_shape(const AttentionProblem& p, const Tile& t) {
+  const int64_t row_vecs = (t.rows + kLanes - 1) / kLanes;
+  return {p.head_dim, padded_head_dim(p.head_dim), p.group(), p.kv_row_stride(), row_vecs,
+          row_vecs * kLanes};
+}
+
+// The per-thread scratch of a tile (tile_scratch_floats), carved into its arrays.
+struct TileScratch {
+  float* qt;       // [D][kTileRows] (see set_query_column)
+  float* acc;      // [kTileRows][Dp]
+  float* kb;       // [kBlockKeys][D]
+  float* vb;       // [kBlockKeys][Dp]
+  float* s;        // [kBlockKeys][kTileRows]: scores, then P
+  float* row_max;  // [kTileRows]
+  float* row_sum;  // [kTileRows]
+  float* corr;     // [kTileRows]: rescale of acc for the current block
+};
+
+FMHA_TILE_STEP TileScratch carve_scratch(float* scratch, const TileShape& g) {
+  TileScratch sc;
+  sc.qt = scratch;
+  sc.acc = sc.qt + kTileRows * g.D;
+  sc.kb = sc.acc + kTileRows * g.Dp;
+  sc.vb = sc.kb + kBlockKeys * g.D;
+  sc.s = sc.vb + kBlockKeys * g.Dp;
+  sc.row_max = sc.s + kBlockKeys * kTileRows;
+  sc.row_sum = sc.row_max + kTileRows;
+  sc.corr = sc.row_sum + kTileRows;
+  return sc;
+}
+
+// Row r of a tile: query i of the sequence, query head h (the heads of the KV head are
+// interleaved, attention_kernel.h).
+struct RowHead {
+  int64_t i, h;
+};
+FMHA_TILE_STEP RowHead row_head(const Tile& t, int64_t r, int64_t group) {
+  return {(t.row_begin + r) / group, t.kvh * group + (t.row_begin + r) % group};
+}
+
+// Keys the tile's rows see within its split: the union [lo, hi) over its rows, and
+// [all_lo, all_hi), where every row sees every key.
+struct TileKeys {
+  int64_t lo, hi, all_lo, all_hi;
+};
+
+// Step 1: the queries into qt (padding rows: zeros and no visible key), each row's visible
+// keys into key_lo/key_hi, the statistics and accumulators reset.
+template <typename T>
+FMHA_TILE_STEP TileKeys begin_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                                   const TileScratch& sc, int32_t* key_lo, int32_t* key_hi) {
   const AttentionProblem& p = *args.p;
   const T* q = static_cast<const T*>(args.q);
-  const T* k = static_cast<const T*>(args.k);
-  const T* v = static_cast<const T*>(args.v);
-  OutT* out = static_cast<OutT*>(args.out);
-  const int64_t D = p.head_dim, Dp = padded_head_dim(D), group = p.group();
+  const int64_t D = g.D, Dp = g.Dp;
   const int64_t sq = p.q.len(t.b), sk = p.kv.len(t.b);
   const KeyRange split_range = split_keys(sk, t.split, p.num_splits, kBlockKeys);
-  // Rows are computed in whole vectors; the padding rows have zero queries and no visible
-  // key, and are never stored.
-  const int64_t row_vecs = (t.rows + kLanes - 1) / kLanes;
-  const int64_t padded_rows = row_vecs * kLanes;
-
-  float* qt = scratch;                        // [D][kTileRows] (see set_query_column)
-  float* acc = qt + kTileRows * D;            // [kTileRows][Dp]
-  float* kb = acc + kTileRows * Dp;           // [kBlockKeys][D]
-  float* vb = kb + kBlockKeys * D;            // [kBlockKeys][Dp]
-  float* s = vb + kBlockKeys * Dp;            // [kBlockKeys][kTileRows]: scores, then P
-  float* row_max = s + kBlockKeys * kTileRows;
-  float* row_sum = row_max + kTileRows;
-  float* corr = row_sum + kTileRows;          // rescale of acc for the current block
-  int32_t key_lo[kTileRows], key_hi[kTileRows];  // keys [lo, hi) visible to each row
-
-  // Key and value rows of the block: float32 rows are read in place when whole vectors
-  // cover them; otherwise they are converted (and zero-padded) into kb and vb. bf16 keys
-  // stay bf16 where the CPU multiplies bf16 pairs.
-  constexpr bool kPairs = kBf16PairDot && std::is_same_v<T, bf16>;
-  const std::conditional_t<kPairs, bf16, float>* key[kBlockKeys];
-  const float* value[kBlockKeys];
-  const bool in_place = std::is_same_v<T, float> && D % kLanes == 0;
-  const int64_t d_vecs = (D + kLanes - 1) / kLanes;
-
-  // Queries, visible keys (the union [lo, hi) over rows, and the block range where every
-  // row sees every key), statistics.
-  int64_t lo = sk, hi = 0, all_lo = 0, all_hi = sk;
-  for (int64_t r = 0; r < padded_rows; ++r) {
-    KeyRange keys{0, 0};
+  TileKeys keys{sk, 0, 0, sk};
+  for (int64_t r = 0; r < g.padded_rows; ++r) {
+    KeyRange row_keys{0, 0};
     if (r < t.rows) {
-      const int64_t i = (t.row_begin + r) / group, h = t.kvh * group + (t.row_begin + r) % group;
-      const T* q_row = q + (p.q.begin(t.b) + i) * p.q_row_stride() + h * D;
-      set_query_column<T, kPairs>(qt, r, q_row, D);
-      keys = visible_keys(p, i, sq, sk);
-      keys.lo = std::max(keys.lo, split_range.lo);
-      keys.hi = std::min(keys.hi, split_range.hi);
-      if (!keys.empty()) lo = std::min(lo, keys.lo), hi = std::max(hi, keys.hi);
-      all_lo = std::max(all_lo, keys.lo);
-      all_hi = std::min(all_hi, keys.hi);
+      const RowHead rh = row_head(t, r, g.group);
+      const T* q_row = q + (p.q.begin(t.b) + rh.i) * p.q_row_stride() + rh.h * D;
+      set_query_column<T, kPairs<T>>(sc.qt, r, q_row, D);
+      row_keys = visible_keys(p, rh.i, sq, sk);
+      row_keys.lo = std::max(row_keys.lo, split_range.lo);
+      row_keys.hi = std::min(row_keys.hi, split_range.hi);
+      if (!row_keys.empty())
+        keys.lo = std::min(keys.lo, row_keys.lo), keys.hi = std::max(keys.hi, row_keys.hi);
+      keys.all_lo = std::max(keys.all_lo, row_keys.lo);
+      keys.all_hi = std::min(keys.all_hi, row_keys.hi);
     } else {
-      set_query_column<T, kPairs>(qt, r, nullptr, D);
+      set_query_column<T, kPairs<T>>(sc.qt, r, nullptr, D);
     }
-    key_lo[r] = int32_t(keys.lo);
-    key_hi[r] = int32_t(keys.hi);
-    row_max[r] = kNegInf;
-    row_sum[r] = 0.f;
+    key_lo[r] = int32_t(row_keys.lo);
+    key_hi[r] = int32_t(row_keys.hi);
+    sc.row_max[r] = kNegInf;
+    sc.row_sum[r] = 0.f;
   }
-  std::memset(acc, 0, sizeof(float) * kTileRows * Dp);
+  std::memset(sc.acc, 0, sizeof(float) * kTileRows * Dp);
   for (int64_t j = 0; j < kBlockKeys; ++j)
-    std::memset(vb + j * Dp + D, 0, sizeof(float) * (Dp - D));
+    std::memset(sc.vb + j * Dp + D, 0, sizeof(float) * (Dp - D));
+  return keys;
+}
 
-  const int64_t kv_stride = p.kv_row_stride();
-  const auto kv_offset = [&](int64_t key) { return p.kv.row(t.b, key) * kv_stride + t.kvh * D; };
-  for (int64_t j0 = lo; j0 < hi; j0 += kBlockKeys) {
-    const int64_t n = std::min(kBlockKeys, hi - j0);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t offset = kv_offset(j0 + j);
-      if constexpr (kPairs) {
-        key[j] = k + offset;
-      } else if (in_place) {
-        key[j] = reinterpret_cast<const float*>(k + offset);
-      } else {
-        load_row(k + offset, kb + j * D, D);
-        key[j] = kb + j * D;
-      }
-      if (in_place) {
-        value[j] = reinterpret_cast<const float*>(v + offset);
-      } else {
-        load_row(v + offset, vb + j * Dp, D);
-        value[j] = vb + j * Dp;
-      }
-    }
-    // Prefetch the next block: its key and value rows are short runs (D elements, a
-    // KV-row stride apart, pages anywhere), which the hardware prefetchers do not follow.
-    // When few query rows share the keys (decode) this block's arithmetic is short, and
-    // without it the loads above would wait on memory latency, row after row.
-    for (int64_t j = j0 + kBlockKeys; j < std::min(j0 + 2 * kBlockKeys, hi); ++j) {
-      const char* key_row = reinterpret_cast<const char*>(k + kv_offset(j));
-      const char* value_row = reinterpret_cast<const char*>(v + kv_offset(j));
-      for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64) {
-        __builtin_prefetch(key_row + byte);
-        __builtin_prefetch(value_row + byte);
-      }
-    }
-    // Keys past n in the last QK register block repeat the first: their scores are unused.
-    const int64_t n_padded = (n + kQkKeys - 1) / kQkKeys * kQkKeys;
-    for (int64_t j = n; j < n_padded; ++j) key[j] = key[0];
+// Element offset of key `key` of the tile's sequence and KV head in k and v.
+FMHA_TILE_STEP int64_t kv_offset(const AttentionProblem& p, const Tile& t, const TileShape& g,
+                                 int64_t key) {
+  return p.kv.row(t.b, key) * g.kv_stride + t.kvh * g.D;
+}
 
-    // Scores.
-    for (int64_t j = 0; j < n_padded; j += kQkKeys) {
-      float* s_keys = s + j * kTileRows;
-      int64_t rv = 0;
-      for (; rv + kQkRowVecs <= row_vecs; rv += kQkRowVecs)
-        qk_block<kQkRowVecs>(qt + rv * kLanes, key + j, D, p.scale, s_keys + rv * kLanes);
-      for (; rv < row_vecs; ++rv)
-        qk_block<1>(qt + rv * kLanes, key + j, D, p.scale, s_keys + rv * kLanes);
+// Step 2: the key and value rows of the n keys from j0. float32 rows are read in place when
+// whole vectors cover them; otherwise they are converted (and zero-padded) into kb and vb.
+// Keys past n in the last QK register block repeat the first (their scores are unused).
+// Returns n rounded up to whole QK register blocks.
+template <typename T>
+FMHA_TILE_STEP int64_t gather_block(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                                    int64_t j0, int64_t n, const TileScratch& sc,
+                                    const KeyElement<T>** key, const float** value) {
+  const T* k = static_cast<const T*>(args.k);
+  const T* v = static_cast<const T*>(args.v);
+  const int64_t D = g.D, Dp = g.Dp;
+  const bool in_place = std::is_same_v<T, float> && D % kLanes == 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t offset = kv_offset(*args.p, t, g, j0 + j);
+    if constexpr (kPairs<T>) {
+      key[j] = k + offset;
+    } else if (in_place) {
+      key[j] = reinterpret_cast<const float*>(k + offset);
+    } else {
+      load_row(k + offset, sc.kb + j * D, D);
+      key[j] = sc.kb + j * D;
     }
-    if (p.softcap > 0.f)
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t r = 0; r < padded_rows; ++r) {
-          float& x = s[j * kTileRows + r];
-          x = p.softcap * std::tanh(x / p.softcap);
-        }
-
-    // Mask (unless every row sees the whole block) and online softmax, a row vector at a
-    // time. A row that has seen no key yet keeps max -inf; its exponent is taken against 0,
-    // so its probabilities and rescale are exp(-inf) = 0.
-    const bool masked = j0 < all_lo || j0 + n > all_hi || padded_rows > t.rows;
-    for (int64_t rv = 0; rv < row_vecs; ++rv) {
-      float* col = s + rv * kLanes;
-      const IVec vlo = load(key_lo + rv * kLanes), vhi = load(key_hi + rv * kLanes);
-      Vec block_max = splat(kNegInf);
-      for (int64_t j = 0; j < n; ++j) {
-        Vec x = load(col + j * kTileRows);
-        if (masked) {
-          const int32_t pos = int32_t(j0 + j);
-          x = (vlo <= pos) & (vhi > pos) ? x : kNegInf;
-          store(col + j * kTileRows, x);
-        }
-        block_max = max(block_max, x);
-      }
-      const Vec old_max = load(row_max + rv * kLanes);
-      const Vec new_max = max(old_max, block_max);
-      const Vec ref = new_max == kNegInf ? Vec{} : new_max;
-      Vec block_sum{};
-      for (int64_t j = 0; j < n; ++j) {
-        const Vec e = exp_nonpositive(load(col + j * kTileRows) - ref);
-        store(col + j * kTileRows, e);
-        block_sum += e;
-      }
-      const Vec c = exp_nonpositive(old_max - ref);
-      store(corr + rv * kLanes, c);
-      store(row_max + rv * kLanes, new_max);
-      store(row_sum + rv * kLanes, load(row_sum + rv * kLanes) * c + block_sum);
-    }
-
-    // acc = acc * corr + P V, for the tile's rows rounded up to a register block.
-    for (int64_t r = 0; r < t.rows; r += kPvRows) {
-      int64_t dv = 0;
-      for (; dv + kPvVecs <= d_vecs; dv += kPvVecs)
-        pv_block<kPvVecs>(s + r, value, dv * kLanes, n, Dp, corr + r, acc + r * Dp + dv * kLanes);
-      for (; dv < d_vecs; ++dv)
-        pv_block<1>(s + r, value, dv * kLanes, n, Dp, corr + r, acc + r * Dp + dv * kLanes);
+    if (in_place) {
+      value[j] = reinterpret_cast<const float*>(v + offset);
+    } else {
+      load_row(v + offset, sc.vb + j * Dp, D);
+      value[j] = sc.vb + j * Dp;
     }
   }
+  const int64_t n_padded = (n + kQkKeys - 1) / kQkKeys * kQkKeys;
+  for (int64_t j = n; j < n_padded; ++j) key[j] = key[0];
+  return n_padded;
+}
 
-  // Normalize and store. A row that saw no key gets 0 and LSE -inf.
-  for (int64_t r = 0; r < t.rows; ++r) {
-    const int64_t i = (t.row_begin + r) / group, h = t.kvh * group + (t.row_begin + r) % group;
-    const bool seen = row_sum[r] > 0.f;
-    const float inv = seen ? 1.f / row_sum[r] : 0.f;
-    OutT* o = out + (t.split * p.q.rows + p.q.begin(t.b) + i) * p.q_row_stride() + h * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = from_float<OutT>(acc[r * Dp + d] * inv);
-    args.lse[t.split * p.lse_size() + p.lse_index(t.b, h, i)] =
-        seen ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+// Step 3: prefetch the block after j0's. Its key and value rows are short runs (D elements,
+// a KV-row stride apart, pages anywhere), which the hardware prefetchers do not follow.
+// When few query rows share the keys (decode) a block's arithmetic is short, and without it
+// the next block's loads would wait on memory latency, row after row.
+template <typename T>
+FMHA_TILE_STEP void prefetch_next_block(const AttentionArgs& args, const Tile& t,
+                                        const TileShape& g, int64_t j0, int64_t hi) {
+  const T* k = static_cast<const T*>(args.k);
+  const T* v = static_cast<const T*>(args.v);
+  for (int64_t j = j0 + kBlockKeys; j < std::min(j0 + 2 * kBlockKeys, hi); ++j) {
+    const char* key_row = reinterpret_cast<const char*>(k + kv_offset(*args.p, t, g, j));
+    const char* value_row = reinterpret_cast<const char*>(v + kv_offset(*args.p, t, g, j));
+    for (int64_t byte = 0; byte < g.D * int64_t(sizeof(T)); byte += 64) {
+      __builtin_prefetch(key_row + byte);
+      __builtin_prefetch(value_row + byte);
+    }
   }
 }
+
+// Step 4: the scaled (and softcapped) scores of the block into s, in whole register blocks.
+template <typename Key>
+FMHA_TILE_STEP void score_block(const AttentionProblem& p, const TileShape& g,
+                                const Key* const* key, int64_t n, int64_t n_padded,
+                                const TileScratch& sc) {
+  for (int64_t j = 0; j < n_padded; j += kQkKeys) {
+    float* s_keys = sc.s + j * kTileRows;
+    int64_t rv = 0;
+    for (; rv + kQkRowVecs <= g.row_vecs; rv += kQkRowVecs)
+      qk_block<kQkRowVecs>(sc.qt + rv * kLanes, key + j, g.D, p.scale, s_keys + rv * kLanes);
+    for (; rv < g.row_vecs; ++rv)
+      qk_block<1>(sc.qt + rv * kLanes, key + j, g.D, p.scale, s_keys + rv * kLanes);
+  }
+  if (p.softcap > 0.f)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < g.padded_rows; ++r) {
+        float& x = sc.s[j * kTileRows + r];
+        x = p.softcap * std::tanh(x / p.softcap);
+      }
+}
+
+// Step 5: mask (unless `masked` is false: every row sees the whole block) and online
+// softmax, a row vector at a time: s becomes P, and corr the rescale of acc. A row that has
+// seen no key yet keeps max -inf; its exponent is taken against 0, so its probabilities and
+// rescale are exp(-inf) = 0.
+FMHA_TILE_STEP void softmax_block(const TileShape& g, int64_t j0, int64_t n, bool masked,
+                                  const int32_t* key_lo, const int32_t* key_hi,
+                                  const TileScratch& sc) {
+  for (int64_t rv = 0; rv < g.row_vecs; ++rv) {
+    float* col = sc.s + rv * kLanes;
+    const IVec vlo = load(key_lo + rv * kLanes), vhi = load(key_hi + rv * kLanes);
+    Vec block_max = splat(kNegInf);
+    for (int64_t j = 0; j < n; ++j) {
+      Vec x = load(col + j * kTileRows);
+      if (masked) {
+        const int32_t pos = int32_t(j0 + j);
+        x = (vlo <= pos) & (vhi > pos) ? x : kNegInf;
+        store(col + j * kTileRows, x);
+      }
+      block_max = max(block_max, x);
+    }
+    const Vec old_max = load(sc.row_max + rv * kLanes);
+    const Vec new_max = max(old_max, block_max);
+    const Vec ref = new_max == kNegInf ? Vec{} : new_max;
+    Vec block_sum{};
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec e = exp_nonpositive(load(col + j * kTileRows) - ref);
+      store(col + j * kTileRows, e);
+      block_sum += e;
+    }
+    const Vec c = exp_nonpositive(old_max - ref);
+    store(sc.corr + rv * kLanes, c);
+    store(sc.row_max + rv * kLanes, new_max);
+    store(sc.row_sum + rv * kLanes, load(sc.row_sum + rv * kLanes) * c + block_sum);
+  }
+}
+
+// Step 6: acc = acc * corr + P V, for the tile's rows rounded up to a register block.
+FMHA_TILE_STEP void accumulate_block(const Tile& t, const TileShape& g, const float* const* value,
+                                     int64_t n, const TileScratch& sc) {
+  const int64_t Dp = g.Dp, d_vecs = (g.D + kLanes - 1) / kLanes;
+  for (int64_t r = 0; r < t.rows; r += kPvRows) {
+    float* acc_rows = sc.acc + r * Dp;
+    int64_t dv = 0;
+    for (; dv + kPvVecs <= d_vecs; dv += kPvVecs)
+      pv_block<kPvVecs>(sc.s + r, value, dv * kLanes, n, Dp, sc.corr + r, acc_rows + dv * kLanes);
+    for (; dv < d_vecs; ++dv)
+      pv_block<1>(sc.s + r, value, dv * kLanes, n, Dp, sc.corr + r, acc_rows + dv * kLanes);
+  }
+}
+
+// Step 7: normalize and store the rows and their LSE. A row that saw no key gets 0 and LSE
+// -inf.
+template <typename OutT>
+FMHA_TILE_STEP void store_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                               const TileScratch& sc) {
+  const AttentionProblem& p = *args.p;
+  OutT* out = static_cast<OutT*>(args.out);
+  const int64_t D = g.D, Dp = g.Dp;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const RowHead rh = row_head(t, r, g.group);
+    const bool seen = sc.row_sum[r] > 0.f;
+    const float inv = seen ? 1.f / sc.row_sum[r] : 0.f;
+    OutT* o = out + (t.split * p.q.rows + p.q.begin(t.b) + rh.i) * p.q_row_stride() + rh.h * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = from_float<OutT>(sc.acc[r * Dp + d] * inv);
+    args.lse[t.split * p.lse_size() + p.lse_index(t.b, rh.h, rh.i)] =
+        seen ? sc.row_max[r] + std::log(sc.row_sum[r]) : kNegInf;
+  }
+}
+
+// One tile: the online softmax over its keys, kBlockKeys at a time.
+template <typename T, typename OutT>
+void run_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
+  const TileShape g = tile_shape(*args.p, t);
+  const TileScratch sc = carve_scratch(scratch, g);
+  int32_t key_lo[kTileRows], key_hi[kTileRows];  // keys [lo, hi) visible to each row
+  const TileKeys keys = begin_tile<T>(args, t, g, sc, key_lo, key_hi);
+
+  const KeyElement<T>* key[kBlockKeys];
+  const float* value[kBlockKeys];
+  for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kBlockKeys) {
+    const int64_t n = std::min(kBlockKeys, keys.hi - j0);
+    const int64_t n_padded = gather_block<T>(args, t, g, j0, n, sc, key, value);
+    prefetch_next_block<T>(args, t, g, j0, keys.hi);
+    score_block(*args.p, g, key, n, n_padded, sc);
+    const bool masked = j0 < keys.all_lo || j0 + n > keys.all_hi || g.padded_rows > t.rows;
+    softmax_block(g, j0, n, masked, key_lo, key_hi, sc);
+    accumulate_block(t, g, value, n, sc);
+  }
+  store_tile<OutT>(args, t, g, sc);
+}
+
+#undef FMHA_TILE_STEP
 
 template <typename T>
 void run_tile_for_output(const AttentionArgs& args, const Tile& t, float* scratch) {
