@@ -55,34 +55,67 @@ NOT_PEERS = (OURS, DENSE)
 # Shapes per size: "full" for the GPU, "cpu" for a CPU run (about a minute per suite on
 # 2 cores), "small" (--small) for a quick check on either.
 SIZES = {
-    "full": dict(
-        tokens=16384, seqlens=(512, 1024, 2048, 4096, 8192, 16384), hidden=2048,
-        head_dims=(64, 128, 256),
-        gqa_tokens=16384, gqa_seqlens=(512, 1024, 2048, 4096, 8192, 16384),
-        paged_tokens=16384, paged_seqlens=(2048, 8192), paged_heads=16,
-        decode_batches=(1, 4, 16, 64, 256), decode_kv=(1024, 4096, 16384, 131072),
-        decode_max_tokens=2**20,  # B * Sk cap: 4 GiB of bf16 K+V at 8 KV heads, d128
-        varlen_tokens=16384, varlen_max=(512, 2048, 8192), varlen_heads=16),
-    "cpu": dict(
-        tokens=2048, seqlens=(512, 2048), hidden=512, head_dims=(64, 128),
-        gqa_tokens=512, gqa_seqlens=(256, 512),
-        paged_tokens=1024, paged_seqlens=(1024,), paged_heads=4,
-        decode_batches=(1, 8), decode_kv=(1024, 8192), decode_max_tokens=2**16,
-        varlen_tokens=2048, varlen_max=(256, 1024), varlen_heads=4),
-    "small": dict(
-        tokens=512, seqlens=(128, 512), hidden=256, head_dims=(64, 128),
-        gqa_tokens=256, gqa_seqlens=(128, 256),
-        paged_tokens=256, paged_seqlens=(256,), paged_heads=2,
-        decode_batches=(1, 4), decode_kv=(256, 1024), decode_max_tokens=2**12,
-        varlen_tokens=512, varlen_max=(128, 512), varlen_heads=2),
+  "full": dict(
+    tokens=16384,
+    seqlens=(512, 1024, 2048, 4096, 8192, 16384),
+    hidden=2048,
+    head_dims=(64, 128, 256),
+    gqa_tokens=16384,
+    gqa_seqlens=(512, 1024, 2048, 4096, 8192, 16384),
+    paged_tokens=16384,
+    paged_seqlens=(2048, 8192),
+    paged_heads=16,
+    decode_batches=(1, 4, 16, 64, 256),
+    decode_kv=(1024, 4096, 16384, 131072),
+    decode_max_tokens=2**20,  # B * Sk cap: 4 GiB of bf16 K+V at 8 KV heads, d128
+    varlen_tokens=16384,
+    varlen_max=(512, 2048, 8192),
+    varlen_heads=16,
+  ),
+  "cpu": dict(
+    tokens=2048,
+    seqlens=(512, 2048),
+    hidden=512,
+    head_dims=(64, 128),
+    gqa_tokens=512,
+    gqa_seqlens=(256, 512),
+    paged_tokens=1024,
+    paged_seqlens=(1024,),
+    paged_heads=4,
+    decode_batches=(1, 8),
+    decode_kv=(1024, 8192),
+    decode_max_tokens=2**16,
+    varlen_tokens=2048,
+    varlen_max=(256, 1024),
+    varlen_heads=4,
+  ),
+  "small": dict(
+    tokens=512,
+    seqlens=(128, 512),
+    hidden=256,
+    head_dims=(64, 128),
+    gqa_tokens=256,
+    gqa_seqlens=(128, 256),
+    paged_tokens=256,
+    paged_seqlens=(256,),
+    paged_heads=2,
+    decode_batches=(1, 4),
+    decode_kv=(256, 1024),
+    decode_max_tokens=2**12,
+    varlen_tokens=512,
+    varlen_max=(128, 512),
+    varlen_heads=2,
+  ),
 }
 PAGE_SIZES = (16, 64, 256)
 DECODE = dict(q_heads=32, kv_heads=8, head_dim=128, page=16)
 
 # Timing per implementation and case: timed samples until the budget is spent (at least
 # one, at most max_reps); a sample loops over calls until it lasts min_sample_s.
-TIMING = {"gpu": dict(budget_s=0.3, max_reps=15, min_sample_s=20e-3),
-          "cpu": dict(budget_s=3.0, max_reps=10, min_sample_s=2e-3)}
+TIMING = {
+  "gpu": dict(budget_s=0.3, max_reps=15, min_sample_s=20e-3),
+  "cpu": dict(budget_s=3.0, max_reps=10, min_sample_s=2e-3),
+}
 ROTATE_BELOW_BYTES = 64 << 20  # one input set this small may sit in cache: rotate 3 sets
 XLA_SCORES_LIMIT = {"gpu": 8 << 30, "cpu": 4 << 30}  # XLA materializes B*Hq*Sq*Sk fp32 scores
 MAX_LOOP_CALLS = 200
@@ -114,6 +147,7 @@ class Case:
 # ---------------------------------------------------------------------------------------
 # Peers.
 
+
 @dataclasses.dataclass
 class Peers:
   backend: str
@@ -130,14 +164,18 @@ def probe_peers(backend: str, device: jax.Device | None = None) -> Peers:
     peers.notes["cudnn, pallas, fa3"] = "GPU only"
     return peers
   try:
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-    from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
+    from jax.experimental.pallas.ops.gpu import (
+      attention as pallas_attention,
+      paged_attention as pallas_paged,
+    )
+
     peers.pallas_mha = pallas_attention.mha
     peers.pallas_paged = pallas_paged.paged_attention
   except Exception as e:  # noqa: BLE001 - any import failure means "not available"
     peers.notes["pallas"] = f"not importable: {_short(e)}"
   try:
     import flash_attn3_jax
+
     peers.fa3 = flash_attn3_jax
     peers.notes["fa3"] = f"flash_attn3_jax {getattr(flash_attn3_jax, '__version__', '?')}"
   except Exception as e:  # noqa: BLE001
@@ -158,8 +196,9 @@ def gather_pages(pages, block_table):
 def fa3_fn(peers: Peers, name: str) -> Callable:
   fn = getattr(peers.fa3, name, None) if peers.fa3 is not None else None
   if fn is None:
-    raise Skip(peers.notes.get("fa3", "") if peers.fa3 is None
-               else f"flash_attn3_jax has no {name}")
+    raise Skip(
+      peers.notes.get("fa3", "") if peers.fa3 is None else f"flash_attn3_jax has no {name}"
+    )
   return fn
 
 
@@ -183,12 +222,11 @@ def guarded(builders: dict) -> dict:
 def gpu_peers(peers: Peers, builders: dict) -> dict:
   """Drops the GPU-only builders on the CPU."""
   gpu_only = ("cudnn", "pallas", "fa3")
-  return {n: b for n, b in builders.items()
-          if peers.backend == "gpu" or not n.startswith(gpu_only)}
+  return {n: b for n, b in builders.items() if peers.backend == "gpu" or not n.startswith(gpu_only)}
 
 
 def pallas_fn(peers: Peers, name: str) -> Callable:
-  """"pallas_mha" or "pallas_paged", or Skip with the reason it is missing."""
+  """ "pallas_mha" or "pallas_paged", or Skip with the reason it is missing."""
   fn = getattr(peers, name)
   if fn is None:
     raise Skip(peers.notes.get("pallas", "not importable"))
@@ -198,14 +236,19 @@ def pallas_fn(peers: Peers, name: str) -> Callable:
 # ---------------------------------------------------------------------------------------
 # Cases.
 
+
 def random_qkv(key, q_shape, kv_shape, dtype) -> dict:
   kq, kk, kv = jax.random.split(key, 3)
-  return dict(q=jax.random.normal(kq, q_shape, dtype), k=jax.random.normal(kk, kv_shape, dtype),
-              v=jax.random.normal(kv, kv_shape, dtype))
+  return dict(
+    q=jax.random.normal(kq, q_shape, dtype),
+    k=jax.random.normal(kk, kv_shape, dtype),
+    v=jax.random.normal(kv, kv_shape, dtype),
+  )
 
 
-def dense_case(suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal, dtype,
-               group) -> Case:
+def dense_case(
+  suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal, dtype, group
+) -> Case:
   """Self-attention prefill, [B, S, H, D] in and out (prefill and gqa suites)."""
   scale = 1.0 / math.sqrt(head_dim)
   rep = q_heads // kv_heads
@@ -216,6 +259,7 @@ def dense_case(suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal,
     def fn(x):
       k, v = (jnp.repeat(x[n], rep, axis=2) for n in ("k", "v"))  # MHA only: repeat KV heads
       return mha(x["q"], k, v, segment_ids=None, sm_scale=scale, causal=causal)
+
     return Impl(fn)
 
   def xla():
@@ -226,23 +270,42 @@ def dense_case(suite, peers, *, batch, seq, q_heads, kv_heads, head_dim, causal,
     flash_mha = fa3_fn(peers, "flash_mha")
     return Impl(lambda x: flash_mha(x["q"], x["k"], x["v"], is_causal=causal))
 
-  impls = guarded(gpu_peers(peers, {
-      OURS: lambda: Impl(lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal)),
-      "xla": xla,
-      "cudnn": lambda: Impl(lambda x: sdpa(x["q"], x["k"], x["v"], "cudnn", is_causal=causal)),
-      "pallas": pallas,
-      "fa3": fa3,
-  }))
+  impls = guarded(
+    gpu_peers(
+      peers,
+      {
+        OURS: lambda: Impl(lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal)),
+        "xla": xla,
+        "cudnn": lambda: Impl(lambda x: sdpa(x["q"], x["k"], x["v"], "cudnn", is_causal=causal)),
+        "pallas": pallas,
+        "fa3": fa3,
+      },
+    )
+  )
   flops = 4 * batch * q_heads * seq * seq * head_dim / (2 if causal else 1)
   heads = f"h{q_heads}" if q_heads == kv_heads else f"h{q_heads}/{kv_heads}"
   return Case(
-      suite=suite, group=group, x=seq,
-      label=f"b{batch} s{seq} {heads} d{head_dim} {_name(dtype)}{' causal' if causal else ''}",
-      shape=dict(batch=batch, seqlen_q=seq, seqlen_k=seq, q_heads=q_heads, kv_heads=kv_heads,
-                 head_dim=head_dim, causal=causal, dtype=_name(dtype)),
-      make_inputs=lambda key: random_qkv(key, (batch, seq, q_heads, head_dim),
-                                         (batch, seq, kv_heads, head_dim), dtype),
-      impls=impls, work=flops, metric="TFLOP/s")
+    suite=suite,
+    group=group,
+    x=seq,
+    label=f"b{batch} s{seq} {heads} d{head_dim} {_name(dtype)}{' causal' if causal else ''}",
+    shape=dict(
+      batch=batch,
+      seqlen_q=seq,
+      seqlen_k=seq,
+      q_heads=q_heads,
+      kv_heads=kv_heads,
+      head_dim=head_dim,
+      causal=causal,
+      dtype=_name(dtype),
+    ),
+    make_inputs=lambda key: random_qkv(
+      key, (batch, seq, q_heads, head_dim), (batch, seq, kv_heads, head_dim), dtype
+    ),
+    impls=impls,
+    work=flops,
+    metric="TFLOP/s",
+  )
 
 
 def paged_inputs(key, *, batch, seq_q, seq_k, q_heads, kv_heads, head_dim, page, dtype) -> dict:
@@ -250,20 +313,24 @@ def paged_inputs(key, *, batch, seq_q, seq_k, q_heads, kv_heads, head_dim, page,
   num_pages = batch * seq_k // page
   kq, kk, kv, kp = jax.random.split(key, 4)
   pages_shape = (num_pages, page, kv_heads, head_dim)
-  return dict(q=jax.random.normal(kq, (batch, seq_q, q_heads, head_dim), dtype),
-              k=jax.random.normal(kk, pages_shape, dtype),
-              v=jax.random.normal(kv, pages_shape, dtype),
-              block_table=jax.random.permutation(kp, num_pages).astype(jnp.int32)
-              .reshape(batch, seq_k // page),
-              seq_lens=jnp.full((batch,), seq_k, jnp.int32))
+  return dict(
+    q=jax.random.normal(kq, (batch, seq_q, q_heads, head_dim), dtype),
+    k=jax.random.normal(kk, pages_shape, dtype),
+    v=jax.random.normal(kv, pages_shape, dtype),
+    block_table=jax.random.permutation(kp, num_pages)
+    .astype(jnp.int32)
+    .reshape(batch, seq_k // page),
+    seq_lens=jnp.full((batch,), seq_k, jnp.int32),
+  )
 
 
 def paged_gather_impl(implementation, causal) -> Impl:
   """Gather-then-attend: the pages into contiguous keys, then jax.nn with a length mask."""
+
   def fn(x):
     k, v = (gather_pages(x[n], x["block_table"]) for n in ("k", "v"))
-    return sdpa(x["q"], k, v, implementation, is_causal=causal,
-                key_value_seq_lengths=x["seq_lens"])
+    return sdpa(x["q"], k, v, implementation, is_causal=causal, key_value_seq_lengths=x["seq_lens"])
+
   return Impl(fn)
 
 
@@ -271,12 +338,14 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
   scale = 1.0 / math.sqrt(head_dim)
 
   def ours(x):
-    return jax_fmha.attention(x["q"], x["k"], x["v"], block_table=x["block_table"],
-                              seq_lens=x["seq_lens"], causal=causal)
+    return jax_fmha.attention(
+      x["q"], x["k"], x["v"], block_table=x["block_table"], seq_lens=x["seq_lens"], causal=causal
+    )
 
   def dense_prepare(x):
-    return dict(x, k=gather_pages(x["k"], x["block_table"]),
-                v=gather_pages(x["v"], x["block_table"]))
+    return dict(
+      x, k=gather_pages(x["k"], x["block_table"]), v=gather_pages(x["v"], x["block_table"])
+    )
 
   def pallas():
     mha = pallas_fn(peers, "pallas_mha")
@@ -284,6 +353,7 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
     def fn(x):
       k, v = (gather_pages(x[n], x["block_table"]) for n in ("k", "v"))
       return mha(x["q"], k, v, segment_ids=None, sm_scale=scale, causal=causal)
+
     return Impl(fn)
 
   def xla():
@@ -292,90 +362,184 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
 
   def fa3():
     with_kvcache = fa3_fn(peers, "flash_mha_with_kvcache")
-    return Impl(lambda x: with_kvcache(x["q"], x["k"], x["v"], cache_seqlens=x["seq_lens"],
-                                       page_table=x["block_table"], is_causal=causal))
+    return Impl(
+      lambda x: with_kvcache(
+        x["q"],
+        x["k"],
+        x["v"],
+        cache_seqlens=x["seq_lens"],
+        page_table=x["block_table"],
+        is_causal=causal,
+      )
+    )
 
-  impls = guarded(gpu_peers(peers, {
-      OURS: lambda: Impl(ours),
-      DENSE: lambda: Impl(lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal),
-                          prepare=dense_prepare),
-      "xla_gather": xla,
-      "cudnn_gather": lambda: paged_gather_impl("cudnn", causal),
-      "pallas_gather": pallas,
-      "fa3": fa3,
-  }))
+  impls = guarded(
+    gpu_peers(
+      peers,
+      {
+        OURS: lambda: Impl(ours),
+        DENSE: lambda: Impl(
+          lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dense_prepare
+        ),
+        "xla_gather": xla,
+        "cudnn_gather": lambda: paged_gather_impl("cudnn", causal),
+        "pallas_gather": pallas,
+        "fa3": fa3,
+      },
+    )
+  )
   return Case(
-      suite="paged", group=f"s{seq} {_name(dtype)}{' causal' if causal else ''}", x=page,
-      label=f"b{batch} s{seq} h{heads} d{head_dim} page{page} {_name(dtype)}"
-            f"{' causal' if causal else ''}",
-      shape=dict(batch=batch, seqlen_q=seq, seqlen_k=seq, q_heads=heads, kv_heads=heads,
-                 head_dim=head_dim, page_size=page, causal=causal, dtype=_name(dtype)),
-      make_inputs=lambda key: paged_inputs(key, batch=batch, seq_q=seq, seq_k=seq,
-                                           q_heads=heads, kv_heads=heads,
-                                           head_dim=head_dim, page=page, dtype=dtype),
-      impls=impls, work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
-      metric="TFLOP/s")
+    suite="paged",
+    group=f"s{seq} {_name(dtype)}{' causal' if causal else ''}",
+    x=page,
+    label=f"b{batch} s{seq} h{heads} d{head_dim} page{page} {_name(dtype)}"
+    f"{' causal' if causal else ''}",
+    shape=dict(
+      batch=batch,
+      seqlen_q=seq,
+      seqlen_k=seq,
+      q_heads=heads,
+      kv_heads=heads,
+      head_dim=head_dim,
+      page_size=page,
+      causal=causal,
+      dtype=_name(dtype),
+    ),
+    make_inputs=lambda key: paged_inputs(
+      key,
+      batch=batch,
+      seq_q=seq,
+      seq_k=seq,
+      q_heads=heads,
+      kv_heads=heads,
+      head_dim=head_dim,
+      page=page,
+      dtype=dtype,
+    ),
+    impls=impls,
+    work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
+    metric="TFLOP/s",
+  )
 
 
 def our_num_splits(*, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, page, device) -> int:
   """The split-KV count jax_fmha picks for a shape on `device` (shown in decode rows, and
   given to flash_attn3_jax as `fa3_splits`)."""
-  from jax_fmha._split_plan import num_splits  # noqa: PLC0415 - only the decode suite needs it
-  return int(num_splits(batch=batch, num_kv_heads=kv_heads, group=q_heads // kv_heads,
-                        max_seqlen_q=seq_q, max_seqlen_k=seq_k, head_dim=head_dim,
-                        page_size=page, device=device))
+  from jax_fmha._split_plan import num_splits
+
+  return int(
+    num_splits(
+      batch=batch,
+      num_kv_heads=kv_heads,
+      group=q_heads // kv_heads,
+      max_seqlen_q=seq_q,
+      max_seqlen_k=seq_k,
+      head_dim=head_dim,
+      page_size=page,
+      device=device,
+    )
+  )
 
 
 def decode_case(peers, *, batch, seq_k, dtype) -> Case:
-  q_heads, kv_heads, head_dim, page = (DECODE[n] for n in ("q_heads", "kv_heads", "head_dim",
-                                                           "page"))
-  splits = our_num_splits(batch=batch, q_heads=q_heads, kv_heads=kv_heads, seq_q=1,
-                          seq_k=seq_k, head_dim=head_dim, page=page, device=peers.device)
+  q_heads, kv_heads, head_dim, page = (
+    DECODE[n] for n in ("q_heads", "kv_heads", "head_dim", "page")
+  )
+  splits = our_num_splits(
+    batch=batch,
+    q_heads=q_heads,
+    kv_heads=kv_heads,
+    seq_q=1,
+    seq_k=seq_k,
+    head_dim=head_dim,
+    page=page,
+    device=peers.device,
+  )
 
   def ours(x):
-    return jax_fmha.attention(x["q"], x["k"], x["v"], block_table=x["block_table"],
-                              seq_lens=x["seq_lens"])
+    return jax_fmha.attention(
+      x["q"], x["k"], x["v"], block_table=x["block_table"], seq_lens=x["seq_lens"]
+    )
 
   def pallas():
     paged_attention = pallas_fn(peers, "pallas_paged")
+
     # Its cache layout is [Hkv, num_pages, page, D]: a user of it stores the cache that way.
     # It has no softmax scale: the queries are scaled first.
     def prepare(x):
       return dict(x, k=jnp.moveaxis(x["k"], 2, 0), v=jnp.moveaxis(x["v"], 2, 0))
 
     scale = 1.0 / math.sqrt(head_dim)
-    return Impl(lambda x: paged_attention(x["q"][:, 0] * scale, x["k"], x["v"],
-                                          x["block_table"], x["seq_lens"])[:, None],
-                prepare=prepare)
+    return Impl(
+      lambda x: paged_attention(
+        x["q"][:, 0] * scale, x["k"], x["v"], x["block_table"], x["seq_lens"]
+      )[:, None],
+      prepare=prepare,
+    )
 
   def fa3(num_splits):
     with_kvcache = fa3_fn(peers, "flash_mha_with_kvcache")
-    return Impl(lambda x: with_kvcache(x["q"], x["k"], x["v"], cache_seqlens=x["seq_lens"],
-                                       page_table=x["block_table"], num_splits=num_splits))
+    return Impl(
+      lambda x: with_kvcache(
+        x["q"],
+        x["k"],
+        x["v"],
+        cache_seqlens=x["seq_lens"],
+        page_table=x["block_table"],
+        num_splits=num_splits,
+      )
+    )
 
   def fa3_splits():  # flash_attn3_jax given our split count (its default is 1)
     if splits == 1:
       raise Skip("ours uses no split here")
     return fa3(splits)
 
-  impls = guarded(gpu_peers(peers, {
-      OURS: lambda: Impl(ours),
-      "xla_gather": lambda: paged_gather_impl("xla", False),
-      "cudnn_gather": lambda: paged_gather_impl("cudnn", False),
-      "pallas": pallas,
-      "fa3": lambda: fa3(1),
-      "fa3_splits": fa3_splits,
-  }))
+  impls = guarded(
+    gpu_peers(
+      peers,
+      {
+        OURS: lambda: Impl(ours),
+        "xla_gather": lambda: paged_gather_impl("xla", False),
+        "cudnn_gather": lambda: paged_gather_impl("cudnn", False),
+        "pallas": pallas,
+        "fa3": lambda: fa3(1),
+        "fa3_splits": fa3_splits,
+      },
+    )
+  )
   kv_bytes = 2 * batch * seq_k * kv_heads * head_dim * jnp.dtype(dtype).itemsize
   return Case(
-      suite="decode", group=f"batch {batch} {_name(dtype)}", x=seq_k,
-      label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {_name(dtype)}",
-      shape=dict(batch=batch, seqlen_q=1, seqlen_k=seq_k, q_heads=q_heads, kv_heads=kv_heads,
-                 head_dim=head_dim, page_size=page, dtype=_name(dtype), num_splits=splits),
-      make_inputs=lambda key: paged_inputs(key, batch=batch, seq_q=1, seq_k=seq_k,
-                                           q_heads=q_heads, kv_heads=kv_heads,
-                                           head_dim=head_dim, page=page, dtype=dtype),
-      impls=impls, work=kv_bytes, metric="GB/s")
+    suite="decode",
+    group=f"batch {batch} {_name(dtype)}",
+    x=seq_k,
+    label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {_name(dtype)}",
+    shape=dict(
+      batch=batch,
+      seqlen_q=1,
+      seqlen_k=seq_k,
+      q_heads=q_heads,
+      kv_heads=kv_heads,
+      head_dim=head_dim,
+      page_size=page,
+      dtype=_name(dtype),
+      num_splits=splits,
+    ),
+    make_inputs=lambda key: paged_inputs(
+      key,
+      batch=batch,
+      seq_q=1,
+      seq_k=seq_k,
+      q_heads=q_heads,
+      kv_heads=kv_heads,
+      head_dim=head_dim,
+      page=page,
+      dtype=dtype,
+    ),
+    impls=impls,
+    work=kv_bytes,
+    metric="GB/s",
+  )
 
 
 def random_lengths(rng, tokens, max_len) -> list[int]:
@@ -399,16 +563,31 @@ def varlen_case(peers, *, tokens, max_len, heads, head_dim, dtype, seed) -> Case
   scale = 1.0 / math.sqrt(head_dim)
 
   def ours(x):
-    return jax_fmha.attention(x["q"], x["k"], x["v"], cu_seqlens_q=x["cu_seqlens"],
-                              cu_seqlens_k=x["cu_seqlens"], max_seqlen_q=longest,
-                              max_seqlen_k=longest, causal=True)
+    return jax_fmha.attention(
+      x["q"],
+      x["k"],
+      x["v"],
+      cu_seqlens_q=x["cu_seqlens"],
+      cu_seqlens_k=x["cu_seqlens"],
+      max_seqlen_q=longest,
+      max_seqlen_k=longest,
+      causal=True,
+    )
 
   def padded(implementation):
     def fn(x):
       q, k, v = (x[n][x["pad_index"]] for n in ("q", "k", "v"))
-      out = sdpa(q, k, v, implementation, is_causal=True, query_seq_lengths=x["lengths"],
-                 key_value_seq_lengths=x["lengths"])
+      out = sdpa(
+        q,
+        k,
+        v,
+        implementation,
+        is_causal=True,
+        query_seq_lengths=x["lengths"],
+        key_value_seq_lengths=x["lengths"],
+      )
       return out.reshape(-1, heads, head_dim)[x["unpad_index"]]
+
     return fn
 
   def xla():
@@ -417,38 +596,77 @@ def varlen_case(peers, *, tokens, max_len, heads, head_dim, dtype, seed) -> Case
 
   def pallas():  # one packed sequence; segment ids keep the sequences apart
     mha = pallas_fn(peers, "pallas_mha")
-    return Impl(lambda x: mha(x["q"][None], x["k"][None], x["v"][None],
-                              segment_ids=x["segment_ids"][None], sm_scale=scale,
-                              causal=True)[0])
+    return Impl(
+      lambda x: mha(
+        x["q"][None],
+        x["k"][None],
+        x["v"][None],
+        segment_ids=x["segment_ids"][None],
+        sm_scale=scale,
+        causal=True,
+      )[0]
+    )
 
   def fa3():
     flash_mha_varlen = fa3_fn(peers, "flash_mha_varlen")
-    return Impl(lambda x: flash_mha_varlen(
-        x["q"], x["k"], x["v"], cu_seqlens_q=x["cu_seqlens"], cu_seqlens_k=x["cu_seqlens"],
-        max_seqlen_q=longest, max_seqlen_k=longest, is_causal=True))
+    return Impl(
+      lambda x: flash_mha_varlen(
+        x["q"],
+        x["k"],
+        x["v"],
+        cu_seqlens_q=x["cu_seqlens"],
+        cu_seqlens_k=x["cu_seqlens"],
+        max_seqlen_q=longest,
+        max_seqlen_k=longest,
+        is_causal=True,
+      )
+    )
 
   def make_inputs(key):
     x = random_qkv(key, (tokens, heads, head_dim), (tokens, heads, head_dim), dtype)
-    return dict(x, cu_seqlens=jnp.asarray(cu), lengths=jnp.asarray(lengths, jnp.int32),
-                pad_index=jnp.asarray(pad_index, jnp.int32),
-                unpad_index=jnp.asarray(unpad_index, jnp.int32),
-                segment_ids=jnp.asarray(seq_of, jnp.int32))
+    return dict(
+      x,
+      cu_seqlens=jnp.asarray(cu),
+      lengths=jnp.asarray(lengths, jnp.int32),
+      pad_index=jnp.asarray(pad_index, jnp.int32),
+      unpad_index=jnp.asarray(unpad_index, jnp.int32),
+      segment_ids=jnp.asarray(seq_of, jnp.int32),
+    )
 
-  impls = guarded(gpu_peers(peers, {
-      OURS: lambda: Impl(ours),
-      "xla_padded": xla,
-      "cudnn_padded": lambda: Impl(padded("cudnn")),
-      "pallas_segments": pallas,
-      "fa3": fa3,
-  }))
+  impls = guarded(
+    gpu_peers(
+      peers,
+      {
+        OURS: lambda: Impl(ours),
+        "xla_padded": xla,
+        "cudnn_padded": lambda: Impl(padded("cudnn")),
+        "pallas_segments": pallas,
+        "fa3": fa3,
+      },
+    )
+  )
   flops = sum(4 * heads * n * n * head_dim / 2 for n in lengths)
   return Case(
-      suite="varlen", group=f"{tokens} tokens h{heads} d{head_dim} {_name(dtype)} causal",
-      x=max_len,
-      label=f"t{tokens} n{batch} max{longest} h{heads} d{head_dim} {_name(dtype)} causal",
-      shape=dict(tokens=tokens, batch=batch, max_len=max_len, longest=longest, q_heads=heads,
-                 kv_heads=heads, head_dim=head_dim, causal=True, dtype=_name(dtype)),
-      make_inputs=make_inputs, impls=impls, work=flops, metric="TFLOP/s")
+    suite="varlen",
+    group=f"{tokens} tokens h{heads} d{head_dim} {_name(dtype)} causal",
+    x=max_len,
+    label=f"t{tokens} n{batch} max{longest} h{heads} d{head_dim} {_name(dtype)} causal",
+    shape=dict(
+      tokens=tokens,
+      batch=batch,
+      max_len=max_len,
+      longest=longest,
+      q_heads=heads,
+      kv_heads=heads,
+      head_dim=head_dim,
+      causal=True,
+      dtype=_name(dtype),
+    ),
+    make_inputs=make_inputs,
+    impls=impls,
+    work=flops,
+    metric="TFLOP/s",
+  )
 
 
 def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
@@ -458,26 +676,55 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
     for d in c["head_dims"]:
       for causal in (False, True):
         for s in c["seqlens"]:
-          cases.append(dense_case(
-              "prefill", peers, batch=max(1, c["tokens"] // s), seq=s,
-              q_heads=c["hidden"] // d, kv_heads=c["hidden"] // d, head_dim=d, causal=causal,
-              dtype=dtype, group=f"d{d} {_name(dtype)}{' causal' if causal else ''}"))
+          cases.append(
+            dense_case(
+              "prefill",
+              peers,
+              batch=max(1, c["tokens"] // s),
+              seq=s,
+              q_heads=c["hidden"] // d,
+              kv_heads=c["hidden"] // d,
+              head_dim=d,
+              causal=causal,
+              dtype=dtype,
+              group=f"d{d} {_name(dtype)}{' causal' if causal else ''}",
+            )
+          )
   elif suite == "gqa":
     for causal in (False, True):
       for s in c["gqa_seqlens"]:
-        cases.append(dense_case(
-            "gqa", peers, batch=max(1, c["gqa_tokens"] // s), seq=s, q_heads=32, kv_heads=8,
-            head_dim=128, causal=causal, dtype=dtype,
-            group=f"h32/8 d128 {_name(dtype)}{' causal' if causal else ''}"))
+        cases.append(
+          dense_case(
+            "gqa",
+            peers,
+            batch=max(1, c["gqa_tokens"] // s),
+            seq=s,
+            q_heads=32,
+            kv_heads=8,
+            head_dim=128,
+            causal=causal,
+            dtype=dtype,
+            group=f"h32/8 d128 {_name(dtype)}{' causal' if causal else ''}",
+          )
+        )
   elif suite == "paged":
     for causal in (False, True):
       for s in c["paged_seqlens"]:
         for page in PAGE_SIZES:
           if page > s:
             continue
-          cases.append(paged_prefill_case(
-              peers, batch=max(1, c["paged_tokens"] // s), seq=s, heads=c["paged_heads"],
-              head_dim=128, page=page, causal=causal, dtype=dtype))
+          cases.append(
+            paged_prefill_case(
+              peers,
+              batch=max(1, c["paged_tokens"] // s),
+              seq=s,
+              heads=c["paged_heads"],
+              head_dim=128,
+              page=page,
+              causal=causal,
+              dtype=dtype,
+            )
+          )
   elif suite == "decode":
     for b in c["decode_batches"]:
       for sk in c["decode_kv"]:
@@ -485,8 +732,17 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
           cases.append(decode_case(peers, batch=b, seq_k=sk, dtype=dtype))
   elif suite == "varlen":
     for i, m in enumerate(c["varlen_max"]):
-      cases.append(varlen_case(peers, tokens=c["varlen_tokens"], max_len=m,
-                               heads=c["varlen_heads"], head_dim=128, dtype=dtype, seed=i))
+      cases.append(
+        varlen_case(
+          peers,
+          tokens=c["varlen_tokens"],
+          max_len=m,
+          heads=c["varlen_heads"],
+          head_dim=128,
+          dtype=dtype,
+          seed=i,
+        )
+      )
   else:
     raise ValueError(f"unknown suite {suite!r}")
   return cases
@@ -499,10 +755,20 @@ def cpu_cases(peers: Peers) -> list[Case]:
   for dtype in (jnp.float32, jnp.bfloat16):
     for causal in (False, True):
       for s in (2048, 4096, 8192):
-        cases.append(dense_case(
-            "prefill", peers, batch=1, seq=s, q_heads=8, kv_heads=8, head_dim=128,
-            causal=causal, dtype=dtype,
-            group=f"b1 h8 d128 {_name(dtype)}{' causal' if causal else ''}"))
+        cases.append(
+          dense_case(
+            "prefill",
+            peers,
+            batch=1,
+            seq=s,
+            q_heads=8,
+            kv_heads=8,
+            head_dim=128,
+            causal=causal,
+            dtype=dtype,
+            group=f"b1 h8 d128 {_name(dtype)}{' causal' if causal else ''}",
+          )
+        )
   for dtype in (jnp.float32, jnp.bfloat16):
     cases.append(decode_case(peers, batch=8, seq_k=8192, dtype=dtype))
   return cases
@@ -510,6 +776,7 @@ def cpu_cases(peers: Peers) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------
 # Measurement.
+
 
 def time_call(fn, arg_sets, *, budget_s, max_reps, min_sample_s) -> tuple[float, int]:
   """Median milliseconds per call of a compiled fn, and the number of calls timed.
@@ -556,12 +823,24 @@ def mismatch(out, ref, ref_name) -> str | None:
 def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> dict:
   """Runs every implementation of a case on the same inputs; returns the result row."""
   key = jax.random.key(seed)
-  set_bytes = sum(a.size * a.dtype.itemsize
-                  for a in jax.tree.leaves(jax.eval_shape(case.make_inputs, key)))
+  set_bytes = sum(
+    a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(case.make_inputs, key))
+  )
   num_sets = 3 if set_bytes <= ROTATE_BELOW_BYTES else 1
   input_sets = [case.make_inputs(k) for k in jax.random.split(key, num_sets)]
-  row = dict(suite=case.suite, group=case.group, x=case.x, label=case.label, shape=case.shape,
-             metric=case.metric, input_sets=num_sets, ms={}, rate={}, calls={}, notes={})
+  row = dict(
+    suite=case.suite,
+    group=case.group,
+    x=case.x,
+    label=case.label,
+    shape=case.shape,
+    metric=case.metric,
+    input_sets=num_sets,
+    ms={},
+    rate={},
+    calls={},
+    notes={},
+  )
   scale = 1e9 if case.metric == "TFLOP/s" else 1e6  # work / ms -> TFLOP/s or GB/s
   reference = None  # (name, output) of the first implementation that ran: ours if it did
   for name, impl in case.impls.items():
@@ -570,8 +849,9 @@ def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> 
       continue
     try:
       fn = jax.jit(impl.fn)
-      arg_sets = (input_sets if impl.prepare is None
-                  else [jax.jit(impl.prepare)(x) for x in input_sets])
+      arg_sets = (
+        input_sets if impl.prepare is None else [jax.jit(impl.prepare)(x) for x in input_sets]
+      )
       out = jax.block_until_ready(fn(arg_sets[0]))  # compiles; the warm-up call
       if reference is None:
         reference = (name, out)
@@ -585,11 +865,15 @@ def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> 
     row["ms"][name] = ms
     row["rate"][name] = case.work / ms / scale
     row["calls"][name] = calls
-  peers = {n: t for n, t in row["ms"].items()  # a peer with a wrong output is not compared
-           if n not in NOT_PEERS and not row["notes"].get(n, "").startswith("mismatch")}
+  peers = {
+    n: t
+    for n, t in row["ms"].items()  # a peer with a wrong output is not compared
+    if n not in NOT_PEERS and not row["notes"].get(n, "").startswith("mismatch")
+  }
   row["best_peer"] = min(peers, key=peers.get) if peers else None
-  row["speedup"] = (peers[row["best_peer"]] / row["ms"][OURS]
-                    if peers and OURS in row["ms"] else None)
+  row["speedup"] = (
+    peers[row["best_peer"]] / row["ms"][OURS] if peers and OURS in row["ms"] else None
+  )
   if DENSE in row["ms"] and OURS in row["ms"]:
     row["vs_dense"] = row["ms"][DENSE] / row["ms"][OURS]  # >= 1: paged as fast as dense
   return row
@@ -598,11 +882,14 @@ def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> 
 # ---------------------------------------------------------------------------------------
 # Output.
 
+
 def format_row(row: dict) -> str:
   def rate(name):
     return f"{row['rate'][name]:.3g}" if name in row["rate"] else "-"
-  ours = (f"{row['ms'][OURS]:9.3f} ms {rate(OURS):>8}" if OURS in row["ms"]
-          else f"{'-':>12} {'-':>8}")
+
+  ours = (
+    f"{row['ms'][OURS]:9.3f} ms {rate(OURS):>8}" if OURS in row["ms"] else f"{'-':>12} {'-':>8}"
+  )
   others = "  ".join(f"{n} {rate(n)}" for n in row["ms"] if n != OURS)
   tail = f"  x{row['speedup']:.2f} vs {row['best_peer']}" if row.get("speedup") else ""
   if "vs_dense" in row:
@@ -624,15 +911,28 @@ def build_info() -> dict | str:
 def git_revision() -> str | None:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    rev = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, timeout=10)
+    rev = subprocess.run(
+      ["git", "-C", root, "describe", "--always", "--dirty"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return rev.stdout.strip() or None
 
 
-def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: int = 0,
-        budget_s: float | None = None, log=print, on_row=None) -> dict:
+def run(
+  suites,
+  *,
+  backend: str = "cpu",
+  dtype=None,
+  small: bool = False,
+  seed: int = 0,
+  budget_s: float | None = None,
+  log=print,
+  on_row=None,
+) -> dict:
   """Runs the suites ("cpu" or names from SUITES); returns the results dict.
   `budget_s` overrides the timing budget per implementation and case (a quick look: 0.2).
   `on_row(results)` is called after each row (main saves the JSON there, so a run cut
@@ -642,14 +942,27 @@ def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: 
   size = "small" if small else ("full" if backend == "gpu" else "cpu")
   peers = probe_peers(backend, device)
   results = dict(
-      device=device.device_kind, platform=device.platform, backend=backend,
-      jax_version=jax.__version__, jax_fmha_build=build_info(),
-      jax_fmha_path=os.path.dirname(jax_fmha.__file__), git=git_revision(),
-      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      cpu_count=os.cpu_count(), load_average=os.getloadavg(), dtype=dtype.name, size=size,
-      suites=list(suites), argv=sys.argv, peers=peers.notes, rows=[])
-  log(f"device {device.device_kind} ({backend}), jax {jax.__version__}, "
-      f"jax_fmha {results['jax_fmha_build']}, peers: {peers.notes}")
+    device=device.device_kind,
+    platform=device.platform,
+    backend=backend,
+    jax_version=jax.__version__,
+    jax_fmha_build=build_info(),
+    jax_fmha_path=os.path.dirname(jax_fmha.__file__),
+    git=git_revision(),
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    cpu_count=os.cpu_count(),
+    load_average=os.getloadavg(),
+    dtype=dtype.name,
+    size=size,
+    suites=list(suites),
+    argv=sys.argv,
+    peers=peers.notes,
+    rows=[],
+  )
+  log(
+    f"device {device.device_kind} ({backend}), jax {jax.__version__}, "
+    f"jax_fmha {results['jax_fmha_build']}, peers: {peers.notes}"
+  )
   timing = dict(TIMING[backend])
   if budget_s is not None:
     timing.update(budget_s=budget_s, max_reps=min(timing["max_reps"], 5))
@@ -657,14 +970,16 @@ def run(suites, *, backend: str = "cpu", dtype=None, small: bool = False, seed: 
   begin = time.perf_counter()
   with jax.default_device(device):
     # The time of a trivial jitted call: no kernel can be timed below JAX's dispatch.
-    results["dispatch_floor_ms"] = time_call(jax.jit(lambda x: x + 1), [jnp.ones(8)],
-                                             **TIMING[backend])[0]
+    results["dispatch_floor_ms"] = time_call(
+      jax.jit(lambda x: x + 1), [jnp.ones(8)], **TIMING[backend]
+    )[0]
     log(f"dispatch floor: {results['dispatch_floor_ms'] * 1e3:.1f} us per call")
     for suite in suites:
-      cases = (cpu_cases(peers) if suite == "cpu"
-               else suite_cases(suite, size, peers, dtype))
-      log(f"\n== {suite}: {len(cases)} cases; per row: ours ms, ours rate | peers' rates "
-          "(TFLOP/s; GB/s for decode) | speedup vs the best peer")
+      cases = cpu_cases(peers) if suite == "cpu" else suite_cases(suite, size, peers, dtype)
+      log(
+        f"\n== {suite}: {len(cases)} cases; per row: ours ms, ours rate | peers' rates "
+        "(TFLOP/s; GB/s for decode) | speedup vs the best peer"
+      )
       for i, case in enumerate(cases):
         row = measure(case, backend, seed + i, timing)
         results["rows"].append(row)
@@ -685,6 +1000,7 @@ def plot_suite(rows, suite: str, path=None):
   matplotlib figure (saved to `path` when given), or None without matplotlib."""
   try:
     import matplotlib
+
     if path is not None:
       matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -702,8 +1018,9 @@ def plot_suite(rows, suite: str, path=None):
     grows = [r for r in rows if r["group"] == group]
     for name in dict.fromkeys(n for r in grows for n in r["rate"]):
       points = [(r["x"], r["rate"][name]) for r in grows if name in r["rate"]]
-      ax.plot(*zip(*points, strict=True), marker="o", label=name,
-              linewidth=2.5 if name == OURS else 1.2)
+      ax.plot(
+        *zip(*points, strict=True), marker="o", label=name, linewidth=2.5 if name == OURS else 1.2
+      )
     ax.set_xscale("log", base=2)
     xs = sorted({r["x"] for r in grows})
     ax.set_xticks(xs, [_tokens(x) for x in xs])
@@ -714,7 +1031,7 @@ def plot_suite(rows, suite: str, path=None):
     ax.set_ylabel(grows[0]["metric"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  for ax in list(axes.flat)[len(groups):]:
+  for ax in list(axes.flat)[len(groups) :]:
     ax.set_visible(False)
   fig.suptitle(f"attention {suite}")
   fig.tight_layout()
@@ -725,14 +1042,23 @@ def plot_suite(rows, suite: str, path=None):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--suite", default="all",
-                      help=f"all, cpu, or a comma list of {', '.join(SUITES)}")
-  parser.add_argument("--backend", choices=("cpu", "gpu"), default=None,
-                      help="default: gpu when JAX has one, else cpu")
+  parser.add_argument(
+    "--suite", default="all", help=f"all, cpu, or a comma list of {', '.join(SUITES)}"
+  )
+  parser.add_argument(
+    "--backend",
+    choices=("cpu", "gpu"),
+    default=None,
+    help="default: gpu when JAX has one, else cpu",
+  )
   parser.add_argument("--small", action="store_true", help="small shapes, for a quick check")
-  parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                      help="default: float32 on the CPU, bfloat16 on the GPU "
-                           "(the cpu suite runs both float32 and bfloat16)")
+  parser.add_argument(
+    "--dtype",
+    choices=("bfloat16", "float16", "float32"),
+    default=None,
+    help="default: float32 on the CPU, bfloat16 on the GPU "
+    "(the cpu suite runs both float32 and bfloat16)",
+  )
   parser.add_argument("--out", help="JSON results path; PNG plots go next to it")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -741,6 +1067,7 @@ def main(argv=None) -> None:
   unknown = [s for s in suites if s not in (*SUITES, "cpu")]
   if unknown:
     parser.error(f"unknown suite {', '.join(unknown)}: choose all, cpu or from {SUITES}")
+
   def save(results):
     if args.out:
       with open(args.out, "w") as f:
@@ -748,8 +1075,15 @@ def main(argv=None) -> None:
 
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  results = run(suites, backend=backend, dtype=args.dtype, small=args.small, seed=args.seed,
-                log=lambda s: print(s, flush=True), on_row=save)
+  results = run(
+    suites,
+    backend=backend,
+    dtype=args.dtype,
+    small=args.small,
+    seed=args.seed,
+    log=lambda s: print(s, flush=True),
+    on_row=save,
+  )
   if not args.out:
     return
   save(results)

@@ -58,8 +58,10 @@ def in_program_seconds(fn, inputs, copies: int, warmup: int, reps: int) -> float
   """Time per call of `copies` calls of fn inside one jitted program, call k on its own
   copy of the inputs scaled by 1 + k / 64 (exact in every dtype measured; the 1-D weight
   is shared, as in a model's layer it would be that layer's own small vector)."""
-  sets = [tuple(a if a.ndim == 1 else jax.block_until_ready(a * (1 + k / 64)) for a in inputs)
-          for k in range(copies)]
+  sets = [
+    tuple(a if a.ndim == 1 else jax.block_until_ready(a * (1 + k / 64)) for a in inputs)
+    for k in range(copies)
+  ]
   program = jax.jit(lambda sets: [fn(*s) for s in sets])
   return median_seconds(program, (sets,), warmup, max(2, reps // 4)) / copies
 
@@ -86,7 +88,7 @@ def user_swiglu_interleaved(gate_up):
 def tokamax_norms():
   """tokamax's RMSNorm and RMSNorm + residual, or the reason they are not measured."""
   try:
-    import tokamax  # noqa: PLC0415 - optional
+    import tokamax
   except ImportError as e:
     return None, f"tokamax does not import: {e}"
   norm = functools.partial(tokamax.layer_norm, offset=None, epsilon=EPS, subtract_mean=False)
@@ -103,6 +105,7 @@ def tokamax_norms():
 
 def cases(rng, device, tokens, hidden, intermediate, dtype):
   """(op, bytes moved, {implementation: function}, inputs); jax_fmha is first."""
+
   def put(shape, scale=1.0, dt=dtype):
     return jax.device_put(np.asarray(rng.standard_normal(shape) * scale, dt), device)
 
@@ -117,40 +120,65 @@ def cases(rng, device, tokens, hidden, intermediate, dtype):
 
   tokamax_fns, tokamax_missing = tokamax_norms()
   norm_impls = {"jax_fmha": jax_fmha.rms_norm, "xla (jnp)": reference.rms_norm}
-  residual_impls = {"jax_fmha": jax_fmha.rms_norm_residual,
-                    "xla (jnp)": reference.rms_norm_residual}
+  residual_impls = {
+    "jax_fmha": jax_fmha.rms_norm_residual,
+    "xla (jnp)": reference.rms_norm_residual,
+  }
   if tokamax_fns:
     norm_impls["tokamax.layer_norm"], residual_impls["tokamax.layer_norm"] = tokamax_fns
   return [
-      ("swiglu", glu_bytes, {"jax_fmha": jax_fmha.swiglu, "xla (jnp)": user_swiglu},
-       (gate, up)),
-      ("geglu tanh", glu_bytes,
-       {"jax_fmha": jax_fmha.geglu, "xla (jnp)": functools.partial(user_geglu, approximate=True)},
-       (gate, up)),
-      ("geglu erf", glu_bytes,
-       {"jax_fmha": functools.partial(jax_fmha.geglu, approximate=False),
-        "xla (jnp)": functools.partial(user_geglu, approximate=False)}, (gate, up)),
-      ("swiglu packed concat", glu_bytes,
-       {"jax_fmha": jax_fmha.swiglu, "xla (slice + jnp)": user_swiglu_concat}, (concat,)),
-      ("swiglu packed interleaved", glu_bytes,
-       {"jax_fmha": functools.partial(jax_fmha.swiglu, packed_layout="interleaved"),
-        "xla (slice + jnp)": user_swiglu_interleaved}, (interleaved,)),
-      ("rms_norm", norm_bytes, norm_impls, (x, weight)),
-      ("rms_norm_residual", 2 * norm_bytes - hidden * 4, residual_impls, (x, residual, weight)),
+    ("swiglu", glu_bytes, {"jax_fmha": jax_fmha.swiglu, "xla (jnp)": user_swiglu}, (gate, up)),
+    (
+      "geglu tanh",
+      glu_bytes,
+      {"jax_fmha": jax_fmha.geglu, "xla (jnp)": functools.partial(user_geglu, approximate=True)},
+      (gate, up),
+    ),
+    (
+      "geglu erf",
+      glu_bytes,
+      {
+        "jax_fmha": functools.partial(jax_fmha.geglu, approximate=False),
+        "xla (jnp)": functools.partial(user_geglu, approximate=False),
+      },
+      (gate, up),
+    ),
+    (
+      "swiglu packed concat",
+      glu_bytes,
+      {"jax_fmha": jax_fmha.swiglu, "xla (slice + jnp)": user_swiglu_concat},
+      (concat,),
+    ),
+    (
+      "swiglu packed interleaved",
+      glu_bytes,
+      {
+        "jax_fmha": functools.partial(jax_fmha.swiglu, packed_layout="interleaved"),
+        "xla (slice + jnp)": user_swiglu_interleaved,
+      },
+      (interleaved,),
+    ),
+    ("rms_norm", norm_bytes, norm_impls, (x, weight)),
+    ("rms_norm_residual", 2 * norm_bytes - hidden * 4, residual_impls, (x, residual, weight)),
   ], tokamax_missing
 
 
 def max_difference(a, b) -> float:
   leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-             for x, y in leaves)
+  return max(
+    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in leaves
+  )
 
 
 def git_revision() -> str | None:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    rev = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, timeout=10)
+    rev = subprocess.run(
+      ["git", "-C", root, "describe", "--always", "--dirty"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return rev.stdout.strip() or None
@@ -163,10 +191,19 @@ def main():
   parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--reps", type=int, default=20)
-  parser.add_argument("--in-program", type=int, default=8, metavar="N",
-                      help="calls per program for the in-program timing (0: skip it)")
-  parser.add_argument("--ops", nargs="+", metavar="OP",
-                      help="only these ops (names as printed, e.g. rms_norm rms_norm_residual)")
+  parser.add_argument(
+    "--in-program",
+    type=int,
+    default=8,
+    metavar="N",
+    help="calls per program for the in-program timing (0: skip it)",
+  )
+  parser.add_argument(
+    "--ops",
+    nargs="+",
+    metavar="OP",
+    help="only these ops (names as printed, e.g. rms_norm rms_norm_residual)",
+  )
   parser.add_argument("--machine", default="", help="what runs it, for the record")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args()
@@ -174,13 +211,17 @@ def main():
   device = jax.devices(args.backend)[0]
   tokens, hidden, intermediate = (512 if args.small else 16384), 4096, 14336
   dtype = np.dtype(getattr(jnp, args.dtype))
-  all_cases, tokamax_missing = cases(np.random.default_rng(0), device, tokens, hidden,
-                                     intermediate, dtype)
-  print(f"{device.device_kind} ({args.backend}), {args.dtype}, tokens {tokens}, hidden "
-        f"{hidden}, intermediate {intermediate}" + (f"; {tokamax_missing}" if tokamax_missing
-                                                     else ""))
-  print(f"{'op':27} {'implementation':20} {'time (ms)':>10} {'GB/s':>8} {'speedup':>8}"
-        f" {'in program (ms)':>16} {'GB/s':>8} {'speedup':>8}")
+  all_cases, tokamax_missing = cases(
+    np.random.default_rng(0), device, tokens, hidden, intermediate, dtype
+  )
+  print(
+    f"{device.device_kind} ({args.backend}), {args.dtype}, tokens {tokens}, hidden "
+    f"{hidden}, intermediate {intermediate}" + (f"; {tokamax_missing}" if tokamax_missing else "")
+  )
+  print(
+    f"{'op':27} {'implementation':20} {'time (ms)':>10} {'GB/s':>8} {'speedup':>8}"
+    f" {'in program (ms)':>16} {'GB/s':>8} {'speedup':>8}"
+  )
   results = []
   for op, nbytes, impls, inputs in all_cases:
     if args.ops and op not in args.ops:
@@ -189,10 +230,18 @@ def main():
     for name, fn in impls.items():
       fn = jax.jit(fn)
       seconds = median_seconds(fn, inputs, args.warmup, args.reps)
-      row = dict(op=op, implementation=name, time_ms=seconds * 1e3,
-                 gb_per_s=nbytes / seconds / 1e9, bytes=nbytes)
-      program = (in_program_seconds(fn, inputs, args.in_program, args.warmup, args.reps)
-                 if args.in_program else None)
+      row = dict(
+        op=op,
+        implementation=name,
+        time_ms=seconds * 1e3,
+        gb_per_s=nbytes / seconds / 1e9,
+        bytes=nbytes,
+      )
+      program = (
+        in_program_seconds(fn, inputs, args.in_program, args.warmup, args.reps)
+        if args.in_program
+        else None
+      )
       if program:
         row.update(in_program_ms=program * 1e3, in_program_gb_per_s=nbytes / program / 1e9)
       if ours is None:
@@ -207,21 +256,34 @@ def main():
       line += f"{row['jax_fmha_speedup']:7.2f}x" if "jax_fmha_speedup" in row else " " * 8
       if program:
         line += f" {row['in_program_ms']:16.3f} {row['in_program_gb_per_s']:8.1f} "
-        line += (f"{row['jax_fmha_in_program_speedup']:7.2f}x"
-                 if "jax_fmha_in_program_speedup" in row else "")
+        line += (
+          f"{row['jax_fmha_in_program_speedup']:7.2f}x"
+          if "jax_fmha_in_program_speedup" in row
+          else ""
+        )
       print(line)
 
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     record = dict(
-        machine=args.machine or platform.node(), device=device.device_kind,
-        backend=args.backend, dtype=args.dtype, tokens=tokens, hidden=hidden,
-        intermediate=intermediate, warmup=args.warmup, reps=args.reps,
-        in_program_calls=args.in_program,
-        jax_version=jax.__version__, jax_fmha=jax_fmha.build_info(),
-        tokamax=tokamax_missing or "measured", git=git_revision(),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        argv=sys.argv, results=results)
+      machine=args.machine or platform.node(),
+      device=device.device_kind,
+      backend=args.backend,
+      dtype=args.dtype,
+      tokens=tokens,
+      hidden=hidden,
+      intermediate=intermediate,
+      warmup=args.warmup,
+      reps=args.reps,
+      in_program_calls=args.in_program,
+      jax_version=jax.__version__,
+      jax_fmha=jax_fmha.build_info(),
+      tokamax=tokamax_missing or "measured",
+      git=git_revision(),
+      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      argv=sys.argv,
+      results=results,
+    )
     with open(args.out, "w") as f:
       json.dump(record, f, indent=1)
     print(f"wrote {args.out}")

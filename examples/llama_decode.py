@@ -62,16 +62,24 @@ class FusedBlock(nnx.Module):
   """Pre-norm block from jax_fmha.flax.nnx: paged KV cache, fused residual-add + norm."""
 
   def __init__(self, config: Config, rngs: nnx.Rngs):
-    self.attention_norm = fmha.RMSNorm(config.features, epsilon=config.norm_epsilon,
-                                       dtype=config.dtype, rngs=rngs)
+    self.attention_norm = fmha.RMSNorm(
+      config.features, epsilon=config.norm_epsilon, dtype=config.dtype, rngs=rngs
+    )
     self.attention = fmha.MultiHeadAttention(
-        config.num_heads, config.features, num_kv_heads=config.num_kv_heads, use_bias=False,
-        causal=True, rope_theta=config.rope_theta, decode=True, dtype=config.dtype,
-        rngs=rngs)
-    self.mlp_norm = fmha.RMSNorm(config.features, epsilon=config.norm_epsilon,
-                                 dtype=config.dtype, rngs=rngs)
-    self.mlp = fmha.GatedMLP(config.features, config.mlp_features, dtype=config.dtype,
-                             rngs=rngs)
+      config.num_heads,
+      config.features,
+      num_kv_heads=config.num_kv_heads,
+      use_bias=False,
+      causal=True,
+      rope_theta=config.rope_theta,
+      decode=True,
+      dtype=config.dtype,
+      rngs=rngs,
+    )
+    self.mlp_norm = fmha.RMSNorm(
+      config.features, epsilon=config.norm_epsilon, dtype=config.dtype, rngs=rngs
+    )
+    self.mlp = fmha.GatedMLP(config.features, config.mlp_features, dtype=config.dtype, rngs=rngs)
 
   def __call__(self, x, lengths):
     attended = self.attention(self.attention_norm(x), lengths=lengths)
@@ -87,8 +95,7 @@ class FlaxAttention(nnx.Module):
 
   def __init__(self, config: Config, rngs: nnx.Rngs):
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-    linear = functools.partial(nnx.LinearGeneral, use_bias=False, dtype=config.dtype,
-                               rngs=rngs)
+    linear = functools.partial(nnx.LinearGeneral, use_bias=False, dtype=config.dtype, rngs=rngs)
     self.query = linear(config.features, (heads, head_dim))
     self.key = linear(config.features, (kv_heads, head_dim))
     self.value = linear(config.features, (kv_heads, head_dim))
@@ -112,12 +119,12 @@ class FlaxAttention(nnx.Module):
     # overwritten by the next tokens before any query position reaches them.
     rows = jnp.arange(batch)[:, None]
     self.cached_key[...] = self.cached_key[...].at[rows, positions].set(key, mode="drop")
-    self.cached_value[...] = self.cached_value[...].at[rows, positions].set(
-        self.value(x), mode="drop")
+    self.cached_value[...] = (
+      self.cached_value[...].at[rows, positions].set(self.value(x), mode="drop")
+    )
     key_positions = jnp.arange(self.cached_key.shape[1])
     mask = key_positions <= positions[:, None, :, None]  # [batch, 1, length, max_length]
-    out = nnx.dot_product_attention(query, self.cached_key[...], self.cached_value[...],
-                                    mask=mask)
+    out = nnx.dot_product_attention(query, self.cached_key[...], self.cached_value[...], mask=mask)
     self.cache_seqlens[...] += length if lengths is None else lengths
     return self.out(out)
 
@@ -139,11 +146,13 @@ class FlaxBlock(nnx.Module):
   """``FusedBlock`` from plain Flax layers."""
 
   def __init__(self, config: Config, rngs: nnx.Rngs):
-    self.attention_norm = nnx.RMSNorm(config.features, epsilon=config.norm_epsilon,
-                                      dtype=config.dtype, rngs=rngs)
+    self.attention_norm = nnx.RMSNorm(
+      config.features, epsilon=config.norm_epsilon, dtype=config.dtype, rngs=rngs
+    )
     self.attention = FlaxAttention(config, rngs)
-    self.mlp_norm = nnx.RMSNorm(config.features, epsilon=config.norm_epsilon,
-                                dtype=config.dtype, rngs=rngs)
+    self.mlp_norm = nnx.RMSNorm(
+      config.features, epsilon=config.norm_epsilon, dtype=config.dtype, rngs=rngs
+    )
     self.mlp = FlaxGatedMLP(config.features, config.mlp_features, config.dtype, rngs)
 
   def __call__(self, x, lengths):
@@ -155,13 +164,14 @@ class Llama(nnx.Module):
   """Token embedding, ``num_layers`` blocks of ``block_type``, final norm, LM head."""
 
   def __init__(self, config: Config, block_type, norm_type, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(config.vocab_size, config.features, dtype=config.dtype,
-                           rngs=rngs)
+    self.embed = nnx.Embed(config.vocab_size, config.features, dtype=config.dtype, rngs=rngs)
     self.layers = nnx.List([block_type(config, rngs) for _ in range(config.num_layers)])
-    self.final_norm = norm_type(config.features, epsilon=config.norm_epsilon,
-                                dtype=config.dtype, rngs=rngs)
-    self.lm_head = nnx.Linear(config.features, config.vocab_size, use_bias=False,
-                              dtype=config.dtype, rngs=rngs)
+    self.final_norm = norm_type(
+      config.features, epsilon=config.norm_epsilon, dtype=config.dtype, rngs=rngs
+    )
+    self.lm_head = nnx.Linear(
+      config.features, config.vocab_size, use_bias=False, dtype=config.dtype, rngs=rngs
+    )
 
   def init_cache(self, batch_size: int, max_length: int, **cache_options):
     for layer in self.layers:
@@ -241,7 +251,7 @@ def teacher_forced_gaps(model: Llama, prompts, lengths, tokens) -> np.ndarray:
   sequences = np.zeros((batch, prompts.shape[1] + steps), np.int32)
   for row, length in enumerate(np.asarray(lengths)):
     sequences[row, :length] = prompts[row, :length]
-    sequences[row, length:length + steps] = tokens[row]
+    sequences[row, length : length + steps] = tokens[row]
   model.init_cache(batch, sequences.shape[1])
   logits = nnx.jit(Llama.__call__)(model, jnp.asarray(sequences), lengths + steps)
   logits = logits.astype(jnp.float32)
@@ -251,8 +261,9 @@ def teacher_forced_gaps(model: Llama, prompts, lengths, tokens) -> np.ndarray:
   return np.asarray((logits.max(axis=-1) - chosen) / jnp.abs(logits).max(axis=-1))
 
 
-def run(config: Config, prompt_lengths: list[int], steps: int, page_size: int = 16,
-        seed: int = 0) -> tuple[Decoded, Decoded]:
+def run(
+  config: Config, prompt_lengths: list[int], steps: int, page_size: int = 16, seed: int = 0
+) -> tuple[Decoded, Decoded]:
   """Builds both models with the same parameters, decodes with each and checks the
   tokens (see the module docstring); returns (jax_fmha's, Flax's) results."""
   fused_model = fused_llama(config, nnx.Rngs(seed))
@@ -266,21 +277,24 @@ def run(config: Config, prompt_lengths: list[int], steps: int, page_size: int = 
 
   lengths = np.asarray(prompt_lengths, np.int32)
   prompts = np.random.default_rng(seed).integers(
-      0, config.vocab_size, (len(lengths), lengths.max()), dtype=np.int32)
+    0, config.vocab_size, (len(lengths), lengths.max()), dtype=np.int32
+  )
   prompts[np.arange(lengths.max()) >= lengths[:, None]] = 0  # padding
   prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
 
   fused = greedy_decode(fused_model, prompts, lengths, steps, page_size=page_size)
   flax = greedy_decode(flax_model, prompts, lengths, steps)
   if jnp.dtype(config.dtype) == jnp.float32:
-    np.testing.assert_array_equal(fused.tokens, flax.tokens,
-                                  err_msg="jax_fmha and Flax decoded different tokens")
+    np.testing.assert_array_equal(
+      fused.tokens, flax.tokens, err_msg="jax_fmha and Flax decoded different tokens"
+    )
   else:
     gaps = teacher_forced_gaps(flax_model, prompts, lengths, fused.tokens)
     tolerance = 2**-6  # relative: four bfloat16 roundings (8-bit significand)
     assert gaps.max() <= tolerance, (
-        f"a token jax_fmha chose is {gaps.max():.2%} (of the largest logit) below the best "
-        f"in Flax's logits")
+      f"a token jax_fmha chose is {gaps.max():.2%} (of the largest logit) below the best "
+      f"in Flax's logits"
+    )
   return fused, flax
 
 
@@ -291,22 +305,32 @@ def main():
   parser.add_argument("--steps", type=int, default=32, help="tokens decoded per prompt")
   parser.add_argument("--layers", type=int, default=Config.num_layers)
   parser.add_argument("--page-size", type=int, default=16)
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                      default="bfloat16" if on_gpu else "float32")
+  parser.add_argument(
+    "--dtype", choices=["float32", "bfloat16"], default="bfloat16" if on_gpu else "float32"
+  )
   args = parser.parse_args()
   config = Config(num_layers=args.layers, dtype=jnp.dtype(args.dtype))
 
-  print(f"{jax.default_backend()}, {args.dtype}: Llama-shaped, {config.num_layers} layers, "
-        f"{config.features} features, {config.num_heads} query / {config.num_kv_heads} KV "
-        f"heads, vocab {config.vocab_size}, random weights")
+  print(
+    f"{jax.default_backend()}, {args.dtype}: Llama-shaped, {config.num_layers} layers, "
+    f"{config.features} features, {config.num_heads} query / {config.num_kv_heads} KV "
+    f"heads, vocab {config.vocab_size}, random weights"
+  )
   print(f"prompts of {args.prompt_lengths} tokens, {args.steps} tokens decoded greedily each")
   fused, flax = run(config, args.prompt_lengths, args.steps, page_size=args.page_size)
-  for name, result in ((f"jax_fmha.flax (paged KV cache, {args.page_size} tokens/page)",
-                        fused), ("flax (dense KV cache)", flax)):
-    print(f"  {name:45s} prefill {result.prefill_seconds * 1e3:7.1f} ms   decode "
-          f"{result.decode_tokens_per_second:8.0f} tokens/s")
-  check = ("identical tokens" if config.dtype == jnp.float32 else
-           "each of jax_fmha's tokens is Flax's argmax up to bfloat16 rounding")
+  for name, result in (
+    (f"jax_fmha.flax (paged KV cache, {args.page_size} tokens/page)", fused),
+    ("flax (dense KV cache)", flax),
+  ):
+    print(
+      f"  {name:45s} prefill {result.prefill_seconds * 1e3:7.1f} ms   decode "
+      f"{result.decode_tokens_per_second:8.0f} tokens/s"
+    )
+  check = (
+    "identical tokens"
+    if config.dtype == jnp.float32
+    else "each of jax_fmha's tokens is Flax's argmax up to bfloat16 rounding"
+  )
   print(f"check: {check}; first prompt's tokens: {fused.tokens[0, :12].tolist()} ...")
 
 

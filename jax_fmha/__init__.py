@@ -16,6 +16,16 @@ from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attention", "attention_with_kvcache", "build_info", "geglu",
-           "merge_attention_states", "reference", "rms_norm", "rms_norm_residual", "swiglu",
-           "update_kv_cache"]
+__all__ = [
+  "__version__",
+  "attention",
+  "attention_with_kvcache",
+  "build_info",
+  "geglu",
+  "merge_attention_states",
+  "reference",
+  "rms_norm",
+  "rms_norm_residual",
+  "swiglu",
+  "update_kv_cache",
+]

@@ -43,16 +43,26 @@ def prefill(batch: int, seq: int, q_heads: int, kv_heads: int, head_dim: int, dt
   kernel = jax.jit(lambda q, k, v: jax_fmha.attention(q, k, v, causal=True))
   hlo = kernel.lower(q, k, v).as_text()
   assert "jax_fmha_attention_fwd" in hlo, "the custom call is missing from the HLO"
-  reference = jax.jit(lambda q, k, v: jax_fmha.attention(
-      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), causal=True,
-      backend="reference"))
+  reference = jax.jit(
+    lambda q, k, v: jax_fmha.attention(
+      q.astype(jnp.float32),
+      k.astype(jnp.float32),
+      v.astype(jnp.float32),
+      causal=True,
+      backend="reference",
+    )
+  )
   error = _relative_error(kernel(q, k, v), reference(q, k, v))
   seconds = _time(kernel, q, k, v, reps=reps)
   flops = 4 * batch * q_heads * seq * seq * head_dim / 2  # causal: half the score matrix
-  print(f"prefill  B={batch} S={seq} Hq={q_heads} Hkv={kv_heads} D={head_dim} "
-        f"{jnp.dtype(dtype).name} causal")
-  print(f"  max |err| / max |ref| = {error:.2e}   time {seconds * 1e3:.2f} ms   "
-        f"{flops / seconds / 1e12:.3f} TFLOP/s   {batch * seq / seconds:,.0f} tokens/s")
+  print(
+    f"prefill  B={batch} S={seq} Hq={q_heads} Hkv={kv_heads} D={head_dim} "
+    f"{jnp.dtype(dtype).name} causal"
+  )
+  print(
+    f"  max |err| / max |ref| = {error:.2e}   time {seconds * 1e3:.2f} ms   "
+    f"{flops / seconds / 1e12:.3f} TFLOP/s   {batch * seq / seconds:,.0f} tokens/s"
+  )
   tolerance = 2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
   return error <= tolerance
 
@@ -77,13 +87,28 @@ def paged_decode(prompt_lens: list[int], steps: int, page_size: int, dtype) -> b
     k_new = jax.random.normal(kk, shape + (kv_heads, head_dim), dtype)
     v_new = jax.random.normal(kv, shape + (kv_heads, head_dim), dtype)
     return jax_fmha.attention_with_kvcache(
-        q, k_pages, v_pages, k_new, v_new, cache_seqlens=cache_seqlens, block_table=table,
-        cu_seqlens_q=cu_seqlens_q, causal=True, backend=backend)
+      q,
+      k_pages,
+      v_pages,
+      k_new,
+      v_new,
+      cache_seqlens=cache_seqlens,
+      block_table=table,
+      cu_seqlens_q=cu_seqlens_q,
+      causal=True,
+      backend=backend,
+    )
 
-  prefill = jax.jit(lambda kp, vp, cs, key, backend: step(kp, vp, cs, key, cu, backend),
-                    static_argnums=4, donate_argnums=(0, 1))
-  decode = jax.jit(lambda kp, vp, cs, key, backend: step(kp, vp, cs, key, None, backend),
-                   static_argnums=4, donate_argnums=(0, 1))
+  prefill = jax.jit(
+    lambda kp, vp, cs, key, backend: step(kp, vp, cs, key, cu, backend),
+    static_argnums=4,
+    donate_argnums=(0, 1),
+  )
+  decode = jax.jit(
+    lambda kp, vp, cs, key, backend: step(kp, vp, cs, key, None, backend),
+    static_argnums=4,
+    donate_argnums=(0, 1),
+  )
   worst = 0.0
   caches = {backend: (new_pages(), new_pages()) for backend in ("auto", "reference")}
   lens = jnp.zeros((batch,), jnp.int32)
@@ -101,16 +126,21 @@ def paged_decode(prompt_lens: list[int], steps: int, page_size: int, dtype) -> b
       k_pages, v_pages = caches[backend]
       start = time.perf_counter()
       outs[backend], k_pages, v_pages = jax.block_until_ready(
-          decode(k_pages, v_pages, lens, keys[i + 1], backend))
+        decode(k_pages, v_pages, lens, keys[i + 1], backend)
+      )
       if backend == "auto" and i > 0:  # step 0 compiles
         elapsed += time.perf_counter() - start
       caches[backend] = (k_pages, v_pages)
     worst = max(worst, _relative_error(outs["auto"], outs["reference"]))
     lens = lens + 1
-  print(f"paged decode  prompts {prompt_lens}, page {page_size}, {steps} steps, "
-        f"Hq={q_heads} Hkv={kv_heads} D={head_dim} {jnp.dtype(dtype).name}")
-  print(f"  max |err| / max |ref| over prefill and every step = {worst:.2e}   "
-        f"{batch * (steps - 1) / elapsed:,.0f} tokens/s (decode)")
+  print(
+    f"paged decode  prompts {prompt_lens}, page {page_size}, {steps} steps, "
+    f"Hq={q_heads} Hkv={kv_heads} D={head_dim} {jnp.dtype(dtype).name}"
+  )
+  print(
+    f"  max |err| / max |ref| over prefill and every step = {worst:.2e}   "
+    f"{batch * (steps - 1) / elapsed:,.0f} tokens/s (decode)"
+  )
   return worst <= (2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4)
 
 
@@ -124,10 +154,14 @@ def main(argv=None) -> int:
 
   info = jax_fmha.build_info()
   device = jax.devices()[0]
-  print(f"jax_fmha {info['version']} (built: {', '.join(info['backends'])}; jaxlib "
-        f"{info['jaxlib_version']}), jax {jax.__version__}")
-  print(f"device: {device.platform} ({device.device_kind}); Llama-8B-like heads "
-        f"(32 query heads, 8 KV heads, head dim 128)")
+  print(
+    f"jax_fmha {info['version']} (built: {', '.join(info['backends'])}; jaxlib "
+    f"{info['jaxlib_version']}), jax {jax.__version__}"
+  )
+  print(
+    f"device: {device.platform} ({device.device_kind}); Llama-8B-like heads "
+    f"(32 query heads, 8 KV heads, head dim 128)"
+  )
   ok = True
   dtypes = [jnp.bfloat16] if device.platform != "cpu" else [jnp.float32, jnp.bfloat16]
   for dtype in dtypes:

@@ -20,9 +20,9 @@ else:
   _IMPORT_ERROR = None
 
 BUILD_HINT = (
-    "Install jax_fmha from source with `pip install .` (the CUDA backend is built when "
-    "`nvcc` is found, or with JAX_FMHA_CUDA=ON), or pass backend='reference' to run the "
-    "pure-JAX reference implementation."
+  "Install jax_fmha from source with `pip install .` (the CUDA backend is built when "
+  "`nvcc` is found, or with JAX_FMHA_CUDA=ON), or pass backend='reference' to run the "
+  "pure-JAX reference implementation."
 )
 
 

@@ -32,9 +32,9 @@ def derived_aval(aval, shape, dtype, axes):
   """
   spec = tuple(aval.sharding.spec)
   new_spec = jax.sharding.PartitionSpec(
-      *(spec[a] if a is not None and a < len(spec) else None for a in axes))
-  return aval.update(shape=tuple(shape), dtype=dtype,
-                     sharding=aval.sharding.update(spec=new_spec))
+    *(spec[a] if a is not None and a < len(spec) else None for a in axes)
+  )
+  return aval.update(shape=tuple(shape), dtype=dtype, sharding=aval.sharding.update(spec=new_spec))
 
 
 @functools.cache
@@ -45,17 +45,25 @@ def _jitted_bind(primitive: Primitive, params: tuple):
 def _forward_only_jvp(name: str):
   def jvp(primals, tangents, **params):
     raise NotImplementedError(
-        f"jax_fmha.{name} is forward-only (inference kernels): it has no gradient. "
-        f"Differentiate through backend='reference' (pure JAX) instead, or, if no gradient "
-        f"should flow through this call, apply jax.lax.stop_gradient to its inputs.")
+      f"jax_fmha.{name} is forward-only (inference kernels): it has no gradient. "
+      f"Differentiate through backend='reference' (pure JAX) instead, or, if no gradient "
+      f"should flow through this call, apply jax.lax.stop_gradient to its inputs."
+    )
+
   return jvp
 
 
-def define_ffi_primitive(name: str, target: str, abstract_eval: Callable,
-                         batching_rule: Callable, api_name: str,
-                         static_params: tuple[str, ...] = (),
-                         named_params: Mapping[str, str] | None = None,
-                         platform_check: Callable | None = None, **lowering_args) -> Primitive:
+def define_ffi_primitive(
+  name: str,
+  target: str,
+  abstract_eval: Callable,
+  batching_rule: Callable,
+  api_name: str,
+  static_params: tuple[str, ...] = (),
+  named_params: Mapping[str, str] | None = None,
+  platform_check: Callable | None = None,
+  **lowering_args,
+) -> Primitive:
   """A multiple-results primitive lowered to the FFI target `target` on any platform
   for which a handler was built, raising a clear error on the others.
 
@@ -68,8 +76,7 @@ def define_ffi_primitive(name: str, target: str, abstract_eval: Callable,
   """
   primitive = Primitive(name)
   primitive.multiple_results = True
-  primitive.def_impl(
-      lambda *args, **params: _jitted_bind(primitive, tuple(params.items()))(*args))
+  primitive.def_impl(lambda *args, **params: _jitted_bind(primitive, tuple(params.items()))(*args))
   primitive.def_abstract_eval(abstract_eval)
   ffi_rule = jax.ffi.ffi_lowering(target, **lowering_args)
 
@@ -107,8 +114,10 @@ def map_over_batch(primitive: Primitive, args, dims, params):
 
 def broadcast_batched(args: Sequence, dims: Sequence, size: int):
   """Moves each batch axis to the front; broadcasts the unbatched args to `size`."""
-  return [jnp.moveaxis(a, d, 0) if d is not None
-          else jnp.broadcast_to(a, (size,) + a.shape) for a, d in zip(args, dims)]
+  return [
+    jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+    for a, d in zip(args, dims)
+  ]
 
 
 def empty_i32(*shape):

@@ -30,8 +30,17 @@ def target_device(x) -> jax.Device:
   return default if default is not None else jax.devices()[0]
 
 
-def num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q: int,
-               max_seqlen_k: int, head_dim: int, page_size: int, device: jax.Device) -> int:
+def num_splits(
+  *,
+  batch: int,
+  num_kv_heads: int,
+  group: int,
+  max_seqlen_q: int,
+  max_seqlen_k: int,
+  head_dim: int,
+  page_size: int,
+  device: jax.Device,
+) -> int:
   """Split-KV splits for a problem on `device`, from static information only (never device
   data, so CUDA graphs stay valid): the CPU's thread count, or the GPU's multiprocessor count
   and compute capability (which select the forward kernel). page_size is 0 when the keys are
@@ -46,5 +55,14 @@ def num_splits(*, batch: int, num_kv_heads: int, group: int, max_seqlen_q: int,
   if _ffi._ext is None:
     raise _ffi.missing_kernel_error("jax_fmha_attention_fwd", platform)
   return _ffi._ext.plan_num_splits(
-      platform, parallelism, cc_major, batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,
-      head_dim, page_size)
+    platform,
+    parallelism,
+    cc_major,
+    batch,
+    num_kv_heads,
+    group,
+    max_seqlen_q,
+    max_seqlen_k,
+    head_dim,
+    page_size,
+  )

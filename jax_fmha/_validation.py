@@ -47,8 +47,10 @@ def array(name: str, x):
 
 def rank(name: str, x, ranks: tuple[int, ...], meaning: str):
   if x.ndim not in ranks:
-    raise ValueError(f"{name}: expected rank {' or '.join(map(str, ranks))} ({meaning}), "
-                     f"got shape {tuple(x.shape)} (rank {x.ndim})")
+    raise ValueError(
+      f"{name}: expected rank {' or '.join(map(str, ranks))} ({meaning}), "
+      f"got shape {tuple(x.shape)} (rank {x.ndim})"
+    )
 
 
 def float_dtype(name: str, x):
@@ -78,8 +80,9 @@ def block_table_array(x, batch: int):
   if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
     raise TypeError(f"block_table: expected dtype int32, got {x.dtype}")
   if x.ndim != 2 or x.shape[0] != batch:
-    raise ValueError(f"block_table: expected shape [B={batch}, pages_per_seq], got "
-                     f"{tuple(x.shape)}")
+    raise ValueError(
+      f"block_table: expected shape [B={batch}, pages_per_seq], got {tuple(x.shape)}"
+    )
   return x
 
 
@@ -90,16 +93,16 @@ def supported_head_dim(name: str, d: int, backend: Backend):
     return
   max_head_dim = _ffi.constants()["max_head_dim"]
   if d <= 0 or d > max_head_dim or d % 8:
-    raise ValueError(f"{name}: head_dim must be a multiple of 8 in [8, {max_head_dim}], "
-                     f"got {d}")
+    raise ValueError(f"{name}: head_dim must be a multiple of 8 in [8, {max_head_dim}], got {d}")
 
 
 def static_int(name: str, value, minimum: int) -> int:
   try:
     value = operator.index(value)
   except TypeError:
-    raise TypeError(f"{name}: expected a static Python int, got {type(value).__name__} "
-                    f"{value!r}") from None
+    raise TypeError(
+      f"{name}: expected a static Python int, got {type(value).__name__} {value!r}"
+    ) from None
   if value < minimum:
     raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
   return value
@@ -107,8 +110,7 @@ def static_int(name: str, value, minimum: int) -> int:
 
 def static_float(name: str, value, minimum: float | None = None, strict: bool = False) -> float:
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-    raise TypeError(f"{name}: expected a static Python float, got {type(value).__name__} "
-                    f"{value!r}")
+    raise TypeError(f"{name}: expected a static Python float, got {type(value).__name__} {value!r}")
   value = float(value)
   if not np.isfinite(value):
     raise ValueError(f"{name}: expected a finite number, got {value}")
@@ -128,8 +130,9 @@ def window_pair(value) -> tuple[int, int]:
   try:
     left, right = value
   except (TypeError, ValueError):
-    raise ValueError(f"window: expected a pair (left, right) of ints >= -1, got {value!r}") \
-        from None
+    raise ValueError(
+      f"window: expected a pair (left, right) of ints >= -1, got {value!r}"
+    ) from None
   return (static_int("window[0] (left)", left, -1), static_int("window[1] (right)", right, -1))
 
 
@@ -146,6 +149,7 @@ def known_backend(value):
 @dataclasses.dataclass(frozen=True)
 class AttentionProblem:
   """Validated, canonical arguments of one attention call."""
+
   q: jax.Array
   k: jax.Array
   v: jax.Array
@@ -166,18 +170,44 @@ class AttentionProblem:
     return self.cu_seqlens_q.shape[0] - 1 if self.cu_seqlens_q is not None else self.q.shape[0]
 
   def operands(self) -> dict:
-    return dict(q=self.q, k=self.k, v=self.v, cu_seqlens_q=self.cu_seqlens_q,
-                cu_seqlens_k=self.cu_seqlens_k, seq_lens=self.seq_lens,
-                block_table=self.block_table)
+    return dict(
+      q=self.q,
+      k=self.k,
+      v=self.v,
+      cu_seqlens_q=self.cu_seqlens_q,
+      cu_seqlens_k=self.cu_seqlens_k,
+      seq_lens=self.seq_lens,
+      block_table=self.block_table,
+    )
 
   def attributes(self) -> dict:
-    return dict(scale=self.scale, softcap=self.softcap, window=self.window,
-                kv_layout=self.kv_layout, max_seqlen_q=self.max_seqlen_q)
+    return dict(
+      scale=self.scale,
+      softcap=self.softcap,
+      window=self.window,
+      kv_layout=self.kv_layout,
+      max_seqlen_q=self.max_seqlen_q,
+    )
 
 
-def attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k,
-              max_seqlen_q, max_seqlen_k, block_table, seq_lens, num_splits,
-              backend) -> AttentionProblem:
+def attention(
+  q,
+  k,
+  v,
+  *,
+  causal,
+  scale,
+  window,
+  softcap,
+  cu_seqlens_q,
+  cu_seqlens_k,
+  max_seqlen_q,
+  max_seqlen_k,
+  block_table,
+  seq_lens,
+  num_splits,
+  backend,
+) -> AttentionProblem:
   """Checks the arguments of ``jax_fmha.attention``; returns the canonical problem."""
   known_backend(backend)
   q, k, v = (array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
@@ -189,48 +219,61 @@ def attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, cu_seqle
 
   # Queries.
   if cu_seqlens_q is not None:
-    rank("q", q, (3,), "packed [Tq, Hq, D] with cu_seqlens_q; dense q is rank 4 and takes no "
-         "cu_seqlens")
+    rank(
+      "q",
+      q,
+      (3,),
+      "packed [Tq, Hq, D] with cu_seqlens_q; dense q is rank 4 and takes no cu_seqlens",
+    )
     cu_seqlens_q = int32_vector("cu_seqlens_q", cu_seqlens_q, None, "[B + 1] prefix sums")
     if cu_seqlens_q.shape[0] < 1:
       raise ValueError("cu_seqlens_q: expected shape [B + 1] with B >= 0, got (0,)")
     batch = cu_seqlens_q.shape[0] - 1
-    max_seqlen_q = q.shape[0] if max_seqlen_q is None else \
-        static_int("max_seqlen_q", max_seqlen_q, 0)
+    max_seqlen_q = (
+      q.shape[0] if max_seqlen_q is None else static_int("max_seqlen_q", max_seqlen_q, 0)
+    )
   else:
     if q.ndim == 3:
-      raise ValueError(f"q: expected rank 4 (dense [B, Sq, Hq, D]), got shape "
-                       f"{tuple(q.shape)} (rank 3): packed q [Tq, Hq, D] needs cu_seqlens_q")
+      raise ValueError(
+        f"q: expected rank 4 (dense [B, Sq, Hq, D]), got shape "
+        f"{tuple(q.shape)} (rank 3): packed q [Tq, Hq, D] needs cu_seqlens_q"
+      )
     rank("q", q, (4,), "dense [B, Sq, Hq, D]")
     if max_seqlen_q is not None:
-      raise ValueError(f"max_seqlen_q: only for packed q (with cu_seqlens_q), got "
-                       f"{max_seqlen_q}")
+      raise ValueError(f"max_seqlen_q: only for packed q (with cu_seqlens_q), got {max_seqlen_q}")
     batch, max_seqlen_q = q.shape[0], q.shape[1]
 
   # Keys and values.
   if block_table is not None or seq_lens is not None:
-    kv_layout, max_seqlen_k, block_table = _kv_cache(k, cu_seqlens_k, block_table, seq_lens,
-                                                     batch, max_seqlen_k)
+    kv_layout, max_seqlen_k, block_table = _kv_cache(
+      k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k
+    )
     seq_lens = int32_vector("seq_lens", seq_lens, batch, "[B] keys per sequence")
   elif cu_seqlens_k is not None or cu_seqlens_q is not None:
     if cu_seqlens_q is None or cu_seqlens_k is None:
-      raise ValueError("cu_seqlens_q and cu_seqlens_k: the packed (variable-length) form "
-                       "needs both, got only "
-                       + ("cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k"))
+      raise ValueError(
+        "cu_seqlens_q and cu_seqlens_k: the packed (variable-length) form "
+        "needs both, got only " + ("cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k")
+      )
     rank("k", k, (3,), "packed [Tk, Hkv, D] with cu_seqlens_k")
-    cu_seqlens_k = int32_vector("cu_seqlens_k", cu_seqlens_k, batch + 1,
-                                "[B + 1] prefix sums, B from cu_seqlens_q")
-    max_seqlen_k = k.shape[0] if max_seqlen_k is None else \
-        static_int("max_seqlen_k", max_seqlen_k, 0)
+    cu_seqlens_k = int32_vector(
+      "cu_seqlens_k", cu_seqlens_k, batch + 1, "[B + 1] prefix sums, B from cu_seqlens_q"
+    )
+    max_seqlen_k = (
+      k.shape[0] if max_seqlen_k is None else static_int("max_seqlen_k", max_seqlen_k, 0)
+    )
     kv_layout = "packed"
   else:
     rank("k", k, (4,), "dense [B, Sk, Hkv, D]")
     if k.shape[0] != q.shape[0]:
-      raise ValueError(f"k: batch {k.shape[0]} differs from q's batch {q.shape[0]} "
-                       f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
+      raise ValueError(
+        f"k: batch {k.shape[0]} differs from q's batch {q.shape[0]} "
+        f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+      )
     if max_seqlen_k is not None:
-      raise ValueError(f"max_seqlen_k: only for packed keys (with cu_seqlens_k), got "
-                       f"{max_seqlen_k}")
+      raise ValueError(
+        f"max_seqlen_k: only for packed keys (with cu_seqlens_k), got {max_seqlen_k}"
+      )
     kv_layout, max_seqlen_k = "uniform", k.shape[1]
 
   num_q_heads, d = q.shape[-2], q.shape[-1]
@@ -239,8 +282,9 @@ def attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, cu_seqle
   if k.shape[-1] != d:
     raise ValueError(f"k: head_dim {k.shape[-1]} differs from q's head_dim {d}")
   if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-    raise ValueError(f"k: num_kv_heads ({num_kv_heads}) must divide q's num_heads "
-                     f"({num_q_heads}) for MHA/GQA/MQA")
+    raise ValueError(
+      f"k: num_kv_heads ({num_kv_heads}) must divide q's num_heads ({num_q_heads}) for MHA/GQA/MQA"
+    )
 
   causal = static_bool("causal", causal)
   window = window_pair(window)
@@ -254,22 +298,34 @@ def attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q, cu_seqle
     if max_splits is not None and num_splits > max_splits:
       raise ValueError(f"num_splits: expected at most {max_splits}, got {num_splits}")
   return AttentionProblem(
-      q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seq_lens=seq_lens,
-      block_table=block_table, scale=scale, softcap=softcap, window=window,
-      kv_layout=kv_layout, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-      num_splits=num_splits)
+    q=q,
+    k=k,
+    v=v,
+    cu_seqlens_q=cu_seqlens_q,
+    cu_seqlens_k=cu_seqlens_k,
+    seq_lens=seq_lens,
+    block_table=block_table,
+    scale=scale,
+    softcap=softcap,
+    window=window,
+    kv_layout=kv_layout,
+    max_seqlen_q=max_seqlen_q,
+    max_seqlen_k=max_seqlen_k,
+    num_splits=num_splits,
+  )
 
 
 def _kv_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
   """Checks a contiguous or paged cache as attention's keys; returns (kv_layout, bound on
   keys per sequence, block_table)."""
   if seq_lens is None:
-    raise ValueError("seq_lens: a paged cache (block_table) needs seq_lens int32 [B], "
-                     "got None")
+    raise ValueError("seq_lens: a paged cache (block_table) needs seq_lens int32 [B], got None")
   for name, value in (("cu_seqlens_k", cu_seqlens_k), ("max_seqlen_k", max_seqlen_k)):
     if value is not None:
-      raise ValueError(f"{name}: not used with a KV cache (seq_lens gives the lengths), "
-                       f"got {value if name == 'max_seqlen_k' else 'an array'}")
+      raise ValueError(
+        f"{name}: not used with a KV cache (seq_lens gives the lengths), "
+        f"got {value if name == 'max_seqlen_k' else 'an array'}"
+      )
   if block_table is None:
     rank("k", k, (4,), "contiguous cache [B, S_max, Hkv, D] with seq_lens")
     if k.shape[0] != batch:
@@ -289,6 +345,7 @@ def _kv_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
 
 class KvCacheUpdate(NamedTuple):
   """Validated arguments of one cache append."""
+
   k_cache: jax.Array
   v_cache: jax.Array
   k_new: jax.Array
@@ -299,48 +356,60 @@ class KvCacheUpdate(NamedTuple):
   kv_layout: KvLayout
 
 
-def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                    cu_seqlens_new, backend) -> KvCacheUpdate:
+def update_kv_cache(
+  k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, backend
+) -> KvCacheUpdate:
   """Checks the arguments of ``jax_fmha.update_kv_cache``."""
   known_backend(backend)
-  k_cache, v_cache, k_new, v_new = (array(n, x) for n, x in (
-      ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)))
-  for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
-                  ("v_new", v_new)):
+  k_cache, v_cache, k_new, v_new = (
+    array(n, x)
+    for n, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
+  )
+  for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
     float_dtype(name, x)
   same_dtype(("k_cache", "v_cache", "k_new", "v_new"), k_cache, v_cache, k_new, v_new)
-  rank("k_cache", k_cache, (4,), "pages [num_pages, page_size, Hkv, D] or a contiguous "
-       "cache [B, S_max, Hkv, D]")
+  rank(
+    "k_cache",
+    k_cache,
+    (4,),
+    "pages [num_pages, page_size, Hkv, D] or a contiguous cache [B, S_max, Hkv, D]",
+  )
   if v_cache.shape != k_cache.shape:
-    raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got "
-                     f"{tuple(v_cache.shape)}")
+    raise ValueError(
+      f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+    )
   if v_new.shape != k_new.shape:
-    raise ValueError(f"v_new: expected k_new's shape {tuple(k_new.shape)}, got "
-                     f"{tuple(v_new.shape)}")
+    raise ValueError(
+      f"v_new: expected k_new's shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}"
+    )
   if cu_seqlens_new is not None:
     rank("k_new", k_new, (3,), "packed [T_new, Hkv, D] with cu_seqlens_new")
-    cu_seqlens_new = int32_vector("cu_seqlens_new", cu_seqlens_new, None,
-                                  "[B + 1] prefix sums")
+    cu_seqlens_new = int32_vector("cu_seqlens_new", cu_seqlens_new, None, "[B + 1] prefix sums")
     batch = cu_seqlens_new.shape[0] - 1
   else:
-    rank("k_new", k_new, (4,), "dense [B, S_new, Hkv, D]; packed new tokens need "
-         "cu_seqlens_new")
+    rank("k_new", k_new, (4,), "dense [B, S_new, Hkv, D]; packed new tokens need cu_seqlens_new")
     batch = k_new.shape[0]
   if k_new.shape[-2:] != k_cache.shape[-2:]:
-    raise ValueError(f"k_new: heads and head_dim {tuple(k_new.shape[-2:])} differ from the "
-                     f"cache's {tuple(k_cache.shape[-2:])}")
-  cache_seqlens = int32_vector("cache_seqlens", cache_seqlens, batch,
-                               "[B] tokens already cached per sequence")
+    raise ValueError(
+      f"k_new: heads and head_dim {tuple(k_new.shape[-2:])} differ from the "
+      f"cache's {tuple(k_cache.shape[-2:])}"
+    )
+  cache_seqlens = int32_vector(
+    "cache_seqlens", cache_seqlens, batch, "[B] tokens already cached per sequence"
+  )
   if block_table is not None:
     block_table = block_table_array(block_table, batch)
     kv_layout = "paged"
   else:
     if k_cache.shape[0] != batch:
-      raise ValueError(f"k_cache: contiguous cache batch {k_cache.shape[0]} differs from "
-                       f"the new tokens' batch {batch}")
+      raise ValueError(
+        f"k_cache: contiguous cache batch {k_cache.shape[0]} differs from "
+        f"the new tokens' batch {batch}"
+      )
     kv_layout = "cache"
-  return KvCacheUpdate(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                       cu_seqlens_new, kv_layout)
+  return KvCacheUpdate(
+    k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, kv_layout
+  )
 
 
 def attention_with_kvcache(k_new, v_new, cache_seqlens):
@@ -348,8 +417,9 @@ def attention_with_kvcache(k_new, v_new, cache_seqlens):
   cache_seqlens."""
   if (k_new is None) != (v_new is None):
     raise ValueError("k_new and v_new: give both or neither")
-  return int32_vector("cache_seqlens", cache_seqlens, None,
-                      "[B] tokens already cached per sequence")
+  return int32_vector(
+    "cache_seqlens", cache_seqlens, None, "[B] tokens already cached per sequence"
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,8 +435,10 @@ def merge_attention_states(outs, lses, out_dtype, backend):
   float_dtype("outs", outs)
   float_dtype("lses", lses)
   if outs.ndim < 2 or lses.shape != outs.shape[:-1]:
-    raise ValueError(f"lses: expected shape outs.shape[:-1] = {tuple(outs.shape[:-1])} "
-                     f"(outs [S, ..., D]), got {tuple(lses.shape)}")
+    raise ValueError(
+      f"lses: expected shape outs.shape[:-1] = {tuple(outs.shape[:-1])} "
+      f"(outs [S, ..., D]), got {tuple(lses.shape)}"
+    )
   if outs.shape[0] < 1:
     raise ValueError("outs: expected at least one partial result on axis 0, got 0")
   out_dtype = jnp.dtype(outs.dtype if out_dtype is None else out_dtype)
@@ -396,13 +468,13 @@ def glu(gate, up, packed_layout, backend) -> tuple[jax.Array, jax.Array | None, 
   """Checks the arguments of ``jax_fmha.swiglu``/``geglu``; returns (gate, up, layout)."""
   known_backend(backend)
   if packed_layout not in PACKED_LAYOUTS:
-    raise ValueError(f"packed_layout: expected one of {PACKED_LAYOUTS}, got "
-                     f"{packed_layout!r}")
+    raise ValueError(f"packed_layout: expected one of {PACKED_LAYOUTS}, got {packed_layout!r}")
   if up is None:
     gate = _rowwise_array("gate", gate, "the packed gate_up [..., 2H]")
     if gate.shape[-1] % 2:
-      raise ValueError(f"gate: the packed gate_up [..., 2H] needs an even last axis, got "
-                       f"shape {tuple(gate.shape)}")
+      raise ValueError(
+        f"gate: the packed gate_up [..., 2H] needs an even last axis, got shape {tuple(gate.shape)}"
+      )
     return gate, None, packed_layout
   gate = _rowwise_array("gate", gate, "[..., H]")
   up = _rowwise_array("up", up, "[..., H]")
@@ -421,15 +493,18 @@ def rms_norm(x, residual, weight, eps, weight_offset, backend):
     residual = _rowwise_array("residual", residual, "[..., H]")
     same_dtype(("x", "residual"), x, residual)
     if residual.shape != x.shape:
-      raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got "
-                       f"{tuple(residual.shape)}")
+      raise ValueError(
+        f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+      )
   weight = array("weight", weight)
   if jnp.dtype(weight.dtype) not in (jnp.dtype(x.dtype), jnp.dtype(jnp.float32)):
-    raise TypeError(f"weight: expected dtype {jnp.dtype(x.dtype)} (x's) or float32, got "
-                    f"{weight.dtype}")
+    raise TypeError(
+      f"weight: expected dtype {jnp.dtype(x.dtype)} (x's) or float32, got {weight.dtype}"
+    )
   if weight.shape != (x.shape[-1],):
-    raise ValueError(f"weight: expected shape ({x.shape[-1]},) (x's hidden size), got "
-                     f"{tuple(weight.shape)}")
+    raise ValueError(
+      f"weight: expected shape ({x.shape[-1]},) (x's hidden size), got {tuple(weight.shape)}"
+    )
   eps = static_float("eps", eps, minimum=0.0, strict=True)
   weight_offset = static_float("weight_offset", weight_offset)
   return x, residual, weight, eps, weight_offset

@@ -19,14 +19,25 @@ from jax_fmha._validation import AttentionProblem, Backend, KvLayout
 from jax_fmha.merge import merge_attention_states
 
 
-def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
-              scale: float | None = None, window: tuple[int, int] = (-1, -1),
-              softcap: float = 0.0, cu_seqlens_q: ArrayLike | None = None,
-              cu_seqlens_k: ArrayLike | None = None, max_seqlen_q: int | None = None,
-              max_seqlen_k: int | None = None, block_table: ArrayLike | None = None,
-              seq_lens: ArrayLike | None = None, num_splits: int | None = None,
-              return_lse: bool = False,
-              backend: Backend = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+def attention(
+  q: ArrayLike,
+  k: ArrayLike,
+  v: ArrayLike,
+  *,
+  causal: bool = False,
+  scale: float | None = None,
+  window: tuple[int, int] = (-1, -1),
+  softcap: float = 0.0,
+  cu_seqlens_q: ArrayLike | None = None,
+  cu_seqlens_k: ArrayLike | None = None,
+  max_seqlen_q: int | None = None,
+  max_seqlen_k: int | None = None,
+  block_table: ArrayLike | None = None,
+  seq_lens: ArrayLike | None = None,
+  num_splits: int | None = None,
+  return_lse: bool = False,
+  backend: Backend = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Scaled dot-product attention, computed by a fused flash-attention kernel.
 
   Query layouts:
@@ -86,10 +97,22 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     ``out`` with q's shape and dtype, or ``(out, lse)`` when ``return_lse``.
   """
   problem = _validation.attention(
-      q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-      max_seqlen_k=max_seqlen_k, block_table=block_table, seq_lens=seq_lens,
-      num_splits=num_splits, backend=backend)
+    q,
+    k,
+    v,
+    causal=causal,
+    scale=scale,
+    window=window,
+    softcap=softcap,
+    cu_seqlens_q=cu_seqlens_q,
+    cu_seqlens_k=cu_seqlens_k,
+    max_seqlen_q=max_seqlen_q,
+    max_seqlen_k=max_seqlen_k,
+    block_table=block_table,
+    seq_lens=seq_lens,
+    num_splits=num_splits,
+    backend=backend,
+  )
   if backend == "reference":
     out, lse = reference.attention(**problem.operands(), **problem.attributes())
   else:
@@ -101,10 +124,15 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
   splits = p.num_splits
   if splits is None:
     splits = _split_plan.num_splits(
-        batch=p.batch, num_kv_heads=p.k.shape[-2], group=p.q.shape[-2] // p.k.shape[-2],
-        max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k, head_dim=p.q.shape[-1],
-        page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
-        device=_split_plan.target_device(p.q))
+      batch=p.batch,
+      num_kv_heads=p.k.shape[-2],
+      group=p.q.shape[-2] // p.k.shape[-2],
+      max_seqlen_q=p.max_seqlen_q,
+      max_seqlen_k=p.max_seqlen_k,
+      head_dim=p.q.shape[-1],
+      page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
+      device=_split_plan.target_device(p.q),
+    )
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
     return out, lse
@@ -118,9 +146,23 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------------------------------
 
 
-def _attention_abstract_eval(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, *,
-                             scale, softcap, window_left, window_right, kv_layout, num_splits,
-                             max_seqlen_q):
+def _attention_abstract_eval(
+  q,
+  k,
+  v,
+  cu_seqlens_q,
+  cu_seqlens_k,
+  seq_lens,
+  block_table,
+  *,
+  scale,
+  softcap,
+  window_left,
+  window_right,
+  kv_layout,
+  num_splits,
+  max_seqlen_q,
+):
   if q.ndim == 4:  # dense [B, Sq, Hq, D] -> lse [B, Hq, Sq]
     lse_shape, lse_axes = (q.shape[0], q.shape[2], q.shape[1]), (0, 2, 1)
   else:  # packed [Tq, Hq, D] -> lse [Hq, Tq]
@@ -143,8 +185,8 @@ def _attention_batching(args, dims, **params):
     q, k, v, seq_lens, table = _fold_dense(args, dims, size, params["kv_layout"])
     out, lse = attention_fwd_p.bind(q, k, v, args[3], args[4], seq_lens, table, **params)
     lead = 0 if params["num_splits"] == 1 else 1
-    out = out.reshape(out.shape[:lead] + (size, -1) + out.shape[lead + 1:])
-    lse = lse.reshape(lse.shape[:lead] + (size, -1) + lse.shape[lead + 1:])
+    out = out.reshape(out.shape[:lead] + (size, -1) + out.shape[lead + 1 :])
+    lse = lse.reshape(lse.shape[:lead] + (size, -1) + lse.shape[lead + 1 :])
     return [out, lse], [lead, lead]
   return map_over_batch(attention_fwd_p, args, dims, params)
 
@@ -163,8 +205,7 @@ def _fold_dense(args, dims, size, kv_layout: KvLayout):
   if dims[1] is not None or dims[2] is not None:
     k, v = broadcast_batched([k, v], dims[1:3], size)
     num_pages = k.shape[1]
-    offsets = jnp.repeat(jnp.arange(size, dtype=jnp.int32) * num_pages,
-                         table.shape[0] // size)
+    offsets = jnp.repeat(jnp.arange(size, dtype=jnp.int32) * num_pages, table.shape[0] // size)
     table = table + offsets[:, None]
     k, v = merge(k), merge(v)
   return q, k, v, seq_lens, table
@@ -174,27 +215,52 @@ def _attention_platform_check(platform, avals_in):
   # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
   if platform == "cuda" and avals_in[0].dtype == jnp.float32:
     raise TypeError(
-        "jax_fmha.attention on the GPU takes bfloat16 or float16 q, k, v, got float32: cast "
-        "them (e.g. q.astype(jnp.bfloat16)), or use backend='reference' for float32")
+      "jax_fmha.attention on the GPU takes bfloat16 or float16 q, k, v, got float32: cast "
+      "them (e.g. q.astype(jnp.bfloat16)), or use backend='reference' for float32"
+    )
 
 
 attention_fwd_p = define_ffi_primitive(
-    "jax_fmha_attention_fwd", "jax_fmha_attention_fwd", _attention_abstract_eval,
-    _attention_batching, api_name="attention", named_params={"kv_layout": "kv_layouts"},
-    platform_check=_attention_platform_check)
+  "jax_fmha_attention_fwd",
+  "jax_fmha_attention_fwd",
+  _attention_abstract_eval,
+  _attention_batching,
+  api_name="attention",
+  named_params={"kv_layout": "kv_layouts"},
+  platform_check=_attention_platform_check,
+)
 
 
-def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=None,
-                  block_table=None, scale: float, softcap: float, window: tuple[int, int],
-                  kv_layout: KvLayout, num_splits: int, max_seqlen_q: int):
+def attention_fwd(
+  q,
+  k,
+  v,
+  *,
+  cu_seqlens_q=None,
+  cu_seqlens_k=None,
+  seq_lens=None,
+  block_table=None,
+  scale: float,
+  softcap: float,
+  window: tuple[int, int],
+  kv_layout: KvLayout,
+  num_splits: int,
+  max_seqlen_q: int,
+):
   """Binds the attention forward primitive; arguments are already validated."""
   return attention_fwd_p.bind(
-      q, k, v,
-      empty_i32() if cu_seqlens_q is None else cu_seqlens_q,
-      empty_i32() if cu_seqlens_k is None else cu_seqlens_k,
-      empty_i32() if seq_lens is None else seq_lens,
-      empty_i32(0, 0) if block_table is None else block_table,
-      scale=np.float32(scale), softcap=np.float32(softcap),
-      window_left=np.int32(window[0]), window_right=np.int32(window[1]),
-      kv_layout=kv_layout, num_splits=np.int32(num_splits),
-      max_seqlen_q=np.int32(max_seqlen_q))
+    q,
+    k,
+    v,
+    empty_i32() if cu_seqlens_q is None else cu_seqlens_q,
+    empty_i32() if cu_seqlens_k is None else cu_seqlens_k,
+    empty_i32() if seq_lens is None else seq_lens,
+    empty_i32(0, 0) if block_table is None else block_table,
+    scale=np.float32(scale),
+    softcap=np.float32(softcap),
+    window_left=np.int32(window[0]),
+    window_right=np.int32(window[1]),
+    kv_layout=kv_layout,
+    num_splits=np.int32(num_splits),
+    max_seqlen_q=np.int32(max_seqlen_q),
+  )

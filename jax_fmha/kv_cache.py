@@ -13,10 +13,17 @@ from jax_fmha._validation import Backend
 from jax_fmha.attention import attention
 
 
-def update_kv_cache(k_cache: ArrayLike, v_cache: ArrayLike, k_new: ArrayLike,
-                    v_new: ArrayLike, block_table: ArrayLike | None,
-                    cache_seqlens: ArrayLike, cu_seqlens_new: ArrayLike | None = None, *,
-                    backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
+def update_kv_cache(
+  k_cache: ArrayLike,
+  v_cache: ArrayLike,
+  k_new: ArrayLike,
+  v_new: ArrayLike,
+  block_table: ArrayLike | None,
+  cache_seqlens: ArrayLike,
+  cu_seqlens_new: ArrayLike | None = None,
+  *,
+  backend: Backend = "auto",
+) -> tuple[jax.Array, jax.Array]:
   """Writes new tokens into a paged or contiguous KV cache; returns ``(k_cache, v_cache)``.
 
   Args:
@@ -35,28 +42,50 @@ def update_kv_cache(k_cache: ArrayLike, v_cache: ArrayLike, k_new: ArrayLike,
   Writes past a sequence's capacity (``S_max``, or ``pages_per_seq * page_size``), onto a
   page id outside ``[0, num_pages)``, or with a negative ``cache_seqlens[b]`` are dropped.
   """
-  update = _validation.update_kv_cache(k_cache, v_cache, k_new, v_new, block_table,
-                                       cache_seqlens, cu_seqlens_new, backend)
+  update = _validation.update_kv_cache(
+    k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, backend
+  )
   if backend == "reference":
-    return reference.update_kv_cache(update.k_cache, update.v_cache, update.k_new,
-                                     update.v_new, update.block_table, update.cache_seqlens,
-                                     update.cu_seqlens_new)
-  k_cache, v_cache = update_kv_cache_p.bind(
-      update.k_cache, update.v_cache, update.k_new, update.v_new,
-      empty_i32(0, 0) if update.block_table is None else update.block_table,
+    return reference.update_kv_cache(
+      update.k_cache,
+      update.v_cache,
+      update.k_new,
+      update.v_new,
+      update.block_table,
       update.cache_seqlens,
-      empty_i32() if update.cu_seqlens_new is None else update.cu_seqlens_new,
-      kv_layout=update.kv_layout)
+      update.cu_seqlens_new,
+    )
+  k_cache, v_cache = update_kv_cache_p.bind(
+    update.k_cache,
+    update.v_cache,
+    update.k_new,
+    update.v_new,
+    empty_i32(0, 0) if update.block_table is None else update.block_table,
+    update.cache_seqlens,
+    empty_i32() if update.cu_seqlens_new is None else update.cu_seqlens_new,
+    kv_layout=update.kv_layout,
+  )
   return k_cache, v_cache
 
 
 def attention_with_kvcache(
-    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k_new: ArrayLike | None = None,
-    v_new: ArrayLike | None = None, *, cache_seqlens: ArrayLike,
-    block_table: ArrayLike | None = None, cu_seqlens_q: ArrayLike | None = None,
-    max_seqlen_q: int | None = None, causal: bool = False, scale: float | None = None,
-    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, num_splits: int | None = None,
-    return_lse: bool = False, backend: Backend = "auto",
+  q: ArrayLike,
+  k_cache: ArrayLike,
+  v_cache: ArrayLike,
+  k_new: ArrayLike | None = None,
+  v_new: ArrayLike | None = None,
+  *,
+  cache_seqlens: ArrayLike,
+  block_table: ArrayLike | None = None,
+  cu_seqlens_q: ArrayLike | None = None,
+  max_seqlen_q: int | None = None,
+  causal: bool = False,
+  scale: float | None = None,
+  window: tuple[int, int] = (-1, -1),
+  softcap: float = 0.0,
+  num_splits: int | None = None,
+  return_lse: bool = False,
+  backend: Backend = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Appends ``k_new``/``v_new`` to the cache, then attends over cache plus new tokens.
 
@@ -72,16 +101,38 @@ def attention_with_kvcache(
   cache_seqlens = _validation.attention_with_kvcache(k_new, v_new, cache_seqlens)
   seq_lens = cache_seqlens
   if k_new is not None:
-    k_cache, v_cache = update_kv_cache(k_cache, v_cache, k_new, v_new, block_table,
-                                       cache_seqlens, cu_seqlens_new=cu_seqlens_q,
-                                       backend=backend)
-    new_lens = (jnp.diff(cu_seqlens_q) if cu_seqlens_q is not None
-                else jnp.full(cache_seqlens.shape, jnp.shape(k_new)[1], jnp.int32))
+    k_cache, v_cache = update_kv_cache(
+      k_cache,
+      v_cache,
+      k_new,
+      v_new,
+      block_table,
+      cache_seqlens,
+      cu_seqlens_new=cu_seqlens_q,
+      backend=backend,
+    )
+    new_lens = (
+      jnp.diff(cu_seqlens_q)
+      if cu_seqlens_q is not None
+      else jnp.full(cache_seqlens.shape, jnp.shape(k_new)[1], jnp.int32)
+    )
     seq_lens = cache_seqlens + new_lens
-  result = attention(q, k_cache, v_cache, causal=causal, scale=scale, window=window,
-                     softcap=softcap, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
-                     block_table=block_table, seq_lens=seq_lens, num_splits=num_splits,
-                     return_lse=return_lse, backend=backend)
+  result = attention(
+    q,
+    k_cache,
+    v_cache,
+    causal=causal,
+    scale=scale,
+    window=window,
+    softcap=softcap,
+    cu_seqlens_q=cu_seqlens_q,
+    max_seqlen_q=max_seqlen_q,
+    block_table=block_table,
+    seq_lens=seq_lens,
+    num_splits=num_splits,
+    return_lse=return_lse,
+    backend=backend,
+  )
   if return_lse:
     return result[0], result[1], k_cache, v_cache
   return result, k_cache, v_cache
@@ -92,8 +143,9 @@ def attention_with_kvcache(
 # ---------------------------------------------------------------------------------------
 
 
-def _update_abstract_eval(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                          cu_seqlens_new, *, kv_layout):
+def _update_abstract_eval(
+  k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, *, kv_layout
+):
   return (k_cache.update(), v_cache.update())
 
 
@@ -102,6 +154,11 @@ def _update_batching(args, dims, **params):
 
 
 update_kv_cache_p = define_ffi_primitive(
-    "jax_fmha_update_kv_cache", "jax_fmha_update_kv_cache", _update_abstract_eval,
-    _update_batching, api_name="update_kv_cache", named_params={"kv_layout": "kv_layouts"},
-    operand_output_aliases={0: 0, 1: 1})
+  "jax_fmha_update_kv_cache",
+  "jax_fmha_update_kv_cache",
+  _update_abstract_eval,
+  _update_batching,
+  api_name="update_kv_cache",
+  named_params={"kv_layout": "kv_layouts"},
+  operand_output_aliases={0: 0, 1: 1},
+)

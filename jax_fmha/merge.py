@@ -12,9 +12,9 @@ from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, derive
 from jax_fmha._validation import Backend
 
 
-def merge_attention_states(outs: ArrayLike, lses: ArrayLike, *,
-                           out_dtype: DTypeLike | None = None,
-                           backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
+def merge_attention_states(
+  outs: ArrayLike, lses: ArrayLike, *, out_dtype: DTypeLike | None = None, backend: Backend = "auto"
+) -> tuple[jax.Array, jax.Array]:
   """Merges attention results over disjoint key sets (split-KV, cascade, prefix caching).
 
   Args:
@@ -43,8 +43,10 @@ def merge_attention_states(outs: ArrayLike, lses: ArrayLike, *,
 
 def _merge_abstract_eval(partial_out, partial_lse, *, out_dtype):
   rest = tuple(range(1, partial_out.ndim))
-  return (derived_aval(partial_out, partial_out.shape[1:], out_dtype, rest),
-          derived_aval(partial_lse, partial_lse.shape[1:], jnp.float32, rest[:-1]))
+  return (
+    derived_aval(partial_out, partial_out.shape[1:], out_dtype, rest),
+    derived_aval(partial_lse, partial_lse.shape[1:], jnp.float32, rest[:-1]),
+  )
 
 
 def _merge_batching(args, dims, *, out_dtype):
@@ -56,5 +58,10 @@ def _merge_batching(args, dims, *, out_dtype):
 
 
 merge_states_p = define_ffi_primitive(
-    "jax_fmha_merge_states", "jax_fmha_merge_states", _merge_abstract_eval, _merge_batching,
-    api_name="merge_attention_states", static_params=("out_dtype",))
+  "jax_fmha_merge_states",
+  "jax_fmha_merge_states",
+  _merge_abstract_eval,
+  _merge_batching,
+  api_name="merge_attention_states",
+  static_params=("out_dtype",),
+)

@@ -27,8 +27,9 @@ from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 # ---------------------------------------------------------------------------------------
 
 
-def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name: str,
-                              **definition_args):
+def _define_rowwise_primitive(
+  target: str, abstract_eval, row_operands, api_name: str, **definition_args
+):
   """A primitive whose first ``row_operands(params)`` operands are [..., hidden] arrays
   processed row by row; the others (a weight, an empty placeholder) are shared by all rows.
 
@@ -44,8 +45,9 @@ def _define_rowwise_primitive(target: str, abstract_eval, row_operands, api_name
     outs = primitive.bind(*broadcast_batched(args[:n], dims[:n], size), *args[n:], **params)
     return outs, [0] * len(outs)
 
-  primitive = define_ffi_primitive(target, target, abstract_eval, batching, api_name,
-                                   **definition_args)
+  primitive = define_ffi_primitive(
+    target, target, abstract_eval, batching, api_name, **definition_args
+  )
   return primitive
 
 
@@ -63,16 +65,21 @@ def _rms_norm_residual_abstract_eval(x, residual, weight, *, eps, weight_offset)
 
 
 glu_p = _define_rowwise_primitive(
-    "jax_fmha_glu", _glu_abstract_eval,
-    row_operands=lambda params: 2 if params["layout"] == "separate" else 1,
-    api_name="swiglu / jax_fmha.geglu",
-    named_params={"activation": "glu_activations", "layout": "glu_layouts"})
+  "jax_fmha_glu",
+  _glu_abstract_eval,
+  row_operands=lambda params: 2 if params["layout"] == "separate" else 1,
+  api_name="swiglu / jax_fmha.geglu",
+  named_params={"activation": "glu_activations", "layout": "glu_layouts"},
+)
 rms_norm_p = _define_rowwise_primitive(
-    "jax_fmha_rms_norm", _rms_norm_abstract_eval, row_operands=lambda params: 1,
-    api_name="rms_norm")
+  "jax_fmha_rms_norm", _rms_norm_abstract_eval, row_operands=lambda params: 1, api_name="rms_norm"
+)
 rms_norm_residual_p = _define_rowwise_primitive(
-    "jax_fmha_rms_norm_residual", _rms_norm_residual_abstract_eval,
-    row_operands=lambda params: 2, api_name="rms_norm_residual")
+  "jax_fmha_rms_norm_residual",
+  _rms_norm_residual_abstract_eval,
+  row_operands=lambda params: 2,
+  api_name="rms_norm_residual",
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,8 +87,13 @@ rms_norm_residual_p = _define_rowwise_primitive(
 # ---------------------------------------------------------------------------------------
 
 
-def swiglu(gate: ArrayLike, up: ArrayLike | None = None, *,
-           packed_layout: PackedLayout = "concat", backend: Backend = "auto") -> jax.Array:
+def swiglu(
+  gate: ArrayLike,
+  up: ArrayLike | None = None,
+  *,
+  packed_layout: PackedLayout = "concat",
+  backend: Backend = "auto",
+) -> jax.Array:
   """``silu(gate) * up``, fused (SwiGLU, as in Llama, Qwen, Mistral).
 
   Args:
@@ -102,8 +114,14 @@ def swiglu(gate: ArrayLike, up: ArrayLike | None = None, *,
   return _glu(gate, up, "silu", packed_layout, backend)
 
 
-def geglu(gate: ArrayLike, up: ArrayLike | None = None, *, approximate: bool = True,
-          packed_layout: PackedLayout = "concat", backend: Backend = "auto") -> jax.Array:
+def geglu(
+  gate: ArrayLike,
+  up: ArrayLike | None = None,
+  *,
+  approximate: bool = True,
+  packed_layout: PackedLayout = "concat",
+  backend: Backend = "auto",
+) -> jax.Array:
   """``gelu(gate) * up``, fused (GeGLU, as in Gemma).
 
   ``approximate=True`` uses the tanh approximation
@@ -115,8 +133,14 @@ def geglu(gate: ArrayLike, up: ArrayLike | None = None, *, approximate: bool = T
   return _glu(gate, up, "gelu_tanh" if approximate else "gelu_erf", packed_layout, backend)
 
 
-def rms_norm(x: ArrayLike, weight: ArrayLike, eps: float = 1e-6, weight_offset: float = 0.0,
-             *, backend: Backend = "auto") -> jax.Array:
+def rms_norm(
+  x: ArrayLike,
+  weight: ArrayLike,
+  eps: float = 1e-6,
+  weight_offset: float = 0.0,
+  *,
+  backend: Backend = "auto",
+) -> jax.Array:
   """``x * rsqrt(mean(x^2, axis=-1) + eps) * (weight + weight_offset)``, fused.
 
   Args:
@@ -130,17 +154,23 @@ def rms_norm(x: ArrayLike, weight: ArrayLike, eps: float = 1e-6, weight_offset: 
   Returns:
     ``[..., H]`` in x's dtype.
   """
-  x, _, weight, eps, weight_offset = _validation.rms_norm(x, None, weight, eps, weight_offset,
-                                                          backend)
+  x, _, weight, eps, weight_offset = _validation.rms_norm(
+    x, None, weight, eps, weight_offset, backend
+  )
   if backend == "reference":
     return reference.rms_norm(x, weight, eps, weight_offset)
-  return rms_norm_p.bind(x, weight, eps=np.float32(eps),
-                         weight_offset=np.float32(weight_offset))[0]
+  return rms_norm_p.bind(x, weight, eps=np.float32(eps), weight_offset=np.float32(weight_offset))[0]
 
 
-def rms_norm_residual(x: ArrayLike, residual: ArrayLike, weight: ArrayLike,
-                      eps: float = 1e-6, weight_offset: float = 0.0, *,
-                      backend: Backend = "auto") -> tuple[jax.Array, jax.Array]:
+def rms_norm_residual(
+  x: ArrayLike,
+  residual: ArrayLike,
+  weight: ArrayLike,
+  eps: float = 1e-6,
+  weight_offset: float = 0.0,
+  *,
+  backend: Backend = "auto",
+) -> tuple[jax.Array, jax.Array]:
   """``h = x + residual``, ``y = rms_norm(h, weight, eps, weight_offset)``, in one pass.
 
   ``h`` is rounded to the input dtype, as a framework stores it, and ``y`` normalizes that
@@ -150,17 +180,20 @@ def rms_norm_residual(x: ArrayLike, residual: ArrayLike, weight: ArrayLike,
   Returns:
     ``(y, h)``, both x's shape and dtype; ``h`` is the next block's residual stream.
   """
-  x, residual, weight, eps, weight_offset = _validation.rms_norm(x, residual, weight, eps,
-                                                                 weight_offset, backend)
+  x, residual, weight, eps, weight_offset = _validation.rms_norm(
+    x, residual, weight, eps, weight_offset, backend
+  )
   if backend == "reference":
     return reference.rms_norm_residual(x, residual, weight, eps, weight_offset)
-  y, h = rms_norm_residual_p.bind(x, residual, weight, eps=np.float32(eps),
-                                  weight_offset=np.float32(weight_offset))
+  y, h = rms_norm_residual_p.bind(
+    x, residual, weight, eps=np.float32(eps), weight_offset=np.float32(weight_offset)
+  )
   return y, h
 
 
-def _glu(gate, up, activation: GluActivation, packed_layout: PackedLayout,
-         backend: Backend) -> jax.Array:
+def _glu(
+  gate, up, activation: GluActivation, packed_layout: PackedLayout, backend: Backend
+) -> jax.Array:
   gate, up, layout = _validation.glu(gate, up, packed_layout, backend)
   if backend == "reference":
     if layout != "separate":
@@ -178,4 +211,3 @@ def _split_packed(gate_up, layout: GluLayout):
     return gate_up[..., 0::2], gate_up[..., 1::2]
   hidden = gate_up.shape[-1] // 2
   return gate_up[..., :hidden], gate_up[..., hidden:]
-

@@ -71,9 +71,21 @@ def _softmax(s, mask):
   return p / jnp.where(l > 0, l, 1.0), lse
 
 
-def attention(q, k, v, *, scale: float, softcap: float = 0.0, window=(-1, -1),
-              kv_layout: KvLayout = "uniform", cu_seqlens_q=None, cu_seqlens_k=None,
-              seq_lens=None, block_table=None, max_seqlen_q=None):
+def attention(
+  q,
+  k,
+  v,
+  *,
+  scale: float,
+  softcap: float = 0.0,
+  window=(-1, -1),
+  kv_layout: KvLayout = "uniform",
+  cu_seqlens_q=None,
+  cu_seqlens_k=None,
+  seq_lens=None,
+  block_table=None,
+  max_seqlen_q=None,
+):
   """Reference attention on validated, canonical arguments (see ``jax_fmha.attention``;
   ``causal`` is already folded into ``window[1] = 0``). ``kv_layout`` says which keys are
   given: ``"uniform"`` (dense), ``"packed"`` (with ``cu_seqlens_k``), ``"cache"`` (with
@@ -90,8 +102,13 @@ def attention(q, k, v, *, scale: float, softcap: float = 0.0, window=(-1, -1),
   if cu_seqlens_q is None:  # dense queries [B, Sq, Hq, D]
     sq = q.shape[1]
     s = transform(jnp.einsum("bqhd,bkhd->bhqk", qf, kd, precision=_HIGHEST) * scale)
-    mask = _visible(jnp.arange(sq)[None, None, :, None], k_pos[None, None, None, :], sq,
-                    k_len[:, None, None, None], window)
+    mask = _visible(
+      jnp.arange(sq)[None, None, :, None],
+      k_pos[None, None, None, :],
+      sq,
+      k_len[:, None, None, None],
+      window,
+    )
     p, lse = _softmax(s, mask)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, vd, precision=_HIGHEST)
     bad = ~kv_ok
@@ -103,13 +120,19 @@ def attention(q, k, v, *, scale: float, softcap: float = 0.0, window=(-1, -1),
   seg, q_pos, q_len = _segments(cu_seqlens_q, q.shape[0])
   s = transform(jnp.einsum("thd,bkhd->bhtk", qf, kd, precision=_HIGHEST) * scale)
   mask = (seg[None, :] == jnp.arange(kd.shape[0])[:, None])[:, None, :, None]
-  mask &= _visible(q_pos[None, None, :, None], k_pos[None, None, None, :],
-                   q_len[None, None, :, None], k_len[:, None, None, None], window)
+  mask &= _visible(
+    q_pos[None, None, :, None],
+    k_pos[None, None, None, :],
+    q_len[None, None, :, None],
+    k_len[:, None, None, None],
+    window,
+  )
   p, lse = _softmax(s, mask)
   out = jnp.einsum("bhtk,bkhd->thd", p, vd, precision=_HIGHEST)
   lse = jnp.max(jnp.where(mask.any(-1), lse, -jnp.inf), axis=0)  # the row's own sequence
-  q_ok = _rows_valid(cu_seqlens_q, q.shape[0], max_seqlen_q if max_seqlen_q is not None
-                     else q.shape[0])
+  q_ok = _rows_valid(
+    cu_seqlens_q, q.shape[0], max_seqlen_q if max_seqlen_q is not None else q.shape[0]
+  )
   bad = (seg >= 0) & ~(q_ok & kv_ok)[jnp.clip(seg, 0)]
   out = jnp.where(bad[:, None, None], jnp.nan, out)
   lse = jnp.where(bad[None, :], jnp.nan, lse)
@@ -128,8 +151,9 @@ def merge_attention_states(outs, lses):
   return out, lse
 
 
-def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                    cu_seqlens_new=None):
+def update_kv_cache(
+  k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new=None
+):
   """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter."""
   if cu_seqlens_new is None:  # dense [B, S_new, H, D] -> packed rows with uniform starts
     b, s_new = k_new.shape[:2]
@@ -151,8 +175,9 @@ def update_kv_cache(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
     row = page * page_size + dest % page_size
   rows = k_cache.shape[0] * k_cache.shape[1]
   row = jnp.where(ok, row, rows)  # out of range: dropped by the scatter
-  scatter = lambda cache, new: cache.reshape((rows,) + cache.shape[2:]).at[row].set(
-      new, mode="drop").reshape(cache.shape)
+  scatter = lambda cache, new: (
+    cache.reshape((rows,) + cache.shape[2:]).at[row].set(new, mode="drop").reshape(cache.shape)
+  )
   return scatter(k_cache, k_new), scatter(v_cache, v_new)
 
 

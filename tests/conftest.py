@@ -27,13 +27,14 @@ import jax_fmha  # noqa: E402
 
 if jax_fmha._ffi._ext is None:  # pragma: no cover - environment problem, not a test failure
   raise pytest.UsageError(
-      f"jax_fmha was imported from {os.path.dirname(jax_fmha.__file__)} without its compiled "
-      f"extension ({jax_fmha._ffi._IMPORT_ERROR}). Install the package first: `pip install .`")
+    f"jax_fmha was imported from {os.path.dirname(jax_fmha.__file__)} without its compiled "
+    f"extension ({jax_fmha._ffi._IMPORT_ERROR}). Install the package first: `pip install .`"
+  )
 
 FLOAT_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(jnp.bfloat16),
-    "float16": np.dtype(np.float16),
+  "float32": np.dtype(np.float32),
+  "bfloat16": np.dtype(jnp.bfloat16),
+  "float16": np.dtype(np.float16),
 }
 
 # Output tolerance: max |out - ref| <= atol + rtol * max |ref| (per dtype of the inputs).
@@ -41,15 +42,15 @@ FLOAT_DTYPES = {
 # kernel's own: float32 accumulation, plus the rounding of the output (and, on GPUs, of the
 # probabilities) to the low-precision dtype.
 OUT_TOL = {
-    "float32": dict(rtol=1e-5, atol=2e-5),
-    "bfloat16": dict(rtol=1e-2, atol=1e-2),
-    "float16": dict(rtol=2e-3, atol=2e-3),
+  "float32": dict(rtol=1e-5, atol=2e-5),
+  "bfloat16": dict(rtol=1e-2, atol=1e-2),
+  "float16": dict(rtol=2e-3, atol=2e-3),
 }
 # LSE is float32 for every input dtype: |lse - ref| <= atol + rtol * |ref| (elementwise).
 LSE_TOL = {
-    "float32": dict(rtol=2e-6, atol=2e-5),
-    "bfloat16": dict(rtol=1e-5, atol=1e-4),
-    "float16": dict(rtol=1e-5, atol=1e-4),
+  "float32": dict(rtol=2e-6, atol=2e-5),
+  "bfloat16": dict(rtol=1e-5, atol=1e-4),
+  "float16": dict(rtol=1e-5, atol=1e-4),
 }
 
 
@@ -137,12 +138,15 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str = "out
   assert not np.isnan(a).any(), f"{what}: {int(np.isnan(a).sum())} NaN entries"
   finite = np.isfinite(e)
   bad = finite & ~np.isfinite(a)
-  assert not bad.any(), (f"{what}: {int(bad.sum())} non-finite entries where the reference "
-                         f"is finite, first at {np.argwhere(bad)[0].tolist()}")
+  assert not bad.any(), (
+    f"{what}: {int(bad.sum())} non-finite entries where the reference "
+    f"is finite, first at {np.argwhere(bad)[0].tolist()}"
+  )
   mismatch = ~finite & (a != e)
   assert not mismatch.any(), (
-      f"{what}: {int(mismatch.sum())} entries differ from the reference's non-finite values "
-      f"(e.g. {a[mismatch][:4]} vs {e[mismatch][:4]})")
+    f"{what}: {int(mismatch.sum())} entries differ from the reference's non-finite values "
+    f"(e.g. {a[mismatch][:4]} vs {e[mismatch][:4]})"
+  )
   if not finite.any():
     return
   err = np.abs(a[finite] - e[finite])
@@ -150,8 +154,10 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str = "out
   bound = atol + rtol * scale
   worst = float(err.max())
   where = np.argwhere(finite)[int(err.argmax())].tolist()
-  assert worst <= bound, (f"{what}: max abs error {worst:.3g} at {where} exceeds "
-                          f"{bound:.3g} (atol {atol} + rtol {rtol} * scale {scale:.3g})")
+  assert worst <= bound, (
+    f"{what}: max abs error {worst:.3g} at {where} exceeds "
+    f"{bound:.3g} (atol {atol} + rtol {rtol} * scale {scale:.3g})"
+  )
 
 
 def assert_lse_close(actual, expected, dtype, what: str = "lse"):
@@ -163,27 +169,31 @@ def assert_lse_close(actual, expected, dtype, what: str = "lse"):
   assert not np.isnan(a).any(), f"{what}: {int(np.isnan(a).sum())} NaN entries"
   neg = np.isneginf(e)
   assert np.array_equal(np.isneginf(a), neg), (
-      f"{what}: -inf at {np.argwhere(np.isneginf(a) != neg)[:4].tolist()} disagrees with "
-      f"the reference")
+    f"{what}: -inf at {np.argwhere(np.isneginf(a) != neg)[:4].tolist()} disagrees with "
+    f"the reference"
+  )
   assert np.isfinite(a[~neg]).all(), f"{what}: non-finite where the reference is finite"
   tol = LSE_TOL[dtype_name(dtype)]
   err = np.abs(a[~neg] - e[~neg])
   bound = tol["atol"] + tol["rtol"] * np.abs(e[~neg])
   if err.size:
     i = int((err - bound).argmax())
-    assert (err <= bound).all(), (f"{what}: error {err[i]:.3g} exceeds {bound[i]:.3g} at "
-                                  f"{np.argwhere(~neg)[i].tolist()}")
+    assert (err <= bound).all(), (
+      f"{what}: error {err[i]:.3g} exceeds {bound[i]:.3g} at {np.argwhere(~neg)[i].tolist()}"
+    )
 
 
-def assert_attention_close(out, expected_out, dtype, lse=None, expected_lse=None,
-                           empty_rows_exact: bool = True):
+def assert_attention_close(
+  out, expected_out, dtype, lse=None, expected_lse=None, empty_rows_exact: bool = True
+):
   """Output (and LSE) against the float64 reference with the dtype's tolerances.
 
   Output dtype must be the input dtype. Where the reference LSE is -inf (the row saw no
   key) the output row must be exactly 0.
   """
-  assert np.asarray(out).dtype == np.dtype(dtype), \
-      f"output dtype {np.asarray(out).dtype}, expected {np.dtype(dtype)}"
+  assert np.asarray(out).dtype == np.dtype(dtype), (
+    f"output dtype {np.asarray(out).dtype}, expected {np.dtype(dtype)}"
+  )
   assert_close(out, expected_out, what="output", **OUT_TOL[dtype_name(dtype)])
   if lse is not None:
     assert_lse_close(lse, expected_lse, dtype)
@@ -198,5 +208,6 @@ def _assert_empty_rows_zero(out, expected_lse):
   # Dense: out [B, Sq, Hq, D], lse [B, Hq, Sq]; packed: out [Tq, Hq, D], lse [Hq, Tq].
   empty = np.isneginf(e).transpose(0, 2, 1) if o.ndim == 4 else np.isneginf(e).T
   rows = o[empty]
-  assert (rows == 0).all(), (f"{int((rows != 0).any(axis=-1).sum())} rows that see no key "
-                             "are not exactly 0")
+  assert (rows == 0).all(), (
+    f"{int((rows != 0).any(axis=-1).sum())} rows that see no key are not exactly 0"
+  )

@@ -47,8 +47,9 @@ def visible_mask(sq: int, sk: int, *, causal: bool = False, window=(-1, -1)) -> 
   return ok
 
 
-def attend_sequence(q, k, v, *, scale=None, softcap: float = 0.0, causal: bool = False,
-                    window=(-1, -1)):
+def attend_sequence(
+  q, k, v, *, scale=None, softcap: float = 0.0, causal: bool = False, window=(-1, -1)
+):
   """One sequence. q [Sq, Hq, D], k/v [Sk, Hkv, D] (any float dtype; computed in float64).
 
   Returns out [Sq, Hq, D] float64 and lse [Hq, Sq] float64.
@@ -82,8 +83,17 @@ def attend_sequence(q, k, v, *, scale=None, softcap: float = 0.0, causal: bool =
   return out, lse
 
 
-def attend_sequences(sequences, *, hq: int, d: int, q_rows: int, scale=None,
-                     softcap: float = 0.0, causal: bool = False, window=(-1, -1)):
+def attend_sequences(
+  sequences,
+  *,
+  hq: int,
+  d: int,
+  q_rows: int,
+  scale=None,
+  softcap: float = 0.0,
+  causal: bool = False,
+  window=(-1, -1),
+):
   """The general form: `sequences` yields (q_row_indices, q, k, v) per sequence, where
   q_row_indices are the rows of a packed [q_rows, Hq, D] output owned by the sequence.
 
@@ -93,8 +103,7 @@ def attend_sequences(sequences, *, hq: int, d: int, q_rows: int, scale=None,
   out = np.zeros((q_rows, hq, d), dtype=np.float64)
   lse = np.full((hq, q_rows), -np.inf, dtype=np.float64)
   for rows, q, k, v in sequences:
-    o, l = attend_sequence(q, k, v, scale=scale, softcap=softcap, causal=causal,
-                           window=window)
+    o, l = attend_sequence(q, k, v, scale=scale, softcap=softcap, causal=causal, window=window)
     out[rows] = o
     lse[:, rows] = l
   return out, lse
@@ -152,8 +161,7 @@ def kv_cache(q, k_cache, v_cache, seq_lens, **kw):
   b, sq, hq, d = q.shape
   qp, rows = _dense_queries(q)
   lens = np.asarray(seq_lens, dtype=np.int64)
-  seqs = ((rows[i], qp[rows[i]], k_cache[i, :lens[i]], v_cache[i, :lens[i]])
-          for i in range(b))
+  seqs = ((rows[i], qp[rows[i]], k_cache[i, : lens[i]], v_cache[i, : lens[i]]) for i in range(b))
   out, lse = attend_sequences(seqs, hq=hq, d=d, q_rows=b * sq, **kw)
   return out.reshape(b, sq, hq, d), _unpack_lse(lse, b, sq)
 
@@ -173,7 +181,14 @@ def paged(q, k_pages, v_pages, block_table, seq_lens, **kw):
   qp, rows = _dense_queries(q)
   lens = np.asarray(seq_lens, dtype=np.int64)
   table = np.asarray(block_table)
-  seqs = ((rows[i], qp[rows[i]], gather_pages(k_pages, table[i], lens[i]),
-           gather_pages(v_pages, table[i], lens[i])) for i in range(b))
+  seqs = (
+    (
+      rows[i],
+      qp[rows[i]],
+      gather_pages(k_pages, table[i], lens[i]),
+      gather_pages(v_pages, table[i], lens[i]),
+    )
+    for i in range(b)
+  )
   out, lse = attend_sequences(seqs, hq=hq, d=d, q_rows=b * sq, **kw)
   return out.reshape(b, sq, hq, d), _unpack_lse(lse, b, sq)

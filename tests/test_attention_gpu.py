@@ -36,8 +36,8 @@ def _has_gpu() -> bool:
     return False
 
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")]
+
 
 # Every test runs on both forward kernels of a Hopper build: the wgmma kernel (what an sm_90
 # device runs by default) and the portable mma.sync kernel (JAX_FMHA_CUDA_FORWARD=portable,
@@ -56,13 +56,16 @@ def forward_kernel(request):
 
 def hopper_build_and_device() -> bool:
   import jax_fmha
+
   archs = jax_fmha.build_info()["cuda_architectures"]
-  return (any("90a" in a for a in archs)
-          and jax.devices("gpu")[0].compute_capability.split(".")[0] == "9")
+  return (
+    any("90a" in a for a in archs) and jax.devices("gpu")[0].compute_capability.split(".")[0] == "9"
+  )
 
 
 def test_forward_kernel_choice(forward_kernel):
   from jax_fmha import _ffi
+
   wgmma = forward_kernel == "default" and hopper_build_and_device()
   assert _ffi._ext.cuda_forward_kernel() == ("wgmma" if wgmma else "mma.sync")
 
@@ -82,18 +85,42 @@ def gpu(x):
   return None if x is None else jax.device_put(x, jax.devices("gpu")[0])
 
 
-def run(q, k, v, *, kv_layout, cu_seqlens_q=None, cu_seqlens_k=None, seq_lens=None,
-        block_table=None, scale=None, softcap=0.0, window=(-1, -1), num_splits=1,
-        max_seqlen_q=None):
+def run(
+  q,
+  k,
+  v,
+  *,
+  kv_layout,
+  cu_seqlens_q=None,
+  cu_seqlens_k=None,
+  seq_lens=None,
+  block_table=None,
+  scale=None,
+  softcap=0.0,
+  window=(-1, -1),
+  num_splits=1,
+  max_seqlen_q=None,
+):
   """The forward primitive on the GPU; returns NumPy (out, lse)."""
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   if max_seqlen_q is None:
     max_seqlen_q = q.shape[1] if q.ndim == 4 else q.shape[0]
   out, lse = attention_fwd(
-      gpu(q), gpu(k), gpu(v), cu_seqlens_q=gpu(cu_seqlens_q), cu_seqlens_k=gpu(cu_seqlens_k),
-      seq_lens=gpu(seq_lens), block_table=gpu(block_table), scale=scale, softcap=softcap,
-      window=window, kv_layout=kv_layout, num_splits=num_splits, max_seqlen_q=max_seqlen_q)
+    gpu(q),
+    gpu(k),
+    gpu(v),
+    cu_seqlens_q=gpu(cu_seqlens_q),
+    cu_seqlens_k=gpu(cu_seqlens_k),
+    seq_lens=gpu(seq_lens),
+    block_table=gpu(block_table),
+    scale=scale,
+    softcap=softcap,
+    window=window,
+    kv_layout=kv_layout,
+    num_splits=num_splits,
+    max_seqlen_q=max_seqlen_q,
+  )
   return np.asarray(out), np.asarray(lse)
 
 
@@ -129,8 +156,9 @@ def check(out, lse, ref_out, ref_lse, dtype, what=""):
   neg = np.isneginf(ref_lse)
   assert np.array_equal(np.isneginf(lse), neg), f"{what}: -inf LSE pattern differs"
   lerr = float(np.abs(lse[~neg] - ref_lse[~neg]).max(initial=0.0))
-  assert lerr <= LSE_TOL * (1 + float(np.abs(ref_lse[~neg]).max(initial=0.0))), \
-      f"{what}: LSE error {lerr:.3g}"
+  assert lerr <= LSE_TOL * (1 + float(np.abs(ref_lse[~neg]).max(initial=0.0))), (
+    f"{what}: LSE error {lerr:.3g}"
+  )
 
 
 def rows_of(lse_neg, dense):
@@ -148,8 +176,11 @@ def rows_of(lse_neg, dense):
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_head_dims(rng, dtype, d, causal):
   b, sq, sk, hq, hkv = 2, 133, 257, 4, 2
-  q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
-      randn(rng, (b, sk, hkv, d), dtype)
+  q, k, v = (
+    randn(rng, (b, sq, hq, d), dtype),
+    randn(rng, (b, sk, hkv, d), dtype),
+    randn(rng, (b, sk, hkv, d), dtype),
+  )
   window = (-1, 0) if causal else (-1, -1)
   out, lse = run(q, k, v, kv_layout="uniform", window=window)
   ro, rl = ref.dense(q, k, v, window=window)
@@ -162,8 +193,11 @@ def test_dense_head_dims(rng, dtype, d, causal):
 @pytest.mark.parametrize("sq,sk", [(1, 1000), (7, 129), (200, 200), (300, 100)])
 def test_dense_gqa_causal_shapes(rng, dtype, hq, hkv, sq, sk):
   d = 128
-  q, k, v = randn(rng, (2, sq, hq, d), dtype), randn(rng, (2, sk, hkv, d), dtype), \
-      randn(rng, (2, sk, hkv, d), dtype)
+  q, k, v = (
+    randn(rng, (2, sq, hq, d), dtype),
+    randn(rng, (2, sk, hkv, d), dtype),
+    randn(rng, (2, sk, hkv, d), dtype),
+  )
   for window in [(-1, -1), (-1, 0)]:
     out, lse = run(q, k, v, kv_layout="uniform", window=window)
     ro, rl = ref.dense(q, k, v, window=window)
@@ -171,23 +205,29 @@ def test_dense_gqa_causal_shapes(rng, dtype, hq, hkv, sq, sk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-@pytest.mark.parametrize("window,softcap", [((32, 0), 0.0), ((16, 8), 0.0), ((-1, -1), 5.0),
-                                            ((64, -1), 30.0), ((0, 0), 0.0)])
+@pytest.mark.parametrize(
+  "window,softcap",
+  [((32, 0), 0.0), ((16, 8), 0.0), ((-1, -1), 5.0), ((64, -1), 30.0), ((0, 0), 0.0)],
+)
 def test_dense_window_softcap(rng, dtype, window, softcap):
   b, sq, sk, hq, hkv, d = 2, 190, 330, 8, 2, 64
-  q, k, v = randn(rng, (b, sq, hq, d), dtype), randn(rng, (b, sk, hkv, d), dtype), \
-      randn(rng, (b, sk, hkv, d), dtype)
-  out, lse = run(q, k, v, kv_layout="uniform", window=window, softcap=softcap,
-                 scale=0.3)
+  q, k, v = (
+    randn(rng, (b, sq, hq, d), dtype),
+    randn(rng, (b, sk, hkv, d), dtype),
+    randn(rng, (b, sk, hkv, d), dtype),
+  )
+  out, lse = run(q, k, v, kv_layout="uniform", window=window, softcap=softcap, scale=0.3)
   ro, rl = ref.dense(q, k, v, window=window, softcap=softcap, scale=0.3)
   check(out, lse, ro, rl, dtype)
 
 
 def test_public_api_dense_and_packed(rng):
   import jax_fmha
+
   q, k, v = (randn(rng, (2, 65, 8, 128), BF16) for _ in range(3))
   out, lse = jax.jit(lambda *a: jax_fmha.attention(*a, causal=True, return_lse=True))(
-      gpu(q), gpu(k), gpu(v))
+    gpu(q), gpu(k), gpu(v)
+  )
   ro, rl = ref.dense(q, k, v, causal=True)
   check(np.asarray(out), np.asarray(lse), ro, rl, BF16)
 
@@ -208,8 +248,17 @@ def test_packed_with_empty_and_outside_rows(rng, dtype, causal, num_splits):
   q = randn(rng, (160, hq, d), dtype)
   k, v = randn(rng, (300, hkv, d), dtype), randn(rng, (300, hkv, d), dtype)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, k, v, kv_layout="packed", cu_seqlens_q=cu_q,
-                 cu_seqlens_k=cu_k, window=window, num_splits=num_splits, max_seqlen_q=130)
+  out, lse = run(
+    q,
+    k,
+    v,
+    kv_layout="packed",
+    cu_seqlens_q=cu_q,
+    cu_seqlens_k=cu_k,
+    window=window,
+    num_splits=num_splits,
+    max_seqlen_q=130,
+  )
   ro, rl = ref.packed(q, k, v, cu_q, cu_k, window=window)
   if num_splits > 1:
     assert out.shape == (num_splits,) + q.shape and out.dtype == np.float32
@@ -224,8 +273,7 @@ def test_packed_sequence_longer_than_max_seqlen_is_nan(rng):
   cu = np.array([0, 20, 100, 110], np.int32)  # sequence 1 (80 rows) > max_seqlen_q = 50
   q = randn(rng, (120, hq, d), BF16)
   k, v = randn(rng, (110, hq, d), BF16), randn(rng, (110, hq, d), BF16)
-  out, lse = run(q, k, v, kv_layout="packed", cu_seqlens_q=cu, cu_seqlens_k=cu,
-                 max_seqlen_q=50)
+  out, lse = run(q, k, v, kv_layout="packed", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=50)
   assert np.isnan(np.asarray(out[20:100], np.float32)).all() and np.isnan(lse[:, 20:100]).all()
   ro, rl = ref.packed(q, k, v, cu, cu)
   keep = np.r_[0:20, 100:120]
@@ -253,7 +301,7 @@ def test_cache_with_seq_lens(rng, dtype, sq):
 def paged_inputs(rng, dtype, *, b, page_size, lens, hq, hkv, d, sq, spare_pages=3):
   pages_per_seq = max(1, -(-max(lens) // page_size))
   num_pages = b * pages_per_seq + spare_pages
-  table = rng.permutation(num_pages)[:b * pages_per_seq].reshape(b, pages_per_seq)
+  table = rng.permutation(num_pages)[: b * pages_per_seq].reshape(b, pages_per_seq)
   q = randn(rng, (b, sq, hq, d), dtype)
   kp = randn(rng, (num_pages, page_size, hkv, d), dtype)
   vp = randn(rng, (num_pages, page_size, hkv, d), dtype)
@@ -266,25 +314,32 @@ def paged_inputs(rng, dtype, *, b, page_size, lens, hq, hkv, d, sq, spare_pages=
 def test_paged(rng, dtype, page_size, sq, hq, hkv):
   d = 128
   lens = [0, 1, page_size, page_size + 1, 700]
-  q, kp, vp, table, lens = paged_inputs(rng, dtype, b=5, page_size=page_size, lens=lens,
-                                        hq=hq, hkv=hkv, d=d, sq=sq)
+  q, kp, vp, table, lens = paged_inputs(
+    rng, dtype, b=5, page_size=page_size, lens=lens, hq=hq, hkv=hkv, d=d, sq=sq
+  )
   for window in [(-1, -1), (-1, 0)]:
-    out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
-                   block_table=table, window=window)
+    out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens, block_table=table, window=window)
     ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
     check(out, lse, ro, rl, dtype, f"page {page_size} window {window}")
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("page_size,d,num_splits", [
-    (8, 128, 1),    # pages that are not a multiple of a 16-key run: the portable kernel
-    (16, 128, 1),   # wgmma: a 128-key block in eight runs on eight pages
+@pytest.mark.parametrize(
+  "page_size,d,num_splits",
+  [
+    (8, 128, 1),  # pages that are not a multiple of a 16-key run: the portable kernel
+    (16, 128, 1),  # wgmma: a 128-key block in eight runs on eight pages
     (16, 128, 3),
-    (48, 128, 1),   # runs cross no page, blocks do
-    (64, 128, 1),   # wgmma: two 64-key runs on two pages
-    (192, 128, 1), (128, 128, 1),
-    (256, 96, 1), (16, 96, 1),  # d96: the wgmma loads' general path
-    (16, 192, 1), (64, 256, 1)])
+    (48, 128, 1),  # runs cross no page, blocks do
+    (64, 128, 1),  # wgmma: two 64-key runs on two pages
+    (192, 128, 1),
+    (128, 128, 1),
+    (256, 96, 1),
+    (16, 96, 1),  # d96: the wgmma loads' general path
+    (16, 192, 1),
+    (64, 256, 1),
+  ],
+)
 def test_paged_prefill(rng, causal, page_size, d, num_splits):
   """Many query rows on pages: the forward tile kernels (wgmma for pages of 16 keys or a
   multiple: 16-key runs with their page ids staged in shared memory, or, for multiples of
@@ -292,11 +347,20 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
   1000), one key into a block (129) and at the end of a run (304): the block's later runs
   are never looked up."""
   lens = [700, 129, 0, 304, 1000]
-  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=5, page_size=page_size, lens=lens,
-                                        hq=8, hkv=2, d=d, sq=150)
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
+  )
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens, block_table=table,
-                 window=window, num_splits=num_splits)
+  out, lse = run(
+    q,
+    kp,
+    vp,
+    kv_layout="paged",
+    seq_lens=lens,
+    block_table=table,
+    window=window,
+    num_splits=num_splits,
+  )
   if num_splits > 1:
     out, lse = merge_splits(out, lse)
   ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
@@ -308,10 +372,19 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
 def test_paged_split_kv(rng, num_splits, page_size, d):
   dtype = BF16
   lens = [3000, 1, 0, 515]
-  q, kp, vp, table, lens = paged_inputs(rng, dtype, b=4, page_size=page_size, lens=lens,
-                                        hq=32, hkv=8, d=d, sq=1)
-  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
-                 block_table=table, num_splits=num_splits, softcap=20.0)
+  q, kp, vp, table, lens = paged_inputs(
+    rng, dtype, b=4, page_size=page_size, lens=lens, hq=32, hkv=8, d=d, sq=1
+  )
+  out, lse = run(
+    q,
+    kp,
+    vp,
+    kv_layout="paged",
+    seq_lens=lens,
+    block_table=table,
+    num_splits=num_splits,
+    softcap=20.0,
+  )
   if num_splits > 1:
     assert out.shape == (num_splits,) + q.shape and out.dtype == np.float32
     assert lse.shape == (num_splits, 4, 32, 1)
@@ -324,11 +397,15 @@ def test_paged_split_kv(rng, num_splits, page_size, d):
 def test_public_api_paged_decode_with_merge(rng, num_splits):
   """jax_fmha.attention on pages: split-KV partials merged by the CUDA merge kernel."""
   import jax_fmha
-  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=2, page_size=16, lens=[5000, 77],
-                                        hq=32, hkv=8, d=128, sq=1)
-  out, lse = jax.jit(lambda *a: jax_fmha.attention(
-      *a[:3], block_table=a[3], seq_lens=a[4], num_splits=num_splits, return_lse=True))(
-          gpu(q), gpu(kp), gpu(vp), gpu(table), gpu(lens))
+
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=2, page_size=16, lens=[5000, 77], hq=32, hkv=8, d=128, sq=1
+  )
+  out, lse = jax.jit(
+    lambda *a: jax_fmha.attention(
+      *a[:3], block_table=a[3], seq_lens=a[4], num_splits=num_splits, return_lse=True
+    )
+  )(gpu(q), gpu(kp), gpu(vp), gpu(table), gpu(lens))
   ro, rl = ref.paged(q, kp, vp, table, lens)
   assert np.asarray(out).dtype == BF16
   check(np.asarray(out), np.asarray(lse), ro, rl, BF16)
@@ -337,14 +414,16 @@ def test_public_api_paged_decode_with_merge(rng, num_splits):
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, num_splits):
   page_size = 16
-  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=4, page_size=page_size,
-                                        lens=[40, 40, 40, 40], hq=8, hkv=2, d=64, sq=3)
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=4, page_size=page_size, lens=[40, 40, 40, 40], hq=8, hkv=2, d=64, sq=3
+  )
   num_pages = kp.shape[0]
   table[1, 1] = num_pages  # used page out of range
-  table[2, 0] = -1         # negative page id
+  table[2, 0] = -1  # negative page id
   lens[3] = table.shape[1] * page_size + 1  # more keys than the table holds
-  out, lse = run(q, kp, vp, kv_layout="paged", seq_lens=lens,
-                 block_table=table, num_splits=num_splits)
+  out, lse = run(
+    q, kp, vp, kv_layout="paged", seq_lens=lens, block_table=table, num_splits=num_splits
+  )
   if num_splits > 1:
     # A split checks the page ids of its own keys: the bad page makes its partial NaN, and
     # the merge spreads NaN over the whole row. An overfull length spoils every split.
@@ -369,8 +448,7 @@ def test_dense_split_kv(rng, num_splits, causal):
   q = randn(rng, (2, 70, 8, 192), dtype)
   k, v = randn(rng, (2, 999, 4, 192), dtype), randn(rng, (2, 999, 4, 192), dtype)
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(q, k, v, kv_layout="uniform", num_splits=num_splits,
-                 window=window)
+  out, lse = run(q, k, v, kv_layout="uniform", num_splits=num_splits, window=window)
   out, lse = merge_splits(out, lse)
   ro, rl = ref.dense(q, k, v, window=window)
   check(out, lse, ro, rl, dtype)
@@ -401,8 +479,7 @@ def test_large_16k_tokens(rng, causal):
   s, hq, hkv, d = 16384, 8, 2, 128
   q = randn(rng, (1, s, hq, d), dtype)
   k, v = randn(rng, (1, s, hkv, d), dtype), randn(rng, (1, s, hkv, d), dtype)
-  out, lse = run(q, k, v, kv_layout="uniform",
-                 window=(-1, 0) if causal else (-1, -1))
+  out, lse = run(q, k, v, kv_layout="uniform", window=(-1, 0) if causal else (-1, -1))
   rows = np.r_[0, 1, 127, 128, rng.integers(0, s, 28), s - 1]
   ro, rl = sampled_reference(q, k, v, rows, causal)
   check(out[0, rows], lse[0][:, rows], ro, rl, dtype)
@@ -410,10 +487,10 @@ def test_large_16k_tokens(rng, causal):
 
 
 def test_deterministic(rng):
-  q, kp, vp, table, lens = paged_inputs(rng, BF16, b=3, page_size=16, lens=[900, 33, 500],
-                                        hq=16, hkv=4, d=128, sq=7)
-  args = dict(kv_layout="paged", seq_lens=lens, block_table=table,
-              window=(-1, 0))
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=3, page_size=16, lens=[900, 33, 500], hq=16, hkv=4, d=128, sq=7
+  )
+  args = dict(kv_layout="paged", seq_lens=lens, block_table=table, window=(-1, 0))
   for splits in (1, 5):
     a, la = run(q, kp, vp, num_splits=splits, **args)
     b, lb = run(q, kp, vp, num_splits=splits, **args)
@@ -460,6 +537,7 @@ def memcheck_cases():
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
   import jax_fmha
+
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes
     outs = rng.standard_normal((45, 6, d)).astype(np.float32)
     lses = rng.standard_normal((45, 6)).astype(np.float32)
@@ -469,16 +547,30 @@ def memcheck_cases():
 def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
   """Dense prefill bf16: ours vs jax.nn.dot_product_attention(cudnn), TFLOP/s (median)."""
   import time
+
   rng = np.random.default_rng(0)
   q, k, v = (gpu(randn(rng, (b, s, h, d), BF16)) for _ in range(3))
   rows = []
   for causal in (False, True):
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    ours = jax.jit(lambda q, k, v, causal=causal: attention_fwd(
-        q, k, v, scale=1 / math.sqrt(d), softcap=0.0, window=(-1, 0 if causal else -1),
-        kv_layout="uniform", num_splits=1, max_seqlen_q=s)[0])
-    cudnn = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="cudnn"))
+    ours = jax.jit(
+      lambda q, k, v, causal=causal: attention_fwd(
+        q,
+        k,
+        v,
+        scale=1 / math.sqrt(d),
+        softcap=0.0,
+        window=(-1, 0 if causal else -1),
+        kv_layout="uniform",
+        num_splits=1,
+        max_seqlen_q=s,
+      )[0]
+    )
+    cudnn = jax.jit(
+      lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"
+      )
+    )
     for name, fn in (("jax_fmha", ours), ("cudnn", cudnn)):
       try:
         for _ in range(3):
@@ -489,8 +581,10 @@ def time_prefill(b=2, s=8192, h=16, d=128, reps=20):
           fn(q, k, v).block_until_ready()
           times.append(time.perf_counter() - t0)
         t = float(np.median(times))
-        rows.append(f"{name:9s} causal={causal!s:5s} B={b} S={s} H={h} D={d}: "
-                    f"{t * 1e3:7.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s")
+        rows.append(
+          f"{name:9s} causal={causal!s:5s} B={b} S={s} H={h} D={d}: "
+          f"{t * 1e3:7.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s"
+        )
       except Exception as e:  # noqa: BLE001 - a peer that fails to run is reported, not fatal
         rows.append(f"{name:9s} causal={causal!s:5s}: failed: {type(e).__name__}: {e}")
   print("\n".join(rows))
@@ -502,11 +596,13 @@ def time_paged_decode(reps=20):
   import time
 
   import jax_fmha
+
   rows = []
   for b, keys in ((64, 4096), (1, 131072)):
     rng = np.random.default_rng(0)
-    q, kp, vp, table, lens = paged_inputs(rng, BF16, b=b, page_size=16, lens=[keys] * b,
-                                          hq=32, hkv=8, d=128, sq=1, spare_pages=0)
+    q, kp, vp, table, lens = paged_inputs(
+      rng, BF16, b=b, page_size=16, lens=[keys] * b, hq=32, hkv=8, d=128, sq=1, spare_pages=0
+    )
     args = [gpu(x) for x in (q, kp, vp, table, lens)]
     fn = jax.jit(lambda q, k, v, t, l: jax_fmha.attention(q, k, v, block_table=t, seq_lens=l))
     for _ in range(3):
@@ -518,8 +614,10 @@ def time_paged_decode(reps=20):
       times.append(time.perf_counter() - t0)
     t = float(np.median(times))
     kv_bytes = 2 * b * keys * 8 * 128 * 2
-    rows.append(f"paged decode B={b} keys={keys} page=16 Hq/Hkv=32/8 D=128: "
-                f"{t * 1e6:8.1f} us  {kv_bytes / t / 1e9:7.1f} GB/s")
+    rows.append(
+      f"paged decode B={b} keys={keys} page=16 Hq/Hkv=32/8 D=128: "
+      f"{t * 1e6:8.1f} us  {kv_bytes / t / 1e9:7.1f} GB/s"
+    )
   print("\n".join(rows))
 
 

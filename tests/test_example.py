@@ -10,8 +10,9 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "examples", "llama_decode.py")
+EXAMPLE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "llama_decode.py"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,15 @@ def llama_decode():
 
 
 def test_example_decodes_like_flax(llama_decode):
-  config = llama_decode.Config(vocab_size=128, features=64, num_layers=2, num_heads=4,
-                               num_kv_heads=2, mlp_features=96, dtype=jnp.float32)
+  config = llama_decode.Config(
+    vocab_size=128,
+    features=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_features=96,
+    dtype=jnp.float32,
+  )
   fused, flax = llama_decode.run(config, prompt_lengths=[3, 9, 5], steps=8, page_size=4)
   assert fused.tokens.shape == flax.tokens.shape == (3, 8)
   assert fused.decode_tokens_per_second > 0 and flax.decode_tokens_per_second > 0

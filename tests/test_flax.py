@@ -55,8 +55,9 @@ def test_attention_fn_in_linen_layer(x, causal):
   flax_layer = nn.MultiHeadDotProductAttention(num_heads=HEADS)
   params = flax_layer.init(jax.random.key(0), x)
   expected = flax_layer.apply(params, x, mask=causal_mask(LENGTH) if causal else None)
-  ours = nn.MultiHeadDotProductAttention(num_heads=HEADS,
-                                         attention_fn=make_attention_fn(causal=causal))
+  ours = nn.MultiHeadDotProductAttention(
+    num_heads=HEADS, attention_fn=make_attention_fn(causal=causal)
+  )
   assert_close(ours.apply(params, x), expected, **TOL)
 
 
@@ -64,8 +65,9 @@ def test_attention_fn_in_nnx_layer_gqa_window(x):
   window = (3, 0)  # the current key and the 3 before it
   query_pos, key_pos = jnp.arange(LENGTH)[:, None], jnp.arange(LENGTH)[None, :]
   band = (key_pos <= query_pos) & (key_pos >= query_pos - window[0])
-  flax_layer = nnx.MultiHeadAttention(HEADS, FEATURES, num_kv_heads=2, decode=False,
-                                      rngs=nnx.Rngs(0))
+  flax_layer = nnx.MultiHeadAttention(
+    HEADS, FEATURES, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0)
+  )
   expected = flax_layer(x, mask=jnp.broadcast_to(band, (BATCH, 1, LENGTH, LENGTH)))
   flax_layer.attention_fn = make_attention_fn(window=window)
   assert_close(flax_layer(x), expected, **TOL)
@@ -87,18 +89,19 @@ def test_attention_fn_refuses_what_it_cannot_express(x):
   with pytest.raises(ValueError, match=r"mask: got an array of shape .*causal=True"):
     linen_layer.apply(params, x, mask=causal_mask(LENGTH))
   with pytest.raises(ValueError, match="no attention dropout"):
-    nn.MultiHeadDotProductAttention(num_heads=HEADS, dropout_rate=0.1,
-                                    attention_fn=attention_fn).apply(
-        params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    nn.MultiHeadDotProductAttention(
+      num_heads=HEADS, dropout_rate=0.1, attention_fn=attention_fn
+    ).apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
   # Inference with a dropout rate is fine: no dropout runs.
-  nn.MultiHeadDotProductAttention(num_heads=HEADS, dropout_rate=0.1,
-                                  attention_fn=attention_fn).apply(params, x,
-                                                                   deterministic=True)
+  nn.MultiHeadDotProductAttention(
+    num_heads=HEADS, dropout_rate=0.1, attention_fn=attention_fn
+  ).apply(params, x, deterministic=True)
   with pytest.raises(ValueError, match="sow_weights"):
     linen_layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
   # Flax's own decode cache always passes a mask.
-  decoding = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=attention_fn,
-                                             decode=True)
+  decoding = nn.MultiHeadDotProductAttention(
+    num_heads=HEADS, attention_fn=attention_fn, decode=True
+  )
   cache = decoding.init(jax.random.key(0), x)["cache"]
   with pytest.raises(ValueError, match="paged KV cache"):
     decoding.apply({**params, "cache": cache}, x[:, :1], mutable=["cache"])
@@ -106,8 +109,9 @@ def test_attention_fn_refuses_what_it_cannot_express(x):
   with pytest.raises(ValueError, match="bias: got an array"):
     attention_fn(heads, heads, heads, bias=jnp.zeros((BATCH, HEADS, LENGTH, LENGTH)))
   with pytest.raises(ValueError, match="einsums"):
-    attention_fn(heads, heads, heads, qk_attn_weights_einsum=jnp.einsum,
-                 attn_weights_value_einsum=jnp.einsum)
+    attention_fn(
+      heads, heads, heads, qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,17 +126,22 @@ def test_rope_is_a_rotation_of_half_split_pairs(rng):
   angle = pos[..., None, None] * 500.0 ** (-2.0 * half / 16)  # [B, L, 1, 8]
   pairs = (x[..., :8] + 1j * x[..., 8:]).astype(np.complex128) * np.exp(1j * angle)
   expected = np.concatenate([pairs.real, pairs.imag], axis=-1)
-  assert_close(apply_rope(jnp.asarray(x), jnp.asarray(pos), 500.0), expected, rtol=1e-5,
-               atol=1e-4)
+  assert_close(apply_rope(jnp.asarray(x), jnp.asarray(pos), 500.0), expected, rtol=1e-5, atol=1e-4)
 
 
 def flax_rope_attention_fn(dot_product_attention, rope_theta, length):
   """Flax's ``dot_product_attention`` after rotary embeddings: the reference for
   ``rope_theta``. (flax.linen passes only the keywords an attention_fn names: mask.)"""
+
   def attention_fn(query, key, value, mask=None, **kwargs):
-    return dot_product_attention(apply_rope(query, positions(length), rope_theta),
-                                 apply_rope(key, positions(length), rope_theta), value,
-                                 mask=mask, **kwargs)
+    return dot_product_attention(
+      apply_rope(query, positions(length), rope_theta),
+      apply_rope(key, positions(length), rope_theta),
+      value,
+      mask=mask,
+      **kwargs,
+    )
+
   return attention_fn
 
 
@@ -143,24 +152,32 @@ def load_params(module, params: dict):
   nnx.update(module, state)
 
 
-@pytest.mark.parametrize("options", [
+@pytest.mark.parametrize(
+  "options",
+  [
     dict(),
     dict(use_bias=False, qkv_features=64, out_features=16),
     dict(normalize_qk=True, rope_theta=10000.0),
-])
+  ],
+)
 def test_linen_attention_matches_flax(x, options):
   options = dict(options)
   rope_theta = options.pop("rope_theta", None)
-  ours = fmha_linen.MultiHeadDotProductAttention(num_heads=HEADS, causal=True,
-                                                 rope_theta=rope_theta, **options)
+  ours = fmha_linen.MultiHeadDotProductAttention(
+    num_heads=HEADS, causal=True, rope_theta=rope_theta, **options
+  )
   flax_layer = nn.MultiHeadDotProductAttention(
-      num_heads=HEADS, **options, **({} if rope_theta is None else dict(
-          attention_fn=flax_rope_attention_fn(nn.dot_product_attention, rope_theta,
-                                              LENGTH))))
+    num_heads=HEADS,
+    **options,
+    **(
+      {}
+      if rope_theta is None
+      else dict(attention_fn=flax_rope_attention_fn(nn.dot_product_attention, rope_theta, LENGTH))
+    ),
+  )
   params = flax_layer.init(jax.random.key(0), x)
   assert tree_shapes(ours.init(jax.random.key(1), x)) == tree_shapes(params)
-  assert_close(ours.apply(params, x), flax_layer.apply(params, x, mask=causal_mask(LENGTH)),
-               **TOL)
+  assert_close(ours.apply(params, x), flax_layer.apply(params, x, mask=causal_mask(LENGTH)), **TOL)
 
 
 def test_linen_class_names_give_flax_parameter_paths(x):
@@ -182,27 +199,39 @@ def test_linen_cross_attention_and_gqa(x, rng):
   params = ours.init(jax.random.key(0), x, memory)
   assert params["params"]["key"]["kernel"].shape == (24, 2, 8)
   # The same computation by nnx's GQA-capable layer, loaded with these parameters.
-  flax_layer = nnx.MultiHeadAttention(HEADS, FEATURES, num_kv_heads=2, in_kv_features=24,
-                                      decode=False, rngs=nnx.Rngs(0))
+  flax_layer = nnx.MultiHeadAttention(
+    HEADS, FEATURES, num_kv_heads=2, in_kv_features=24, decode=False, rngs=nnx.Rngs(0)
+  )
   load_params(flax_layer, params["params"])
   assert_close(ours.apply(params, x, memory), flax_layer(x, memory), **TOL)
 
 
-@pytest.mark.parametrize("options", [
+@pytest.mark.parametrize(
+  "options",
+  [
     dict(num_kv_heads=2),
     dict(num_kv_heads=1, use_bias=False, normalize_qk=True, out_features=16),
     dict(num_kv_heads=2, rope_theta=10000.0),
-])
+  ],
+)
 def test_nnx_attention_matches_flax(x, options):
   options = dict(options)
   rope_theta = options.pop("rope_theta", None)
   flax_layer = nnx.MultiHeadAttention(
-      HEADS, FEATURES, **options, decode=False, rngs=nnx.Rngs(0),
-      **({} if rope_theta is None else dict(
-          attention_fn=flax_rope_attention_fn(nnx.dot_product_attention, rope_theta,
-                                              LENGTH))))
-  ours = fmha_nnx.MultiHeadAttention(HEADS, FEATURES, **options, rope_theta=rope_theta,
-                                     rngs=nnx.Rngs(1))
+    HEADS,
+    FEATURES,
+    **options,
+    decode=False,
+    rngs=nnx.Rngs(0),
+    **(
+      {}
+      if rope_theta is None
+      else dict(attention_fn=flax_rope_attention_fn(nnx.dot_product_attention, rope_theta, LENGTH))
+    ),
+  )
+  ours = fmha_nnx.MultiHeadAttention(
+    HEADS, FEATURES, **options, rope_theta=rope_theta, rngs=nnx.Rngs(1)
+  )
   assert nnx_params(ours) == nnx_params(flax_layer)
   nnx.update(ours, nnx.state(flax_layer, nnx.Param))
   assert_close(ours(x, is_causal=True), flax_layer(x, is_causal=True), **TOL)
@@ -217,8 +246,7 @@ def test_lengths_match_a_padding_mask(x, api):
     flax_layer = nn.MultiHeadDotProductAttention(num_heads=HEADS)
     params = flax_layer.init(jax.random.key(0), x)
     expected = flax_layer.apply(params, x, mask=padding_mask)
-    out = fmha_linen.MultiHeadDotProductAttention(num_heads=HEADS).apply(params, x,
-                                                                         lengths=lengths)
+    out = fmha_linen.MultiHeadDotProductAttention(num_heads=HEADS).apply(params, x, lengths=lengths)
   else:
     flax_layer = nnx.MultiHeadAttention(HEADS, FEATURES, decode=False, rngs=nnx.Rngs(0))
     expected = flax_layer(x, mask=padding_mask)
@@ -237,7 +265,8 @@ def test_layers_refuse_masks_and_dropout(x, api):
     call = functools.partial(layer.apply, params, x)
   else:
     call = functools.partial(
-        fmha_nnx.MultiHeadAttention(HEADS, FEATURES, dropout_rate=0.1, rngs=nnx.Rngs(0)), x)
+      fmha_nnx.MultiHeadAttention(HEADS, FEATURES, dropout_rate=0.1, rngs=nnx.Rngs(0)), x
+    )
   with pytest.raises(ValueError, match="takes no dense mask"):
     call(mask=causal_mask(LENGTH), deterministic=True)
   with pytest.raises(ValueError, match="no attention dropout"):
@@ -273,19 +302,22 @@ def assert_decoded_like_full(prefilled, decoded, full):
 
 
 def test_linen_decode_matches_full_recomputation(x):
-  layer = fmha_linen.MultiHeadAttention(num_heads=HEADS, decode=True, page_size=4,
-                                        **DECODE_OPTIONS)
+  layer = fmha_linen.MultiHeadAttention(num_heads=HEADS, decode=True, page_size=4, **DECODE_OPTIONS)
   variables = layer.init(jax.random.key(0), jnp.zeros((BATCH, 16, FEATURES)))
   assert tree_shapes(variables["cache"]) == {
-      "key_pages": (8, 4, 2, 8), "value_pages": (8, 4, 2, 8), "block_table": (2, 4),
-      "seq_lens": (2,)}
+    "key_pages": (8, 4, 2, 8),
+    "value_pages": (8, 4, 2, 8),
+    "block_table": (2, 4),
+    "seq_lens": (2,),
+  }
   params, cache = {"params": variables["params"]}, variables["cache"]
   full = fmha_linen.MultiHeadAttention(num_heads=HEADS, **DECODE_OPTIONS).apply(params, x)
 
   @functools.partial(jax.jit, donate_argnums=1)  # the cache is updated in place
   def step(params, cache, inputs, lengths=None):
-    out, variables = layer.apply({**params, "cache": cache}, inputs, lengths=lengths,
-                                 mutable=["cache"])
+    out, variables = layer.apply(
+      {**params, "cache": cache}, inputs, lengths=lengths, mutable=["cache"]
+    )
     return out, variables["cache"]
 
   prompts, tokens = decode_inputs(x)
@@ -344,6 +376,7 @@ def test_rms_norm_matches_flax(rng, dtype):
 
 class FlaxGatedMLP(nn.Module):
   """The gated MLP from flax.linen.Dense and jax.nn's activations."""
+
   hidden_features: int
   activation: object
 
@@ -354,22 +387,27 @@ class FlaxGatedMLP(nn.Module):
     return nn.Dense(x.shape[-1], use_bias=False, name="down_proj")(self.activation(gate) * up)
 
 
-@pytest.mark.parametrize("activation,approximate,flax_activation", [
+@pytest.mark.parametrize(
+  "activation,approximate,flax_activation",
+  [
     ("silu", True, jax.nn.silu),
     ("gelu", True, functools.partial(jax.nn.gelu, approximate=True)),
     ("gelu", False, functools.partial(jax.nn.gelu, approximate=False)),
-])
+  ],
+)
 def test_gated_mlp_matches_flax(x, activation, approximate, flax_activation):
   flax_mlp = FlaxGatedMLP(hidden_features=40, activation=flax_activation)
   params = flax_mlp.init(jax.random.key(0), x)
-  ours = fmha_linen.GatedMLP(hidden_features=40, activation=activation,
-                             approximate_gelu=approximate)
+  ours = fmha_linen.GatedMLP(
+    hidden_features=40, activation=activation, approximate_gelu=approximate
+  )
   assert tree_shapes(ours.init(jax.random.key(1), x)) == tree_shapes(params)
   expected = flax_mlp.apply(params, x)
   assert_close(ours.apply(params, x), expected, **TOL)
 
-  nnx_mlp = fmha_nnx.GatedMLP(FEATURES, 40, activation=activation,
-                              approximate_gelu=approximate, rngs=nnx.Rngs(0))
+  nnx_mlp = fmha_nnx.GatedMLP(
+    FEATURES, 40, activation=activation, approximate_gelu=approximate, rngs=nnx.Rngs(0)
+  )
   assert nnx_params(nnx_mlp) == tree_shapes(params["params"])
   load_params(nnx_mlp, params["params"])
   assert_close(nnx_mlp(x), expected, **TOL)
@@ -386,12 +424,15 @@ def test_gated_mlp_refuses_unknown_activation():
 
 
 def test_jax_fmha_imports_without_flax():
-  script = ("import sys; sys.modules['flax'] = None  # makes `import flax` fail\n"
-            "import jax_fmha\n"
-            "try:\n"
-            "  import jax_fmha.flax\n"
-            "except ImportError as error:\n"
-            "  print(error)\n")
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd="/", check=True)
+  script = (
+    "import sys; sys.modules['flax'] = None  # makes `import flax` fail\n"
+    "import jax_fmha\n"
+    "try:\n"
+    "  import jax_fmha.flax\n"
+    "except ImportError as error:\n"
+    "  print(error)\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", check=True
+  )
   assert "pip install 'jax_fmha[flax]'" in result.stdout

@@ -23,9 +23,9 @@ PACKED_LAYOUTS = ["concat", "interleaved"]
 # Elementwise |out - ref| <= atol + rtol * |ref|. rtol is a few times the kernel's float32
 # error for float32, and covers one rounding of the output (half an ulp) for bf16 / fp16.
 TOL = {
-    "float32": dict(rtol=1e-5, atol=1e-6),
-    "bfloat16": dict(rtol=1e-2, atol=1e-3),
-    "float16": dict(rtol=2e-3, atol=1e-4),
+  "float32": dict(rtol=1e-5, atol=1e-6),
+  "bfloat16": dict(rtol=1e-2, atol=1e-3),
+  "float16": dict(rtol=2e-3, atol=1e-4),
 }
 
 # ---------------------------------------------------------------------------------------
@@ -35,17 +35,16 @@ TOL = {
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 ACTIVATIONS = {
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) *
-                                                    (x + 0.044715 * x**3))),
-    "gelu_erf": lambda x: 0.5 * x * _erfc(-x / math.sqrt(2.0)),
+  "silu": lambda x: x / (1.0 + np.exp(-x)),
+  "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+  "gelu_erf": lambda x: 0.5 * x * _erfc(-x / math.sqrt(2.0)),
 }
 
 # The jax_fmha function computing ACTIVATIONS[name](gate) * up.
 GLU_FUNCTIONS = {
-    "silu": jax_fmha.swiglu,
-    "gelu_tanh": functools.partial(jax_fmha.geglu, approximate=True),
-    "gelu_erf": functools.partial(jax_fmha.geglu, approximate=False),
+  "silu": jax_fmha.swiglu,
+  "gelu_tanh": functools.partial(jax_fmha.geglu, approximate=True),
+  "gelu_erf": functools.partial(jax_fmha.geglu, approximate=False),
 }
 
 
@@ -71,8 +70,7 @@ def pack(gate, up, layout):
 
 def assert_matches(actual, expected, dtype, what="output"):
   assert jnp.dtype(actual.dtype) == jnp.dtype(dtype), f"{what}: dtype {actual.dtype}"
-  np.testing.assert_allclose(f64(actual), expected, **TOL[jnp.dtype(dtype).name],
-                             err_msg=what)
+  np.testing.assert_allclose(f64(actual), expected, **TOL[jnp.dtype(dtype).name], err_msg=what)
 
 
 def rows_for(hidden):
@@ -97,8 +95,9 @@ def check_glu(device, rng, activation, shape, dtype, packed_layout=None, call=No
   assert_matches(out, np_glu(activation, gate, up), dtype)
 
 
-def check_rms_norm(device, rng, shape, dtype, residual, weight_dtype=None, eps=1e-6,
-                   weight_offset=0.0, call=None):
+def check_rms_norm(
+  device, rng, shape, dtype, residual, weight_dtype=None, eps=1e-6, weight_offset=0.0, call=None
+):
   x = randn(rng, shape, dtype)
   weight = randn(rng, shape[-1:], weight_dtype or dtype)
   kwargs = dict(eps=eps, weight_offset=weight_offset)
@@ -144,8 +143,9 @@ def test_rms_norm(device, rng, residual, dtype, hidden):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True], ids=["rms_norm", "rms_norm_residual"])
 def test_rms_norm_float32_weight_eps_and_offset(device, rng, residual, dtype):
-  check_rms_norm(device, rng, (3, 4096), dtype, residual, weight_dtype=np.float32, eps=0.5,
-                 weight_offset=1.0)
+  check_rms_norm(
+    device, rng, (3, 4096), dtype, residual, weight_dtype=np.float32, eps=0.5, weight_offset=1.0
+  )
   check_rms_norm(device, rng, (3, 11008 + 3), dtype, residual, weight_offset=-0.25)
 
 
@@ -166,12 +166,27 @@ def test_reference_backend(device, rng, dtype):
   ref = functools.partial
   for activation, fn in GLU_FUNCTIONS.items():
     check_glu(device, rng, activation, (3, 7), dtype, call=ref(fn, backend="reference"))
-    check_glu(device, rng, activation, (3, 7), dtype, "interleaved",
-              call=ref(fn, backend="reference"))
-  check_rms_norm(device, rng, (3, 7), dtype, False, weight_offset=1.0,
-                 call=ref(jax_fmha.rms_norm, backend="reference"))
-  check_rms_norm(device, rng, (3, 7), dtype, True, weight_dtype=np.float32,
-                 call=ref(jax_fmha.rms_norm_residual, backend="reference"))
+    check_glu(
+      device, rng, activation, (3, 7), dtype, "interleaved", call=ref(fn, backend="reference")
+    )
+  check_rms_norm(
+    device,
+    rng,
+    (3, 7),
+    dtype,
+    False,
+    weight_offset=1.0,
+    call=ref(jax_fmha.rms_norm, backend="reference"),
+  )
+  check_rms_norm(
+    device,
+    rng,
+    (3, 7),
+    dtype,
+    True,
+    weight_dtype=np.float32,
+    call=ref(jax_fmha.rms_norm_residual, backend="reference"),
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,13 +197,29 @@ def test_reference_backend(device, rng, dtype):
 def test_jit(device, rng):
   dtype = FLOAT_DTYPES["bfloat16"]
   check_glu(device, rng, "silu", (4, 128), dtype, call=jax.jit(jax_fmha.swiglu))
-  check_glu(device, rng, "gelu_erf", (4, 128), dtype, "concat", call=jax.jit(
-      functools.partial(jax_fmha.geglu, approximate=False), static_argnames="packed_layout"))
+  check_glu(
+    device,
+    rng,
+    "gelu_erf",
+    (4, 128),
+    dtype,
+    "concat",
+    call=jax.jit(
+      functools.partial(jax_fmha.geglu, approximate=False), static_argnames="packed_layout"
+    ),
+  )
   static = ("eps", "weight_offset")  # static floats (kernel attributes)
-  check_rms_norm(device, rng, (4, 128), dtype, False,
-                 call=jax.jit(jax_fmha.rms_norm, static_argnames=static))
-  check_rms_norm(device, rng, (4, 128), dtype, True,
-                 call=jax.jit(jax_fmha.rms_norm_residual, static_argnames=static))
+  check_rms_norm(
+    device, rng, (4, 128), dtype, False, call=jax.jit(jax_fmha.rms_norm, static_argnames=static)
+  )
+  check_rms_norm(
+    device,
+    rng,
+    (4, 128),
+    dtype,
+    True,
+    call=jax.jit(jax_fmha.rms_norm_residual, static_argnames=static),
+  )
 
 
 def test_vmap(device, rng):
@@ -204,8 +235,11 @@ def test_vmap(device, rng):
   out = jax.vmap(functools.partial(jax_fmha.swiglu, packed_layout="interleaved"))(packed)
   assert_matches(out, expected, dtype)
 
-  x, res, weight = randn(rng, (4, 3, 64), dtype), randn(rng, (4, 3, 64), dtype), \
-      randn(rng, (4, 64), dtype)
+  x, res, weight = (
+    randn(rng, (4, 3, 64), dtype),
+    randn(rng, (4, 3, 64), dtype),
+    randn(rng, (4, 64), dtype),
+  )
   dx, dres, dweight = to_device(device, x, res, weight)
   out = jax.vmap(jax_fmha.rms_norm, in_axes=(0, None))(dx, dweight[0])
   assert_matches(out, np_rms_norm(x, weight[0], 1e-6, 0.0), dtype)
@@ -222,10 +256,9 @@ def test_hlo_has_custom_call():
   gate = jnp.zeros((2, 8), jnp.bfloat16)
   weight = jnp.ones((8,), jnp.float32)
   lowered = {
-      "jax_fmha_glu": jax.jit(jax_fmha.swiglu).lower(gate, gate),
-      "jax_fmha_rms_norm": jax.jit(jax_fmha.rms_norm).lower(gate, weight),
-      "jax_fmha_rms_norm_residual": jax.jit(jax_fmha.rms_norm_residual).lower(
-          gate, gate, weight),
+    "jax_fmha_glu": jax.jit(jax_fmha.swiglu).lower(gate, gate),
+    "jax_fmha_rms_norm": jax.jit(jax_fmha.rms_norm).lower(gate, weight),
+    "jax_fmha_rms_norm_residual": jax.jit(jax_fmha.rms_norm_residual).lower(gate, gate, weight),
   }
   for target, lowering in lowered.items():
     assert f"custom_call @{target}(" in lowering.as_text(), target
@@ -251,42 +284,92 @@ _X = jnp.ones((3, 8), jnp.bfloat16)
 _W = jnp.ones((8,), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: jax_fmha.swiglu(_X, _X.astype(jnp.float32)), TypeError,
-     r"gate, up must share one dtype, got gate=bfloat16, up=float32"),
-    (lambda: jax_fmha.swiglu(_X, _X[:, :4]), ValueError,
-     r"up: expected gate's shape \(3, 8\), got \(3, 4\)"),
-    (lambda: jax_fmha.swiglu(jnp.ones((3, 8), jnp.int32)), TypeError,
-     r"gate: expected dtype float32, bfloat16 or float16, got int32"),
-    (lambda: jax_fmha.swiglu(jnp.ones((), jnp.float32)), ValueError,
-     r"gate: expected rank >= 1"),
-    (lambda: jax_fmha.swiglu(_X[:, :7]), ValueError,
-     r"gate: the packed gate_up \[..., 2H\] needs an even last axis, got shape \(3, 7\)"),
-    (lambda: jax_fmha.swiglu(_X, packed_layout="rows"), ValueError,
-     r"packed_layout: expected one of \('concat', 'interleaved'\), got 'rows'"),
-    (lambda: jax_fmha.geglu(_X, _X, approximate="tanh"), TypeError,
-     r"approximate: expected a bool, got str 'tanh'"),
-    (lambda: jax_fmha.swiglu(_X, _X, backend="triton"), ValueError,
-     r"backend: expected one of \('auto', 'reference'\), got 'triton'"),
-    (lambda: jax_fmha.rms_norm(_X, _W[:7]), ValueError,
-     r"weight: expected shape \(8,\) \(x's hidden size\), got \(7,\)"),
-    (lambda: jax_fmha.rms_norm(_X, _W.astype(jnp.float16)), TypeError,
-     r"weight: expected dtype bfloat16 \(x's\) or float32, got float16"),
-    (lambda: jax_fmha.rms_norm(_X, _W, eps=0.0), ValueError,
-     r"eps: expected a value > 0.0, got 0.0"),
-    (lambda: jax_fmha.rms_norm(_X, _W, eps=-1e-6), ValueError,
-     r"eps: expected a value > 0.0, got -1e-06"),
-    (lambda: jax_fmha.rms_norm(_X, _W, eps=jnp.float32(1e-6)), TypeError,
-     r"eps: expected a static Python float"),
-    (lambda: jax_fmha.rms_norm(_X, _W, weight_offset=float("nan")), ValueError,
-     r"weight_offset: expected a finite number, got nan"),
-    (lambda: jax_fmha.rms_norm(np.ones((3, 8), np.int8), _W), TypeError,
-     r"x: expected dtype float32, bfloat16 or float16"),
-    (lambda: jax_fmha.rms_norm_residual(_X, _X[:2], _W), ValueError,
-     r"residual: expected x's shape \(3, 8\), got \(2, 8\)"),
-    (lambda: jax_fmha.rms_norm_residual(_X, _X.astype(jnp.float16), _W), TypeError,
-     r"x, residual must share one dtype, got x=bfloat16, residual=float16"),
-])
+@pytest.mark.parametrize(
+  "call, error, message",
+  [
+    (
+      lambda: jax_fmha.swiglu(_X, _X.astype(jnp.float32)),
+      TypeError,
+      r"gate, up must share one dtype, got gate=bfloat16, up=float32",
+    ),
+    (
+      lambda: jax_fmha.swiglu(_X, _X[:, :4]),
+      ValueError,
+      r"up: expected gate's shape \(3, 8\), got \(3, 4\)",
+    ),
+    (
+      lambda: jax_fmha.swiglu(jnp.ones((3, 8), jnp.int32)),
+      TypeError,
+      r"gate: expected dtype float32, bfloat16 or float16, got int32",
+    ),
+    (lambda: jax_fmha.swiglu(jnp.ones((), jnp.float32)), ValueError, r"gate: expected rank >= 1"),
+    (
+      lambda: jax_fmha.swiglu(_X[:, :7]),
+      ValueError,
+      r"gate: the packed gate_up \[..., 2H\] needs an even last axis, got shape \(3, 7\)",
+    ),
+    (
+      lambda: jax_fmha.swiglu(_X, packed_layout="rows"),
+      ValueError,
+      r"packed_layout: expected one of \('concat', 'interleaved'\), got 'rows'",
+    ),
+    (
+      lambda: jax_fmha.geglu(_X, _X, approximate="tanh"),
+      TypeError,
+      r"approximate: expected a bool, got str 'tanh'",
+    ),
+    (
+      lambda: jax_fmha.swiglu(_X, _X, backend="triton"),
+      ValueError,
+      r"backend: expected one of \('auto', 'reference'\), got 'triton'",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W[:7]),
+      ValueError,
+      r"weight: expected shape \(8,\) \(x's hidden size\), got \(7,\)",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W.astype(jnp.float16)),
+      TypeError,
+      r"weight: expected dtype bfloat16 \(x's\) or float32, got float16",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W, eps=0.0),
+      ValueError,
+      r"eps: expected a value > 0.0, got 0.0",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W, eps=-1e-6),
+      ValueError,
+      r"eps: expected a value > 0.0, got -1e-06",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W, eps=jnp.float32(1e-6)),
+      TypeError,
+      r"eps: expected a static Python float",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(_X, _W, weight_offset=float("nan")),
+      ValueError,
+      r"weight_offset: expected a finite number, got nan",
+    ),
+    (
+      lambda: jax_fmha.rms_norm(np.ones((3, 8), np.int8), _W),
+      TypeError,
+      r"x: expected dtype float32, bfloat16 or float16",
+    ),
+    (
+      lambda: jax_fmha.rms_norm_residual(_X, _X[:2], _W),
+      ValueError,
+      r"residual: expected x's shape \(3, 8\), got \(2, 8\)",
+    ),
+    (
+      lambda: jax_fmha.rms_norm_residual(_X, _X.astype(jnp.float16), _W),
+      TypeError,
+      r"x, residual must share one dtype, got x=bfloat16, residual=float16",
+    ),
+  ],
+)
 def test_errors(call, error, message):
   with pytest.raises(error, match=message):
     call()

@@ -10,18 +10,18 @@ import pytest
 # The notebook's other needs (ipykernel, matplotlib) come with nbclient in the bench and test
 # extras: a missing one fails the test rather than hiding it.
 nbclient = pytest.importorskip(
-    "nbclient", reason="nbclient is not installed (pip install '.[bench]' or '.[test]')")
+  "nbclient", reason="nbclient is not installed (pip install '.[bench]' or '.[test]')"
+)
 import nbformat  # noqa: E402 - a dependency of nbclient
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def test_attention_notebook_runs():
   nb = nbformat.read(os.path.join(BENCHMARKS, "attention.ipynb"), as_version=4)
   client = nbclient.NotebookClient(
-      nb, timeout=120, kernel_name="python3",
-      resources={"metadata": {"path": BENCHMARKS}})
+    nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": BENCHMARKS}}
+  )
   start = time.perf_counter()
   client.execute(env=dict(os.environ, JAX_PLATFORMS="cpu"))
   elapsed = time.perf_counter() - start

@@ -29,20 +29,25 @@ def make_paged_cache(rng, lens, page_size, hkv, d, dtype, spare_pages=3):
   num_pages = len(lens) * pages_per_seq + spare_pages
   k = randn(rng, (num_pages, page_size, hkv, d), dtype)
   v = randn(rng, (num_pages, page_size, hkv, d), dtype)
-  perm = rng.permutation(num_pages)[:len(lens) * pages_per_seq]
+  perm = rng.permutation(num_pages)[: len(lens) * pages_per_seq]
   table = perm.reshape(len(lens), pages_per_seq).astype(np.int32)
   for b, n in enumerate(lens):
-    table[b, -(-n // page_size):] = -1
+    table[b, -(-n // page_size) :] = -1
   return k, v, table, np.asarray(lens, np.int32)
 
 
 def packed_paged_reference(q, cu_seqlens_q, k_pages, v_pages, table, lens, **kw):
   """Packed queries against paged keys, from the reference's building blocks."""
   cu = np.asarray(cu_seqlens_q)
-  seqs = [(np.arange(cu[b], cu[b + 1]), np.asarray(q, np.float64)[cu[b]:cu[b + 1]],
-           ref.gather_pages(np.asarray(k_pages, np.float64), table[b], lens[b]),
-           ref.gather_pages(np.asarray(v_pages, np.float64), table[b], lens[b]))
-          for b in range(len(cu) - 1)]
+  seqs = [
+    (
+      np.arange(cu[b], cu[b + 1]),
+      np.asarray(q, np.float64)[cu[b] : cu[b + 1]],
+      ref.gather_pages(np.asarray(k_pages, np.float64), table[b], lens[b]),
+      ref.gather_pages(np.asarray(v_pages, np.float64), table[b], lens[b]),
+    )
+    for b in range(len(cu) - 1)
+  ]
   return ref.attend_sequences(seqs, hq=q.shape[1], d=q.shape[2], q_rows=q.shape[0], **kw)
 
 
@@ -60,8 +65,16 @@ def test_paged_page_sizes(device, rng, page_size, dtype):
   k, v, table, seq_lens = make_paged_cache(rng, lens, page_size, 2, 64, dtype)
   q = randn(rng, (len(lens), 3, 8, 64), dtype)
   args = to_device(device, q, k, v, table, seq_lens)
-  out, lse = run_on(device, dtype, jax_fmha.attention, *args[:3], block_table=args[3],
-                    seq_lens=args[4], causal=True, return_lse=True)
+  out, lse = run_on(
+    device,
+    dtype,
+    jax_fmha.attention,
+    *args[:3],
+    block_table=args[3],
+    seq_lens=args[4],
+    causal=True,
+    return_lse=True,
+  )
   expected, expected_lse = ref.paged(q, k, v, table, seq_lens, causal=True)
   assert_attention_close(out, expected, dtype, lse, expected_lse)
 
@@ -75,22 +88,25 @@ def test_paged_decode_gqa(device, rng, group, num_splits):
   k, v, table, seq_lens = make_paged_cache(rng, lens, 16, hkv, 128, dtype)
   q = randn(rng, (len(lens), 1, 32, 128), dtype)
   args = to_device(device, q, k, v, table, seq_lens)
-  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
-                                num_splits=num_splits, return_lse=True)
+  out, lse = jax_fmha.attention(
+    *args[:3], block_table=args[3], seq_lens=args[4], num_splits=num_splits, return_lse=True
+  )
   expected, expected_lse = ref.paged(q, k, v, table, seq_lens)
   assert_attention_close(out, expected, dtype, lse, expected_lse)
 
 
-@pytest.mark.parametrize("kw", [dict(window=(40, 0)), dict(softcap=5.0, causal=True),
-                                dict(window=(3, 2), scale=0.3)])
+@pytest.mark.parametrize(
+  "kw", [dict(window=(40, 0)), dict(softcap=5.0, causal=True), dict(window=(3, 2), scale=0.3)]
+)
 def test_paged_masks_softcap(device, rng, kw):
   dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["float16"]
   lens = [90, 5, 64]
   k, v, table, seq_lens = make_paged_cache(rng, lens, 16, 2, 64, dtype)
   q = randn(rng, (3, 7, 4, 64), dtype)
   args = to_device(device, q, k, v, table, seq_lens)
-  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
-                                return_lse=True, **kw)
+  out, lse = jax_fmha.attention(
+    *args[:3], block_table=args[3], seq_lens=args[4], return_lse=True, **kw
+  )
   expected, expected_lse = ref.paged(q, k, v, table, seq_lens, **kw)
   assert_attention_close(out, expected, dtype, lse, expected_lse)
 
@@ -103,8 +119,14 @@ def test_packed_queries_paged_mixed_batch(device, rng):
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   q = randn(rng, (int(cu[-1]) + 2, 8, 64), dtype)  # two rows outside every sequence
   args = to_device(device, q, k, v, table, seq_lens, cu)
-  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
-                                cu_seqlens_q=args[5], causal=True, return_lse=True)
+  out, lse = jax_fmha.attention(
+    *args[:3],
+    block_table=args[3],
+    seq_lens=args[4],
+    cu_seqlens_q=args[5],
+    causal=True,
+    return_lse=True,
+  )
   expected, expected_lse = packed_paged_reference(q, cu, k, v, table, seq_lens, causal=True)
   assert_attention_close(out, expected, dtype, lse, expected_lse)
 
@@ -146,8 +168,7 @@ def test_out_of_range_page_id_gives_nan_rows(device, rng, bad_id):
   table[1, 1] = bad_id
   q = randn(rng, (3, 2, 4, 64), dtype)
   args = to_device(device, q, k, v, table, seq_lens)
-  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4],
-                                return_lse=True)
+  out, lse = jax_fmha.attention(*args[:3], block_table=args[3], seq_lens=args[4], return_lse=True)
   out, lse = np.asarray(out, np.float64), np.asarray(lse)
   assert np.isnan(out[1]).all() and np.isnan(lse[1]).all()
   good = [0, 2]
@@ -161,12 +182,18 @@ def test_overfull_seq_lens_give_nan_rows(device, rng):
   table[0, 3] = 0  # a valid page after the last one: must not be read either
   seq_lens = np.asarray([40, table.shape[1] * 16 + 1], np.int32)  # sequence 1 overflows
   q = randn(rng, (2, 1, 4, 64), dtype)
-  out = np.asarray(jax_fmha.attention(*to_device(device, q, k, v), block_table=table,
-                                      seq_lens=seq_lens), np.float64)
+  out = np.asarray(
+    jax_fmha.attention(*to_device(device, q, k, v), block_table=table, seq_lens=seq_lens),
+    np.float64,
+  )
   assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
   cache = randn(rng, (2, 30, 2, 64), dtype)
-  out = np.asarray(jax_fmha.attention(*to_device(device, q, cache, cache),
-                                      seq_lens=np.asarray([30, 31], np.int32)), np.float64)
+  out = np.asarray(
+    jax_fmha.attention(
+      *to_device(device, q, cache, cache), seq_lens=np.asarray([30, 31], np.int32)
+    ),
+    np.float64,
+  )
   assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
 
 
@@ -176,8 +203,7 @@ def test_update_drops_writes_outside_the_sequence(device, rng):
   table[1, 1] = 999  # invalid page: the write onto it is dropped
   cache_seqlens = np.asarray([31, 15, -3], np.int32)  # 0: overflow, 1: bad page, 2: negative
   k_new = randn(rng, (3, 2, 2, 32), dtype)
-  k2, v2 = jax_fmha.update_kv_cache(*to_device(device, k, v, k_new, k_new, table),
-                                    cache_seqlens)
+  k2, v2 = jax_fmha.update_kv_cache(*to_device(device, k, v, k_new, k_new, table), cache_seqlens)
   k2, v2 = np.asarray(k2), np.asarray(v2)
   written = np.zeros(k.shape[:2], bool)
   written[table[0, 1], 15] = True  # sequence 0, position 31: the last slot
@@ -204,7 +230,7 @@ def test_append_then_attend_equals_concatenation(device, rng, page_size, packed_
     k = randn(rng, (3, 48, hkv, d), dtype)
     v = randn(rng, (3, 48, hkv, d), dtype)
     table = None
-    history = lambda x, b: x[b, :cached[b]]
+    history = lambda x, b: x[b, : cached[b]]
   else:
     k, v, table, _ = make_paged_cache(rng, [48] * 3, page_size, hkv, d, dtype)
     history = lambda x, b: ref.gather_pages(x, table[b], cached[b])
@@ -220,15 +246,23 @@ def test_append_then_attend_equals_concatenation(device, rng, page_size, packed_
     q = randn(rng, (3, 3, 8, d), dtype)
     rows = lambda b: b
   out, _, _ = jax_fmha.attention_with_kvcache(
-      *to_device(device, q, k, v, k_new, v_new), cache_seqlens=cache_seqlens,
-      block_table=table, cu_seqlens_q=cu, causal=True)
+    *to_device(device, q, k, v, k_new, v_new),
+    cache_seqlens=cache_seqlens,
+    block_table=table,
+    cu_seqlens_q=cu,
+    causal=True,
+  )
   for b in range(3):
     keys = np.concatenate([history(k, b), k_new[rows(b)]])
     values = np.concatenate([history(v, b), v_new[rows(b)]])
     expected, _ = ref.attend_sequence(q[rows(b)], keys, values, causal=True)
-    assert_close(np.asarray(out)[rows(b)], expected, what=f"sequence {b}",
-                 rtol=1e-5 if dtype == np.float32 else 1e-2,
-                 atol=2e-5 if dtype == np.float32 else 1e-2)
+    assert_close(
+      np.asarray(out)[rows(b)],
+      expected,
+      what=f"sequence {b}",
+      rtol=1e-5 if dtype == np.float32 else 1e-2,
+      atol=2e-5 if dtype == np.float32 else 1e-2,
+    )
 
 
 def test_update_in_place_when_donated():
@@ -255,9 +289,15 @@ def test_num_splits_agree(rng):
   dtype = FLOAT_DTYPES["float32"]
   k, v, table, seq_lens = make_paged_cache(rng, [5000, 1, 0, 2049], 16, 2, 64, dtype)
   q = randn(rng, (4, 2, 8, 64), dtype)
-  results = {n: np.asarray(jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens,
-                                              num_splits=n, return_lse=True)[0], np.float64)
-             for n in (1, 2, 7, 64)}
+  results = {
+    n: np.asarray(
+      jax_fmha.attention(
+        q, k, v, block_table=table, seq_lens=seq_lens, num_splits=n, return_lse=True
+      )[0],
+      np.float64,
+    )
+    for n in (1, 2, 7, 64)
+  }
   scale = np.abs(results[1]).max()
   for n in (2, 7, 64):
     assert np.abs(results[n] - results[1]).max() <= 1e-5 * scale, n
@@ -274,8 +314,9 @@ def test_long_context_bf16_within_rounding(rng):
   expected, expected_lse = ref.paged(q, k, v, table, seq_lens)
   ulp = np.abs(expected) * 2.0**-8 + 1e-6  # one bf16 unit in the last place
   for splits in (1, None, 64):
-    out, lse = jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens,
-                                  num_splits=splits, return_lse=True)
+    out, lse = jax_fmha.attention(
+      q, k, v, block_table=table, seq_lens=seq_lens, num_splits=splits, return_lse=True
+    )
     err = np.abs(np.asarray(out, np.float64) - expected)
     assert (err <= ulp).all(), (splits, float((err / ulp).max()))
     np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=1e-6, atol=1e-5)
@@ -284,12 +325,20 @@ def test_long_context_bf16_within_rounding(rng):
 def test_split_jaxpr_shows_forward_and_merge(rng):
   k, v, table, seq_lens = make_paged_cache(rng, [100], 16, 1, 64, FLOAT_DTYPES["float32"])
   q = jnp.ones((1, 1, 4, 64))
-  jaxpr = str(jax.make_jaxpr(lambda q: jax_fmha.attention(
-      q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4))(q))
+  jaxpr = str(
+    jax.make_jaxpr(
+      lambda q: jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4)
+    )(q)
+  )
   assert "jax_fmha_attention_fwd" in jaxpr and "num_splits=4" in jaxpr
   assert "jax_fmha_merge_states" in jaxpr
-  hlo = jax.jit(lambda q: jax_fmha.attention(
-      q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4)).lower(q).as_text()
+  hlo = (
+    jax.jit(
+      lambda q: jax_fmha.attention(q, k, v, block_table=table, seq_lens=seq_lens, num_splits=4)
+    )
+    .lower(q)
+    .as_text()
+  )
   assert "jax_fmha_merge_states" in hlo
 
 
@@ -303,8 +352,7 @@ def test_merge_attention_states(device, rng, out_dtype):
   parts = [ref.attend_sequence(q, keys[a:b], values[a:b]) for a, b in itertools.pairwise(bounds)]
   outs = np.stack([p[0] for p in parts]).astype(np.float32)  # [S, 6, 4, 32]
   lses = np.stack([p[1].T for p in parts]).astype(np.float32)  # [S, 6, 4]
-  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses),
-                                             out_dtype=out_dtype)
+  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses), out_dtype=out_dtype)
   expected, expected_lse = ref.attend_sequence(q, keys, values)
   tol = dict(rtol=1e-5, atol=2e-5) if out_dtype is None else dict(rtol=1e-2, atol=1e-2)
   assert_close(out, expected, **tol)
@@ -346,32 +394,54 @@ def test_merge_many_splits(device, rng, head_dim):
 
 def _paged_args():
   k = jnp.zeros((10, 16, 2, 64), jnp.bfloat16)
-  return dict(q=jnp.zeros((2, 1, 4, 64), jnp.bfloat16), k=k, v=k,
-              block_table=jnp.zeros((2, 3), jnp.int32), seq_lens=jnp.zeros((2,), jnp.int32))
+  return dict(
+    q=jnp.zeros((2, 1, 4, 64), jnp.bfloat16),
+    k=k,
+    v=k,
+    block_table=jnp.zeros((2, 3), jnp.int32),
+    seq_lens=jnp.zeros((2,), jnp.int32),
+  )
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError,
-     "block_table: expected dtype int32"),
-    (dict(block_table=jnp.zeros((2, 3), jnp.float32)), TypeError,
-     "block_table: expected dtype int32"),
-    (dict(block_table=jnp.zeros((6,), jnp.int32)), ValueError,
-     r"block_table: expected shape \[B=2"),
-    (dict(block_table=jnp.zeros((3, 3), jnp.int32)), ValueError,
-     r"block_table: expected shape \[B=2"),
+@pytest.mark.parametrize(
+  "change, error, match",
+  [
+    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError, "block_table: expected dtype int32"),
+    (
+      dict(block_table=jnp.zeros((2, 3), jnp.float32)),
+      TypeError,
+      "block_table: expected dtype int32",
+    ),
+    (
+      dict(block_table=jnp.zeros((6,), jnp.int32)),
+      ValueError,
+      r"block_table: expected shape \[B=2",
+    ),
+    (
+      dict(block_table=jnp.zeros((3, 3), jnp.int32)),
+      ValueError,
+      r"block_table: expected shape \[B=2",
+    ),
     (dict(seq_lens=jnp.zeros((3,), jnp.int32)), ValueError, r"seq_lens: expected shape \[2\]"),
     (dict(seq_lens=jnp.zeros((2,), jnp.float32)), TypeError, "seq_lens: expected dtype int32"),
     (dict(seq_lens=None), ValueError, "seq_lens: a paged cache"),
     (dict(v=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v: expected k's shape"),
-    (dict(k=jnp.zeros((10, 16, 3, 64), jnp.bfloat16), v=jnp.zeros((10, 16, 3, 64), jnp.bfloat16)),
-     ValueError, "num_kv_heads"),
-    (dict(k=jnp.zeros((160, 2, 64), jnp.bfloat16), v=jnp.zeros((160, 2, 64), jnp.bfloat16)),
-     ValueError, "k: expected rank 4"),
+    (
+      dict(k=jnp.zeros((10, 16, 3, 64), jnp.bfloat16), v=jnp.zeros((10, 16, 3, 64), jnp.bfloat16)),
+      ValueError,
+      "num_kv_heads",
+    ),
+    (
+      dict(k=jnp.zeros((160, 2, 64), jnp.bfloat16), v=jnp.zeros((160, 2, 64), jnp.bfloat16)),
+      ValueError,
+      "k: expected rank 4",
+    ),
     (dict(num_splits=0), ValueError, "num_splits: expected an int >= 1"),
     (dict(num_splits=1000), ValueError, "num_splits: expected at most"),
     (dict(num_splits=2.5), TypeError, "num_splits: expected a static Python int"),
     (dict(cu_seqlens_k=jnp.zeros((3,), jnp.int32)), ValueError, "cu_seqlens_k: not used"),
-])
+  ],
+)
 def test_paged_bad_input(change, error, match):
   args = _paged_args()
   args.update(change)
@@ -379,21 +449,35 @@ def test_paged_bad_input(change, error, match):
     jax_fmha.attention(**args)
 
 
-@pytest.mark.parametrize("change, error, match", [
+@pytest.mark.parametrize(
+  "change, error, match",
+  [
     (dict(k_new=jnp.zeros((2, 1, 3, 64), jnp.bfloat16)), ValueError, "k_new: heads and head_dim"),
     (dict(k_new=jnp.zeros((2, 1, 2, 64), jnp.float16)), TypeError, "share one dtype"),
     (dict(v_cache=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v_cache: expected"),
-    (dict(cache_seqlens=jnp.zeros((3,), jnp.int32)), ValueError,
-     r"cache_seqlens: expected shape \[2\]"),
-    (dict(block_table=jnp.zeros((2, 3), jnp.uint32)), TypeError,
-     "block_table: expected dtype int32"),
+    (
+      dict(cache_seqlens=jnp.zeros((3,), jnp.int32)),
+      ValueError,
+      r"cache_seqlens: expected shape \[2\]",
+    ),
+    (
+      dict(block_table=jnp.zeros((2, 3), jnp.uint32)),
+      TypeError,
+      "block_table: expected dtype int32",
+    ),
     (dict(cu_seqlens_new=jnp.zeros((3,), jnp.int32)), ValueError, "k_new: expected rank 3"),
-])
+  ],
+)
 def test_update_bad_input(change, error, match):
   k = jnp.zeros((10, 16, 2, 64), jnp.bfloat16)
-  args = dict(k_cache=k, v_cache=k, k_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
-              v_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
-              block_table=jnp.zeros((2, 3), jnp.int32), cache_seqlens=jnp.zeros((2,), jnp.int32))
+  args = dict(
+    k_cache=k,
+    v_cache=k,
+    k_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
+    v_new=jnp.zeros((2, 1, 2, 64), jnp.bfloat16),
+    block_table=jnp.zeros((2, 3), jnp.int32),
+    cache_seqlens=jnp.zeros((2,), jnp.int32),
+  )
   args.update(change)
   if "v_new" not in change and "k_new" in change:
     args["v_new"] = args["k_new"]

@@ -56,10 +56,15 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_kernels_in_sharded_programs():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   # Run from the tests folder so the installed package (with its extension) is imported.
-  result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=os.path.dirname(__file__))
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(__file__),
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "sharding ok" in result.stdout

@@ -43,27 +43,41 @@ def test_num_splits_heuristic_is_static():
 
 def test_constants():
   assert _ffi.constants() == {
-      "kv_layouts": {"uniform": 0, "packed": 1, "cache": 2, "paged": 3},
-      "glu_layouts": {"separate": 0, "concat": 1, "interleaved": 2},
-      "glu_activations": {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2},
-      "max_head_dim": 256,
-      "max_splits": 256,
-      "platforms": {"cpu": "cpu", "cuda": "CUDA"},
+    "kv_layouts": {"uniform": 0, "packed": 1, "cache": 2, "paged": 3},
+    "glu_layouts": {"separate": 0, "concat": 1, "interleaved": 2},
+    "glu_activations": {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2},
+    "max_head_dim": 256,
+    "max_splits": 256,
+    "platforms": {"cpu": "cpu", "cuda": "CUDA"},
   }
 
 
 def test_splits_are_bounded():
   policy = dict(rows_per_unit=16, slots=100000, waves=1, min_keys=1)
-  assert _ext.choose_num_splits(batch=1, num_kv_heads=1, group=1, max_seqlen_q=1,
-                                max_seqlen_k=1 << 20, **policy) == _ffi.constants()["max_splits"]
+  assert (
+    _ext.choose_num_splits(
+      batch=1, num_kv_heads=1, group=1, max_seqlen_q=1, max_seqlen_k=1 << 20, **policy
+    )
+    == _ffi.constants()["max_splits"]
+  )
   with pytest.raises(ValueError):
-    _ext.choose_num_splits(batch=1, num_kv_heads=1, group=1, max_seqlen_q=1, max_seqlen_k=1,
-                           rows_per_unit=0, slots=1, waves=1, min_keys=1)
+    _ext.choose_num_splits(
+      batch=1,
+      num_kv_heads=1,
+      group=1,
+      max_seqlen_q=1,
+      max_seqlen_k=1,
+      rows_per_unit=0,
+      slots=1,
+      waves=1,
+      min_keys=1,
+    )
 
 
 def _policy(kernel, rows_per_unit, slots, waves, min_keys):
-  return dict(kernel=kernel, rows_per_unit=rows_per_unit, slots=slots, waves=waves,
-              min_keys=min_keys)
+  return dict(
+    kernel=kernel, rows_per_unit=rows_per_unit, slots=slots, waves=waves, min_keys=min_keys
+  )
 
 
 def test_cuda_prefill_policy_follows_the_forward_kernel(monkeypatch):
@@ -83,15 +97,17 @@ def test_cuda_prefill_policy_follows_the_forward_kernel(monkeypatch):
 @pytest.mark.parametrize("compute_capability_major", [8, 9])
 def test_cuda_decode_policy(compute_capability_major):
   for rows in (1, 4, 64):  # packed query rows per KV head: decode, GQA, short chunks
-    policy = _ext.split_policy("cuda", 132, compute_capability_major, rows_per_kv_head=rows,
-                               head_dim=128, page_size=16)
+    policy = _ext.split_policy(
+      "cuda", 132, compute_capability_major, rows_per_kv_head=rows, head_dim=128, page_size=16
+    )
     assert policy == _policy("decode", 16, 264, 1, 1024)
 
 
 def test_cpu_policy():
   for rows in (1, 512):
-    assert _ext.split_policy("cpu", 16, 0, rows_per_kv_head=rows, head_dim=64,
-                             page_size=0) == _policy("cpu", 64, 16, 2, 256)
+    assert _ext.split_policy(
+      "cpu", 16, 0, rows_per_kv_head=rows, head_dim=64, page_size=0
+    ) == _policy("cpu", 64, 16, 2, 256)
   with pytest.raises(ValueError, match="platform"):
     _ext.split_policy("tpu", 16, 0, rows_per_kv_head=1, head_dim=64, page_size=0)
 
@@ -106,8 +122,15 @@ class _FakeGpu:
 def test_num_splits_on_a_gpu_uses_its_kernel(monkeypatch):
   monkeypatch.delenv("JAX_FMHA_CUDA_FORWARD", raising=False)
   # 32 units of 128 rows: one wave is 8 splits of 2 CTAs an SM, or 4 of one CTA an SM.
-  shape = dict(batch=1, num_kv_heads=8, group=1, max_seqlen_q=512, max_seqlen_k=32768,
-               head_dim=128, page_size=0)
+  shape = dict(
+    batch=1,
+    num_kv_heads=8,
+    group=1,
+    max_seqlen_q=512,
+    max_seqlen_k=32768,
+    head_dim=128,
+    page_size=0,
+  )
   hopper = _ffi.build_info()["hopper_kernel"]
   assert _split_plan.num_splits(**shape, device=_FakeGpu()) == (4 if hopper else 8)
   assert _split_plan.num_splits(**shape, device=_FakeGpu(compute_capability="8.0")) == 8
@@ -115,7 +138,9 @@ def test_num_splits_on_a_gpu_uses_its_kernel(monkeypatch):
   assert _split_plan.num_splits(**shape, device=_FakeGpu()) == 8
 
 
-@pytest.mark.parametrize("threads, shape, expected", [
+@pytest.mark.parametrize(
+  "threads, shape, expected",
+  [
     (2, dict(batch=1, num_kv_heads=1, group=8, max_seqlen_q=1, max_seqlen_k=8192), 4),
     (2, dict(batch=1, num_kv_heads=2, group=4, max_seqlen_q=1, max_seqlen_k=5000), 2),
     (2, dict(batch=2, num_kv_heads=4, group=1, max_seqlen_q=100, max_seqlen_k=4096), 1),
@@ -124,7 +149,8 @@ def test_num_splits_on_a_gpu_uses_its_kernel(monkeypatch):
     (16, dict(batch=1, num_kv_heads=2, group=4, max_seqlen_q=1, max_seqlen_k=5000), 16),
     (16, dict(batch=2, num_kv_heads=4, group=1, max_seqlen_q=100, max_seqlen_k=4096), 2),
     (16, dict(batch=4, num_kv_heads=8, group=1, max_seqlen_q=1, max_seqlen_k=1000), 1),
-])
+  ],
+)
 def test_num_splits_on_the_cpu(monkeypatch, threads, shape, expected):
   monkeypatch.setattr(_split_plan.os, "cpu_count", lambda: threads)
   cpu = jax.devices("cpu")[0]

@@ -17,6 +17,7 @@ to back and one block_until_ready, so host dispatch overlaps device work. The pr
 are 100+ MB, well past L2. TFLOP/s count 4 * B * H * Sq * Sk * D (half when causal); decode
 GB/s count the K and V bytes read. The last lines repeat every result under "summary:".
 """
+
 import os
 import time
 
@@ -58,10 +59,12 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
     q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
     for causal in (False, True):
       flops = 4 * b * h * s * s * d / (2 if causal else 1)
-      ours = jax.jit(lambda q, k, v, c=causal: jax_fmha.attention(
-          q, k, v, causal=c, num_splits=1))
-      cudnn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
-          q, k, v, is_causal=c, implementation="cudnn"))
+      ours = jax.jit(lambda q, k, v, c=causal: jax_fmha.attention(q, k, v, causal=c, num_splits=1))
+      cudnn = jax.jit(
+        lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation="cudnn"
+        )
+      )
       line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
       runs = [(kernel, ours) for kernel in forward_kernels()]
       for name, fn in runs + [("cudnn", cudnn)] * peers:
@@ -71,7 +74,7 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
         try:
           t = bench(fn, q, k, v, reps=10)
           line += f"  {name} {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
-        except Exception as e:  # a peer that fails is reported, not fatal
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
           line += f"  {name} failed ({type(e).__name__})"
       os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
       rows.append(line)
@@ -86,19 +89,34 @@ def paged_prefill(rows):
     kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
     lens = jnp.full((b,), s, jnp.int32)
-    fn = jax.jit(lambda q, k, v, t, lens: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=lens, num_splits=1))
+    fn = jax.jit(
+      lambda q, k, v, t, lens: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=1
+      )
+    )
     t = bench(fn, q, kp, vp, table, lens, reps=10)
-    line = (f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
-            f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s")
+    line = (
+      f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
+      f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s"
+    )
     rows.append(line)
     print(line, flush=True)
 
 
 def decode(rows):
   hq, hkv, d, page = 32, 8, 128, 16
-  cases = [(b, keys, None) for b, keys in ((1, 4096), (16, 4096), (64, 4096), (256, 4096),
-                                           (64, 16384), (1, 131072), (8, 131072))]
+  cases = [
+    (b, keys, None)
+    for b, keys in (
+      (1, 4096),
+      (16, 4096),
+      (64, 4096),
+      (256, 4096),
+      (64, 16384),
+      (1, 131072),
+      (8, 131072),
+    )
+  ]
   # Split counts around the planner's choice (33, 4 and 2 on an H200).
   cases += [(1, 131072, n) for n in (16, 66, 132)] + [(8, 131072, n) for n in (5, 8, 33)]
   cases += [(16, 4096, 3)]
@@ -109,19 +127,23 @@ def decode(rows):
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
     lens = jnp.full((b,), keys, jnp.int32)
     kv_bytes = 2 * b * keys * hkv * d * 2
-    fn = jax.jit(lambda q, k, v, t, lens, n=splits: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=lens, num_splits=n))
+    fn = jax.jit(
+      lambda q, k, v, t, lens, n=splits: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, num_splits=n
+      )
+    )
     t = bench(fn, q, kp, vp, table, lens, reps=50)
-    line = (f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
-            f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s")
+    line = (
+      f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
+      f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s"
+    )
     if splits is None:  # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache
       kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
       try:
-        cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
-                                                                  implementation="cudnn"))
+        cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
         tc = bench(cd, q, kd, vd, reps=50)
         line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
-      except Exception as e:
+      except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
         line += f"  cudnn failed ({type(e).__name__})"
     rows.append(line)
     print(line, flush=True)
@@ -129,6 +151,7 @@ def decode(rows):
 
 if __name__ == "__main__":
   import sys
+
   if set(sys.argv[1:]) - {"--prefill-only", "--no-decode", "--variant"}:
     sys.exit(__doc__)
   print(jax.devices())

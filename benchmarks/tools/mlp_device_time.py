@@ -12,6 +12,7 @@ and compilation are outside it). Needs cupy (for cudaProfilerStart/Stop).
 Calls, in order, 3 each: jax_fmha.rms_norm_residual, XLA's, jax_fmha.rms_norm, XLA's.
 jax_fmha's kernels are named rms_norm_kernel; XLA's are the others between them.
 """
+
 import csv
 import sys
 
@@ -20,7 +21,7 @@ OPS = ("rms_norm_residual", "rms_norm")
 
 
 def run():
-  import cupy  # noqa: PLC0415 - only for cudaProfilerStart/Stop
+  import cupy
   import jax
   import jax.numpy as jnp
 
@@ -28,8 +29,10 @@ def run():
   from jax_fmha import reference
 
   key = jax.random.PRNGKey(0)
-  x, res = (jax.random.normal(k, (16384, 4096), jnp.float32).astype(jnp.bfloat16)
-            for k in jax.random.split(key))
+  x, res = (
+    jax.random.normal(k, (16384, 4096), jnp.float32).astype(jnp.bfloat16)
+    for k in jax.random.split(key)
+  )
   w = jnp.ones((4096,), jnp.float32)
   fns = []
   for op in OPS:
@@ -46,25 +49,32 @@ def run():
 
 
 def parse(path):
-  rows = [r for r in csv.DictReader(line for line in open(path) if line.startswith('"'))
-          if r.get("Metric Name") == "gpu__time_duration.sum"]
+  with open(path) as f:
+    rows = [
+      r
+      for r in csv.DictReader(line for line in f if line.startswith('"'))
+      if r.get("Metric Name") == "gpu__time_duration.sum"
+    ]
   groups, current = [], None  # consecutive runs of ours / not ours
   for r in rows:
     ours = "rms_norm_kernel" in r["Kernel Name"]
     if current is None or current[0] != ours:
       current = [ours, 0.0, 0]
       groups.append(current)
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
-             "ms": 1e3}[r["Metric Unit"]]
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[
+      r["Metric Unit"]
+    ]
     current[1] += float(r["Metric Value"].replace(",", "")) * scale
     current[2] += 1
   if len(groups) != 2 * len(OPS):
     sys.exit(f"expected {2 * len(OPS)} kernel groups, got {len(groups)}: {groups}")
   for i, op in enumerate(OPS):
     (_, ours_us, ours_n), (_, xla_us, xla_n) = groups[2 * i], groups[2 * i + 1]
-    print(f"{op:18s} jax_fmha {ours_us / CALLS:7.1f} us/call ({ours_n // CALLS} kernel)   "
-          f"xla {xla_us / CALLS:7.1f} us/call ({xla_n // CALLS} kernels)   "
-          f"speedup {xla_us / ours_us:.2f}x")
+    print(
+      f"{op:18s} jax_fmha {ours_us / CALLS:7.1f} us/call ({ours_n // CALLS} kernel)   "
+      f"xla {xla_us / CALLS:7.1f} us/call ({xla_n // CALLS} kernels)   "
+      f"speedup {xla_us / ours_us:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ prefill: one d128 attention, B2 x 8k, 16 heads, full.
 
 Add --set full (or the sections wanted) and -o to keep a report.
 """
+
 import math
 import sys
 
@@ -24,13 +25,18 @@ def rand(key, shape, dtype=jnp.bfloat16):
 
 if sys.argv[1] == "norm":
   x, res, w = rand(0, (16384, 4096)), rand(1, (16384, 4096)), rand(2, (4096,), jnp.float32)
-  for fn in (jax_fmha.rms_norm_residual, reference.rms_norm_residual, jax_fmha.rms_norm,
-             reference.rms_norm):
+  for fn in (
+    jax_fmha.rms_norm_residual,
+    reference.rms_norm_residual,
+    jax_fmha.rms_norm,
+    reference.rms_norm,
+  ):
     f = jax.jit(fn)
     args = (x, res, w) if "residual" in fn.__name__ else (x, w)
     for _ in range(2):
       jax.block_until_ready(f(*args))
 else:
   q, k, v = (rand(i, (2, 8192, 16, 128)) for i in range(3))
-  jax.block_until_ready(jax.jit(lambda q, k, v: jax_fmha.attention(
-      q, k, v, scale=1 / math.sqrt(128)))(q, k, v))
+  jax.block_until_ready(
+    jax.jit(lambda q, k, v: jax_fmha.attention(q, k, v, scale=1 / math.sqrt(128)))(q, k, v)
+  )

@@ -18,11 +18,11 @@ import sys
 
 OURS, DENSE = "jax_fmha", "jax_fmha_dense"
 SUITE_TITLES = {
-    "prefill": "Prefill (self-attention)",
-    "gqa": "Prefill with grouped-query attention",
-    "paged": "Paged prefill",
-    "decode": "Paged decode",
-    "varlen": "Variable-length (packed) prefill",
+  "prefill": "Prefill (self-attention)",
+  "gqa": "Prefill with grouped-query attention",
+  "paged": "Paged prefill",
+  "decode": "Paged decode",
+  "varlen": "Variable-length (packed) prefill",
 }
 
 
@@ -57,8 +57,10 @@ def ratio_range(values) -> str:
   values = [v for v in values if v is not None]
   if not values:
     return "no ratio"
-  return (f"{min(values):.2f}-{max(values):.2f}x the best peer "
-          f"(median {statistics.median(values):.2f}x, {len(values)} workloads)")
+  return (
+    f"{min(values):.2f}-{max(values):.2f}x the best peer "
+    f"(median {statistics.median(values):.2f}x, {len(values)} workloads)"
+  )
 
 
 def short_note(note: str) -> str:
@@ -70,33 +72,35 @@ def attention_section(record, directory) -> list[str]:
   out = ["## Attention (`benchmarks/attention.py`)", ""]
   build = record.get("jax_fmha_build")
   if isinstance(build, dict):
-    build = (f"jax_fmha {build.get('version')}, backends {', '.join(build.get('backends', []))}"
-             + (f", CUDA {', '.join(build['cuda_architectures'])}"
-                if build.get("cuda_architectures") else ""))
+    build = f"jax_fmha {build.get('version')}, backends {', '.join(build.get('backends', []))}" + (
+      f", CUDA {', '.join(build['cuda_architectures'])}" if build.get("cuda_architectures") else ""
+    )
   out += [
-      f"- Device: {record.get('device')} ({record.get('backend')}, {record.get('cpu_count')} "
-      f"host CPUs), {record.get('date', 'date not recorded')}",
-      f"- Software: jax {record.get('jax_version')}; {build}",
-      f"- Revision: {revision(record)}",
-      f"- Command: `{command(record.get('argv'))}`",
-      *([f"- Note: {record['note']}"] if record.get("note") else []),
-      f"- dtype {record.get('dtype')}"
-      + (" (the `cpu` suite runs float32 and bfloat16)" if "cpu" in record.get("suites", [])
-         else "")
-      + f", sizes "
-      f"`{record.get('size')}`; dispatch floor "
-      f"{record.get('dispatch_floor_ms', 0) * 1e3:.1f} us per call"
-      + (f"; load average {record['load_average'][0]:.1f} at the start, "
-         f"{record['load_average_end'][0]:.1f} at the end"
-         if record.get("backend") == "cpu" and "load_average_end" in record else ""),
-      "- Peers: " + (", ".join(f"{k}: {v}" for k, v in record.get("peers", {}).items())
-                     or "as listed per suite"),
-      "",
-      "Rates are TFLOP/s (4 * B * Hq * Sq * Sk * D, half when causal) or, for decode, GB/s of "
-      "KV cache read. **ratio** = the best peer's time / ours (> 1: jax_fmha is faster); a "
-      "peer whose output differs from ours is not counted as best. `-`: did not run (notes "
-      "below each table).",
-      "",
+    f"- Device: {record.get('device')} ({record.get('backend')}, {record.get('cpu_count')} "
+    f"host CPUs), {record.get('date', 'date not recorded')}",
+    f"- Software: jax {record.get('jax_version')}; {build}",
+    f"- Revision: {revision(record)}",
+    f"- Command: `{command(record.get('argv'))}`",
+    *([f"- Note: {record['note']}"] if record.get("note") else []),
+    f"- dtype {record.get('dtype')}"
+    + (" (the `cpu` suite runs float32 and bfloat16)" if "cpu" in record.get("suites", []) else "")
+    + f", sizes "
+    f"`{record.get('size')}`; dispatch floor "
+    f"{record.get('dispatch_floor_ms', 0) * 1e3:.1f} us per call"
+    + (
+      f"; load average {record['load_average'][0]:.1f} at the start, "
+      f"{record['load_average_end'][0]:.1f} at the end"
+      if record.get("backend") == "cpu" and "load_average_end" in record
+      else ""
+    ),
+    "- Peers: "
+    + (", ".join(f"{k}: {v}" for k, v in record.get("peers", {}).items()) or "as listed per suite"),
+    "",
+    "Rates are TFLOP/s (4 * B * Hq * Sq * Sk * D, half when causal) or, for decode, GB/s of "
+    "KV cache read. **ratio** = the best peer's time / ours (> 1: jax_fmha is faster); a "
+    "peer whose output differs from ours is not counted as best. `-`: did not run (notes "
+    "below each table).",
+    "",
   ]
   rows = record["rows"]
   for suite in dict.fromkeys(r["suite"] for r in rows):
@@ -108,10 +112,20 @@ def attention_section(record, directory) -> list[str]:
     peers = [n for n in impls if n not in (OURS, DENSE)]
     dense = any(DENSE in r["ms"] for r in srows)
     splits = any("num_splits" in r["shape"] for r in srows)
-    out += [f"### {SUITE_TITLES.get(suite, suite)}", "",
-            f"{suite}: ours {ratio_range([r.get('speedup') for r in srows])}.", ""]
-    head = ["workload", "ours ms", f"ours {metric}", *(f"{p} {metric}" for p in peers),
-            "best peer", "ratio"]
+    out += [
+      f"### {SUITE_TITLES.get(suite, suite)}",
+      "",
+      f"{suite}: ours {ratio_range([r.get('speedup') for r in srows])}.",
+      "",
+    ]
+    head = [
+      "workload",
+      "ours ms",
+      f"ours {metric}",
+      *(f"{p} {metric}" for p in peers),
+      "best peer",
+      "ratio",
+    ]
     if dense:
       head += [f"{DENSE} {metric}", "paged / dense"]
     if splits:
@@ -119,12 +133,16 @@ def attention_section(record, directory) -> list[str]:
     out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in srows:
       rate = {n: v * unit for n, v in r["rate"].items()}
-      cells = [r["label"], number(r["ms"].get(OURS)), number(rate.get(OURS)),
-               *(number(rate.get(p)) for p in peers), r.get("best_peer") or "-",
-               f"**{r['speedup']:.2f}**" if r.get("speedup") else "-"]
+      cells = [
+        r["label"],
+        number(r["ms"].get(OURS)),
+        number(rate.get(OURS)),
+        *(number(rate.get(p)) for p in peers),
+        r.get("best_peer") or "-",
+        f"**{r['speedup']:.2f}**" if r.get("speedup") else "-",
+      ]
       if dense:
-        cells += [number(rate.get(DENSE)),
-                  f"{r['vs_dense']:.2f}" if "vs_dense" in r else "-"]
+        cells += [number(rate.get(DENSE)), f"{r['vs_dense']:.2f}" if "vs_dense" in r else "-"]
       if splits:
         cells += [str(r["shape"].get("num_splits", "-"))]
       out.append("| " + " | ".join(cells) + " |")
@@ -147,21 +165,26 @@ def attention_section(record, directory) -> list[str]:
 def mlp_section(record) -> list[str]:
   build = record.get("jax_fmha") or {}
   out = [
-      "## MLP ops (`benchmarks/mlp.py`)", "",
-      f"- Device: {record.get('device')} ({record.get('backend')}; {record.get('machine')})"
-      + (f", {record['date']}" if record.get("date") else ""),
-      f"- Software: jax {record.get('jax_version')}; jax_fmha {build.get('version')}, "
-      f"backends {', '.join(build.get('backends', []))}; tokamax: {record.get('tokamax')}",
-      f"- Revision: {revision(record)}",
-      f"- Command: `{command(record.get('argv'))}`",
-      f"- {record.get('dtype')}, {record.get('tokens')} tokens, hidden {record.get('hidden')}, "
-      f"intermediate {record.get('intermediate')}; per call: median over 5 batches of "
-      f"{record.get('reps')} queued calls"
-      + (f"; in program: {record['in_program_calls']} calls in one jitted function"
-         if record.get("in_program_calls") else ""),
-      "",
-      "GB/s counts the bytes the op must move. **ratio** = the baseline's time / ours (> 1: "
-      "jax_fmha is faster).", "",
+    "## MLP ops (`benchmarks/mlp.py`)",
+    "",
+    f"- Device: {record.get('device')} ({record.get('backend')}; {record.get('machine')})"
+    + (f", {record['date']}" if record.get("date") else ""),
+    f"- Software: jax {record.get('jax_version')}; jax_fmha {build.get('version')}, "
+    f"backends {', '.join(build.get('backends', []))}; tokamax: {record.get('tokamax')}",
+    f"- Revision: {revision(record)}",
+    f"- Command: `{command(record.get('argv'))}`",
+    f"- {record.get('dtype')}, {record.get('tokens')} tokens, hidden {record.get('hidden')}, "
+    f"intermediate {record.get('intermediate')}; per call: median over 5 batches of "
+    f"{record.get('reps')} queued calls"
+    + (
+      f"; in program: {record['in_program_calls']} calls in one jitted function"
+      if record.get("in_program_calls")
+      else ""
+    ),
+    "",
+    "GB/s counts the bytes the op must move. **ratio** = the baseline's time / ours (> 1: "
+    "jax_fmha is faster).",
+    "",
   ]
   results = record["results"]
   in_program = any("in_program_ms" in r for r in results)
@@ -175,14 +198,21 @@ def mlp_section(record) -> list[str]:
       ours[r["op"]] = r
       continue
     o = ours.get(r["op"], {})
-    cells = [r["op"], r["implementation"], f"{o.get('time_ms', float('nan')):.3f}",
-             number(o.get("gb_per_s")), f"{r['time_ms']:.3f}", number(r["gb_per_s"]),
-             f"**{r['jax_fmha_speedup']:.2f}**" if "jax_fmha_speedup" in r else "-"]
+    cells = [
+      r["op"],
+      r["implementation"],
+      f"{o.get('time_ms', float('nan')):.3f}",
+      number(o.get("gb_per_s")),
+      f"{r['time_ms']:.3f}",
+      number(r["gb_per_s"]),
+      f"**{r['jax_fmha_speedup']:.2f}**" if "jax_fmha_speedup" in r else "-",
+    ]
     if in_program:
-      cells += [f"{o['in_program_ms']:.3f}" if "in_program_ms" in o else "-",
-                f"{r['in_program_ms']:.3f}" if "in_program_ms" in r else "-",
-                f"{r['jax_fmha_in_program_speedup']:.2f}"
-                if "jax_fmha_in_program_speedup" in r else "-"]
+      cells += [
+        f"{o['in_program_ms']:.3f}" if "in_program_ms" in o else "-",
+        f"{r['in_program_ms']:.3f}" if "in_program_ms" in r else "-",
+        f"{r['jax_fmha_in_program_speedup']:.2f}" if "jax_fmha_in_program_speedup" in r else "-",
+      ]
     out.append("| " + " | ".join(cells) + " |")
   out.append("")
   return out
@@ -191,19 +221,33 @@ def mlp_section(record) -> list[str]:
 def memory_section(text) -> list[str]:
   lines = [line for line in text.splitlines() if line.strip()]
   keep = [line for line in lines if not line.startswith("\t") and "rerun under" not in line]
-  peak = [line.strip() for line in lines
-          if line.startswith("\t") and "Maximum resident set size" in line]
-  return ["## Peak memory on the CPU (`benchmarks/memory_cpu.py`)", "",
-          "Command: `/usr/bin/time -v python benchmarks/memory_cpu.py` (memory.txt holds the "
-          "whole output)", "", "```", *keep, *peak, "```", ""]
+  peak = [
+    line.strip() for line in lines if line.startswith("\t") and "Maximum resident set size" in line
+  ]
+  return [
+    "## Peak memory on the CPU (`benchmarks/memory_cpu.py`)",
+    "",
+    "Command: `/usr/bin/time -v python benchmarks/memory_cpu.py` (memory.txt holds the "
+    "whole output)",
+    "",
+    "```",
+    *keep,
+    *peak,
+    "```",
+    "",
+  ]
 
 
 def render(directory: str) -> str:
   name = os.path.basename(os.path.normpath(directory))
-  parts = [f"# Benchmark results: {name}", "",
-           "Generated by `python benchmarks/tools/results_md.py "
-           f"benchmarks/results/{name}` from the JSON files beside it; rerun the commands "
-           "below to overwrite them, then this file.", ""]
+  parts = [
+    f"# Benchmark results: {name}",
+    "",
+    "Generated by `python benchmarks/tools/results_md.py "
+    f"benchmarks/results/{name}` from the JSON files beside it; rerun the commands "
+    "below to overwrite them, then this file.",
+    "",
+  ]
   path = os.path.join(directory, "attention.json")
   if os.path.exists(path):
     with open(path) as f:

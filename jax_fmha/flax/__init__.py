@@ -10,8 +10,9 @@ KV cache for decoding), ``RMSNorm`` and ``GatedMLP``. Needs flax
 try:
   import flax  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the environment
-  raise ImportError("jax_fmha.flax needs flax: pip install 'jax_fmha[flax]' "
-                    "(or pip install 'flax>=0.10')") from error
+  raise ImportError(
+    "jax_fmha.flax needs flax: pip install 'jax_fmha[flax]' (or pip install 'flax>=0.10')"
+  ) from error
 
 from jax_fmha.flax._common import PagedKVCache, make_attention_fn
 from jax_fmha.flax._rope import apply_rope

@@ -17,41 +17,54 @@ import jax_fmha
 from jax_fmha.flax._rope import apply_rope
 
 _KERNEL_MASKS = (
-    "jax_fmha's fused attention takes no dense mask or bias: it supports causal masking "
-    "(make_attention_fn(causal=True), or causal=True on jax_fmha.flax's "
-    "MultiHeadAttention), sliding windows (window=(left, right)) and right-padded rows "
-    "(lengths=[B] on jax_fmha.flax's MultiHeadAttention). Flax's own decode=True cache "
-    "always builds a mask: use jax_fmha.flax's MultiHeadAttention(decode=True), which "
-    "keeps a paged KV cache. For any other mask keep Flax's dot_product_attention.")
+  "jax_fmha's fused attention takes no dense mask or bias: it supports causal masking "
+  "(make_attention_fn(causal=True), or causal=True on jax_fmha.flax's "
+  "MultiHeadAttention), sliding windows (window=(left, right)) and right-padded rows "
+  "(lengths=[B] on jax_fmha.flax's MultiHeadAttention). Flax's own decode=True cache "
+  "always builds a mask: use jax_fmha.flax's MultiHeadAttention(decode=True), which "
+  "keeps a paged KV cache. For any other mask keep Flax's dot_product_attention."
+)
 
 
 def check_no_mask(mask, bias=None):
   """Raises for a dense mask or bias, which the kernel cannot apply (never ignores one)."""
   for name, value in (("mask", mask), ("bias", bias)):
     if value is not None:
-      raise ValueError(f"{name}: got an array of shape {getattr(value, 'shape', '?')}. "
-                       + _KERNEL_MASKS)
+      raise ValueError(
+        f"{name}: got an array of shape {getattr(value, 'shape', '?')}. " + _KERNEL_MASKS
+      )
 
 
 def check_no_dropout(dropout_rate: float, deterministic: bool | None):
   """Raises where attention dropout would run: the kernel never forms the weights."""
   if dropout_rate > 0.0 and not deterministic:
     raise ValueError(
-        f"dropout_rate={dropout_rate} with deterministic={deterministic}: jax_fmha's fused "
-        "attention has no attention dropout (it never forms the attention weights) and is "
-        "forward-only. Pass deterministic=True (inference), set dropout_rate=0.0, or train "
-        "with Flax's dot_product_attention.")
+      f"dropout_rate={dropout_rate} with deterministic={deterministic}: jax_fmha's fused "
+      "attention has no attention dropout (it never forms the attention weights) and is "
+      "forward-only. Pass deterministic=True (inference), set dropout_rate=0.0, or train "
+      "with Flax's dot_product_attention."
+    )
 
 
 def check_no_sow(sow_weights: bool):
   if sow_weights:
-    raise ValueError("sow_weights=True: jax_fmha's fused attention never forms the "
-                     "attention weights, so there are none to sow. Use Flax's "
-                     "dot_product_attention to inspect them.")
+    raise ValueError(
+      "sow_weights=True: jax_fmha's fused attention never forms the "
+      "attention weights, so there are none to sow. Use Flax's "
+      "dot_product_attention to inspect them."
+    )
 
 
-def attention_inputs(inputs_q, inputs_k, inputs_v, *, mask, sow_weights: bool,
-                     dropout_rate: float, deterministic: bool | None):
+def attention_inputs(
+  inputs_q,
+  inputs_k,
+  inputs_v,
+  *,
+  mask,
+  sow_weights: bool,
+  dropout_rate: float,
+  deterministic: bool | None,
+):
   """What both MultiHeadAttention layers check and default on a call: raises for a mask,
   sown weights or dropout (the kernel can do none of them), and returns (inputs_k,
   inputs_v), each defaulting to the one before it (self-attention)."""
@@ -70,15 +83,17 @@ def resolve_causal(causal: bool, is_causal: bool, query_length: int, key_length:
   """
   if is_causal and query_length != key_length:
     raise ValueError(
-        f"is_causal=True with {query_length} queries and {key_length} keys: Flax aligns "
-        "that mask top-left, jax_fmha's kernel bottom-right (the last query sees every "
-        "key); they agree only for equal lengths. Use causal=True on the layer (or in "
-        "make_attention_fn) for the bottom-right mask.")
+      f"is_causal=True with {query_length} queries and {key_length} keys: Flax aligns "
+      "that mask top-left, jax_fmha's kernel bottom-right (the last query sees every "
+      "key); they agree only for equal lengths. Use causal=True on the layer (or in "
+      "make_attention_fn) for the bottom-right mask."
+    )
   return bool(causal or is_causal)
 
 
-def make_attention_fn(*, causal: bool = False,
-                      window: tuple[int, int] = (-1, -1)) -> Callable[..., jax.Array]:
+def make_attention_fn(
+  *, causal: bool = False, window: tuple[int, int] = (-1, -1)
+) -> Callable[..., jax.Array]:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``, computed by ``jax_fmha.attention``.
 
@@ -98,11 +113,24 @@ def make_attention_fn(*, causal: bool = False,
   """
   window = tuple(window)
 
-  def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
-                   dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                   precision=None, module=None, is_causal=False,
-                   force_fp32_for_softmax=False, qk_attn_weights_einsum=None,
-                   attn_weights_value_einsum=None):
+  def attention_fn(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout=True,
+    dropout_rng=None,
+    dropout_rate=0.0,
+    deterministic=False,
+    dtype=None,
+    precision=None,
+    module=None,
+    is_causal=False,
+    force_fp32_for_softmax=False,
+    qk_attn_weights_einsum=None,
+    attn_weights_value_einsum=None,
+  ):
     # Flax hands these to every attention_fn; with no dropout and float32 statistics they
     # have no effect on the kernel (dropout itself is refused below).
     del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
@@ -110,9 +138,11 @@ def make_attention_fn(*, causal: bool = False,
     check_no_dropout(dropout_rate, deterministic)
     check_no_sow(module is not None)
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
-      raise ValueError("qk_attn_weights_einsum / attn_weights_value_einsum: jax_fmha's "
-                       "fused attention has no einsums to replace (e.g. for quantization); "
-                       "use Flax's dot_product_attention with them.")
+      raise ValueError(
+        "qk_attn_weights_einsum / attn_weights_value_einsum: jax_fmha's "
+        "fused attention has no einsums to replace (e.g. for quantization); "
+        "use Flax's dot_product_attention with them."
+      )
     dtype = dtype or jnp.result_type(query, key, value)
     query, key, value = (x.astype(dtype) for x in (query, key, value))
     layer_causal = resolve_causal(causal, is_causal, query.shape[-3], key.shape[-3])
@@ -129,28 +159,38 @@ class PagedKVCache(NamedTuple):
   ``[B, pages_per_seq]`` (sequence b's logical page p is physical page
   ``block_table[b, p]``); ``seq_lens`` int32 ``[B]``, the tokens cached per sequence.
   """
+
   key_pages: jnp.ndarray
   value_pages: jnp.ndarray
   block_table: jnp.ndarray
   seq_lens: jnp.ndarray
 
   @classmethod
-  def empty(cls, *, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-            dtype, page_size: int) -> PagedKVCache:
+  def empty(
+    cls,
+    *,
+    batch_size: int,
+    max_length: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    page_size: int,
+  ) -> PagedKVCache:
     """Room for ``max_length`` tokens per sequence; sequence b owns pages
     ``[b * pages_per_seq, (b + 1) * pages_per_seq)`` (a serving engine would hand pages out
     on demand instead, by rewriting ``block_table``)."""
     if page_size < 1 or max_length < 1:
-      raise ValueError(f"page_size and max_length must be >= 1, got {page_size} and "
-                       f"{max_length}")
+      raise ValueError(f"page_size and max_length must be >= 1, got {page_size} and {max_length}")
     pages_per_seq = -(-max_length // page_size)
     num_pages = batch_size * pages_per_seq
     pages_shape = (num_pages, page_size, num_kv_heads, head_dim)
     # Two buffers, not one shared: the caches are donated for an in-place update.
-    return cls(key_pages=jnp.zeros(pages_shape, dtype),
-               value_pages=jnp.zeros(pages_shape, dtype),
-               block_table=jnp.arange(num_pages, dtype=jnp.int32).reshape(batch_size, -1),
-               seq_lens=jnp.zeros((batch_size,), jnp.int32))
+    return cls(
+      key_pages=jnp.zeros(pages_shape, dtype),
+      value_pages=jnp.zeros(pages_shape, dtype),
+      block_table=jnp.arange(num_pages, dtype=jnp.int32).reshape(batch_size, -1),
+      seq_lens=jnp.zeros((batch_size,), jnp.int32),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,21 +199,20 @@ class _RightPaddedRows:
   kernel's packed (variable-length) form ``[B * S, ...]``: sequence b at packed rows
   ``cu_seqlens[b]:cu_seqlens[b + 1]``, the spare rows at the end (outside every sequence,
   so the kernel neither attends over them nor caches them)."""
+
   lengths: jnp.ndarray  # int32 [B], each in [0, S]
   cu_seqlens: jnp.ndarray  # int32 [B + 1]
 
   @classmethod
   def of(cls, lengths, max_length: int) -> _RightPaddedRows:
     lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, max_length)
-    cu_seqlens = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                  jnp.cumsum(lengths, dtype=jnp.int32)])
+    cu_seqlens = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
     return cls(lengths=lengths, cu_seqlens=cu_seqlens)
 
   def pack(self, x):
     batch, length = x.shape[:2]
     row = jnp.arange(batch * length)
-    sequence = jnp.clip(jnp.searchsorted(self.cu_seqlens[1:], row, side="right"), 0,
-                        batch - 1)
+    sequence = jnp.clip(jnp.searchsorted(self.cu_seqlens[1:], row, side="right"), 0, batch - 1)
     position = jnp.clip(row - self.cu_seqlens[sequence], 0, length - 1)
     return x[sequence, position]
 
@@ -186,8 +225,17 @@ class _RightPaddedRows:
     return jnp.where(valid.reshape(valid.shape + (1,) * (gathered.ndim - 2)), gathered, 0)
 
 
-def attend(query, key, value, *, causal: bool, window=(-1, -1), lengths=None,
-           rope_theta: float | None = None, cache: PagedKVCache | None = None):
+def attend(
+  query,
+  key,
+  value,
+  *,
+  causal: bool,
+  window=(-1, -1),
+  lengths=None,
+  rope_theta: float | None = None,
+  cache: PagedKVCache | None = None,
+):
   """Multi-head attention over projected heads, through jax_fmha's kernels.
 
   Args:
@@ -206,11 +254,14 @@ def attend(query, key, value, *, causal: bool, window=(-1, -1), lengths=None,
   """
   batch_shape, query_length, key_length = query.shape[:-3], query.shape[-3], key.shape[-3]
   if cache is not None and len(batch_shape) != 1:
-    raise ValueError(f"decoding with a KV cache takes inputs [batch, length, features] "
-                     f"(one batch axis), got queries of shape {query.shape[:-2]}")
+    raise ValueError(
+      f"decoding with a KV cache takes inputs [batch, length, features] "
+      f"(one batch axis), got queries of shape {query.shape[:-2]}"
+    )
   if lengths is not None and query_length != key_length:
-    raise ValueError(f"lengths: only for self-attention, got {query_length} queries and "
-                     f"{key_length} keys per row")
+    raise ValueError(
+      f"lengths: only for self-attention, got {query_length} queries and {key_length} keys per row"
+    )
   query, key, value = (x.reshape((-1,) + x.shape[-3:]) for x in (query, key, value))
   batch = query.shape[0]
 
@@ -228,15 +279,24 @@ def attend(query, key, value, *, causal: bool, window=(-1, -1), lengths=None,
   if cache is None:
     if lengths is not None:
       packed_kwargs.update(cu_seqlens_k=rows.cu_seqlens, max_seqlen_k=key_length)
-    out = jax_fmha.attention(query, key, value, causal=causal, window=window,
-                             **packed_kwargs)
+    out = jax_fmha.attention(query, key, value, causal=causal, window=window, **packed_kwargs)
   else:
     out, key_pages, value_pages = jax_fmha.attention_with_kvcache(
-        query, cache.key_pages, cache.value_pages, key, value, cache_seqlens=cache.seq_lens,
-        block_table=cache.block_table, causal=causal, window=window, **packed_kwargs)
+      query,
+      cache.key_pages,
+      cache.value_pages,
+      key,
+      value,
+      cache_seqlens=cache.seq_lens,
+      block_table=cache.block_table,
+      causal=causal,
+      window=window,
+      **packed_kwargs,
+    )
     new_tokens = query_length if lengths is None else rows.lengths
-    cache = cache._replace(key_pages=key_pages, value_pages=value_pages,
-                           seq_lens=cache.seq_lens + new_tokens)
+    cache = cache._replace(
+      key_pages=key_pages, value_pages=value_pages, seq_lens=cache.seq_lens + new_tokens
+    )
 
   if lengths is not None:
     out = rows.unpack(out, query_length)
@@ -264,8 +324,9 @@ GATED_ACTIVATIONS: tuple[str, ...] = get_args(GatedActivation)
 
 def check_gated_activation(activation: GatedActivation):
   if activation not in GATED_ACTIVATIONS:
-    raise ValueError(f"activation: expected one of {GATED_ACTIVATIONS} (SwiGLU, GeGLU), got "
-                     f"{activation!r}")
+    raise ValueError(
+      f"activation: expected one of {GATED_ACTIVATIONS} (SwiGLU, GeGLU), got {activation!r}"
+    )
 
 
 def gated_activation(gate, up, *, activation: GatedActivation, approximate_gelu: bool):

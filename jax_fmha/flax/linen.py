@@ -30,8 +30,13 @@ from jax_fmha.flax._common import (
   rms_norm,
 )
 
-__all__ = ["GatedMLP", "MultiHeadAttention", "MultiHeadDotProductAttention", "RMSNorm",
-           "make_attention_fn"]
+__all__ = [
+  "GatedMLP",
+  "MultiHeadAttention",
+  "MultiHeadDotProductAttention",
+  "RMSNorm",
+  "make_attention_fn",
+]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -64,6 +69,7 @@ class MultiHeadDotProductAttention(nn.Module):
   Not supported (a ValueError says so): ``mask`` (use ``causal``/``window``/``lengths``),
   attention dropout when not deterministic, ``sow_weights``.
   """
+
   num_heads: int
   num_kv_heads: int | None = None
   dtype: Dtype | None = None
@@ -86,10 +92,18 @@ class MultiHeadDotProductAttention(nn.Module):
   page_size: int = 16
 
   @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
-               inputs_v: jax.Array | None = None, *, mask: jax.Array | None = None,
-               deterministic: bool | None = None, dropout_rng: jax.Array | None = None,
-               sow_weights: bool = False, lengths: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self,
+    inputs_q: jax.Array,
+    inputs_k: jax.Array | None = None,
+    inputs_v: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    deterministic: bool | None = None,
+    dropout_rng: jax.Array | None = None,
+    sow_weights: bool = False,
+    lengths: ArrayLike | None = None,
+  ) -> jax.Array:
     """Attention of ``inputs_q [batch..., Sq, features]`` over ``inputs_k``/``inputs_v``
     (default: ``inputs_q``, self-attention).
 
@@ -99,50 +113,77 @@ class MultiHeadDotProductAttention(nn.Module):
     """
     del dropout_rng
     inputs_k, inputs_v = attention_inputs(
-        inputs_q, inputs_k, inputs_v, mask=mask, sow_weights=sow_weights,
-        dropout_rate=self.dropout_rate,
-        deterministic=self.deterministic if deterministic is None else deterministic)
+      inputs_q,
+      inputs_k,
+      inputs_v,
+      mask=mask,
+      sow_weights=sow_weights,
+      dropout_rate=self.dropout_rate,
+      deterministic=self.deterministic if deterministic is None else deterministic,
+    )
 
     num_kv_heads = self.num_kv_heads or self.num_heads
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     if qkv_features % self.num_heads or self.num_heads % num_kv_heads:
-      raise ValueError(f"qkv_features ({qkv_features}) must be a multiple of num_heads "
-                       f"({self.num_heads}), and num_heads of num_kv_heads ({num_kv_heads})")
+      raise ValueError(
+        f"qkv_features ({qkv_features}) must be a multiple of num_heads "
+        f"({self.num_heads}), and num_heads of num_kv_heads ({num_kv_heads})"
+      )
     head_dim = qkv_features // self.num_heads
     projection = functools.partial(
-        nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, bias_init=self.bias_init, use_bias=self.use_bias,
-        precision=self.precision)
+      nn.DenseGeneral,
+      axis=-1,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      use_bias=self.use_bias,
+      precision=self.precision,
+    )
     query = projection(features=(self.num_heads, head_dim), name="query")(inputs_q)
     key = projection(features=(num_kv_heads, head_dim), name="key")(inputs_k)
     value = projection(features=(num_kv_heads, head_dim), name="value")(inputs_v)
     if self.normalize_qk:
-      qk_norm = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+      qk_norm = functools.partial(
+        nn.LayerNorm, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+      )
       query = qk_norm(name="query_ln")(query)
       key = qk_norm(name="key_ln")(key)
 
-    mask_and_positions = dict(causal=self.causal, window=self.window, lengths=lengths,
-                              rope_theta=self.rope_theta)
+    mask_and_positions = dict(
+      causal=self.causal, window=self.window, lengths=lengths, rope_theta=self.rope_theta
+    )
     if self.decode:
       out = self._attend_with_cache(query, key, value, **mask_and_positions)
     else:
       out, _ = attend(query, key, value, **mask_and_positions)
     return nn.DenseGeneral(
-        features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
-        kernel_init=self.out_kernel_init or self.kernel_init,
-        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-        name="out")(out)
+      features=self.out_features or inputs_q.shape[-1],
+      axis=(-2, -1),
+      kernel_init=self.out_kernel_init or self.kernel_init,
+      bias_init=self.out_bias_init or self.bias_init,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      name="out",
+    )(out)
 
   def _attend_with_cache(self, query, key, value, **mask_and_positions):
     if not self.has_variable("cache", "key_pages"):
       if key.ndim != 4:
-        raise ValueError(f"decode=True: inputs must be [batch, max_length, features] (one "
-                         f"batch axis), got keys of shape {key.shape[:-2]} + heads")
-      empty = PagedKVCache.empty(batch_size=key.shape[0], max_length=key.shape[1],
-                                 num_kv_heads=key.shape[2], head_dim=key.shape[3],
-                                 dtype=key.dtype, page_size=self.page_size)
+        raise ValueError(
+          f"decode=True: inputs must be [batch, max_length, features] (one "
+          f"batch axis), got keys of shape {key.shape[:-2]} + heads"
+        )
+      empty = PagedKVCache.empty(
+        batch_size=key.shape[0],
+        max_length=key.shape[1],
+        num_kv_heads=key.shape[2],
+        head_dim=key.shape[3],
+        dtype=key.dtype,
+        page_size=self.page_size,
+      )
       for name, initial_value in empty._asdict().items():
         self.put_variable("cache", name, initial_value)
       out, _ = attend(query, key, value, **mask_and_positions)
@@ -166,6 +207,7 @@ class RMSNorm(nn.Module):
   ``residual``, returns ``(rms_norm(x + residual), x + residual)`` from one fused kernel
   (``jax_fmha.rms_norm_residual``), for pre-norm residual blocks.
   """
+
   epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -173,10 +215,14 @@ class RMSNorm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               residual: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
-    scale = (self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
-             if self.use_scale else None)
+  def __call__(
+    self, x: jax.Array, residual: jax.Array | None = None
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    scale = (
+      self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
+      if self.use_scale
+      else None
+    )
     return rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype, residual=residual)
 
 
@@ -193,6 +239,7 @@ class GatedMLP(nn.Module):
     activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU).
     approximate_gelu: GeGLU's tanh approximation (as ``jax.nn.gelu``'s default).
   """
+
   hidden_features: int
   out_features: int | None = None
   activation: GatedActivation = "silu"
@@ -207,11 +254,18 @@ class GatedMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     check_gated_activation(self.activation)
-    dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype, precision=self.precision,
-                              kernel_init=self.kernel_init, bias_init=self.bias_init)
+    dense = functools.partial(
+      nn.Dense,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+    )
     gate = dense(self.hidden_features, name="gate_proj")(x)
     up = dense(self.hidden_features, name="up_proj")(x)
-    hidden = gated_activation(gate, up, activation=self.activation,
-                              approximate_gelu=self.approximate_gelu)
+    hidden = gated_activation(
+      gate, up, activation=self.activation, approximate_gelu=self.approximate_gelu
+    )
     return dense(self.out_features or x.shape[-1], name="down_proj")(hidden)

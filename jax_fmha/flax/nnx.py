@@ -63,67 +63,121 @@ class MultiHeadAttention(nnx.Module):
   attention dropout when not deterministic, ``sow_weights``.
   """
 
-  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
-               out_features: int | None = None, num_kv_heads: int | None = None,
-               in_kv_features: int | None = None, *, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, dropout_rate: float = 0.0,
-               deterministic: bool | None = None, precision: PrecisionLike = None,
-               kernel_init: Initializer = nnx.initializers.lecun_normal(),
-               out_kernel_init: Initializer | None = None,
-               bias_init: Initializer = nnx.initializers.zeros_init(),
-               out_bias_init: Initializer | None = None, use_bias: bool = True,
-               decode: bool = False, normalize_qk: bool = False, causal: bool = False,
-               window: tuple[int, int] = (-1, -1), rope_theta: float | None = None,
-               rngs: nnx.Rngs) -> None:
+  def __init__(
+    self,
+    num_heads: int,
+    in_features: int,
+    qkv_features: int | None = None,
+    out_features: int | None = None,
+    num_kv_heads: int | None = None,
+    in_kv_features: int | None = None,
+    *,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    dropout_rate: float = 0.0,
+    deterministic: bool | None = None,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = nnx.initializers.lecun_normal(),
+    out_kernel_init: Initializer | None = None,
+    bias_init: Initializer = nnx.initializers.zeros_init(),
+    out_bias_init: Initializer | None = None,
+    use_bias: bool = True,
+    decode: bool = False,
+    normalize_qk: bool = False,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    rope_theta: float | None = None,
+    rngs: nnx.Rngs,
+  ) -> None:
     qkv_features = in_features if qkv_features is None else qkv_features
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if qkv_features % num_heads or num_heads % num_kv_heads:
-      raise ValueError(f"qkv_features ({qkv_features}) must be a multiple of num_heads "
-                       f"({num_heads}), and num_heads of num_kv_heads ({num_kv_heads})")
+      raise ValueError(
+        f"qkv_features ({qkv_features}) must be a multiple of num_heads "
+        f"({num_heads}), and num_heads of num_kv_heads ({num_kv_heads})"
+      )
     self.num_kv_heads, self.head_dim = num_kv_heads, qkv_features // num_heads
     self.dtype, self.param_dtype = dtype, param_dtype
     self.dropout_rate, self.deterministic = dropout_rate, deterministic
-    self.decode, self.causal, self.window, self.rope_theta = (decode, causal, tuple(window),
-                                                              rope_theta)
+    self.decode, self.causal, self.window, self.rope_theta = (
+      decode,
+      causal,
+      tuple(window),
+      rope_theta,
+    )
 
     projection = functools.partial(
-        nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-        bias_init=bias_init, use_bias=use_bias, precision=precision, rngs=rngs)
+      nnx.LinearGeneral,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      use_bias=use_bias,
+      precision=precision,
+      rngs=rngs,
+    )
     in_kv_features = in_features if in_kv_features is None else in_kv_features
     self.query = projection(in_features, (num_heads, self.head_dim))
     self.key = projection(in_kv_features, (num_kv_heads, self.head_dim))
     self.value = projection(in_kv_features, (num_kv_heads, self.head_dim))
     if normalize_qk:
-      qk_norm = functools.partial(nnx.LayerNorm, self.head_dim, use_bias=False, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+      qk_norm = functools.partial(
+        nnx.LayerNorm,
+        self.head_dim,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
       self.query_ln, self.key_ln = qk_norm(), qk_norm()
     else:
       self.query_ln = self.key_ln = nnx.data(None)
     self.out = nnx.LinearGeneral(
-        (num_heads, self.head_dim), in_features if out_features is None else out_features,
-        axis=(-2, -1), kernel_init=out_kernel_init or kernel_init,
-        bias_init=out_bias_init or bias_init, use_bias=use_bias, dtype=dtype,
-        param_dtype=param_dtype, precision=precision, rngs=rngs)
+      (num_heads, self.head_dim),
+      in_features if out_features is None else out_features,
+      axis=(-2, -1),
+      kernel_init=out_kernel_init or kernel_init,
+      bias_init=out_bias_init or bias_init,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      rngs=rngs,
+    )
     self.key_pages = self.value_pages = self.block_table = self.seq_lens = nnx.data(None)
 
-  def init_cache(self, input_shape: Sequence[int], dtype: Dtype | None = None, *,
-                 page_size: int = 16) -> None:
+  def init_cache(
+    self, input_shape: Sequence[int], dtype: Dtype | None = None, *, page_size: int = 16
+  ) -> None:
     """Makes an empty paged KV cache for inputs ``(batch, max_length, ...)`` (Flax's
     ``init_cache`` argument): ``max_length`` tokens per sequence, in pages of
     ``page_size`` tokens, of ``dtype`` (default: the layer's ``dtype`` or
     ``param_dtype``: the keys' dtype)."""
-    empty = PagedKVCache.empty(batch_size=input_shape[0], max_length=input_shape[1],
-                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                               dtype=dtype or self.dtype or self.param_dtype,
-                               page_size=page_size)
+    empty = PagedKVCache.empty(
+      batch_size=input_shape[0],
+      max_length=input_shape[1],
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      dtype=dtype or self.dtype or self.param_dtype,
+      page_size=page_size,
+    )
     for name, initial_value in empty._asdict().items():
       setattr(self, name, nnx.Cache(initial_value))
 
-  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
-               inputs_v: jax.Array | None = None, *, mask: jax.Array | None = None,
-               deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
-               sow_weights: bool = False, decode: bool | None = None,
-               is_causal: bool = False, lengths: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self,
+    inputs_q: jax.Array,
+    inputs_k: jax.Array | None = None,
+    inputs_v: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    deterministic: bool | None = None,
+    rngs: nnx.Rngs | None = None,
+    sow_weights: bool = False,
+    decode: bool | None = None,
+    is_causal: bool = False,
+    lengths: ArrayLike | None = None,
+  ) -> jax.Array:
     """Attention of ``inputs_q [batch..., Sq, in_features]`` over ``inputs_k``/``inputs_v``
     (default: ``inputs_q``, self-attention).
 
@@ -133,21 +187,31 @@ class MultiHeadAttention(nnx.Module):
     """
     del rngs
     inputs_k, inputs_v = attention_inputs(
-        inputs_q, inputs_k, inputs_v, mask=mask, sow_weights=sow_weights,
-        dropout_rate=self.dropout_rate,
-        deterministic=self.deterministic if deterministic is None else deterministic)
+      inputs_q,
+      inputs_k,
+      inputs_v,
+      mask=mask,
+      sow_weights=sow_weights,
+      dropout_rate=self.dropout_rate,
+      deterministic=self.deterministic if deterministic is None else deterministic,
+    )
 
     query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
     if self.query_ln is not None:
       query, key = self.query_ln(query), self.key_ln(key)
     mask_and_positions = dict(
-        causal=resolve_causal(self.causal, is_causal, query.shape[-3], key.shape[-3]),
-        window=self.window, lengths=lengths, rope_theta=self.rope_theta)
+      causal=resolve_causal(self.causal, is_causal, query.shape[-3], key.shape[-3]),
+      window=self.window,
+      lengths=lengths,
+      rope_theta=self.rope_theta,
+    )
 
     if self.decode if decode is None else decode:
       if self.key_pages is None:
-        raise ValueError("decode=True: the KV cache is not initialized; call "
-                         "init_cache((batch, max_length, features)) first")
+        raise ValueError(
+          "decode=True: the KV cache is not initialized; call "
+          "init_cache((batch, max_length, features)) first"
+        )
       cache = PagedKVCache(*(getattr(self, name)[...] for name in PagedKVCache._fields))
       out, cache = attend(query, key, value, cache=cache, **mask_and_positions)
       for name, updated in cache._asdict().items():
@@ -165,15 +229,27 @@ class RMSNorm(nnx.Module):
   (``jax_fmha.rms_norm_residual``), for pre-norm residual blocks.
   """
 
-  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_scale: bool = True,
-               scale_init: Initializer = nnx.initializers.ones, rngs: nnx.Rngs) -> None:
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_scale: bool = True,
+    scale_init: Initializer = nnx.initializers.ones,
+    rngs: nnx.Rngs,
+  ) -> None:
     self.epsilon, self.dtype = epsilon, dtype
-    self.scale = (nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
-                  if use_scale else nnx.data(None))
+    self.scale = (
+      nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
+      if use_scale
+      else nnx.data(None)
+    )
 
-  def __call__(self, x: jax.Array,
-               residual: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, residual: jax.Array | None = None
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     scale = None if self.scale is None else self.scale[...]
     return rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype, residual=residual)
 
@@ -192,24 +268,43 @@ class GatedMLP(nnx.Module):
     approximate_gelu: GeGLU's tanh approximation (as ``jax.nn.gelu``'s default).
   """
 
-  def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-               *, activation: GatedActivation = "silu", approximate_gelu: bool = True,
-               use_bias: bool = False, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-               kernel_init: Initializer = nnx.initializers.lecun_normal(),
-               bias_init: Initializer = nnx.initializers.zeros_init(),
-               rngs: nnx.Rngs) -> None:
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None = None,
+    *,
+    activation: GatedActivation = "silu",
+    approximate_gelu: bool = True,
+    use_bias: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = nnx.initializers.lecun_normal(),
+    bias_init: Initializer = nnx.initializers.zeros_init(),
+    rngs: nnx.Rngs,
+  ) -> None:
     check_gated_activation(activation)
     self.activation, self.approximate_gelu = activation, approximate_gelu
-    linear = functools.partial(nnx.Linear, use_bias=use_bias, dtype=dtype,
-                               param_dtype=param_dtype, precision=precision,
-                               kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+    linear = functools.partial(
+      nnx.Linear,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+    )
     self.gate_proj = linear(in_features, hidden_features)
     self.up_proj = linear(in_features, hidden_features)
-    self.down_proj = linear(hidden_features,
-                            in_features if out_features is None else out_features)
+    self.down_proj = linear(hidden_features, in_features if out_features is None else out_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = gated_activation(self.gate_proj(x), self.up_proj(x), activation=self.activation,
-                              approximate_gelu=self.approximate_gelu)
+    hidden = gated_activation(
+      self.gate_proj(x),
+      self.up_proj(x),
+      activation=self.activation,
+      approximate_gelu=self.approximate_gelu,
+    )
     return self.down_proj(hidden)
