@@ -9,7 +9,7 @@
 #include <string>
 
 #include "common/merge_ffi.h"
-#include "cuda/dtypes.cuh"
+#include "cuda/common/dtypes.cuh"
 
 namespace jax_fmha::cuda {
 namespace {

@@ -12,7 +12,7 @@
 #include <string>
 
 #include "common/mlp_ffi.h"
-#include "cuda/dtypes.cuh"
+#include "cuda/common/dtypes.cuh"
 
 namespace jax_fmha::cuda {
 namespace {

@@ -7,8 +7,6 @@
 
 #include <cmath>
 
-#include "cuda/attention/kernel_traits.cuh"
-
 namespace jax_fmha::cuda {
 
 __device__ __forceinline__ float exp2_approx(float x) {  // ex2(-inf) = +0

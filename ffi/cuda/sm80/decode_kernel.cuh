@@ -11,13 +11,13 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/cta_tile.cuh"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/kernel_traits.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/tile_load.cuh"
-#include "cuda/attention/warp_mma.cuh"
+#include "cuda/common/cta_tile.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/softmax.cuh"
+#include "cuda/common/tile_load.cuh"
+#include "cuda/sm80/kernel_traits.cuh"
+#include "cuda/sm80/warp_mma.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -162,5 +162,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   combine_and_store<Traits, OutT>(o, softmax, reinterpret_cast<float*>(smem_stages), out, lse,
                                   t.output(p), t.row_begin, t.rows);
 }
+
+// The kernel of ForwardKernel::kDecode (forward_plan.h), for the launcher.
+template <>
+struct ForwardKernelOf<ForwardKernel::kDecode> {
+  template <typename Element, int kHeadDim>
+  using TraitsOf = DecodeTraits<Element, kHeadDim>;
+  template <class Traits, typename OutT>
+  static constexpr auto kernel = attention_decode_kernel<Traits, OutT>;
+};
 
 }  // namespace jax_fmha::cuda

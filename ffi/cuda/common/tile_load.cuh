@@ -6,7 +6,6 @@
 #include <cute/arch/copy_sm80.hpp>
 
 #include "common/attention_problem.h"
-#include "cuda/attention/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 

@@ -11,13 +11,13 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/cta_tile.cuh"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/kernel_traits.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/tile_load.cuh"
-#include "cuda/attention/warp_mma.cuh"
+#include "cuda/common/cta_tile.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/softmax.cuh"
+#include "cuda/common/tile_load.cuh"
+#include "cuda/sm80/kernel_traits.cuh"
+#include "cuda/sm80/warp_mma.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -102,5 +102,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows,
                            warp_row);
 }
+
+// The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.
+template <>
+struct ForwardKernelOf<ForwardKernel::kPortable> {
+  template <typename Element, int kHeadDim>
+  using TraitsOf = KernelTraits<Element, kHeadDim>;
+  template <class Traits, typename OutT>
+  static constexpr auto kernel = attention_forward_kernel<Traits, OutT>;
+};
 
 }  // namespace jax_fmha::cuda
