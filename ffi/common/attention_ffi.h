@@ -104,12 +104,12 @@ inline ffi::Error decode_kv_view(const ffi::AnyBuffer& x, KvLayout layout, int64
       const auto td = block_table.dimensions();
       if (d.size() != 4) return shape_error("k/v pages must have rank 4");
       if (td.size() != 2 || td[0] != batch) return shape_error("block_table must be [B, M]");
-      kv.num_pages = d[0];
-      kv.page_size = d[1];
+      kv.pages.num_pages = d[0];
+      kv.pages.page_size = d[1];
       kv.rows = d[0] * d[1];
-      kv.pages_per_seq = td[1];
-      kv.block_table = block_table.typed_data();
-      if (kv.page_size <= 0) return shape_error("page_size must be positive");
+      kv.pages.pages_per_seq = td[1];
+      kv.pages.block_table = block_table.typed_data();
+      if (kv.pages.page_size <= 0) return shape_error("page_size must be positive");
       return ffi::Error::Success();
     }
   }

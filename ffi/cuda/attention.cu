@@ -79,7 +79,7 @@ ffi::Error launch_for_head_dim(cudaStream_t stream, const AttentionProblem& p, c
                                const void* k, const void* v, void* out, float* lse) {
   const ForwardKernel kernel =
       forward_kernel(compute_capability_major(), p.q.max_len * p.group(), p.head_dim,
-                     p.kv.layout == KvLayout::kPaged ? p.kv.page_size : 0);
+                     p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0);
   const int64_t d = p.head_dim;
   if (d <= 64) return launch_for_output<Element, 64>(stream, kernel, p, q, k, v, out, lse);
   if (d <= 96) return launch_for_output<Element, 96>(stream, kernel, p, q, k, v, out, lse);

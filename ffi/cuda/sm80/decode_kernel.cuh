@@ -104,8 +104,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first_row = int(t.row_begin) + lane / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  const bool contiguous_rows =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+  const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   // The warp's K/V stages: stage s holds K then V of one 16-key block.
   Element* warp_stages =

@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  const bool contiguous_rows =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+  const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   float o[Traits::kMmaM][Traits::kDimAtoms][4];
 #pragma unroll

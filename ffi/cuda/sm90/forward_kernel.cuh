@@ -59,9 +59,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // Pages that are not a multiple of 64 keys load as 16-key runs with staged page ids.
   // (The launcher sends pages that are not a multiple of 16 to the portable kernel; the
   // row-by-row gather keeps any page size correct here too.)
-  const bool staged_ids =
-      p.kv.layout == KvLayout::kPaged && p.kv.page_size % Traits::kRunKeys != 0;
-  const bool page_runs = p.kv.page_size % Traits::kPageRunKeys == 0;
+  const bool staged_ids = !p.kv.runs_contiguous(Traits::kRunKeys);
+  const bool page_runs = p.kv.pages.runs_contiguous(Traits::kPageRunKeys);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (staged_ids) {
           load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
               dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, page_runs,
-              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.page_size), key_begin},
+              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.pages.page_size), key_begin},
               threadIdx.x);
         } else {
           load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(

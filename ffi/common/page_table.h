@@ -1,0 +1,68 @@
+// Paged K/V storage: sequence b's keys live in pages of page_size rows, the page of key j
+// being entry j / page_size of row b of the block table. Every backend takes its paging math
+// from here (the CPU through KvView, each CUDA loader directly); the loaders keep only the
+// copies.
+//
+// Key positions and page sizes are below 2^31, and the per-key arithmetic is 32-bit: in a
+// CUDA kernel's main loop a 64-bit division costs a subroutine call and registers.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace jax_fmha {
+
+struct PageTable {
+  const int32_t* block_table = nullptr;  // [B, pages_per_seq]: page ids
+  int64_t pages_per_seq = 0;
+  int64_t page_size = 0;  // keys (rows) of a page
+  int64_t num_pages = 0;  // pages of the K/V arrays
+
+  // Keys one sequence can hold.
+  FMHA_HOST_DEVICE int64_t capacity() const { return pages_per_seq * page_size; }
+  // Sequence b's page ids.
+  FMHA_HOST_DEVICE const int32_t* ids(int64_t b) const { return block_table + b * pages_per_seq; }
+  // Index in the block table of the page id of key `key` of sequence b.
+  FMHA_HOST_DEVICE int64_t entry(int64_t b, int key) const {
+    return b * pages_per_seq + key / int(page_size);
+  }
+  FMHA_HOST_DEVICE int32_t page_id(int64_t b, int key) const { return block_table[entry(b, key)]; }
+  FMHA_HOST_DEVICE bool id_valid(int32_t id) const { return id >= 0 && id < num_pages; }
+  // The row of key `key` in the page with id `id` (a page id read from the table or a copy).
+  FMHA_HOST_DEVICE static int64_t page_row(int32_t id, int page_size, int key) {
+    return int64_t(id) * page_size + key % page_size;
+  }
+  // The row of key `key` (below capacity(), page id valid) of sequence b.
+  FMHA_HOST_DEVICE int64_t row(int64_t b, int key) const {
+    const int size = int(page_size);
+    return page_row(ids(b)[key / size], size, key);
+  }
+  // Whether every run of n consecutive keys starting at a multiple of n lies in one page.
+  FMHA_HOST_DEVICE bool runs_contiguous(int64_t n) const { return page_size % n == 0; }
+
+  // Whether the page ids of sequence b's first n keys (n <= capacity()) are all valid; one
+  // caller reads them all.
+  FMHA_HOST_DEVICE bool ids_valid(int64_t b, int64_t n) const {
+    for (int64_t key = 0; key < n; key += page_size)
+      if (!id_valid(block_table[b * pages_per_seq + key / page_size])) return false;
+    return true;
+  }
+  // Whether a page holding keys [lo, hi) of sequence b has an invalid id, among the pages
+  // this caller checks: the range's pages start, start + stride, ... (the threads of a CTA
+  // split them: start = thread, stride = threads).
+  FMHA_HOST_DEVICE bool any_invalid_id(int64_t b, int64_t lo, int64_t hi, int start,
+                                       int stride) const {
+    const int first = int(lo / page_size);
+    const int last = hi <= lo ? first : int((hi + page_size - 1) / page_size);
+    const int32_t* seq_ids = ids(b);
+    bool invalid = false;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 4
+#endif
+    for (int page = first + start; page < last; page += stride) invalid |= !id_valid(seq_ids[page]);
+    return invalid;
+  }
+};
+
+}  // namespace jax_fmha
