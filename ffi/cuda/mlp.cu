@@ -9,10 +9,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include "common/mlp_ffi.h"
 #include "cuda/common/dtypes.cuh"
+#include "cuda/common/launch_check.h"
 
 namespace jax_fmha::cuda {
 namespace {
@@ -66,13 +66,6 @@ int64_t next_pow2(int64_t n) {
 
 constexpr int64_t kMaxGridX = 0x7fffffff;  // the kernels loop over what a grid does not cover
 constexpr int64_t kMaxGridY = 65535;
-
-ffi::Error launch_status(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_fmha: launching ") + kernel +
-                              " failed: " + cudaGetErrorString(err));
-}
 
 // ---- GLU ----------------------------------------------------------------------------
 // Thread (x, y) of the grid computes vector x of row y: a block is blockDim.y rows of
@@ -137,7 +130,7 @@ ffi::Error run_glu(cudaStream_t stream, const GluProblem& p) {
       });
     });
   });
-  return launch_status("the GLU kernel");
+  return check_launch("glu (CUDA)", "launching the GLU kernel");
 }
 
 // ---- RMSNorm (+ residual) -----------------------------------------------------------
@@ -304,7 +297,7 @@ ffi::Error run_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
       launch(Tag<T>{});
     });
   });
-  return launch_status("the RMSNorm kernel");
+  return check_launch("rms_norm (CUDA)", "launching the RMSNorm kernel");
 }
 
 }  // namespace
