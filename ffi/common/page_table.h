@@ -50,9 +50,9 @@ struct PageTable {
   }
   // Whether a page holding keys [lo, hi) of sequence b has an invalid id, among the pages
   // this caller checks: the range's pages start, start + stride, ... (the threads of a CTA
-  // split them: start = thread, stride = threads).
+  // split them: start = thread, stride = threads, unsigned as blockDim.x is).
   FMHA_HOST_DEVICE bool any_invalid_id(int64_t b, int64_t lo, int64_t hi, int start,
-                                       int stride) const {
+                                       unsigned stride) const {
     const int first = int(lo / page_size);
     const int last = hi <= lo ? first : int((hi + page_size - 1) / page_size);
     const int32_t* seq_ids = ids(b);

@@ -29,7 +29,7 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
   return !__syncthreads_or(
-      kv.pages.any_invalid_id(b, keys.lo, keys.hi, int(threadIdx.x), int(blockDim.x)));
+      kv.pages.any_invalid_id(b, keys.lo, keys.hi, int(threadIdx.x), blockDim.x));
 }
 
 // Where the tile's packed query rows live: row r of the tile is packed row row_begin + r of
@@ -67,7 +67,8 @@ enum class KvPart { kBoth, kKeys, kValues };
 // The row of key `key` (below the sequence's capacity, page id valid) of sequence b in the
 // K/V arrays.
 __device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b, int key) {
-  return p.kv.row(b, key);
+  if (p.kv.layout != KvLayout::kPaged) return p.kv.row(b, key);
+  return p.kv.pages.row(b, key);
 }
 
 // Where a key block lies in the K/V arrays, for load_kv_tile: as kRuns runs of consecutive
