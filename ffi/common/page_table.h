@@ -42,7 +42,7 @@ struct PageTable {
   FMHA_HOST_DEVICE bool runs_contiguous(int64_t n) const { return page_size % n == 0; }
 
   // Whether the page ids of sequence b's first n keys (n <= capacity()) are all valid; one
-  // caller reads them all.
+  // caller reads them all, once per sequence (so 64-bit arithmetic).
   FMHA_HOST_DEVICE bool ids_valid(int64_t b, int64_t n) const {
     for (int64_t key = 0; key < n; key += page_size)
       if (!id_valid(block_table[b * pages_per_seq + key / page_size])) return false;

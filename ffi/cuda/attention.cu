@@ -116,7 +116,8 @@ const char* forward_kernel_name() {
 }  // namespace jax_fmha::cuda
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxFmhaAttentionCuda, (jax_fmha::attention_handler<cudaStream_t, jax_fmha::cuda::run_attention>),
+    JaxFmhaAttentionCuda,
+    (jax_fmha::attention_handler<cudaStream_t, jax_fmha::cuda::run_attention>),
     jax_fmha::bind_attention(
         xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
     {xla::ffi::Traits::kCmdBufferCompatible});
