@@ -48,20 +48,14 @@ struct PageTable {
       if (!id_valid(block_table[b * pages_per_seq + key / page_size])) return false;
     return true;
   }
-  // Whether a page holding keys [lo, hi) of sequence b has an invalid id, among the pages
-  // this caller checks: the range's pages start, start + stride, ... (the threads of a CTA
-  // split them: start = thread, stride = threads, unsigned as blockDim.x is).
-  FMHA_HOST_DEVICE bool any_invalid_id(int64_t b, int64_t lo, int64_t hi, int start,
-                                       unsigned stride) const {
+  // The pages holding keys [lo, hi) of a sequence: entries [first, last) of its ids. (A
+  // CTA's threads check their validity together: kv_keys_valid.)
+  struct Range {
+    int first, last;
+  };
+  FMHA_HOST_DEVICE Range pages_of(int64_t lo, int64_t hi) const {
     const int first = int(lo / page_size);
-    const int last = hi <= lo ? first : int((hi + page_size - 1) / page_size);
-    const int32_t* seq_ids = ids(b);
-    bool invalid = false;
-#if defined(__CUDA_ARCH__)
-#pragma unroll 4
-#endif
-    for (int page = first + start; page < last; page += stride) invalid |= !id_valid(seq_ids[page]);
-    return invalid;
+    return {first, hi <= lo ? first : int((hi + page_size - 1) / page_size)};
   }
 };
 

@@ -28,8 +28,13 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
   if (kv.layout != KvLayout::kPaged) return kv.valid(b);
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
-  return !__syncthreads_or(
-      kv.pages.any_invalid_id(b, keys.lo, keys.hi, int(threadIdx.x), blockDim.x));
+  const PageTable::Range pages = kv.pages.pages_of(keys.lo, keys.hi);
+  const int32_t* ids = kv.pages.ids(b);
+  bool bad_page = false;
+#pragma unroll 4
+  for (int page = pages.first + int(threadIdx.x); page < pages.last; page += blockDim.x)
+    bad_page |= !kv.pages.id_valid(ids[page]);
+  return !__syncthreads_or(bad_page);
 }
 
 // Where the tile's packed query rows live: row r of the tile is packed row row_begin + r of
