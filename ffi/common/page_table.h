@@ -29,14 +29,16 @@ struct PageTable {
   }
   FMHA_HOST_DEVICE int32_t page_id(int64_t b, int key) const { return block_table[entry(b, key)]; }
   FMHA_HOST_DEVICE bool id_valid(int32_t id) const { return id >= 0 && id < num_pages; }
-  // The row of key `key` in the page with id `id` (a page id read from the table or a copy).
-  FMHA_HOST_DEVICE static int64_t page_row(int32_t id, int page_size, int key) {
-    return int64_t(id) * page_size + key % page_size;
+  // Row of key `key` = page_start(its page id) + key_in_page(key): the first row of the page
+  // with id `id` (read from the table or from a copy of it), and the key's place in its page.
+  FMHA_HOST_DEVICE static int64_t page_start(int32_t id, int page_size) {
+    return int64_t(id) * page_size;
   }
+  FMHA_HOST_DEVICE static int key_in_page(int key, int page_size) { return key % page_size; }
   // The row of key `key` (below capacity(), page id valid) of sequence b.
   FMHA_HOST_DEVICE int64_t row(int64_t b, int key) const {
     const int size = int(page_size);
-    return page_row(ids(b)[key / size], size, key);
+    return page_start(ids(b)[key / size], size) + key_in_page(key, size);
   }
   // Whether every run of n consecutive keys starting at a multiple of n lies in one page.
   FMHA_HOST_DEVICE bool runs_contiguous(int64_t n) const { return page_size % n == 0; }

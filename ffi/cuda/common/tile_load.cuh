@@ -116,7 +116,8 @@ struct PagedRuns {
 
   template <int kRunKeys>
   __device__ __forceinline__ int64_t run_row(int run) const {
-    return PageTable::page_row(page_ids[run], page_size, key_begin + run * kRunKeys);
+    return PageTable::page_start(page_ids[run], page_size) +
+           PageTable::key_in_page(key_begin + run * kRunKeys, page_size);
   }
   template <int kRunKeys>
   __device__ __forceinline__ int64_t row(int r) const {
