@@ -108,12 +108,12 @@ inline ffi::Error decode_kv_view(const char* op, const ffi::AnyBuffer& x, KvLayo
       if (d.size() != 4) return invalid_argument(op, "k/v pages must have rank 4");
       if (td.size() != 2 || td[0] != batch)
         return invalid_argument(op, "block_table must be [B, M]");
-      kv.num_pages = d[0];
-      kv.page_size = d[1];
+      kv.pages.num_pages = d[0];
+      kv.pages.page_size = d[1];
       kv.rows = d[0] * d[1];
-      kv.pages_per_seq = td[1];
-      kv.block_table = block_table.typed_data();
-      if (kv.page_size <= 0) return invalid_argument(op, "page_size must be positive");
+      kv.pages.pages_per_seq = td[1];
+      kv.pages.block_table = block_table.typed_data();
+      if (kv.pages.page_size <= 0) return invalid_argument(op, "page_size must be positive");
       return ffi::Error::Success();
     }
   }

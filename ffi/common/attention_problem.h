@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/page_table.h"
 
 namespace jax_fmha {
 
@@ -50,10 +51,7 @@ struct KvView {
   KvLayout layout = KvLayout::kUniform;
   SeqRows seqs;                          // kUniform, kPacked; kCache: uniform_len = S_max
   const int32_t* seq_lens = nullptr;     // kCache, kPaged: [B]
-  const int32_t* block_table = nullptr;  // kPaged: [B, pages_per_seq]
-  int64_t pages_per_seq = 0;
-  int64_t page_size = 0;
-  int64_t num_pages = 0;
+  PageTable pages;                       // kPaged
   int64_t rows = 0;  // rows of the [rows, Hkv, D] view of the array (num_pages * page_size)
 
   FMHA_HOST_DEVICE bool has_seq_lens() const {
@@ -64,18 +62,18 @@ struct KvView {
   }
   // Keys sequence b can hold (caches); its length for the other layouts.
   FMHA_HOST_DEVICE int64_t capacity(int64_t b) const {
-    if (layout == KvLayout::kPaged) return pages_per_seq * page_size;
+    if (layout == KvLayout::kPaged) return pages.capacity();
     if (layout == KvLayout::kCache) return seqs.uniform_len;
     return seqs.len(b);
   }
-  FMHA_HOST_DEVICE int32_t page_id(int64_t b, int64_t j) const {
-    return block_table[b * pages_per_seq + j / page_size];
-  }
-  FMHA_HOST_DEVICE bool page_id_valid(int32_t id) const { return id >= 0 && id < num_pages; }
   // Row of key j (0 <= j < capacity(b), page id valid) of sequence b.
   FMHA_HOST_DEVICE int64_t row(int64_t b, int64_t j) const {
-    if (layout == KvLayout::kPaged) return int64_t(page_id(b, j)) * page_size + j % page_size;
+    if (layout == KvLayout::kPaged) return pages.row(b, int(j));
     return seqs.begin(b) + j;
+  }
+  // Whether keys [i n, i n + n) lie in consecutive rows for every i (all but small pages).
+  FMHA_HOST_DEVICE bool runs_contiguous(int64_t n) const {
+    return layout != KvLayout::kPaged || pages.runs_contiguous(n);
   }
   // Whether every key of sequence b lies inside the array. Reads the page ids of the
   // sequence: a backend calls it once per sequence (or shares the work across a block).
@@ -89,10 +87,7 @@ struct KvView {
       case KvLayout::kCache: return seq_lens[b] >= 0 && seq_lens[b] <= seqs.uniform_len;
       default: {
         const int64_t n = seq_lens[b];
-        if (n < 0 || n > capacity(b)) return false;
-        for (int64_t j = 0; j < n; j += page_size)
-          if (!page_id_valid(page_id(b, j))) return false;
-        return true;
+        return n >= 0 && n <= capacity(b) && pages.ids_valid(b, n);
       }
     }
   }

@@ -39,7 +39,7 @@ struct KvCacheUpdate {
     const int64_t start = cache.seq_lens[b];
     const int64_t pos = start + t;
     if (start < 0 || pos >= cache.capacity(b)) return -1;
-    if (cache.layout == KvLayout::kPaged && !cache.page_id_valid(cache.page_id(b, pos)))
+    if (cache.layout == KvLayout::kPaged && !cache.pages.id_valid(cache.pages.page_id(b, int(pos))))
       return -1;
     return cache.row(b, pos);
   }

@@ -76,4 +76,10 @@ inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_p
   return ForwardKernel::kPortable;
 }
 
+// The traits and the kernel template of each forward kernel, specialized next to the kernel
+// (sm80/forward_kernel.cuh, sm80/decode_kernel.cuh, sm90/forward_kernel.cuh): TraitsOf<Element,
+// head dim> and kernel<Traits, OutT>.
+template <ForwardKernel kKernel>
+struct ForwardKernelOf;
+
 }  // namespace jax_fmha::cuda

@@ -3,13 +3,14 @@
 // writes are skipped there). The cache results alias the cache operands: in place.
 #include <cuda_runtime.h>
 
-#include <string>
-
+#include "common/errors.h"
 #include "common/kv_cache_ffi.h"
+#include "cuda/common/launch_check.h"
 
 namespace jax_fmha::cuda {
 namespace {
 
+constexpr const char* kOp = "update_kv_cache (CUDA)";
 constexpr int kTokensPerBlock = 8;  // one warp each
 
 // Grid: (token blocks of the longest new sequence, batch). Rows are copied in 16-byte
@@ -34,19 +35,16 @@ ffi::Error run_update(cudaStream_t stream, const KvCacheUpdate& u, const void* k
                       const void* v_new, void* k_cache, void* v_cache) {
   const int64_t row_bytes = u.row_elements * u.elem_bytes;
   if (row_bytes % 16 != 0)
-    return shape_error("update_kv_cache (CUDA): a token's row must be a multiple of 16 bytes");
+    return invalid_argument(kOp, "a token's row must be a multiple of 16 bytes");
   const int64_t token_blocks = (u.new_tokens.max_len + kTokensPerBlock - 1) / kTokensPerBlock;
   if (token_blocks == 0 || u.batch == 0) return ffi::Error::Success();
   if (token_blocks > 0x7fffffff || u.batch > 65535)
-    return shape_error("update_kv_cache (CUDA): too many new tokens or sequences");
+    return invalid_argument(kOp, "too many new tokens or sequences");
   const dim3 grid(unsigned(token_blocks), unsigned(u.batch));
   update_kv_cache_kernel<<<grid, kTokensPerBlock * 32, 0, stream>>>(
       u, static_cast<const uint4*>(k_new), static_cast<const uint4*>(v_new),
       static_cast<uint4*>(k_cache), static_cast<uint4*>(v_cache), row_bytes / 16);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-    return ffi::Error::Internal(std::string("jax_fmha update_kv_cache (CUDA): launch failed: ") +
-                                cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return check_launch(kOp, "launching the cache update");
 }
 
 }  // namespace

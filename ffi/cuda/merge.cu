@@ -6,14 +6,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <string>
 
+#include "common/errors.h"
 #include "common/merge_ffi.h"
-#include "cuda/dtypes.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/common/launch_check.h"
 
 namespace jax_fmha::cuda {
 namespace {
 
+constexpr const char* kOp = "merge (CUDA)";
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -79,40 +81,30 @@ ffi::Error launch(cudaStream_t stream, const MergeProblem& m, const float* po, c
                   void* out, float* lse) {
   const int64_t blocks = (m.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks == 0) return ffi::Error::Success();
-  if (blocks > 0x7fffffff) return shape_error("merge: too many rows");
+  if (blocks > 0x7fffffff) return invalid_argument(kOp, "too many rows");
   // Four columns a lane when rows stay 16-byte aligned (XLA's buffers are).
   const bool vectorized = m.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(po) % 16 == 0;
   const auto kernel = vectorized ? merge_kernel<OutT, 4> : merge_kernel<OutT, 1>;
   kernel<<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(m, po, pl,
                                                                static_cast<OutT*>(out), lse);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-    return ffi::Error::Internal(std::string("jax_fmha merge (CUDA): launch failed: ") +
-                                cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return check_launch(kOp, "launching the merge kernel");
 }
 
-ffi::Error merge_cuda(cudaStream_t stream, ffi::Buffer<ffi::F32> partial_out,
-                      ffi::Buffer<ffi::F32> partial_lse, ffi::Result<ffi::AnyBuffer> out,
-                      ffi::Result<ffi::Buffer<ffi::F32>> lse) {
-  MergeProblem m;
-  if (auto err = decode_merge(partial_out, partial_lse, *out, *lse, m); !err.success()) return err;
-  const float* po = partial_out.typed_data();
-  const float* pl = partial_lse.typed_data();
-  void* o = out->untyped_data();
-  float* l = lse->typed_data();
-  switch (out->element_type()) {
-    case ffi::DataType::F32: return launch<float>(stream, m, po, pl, o, l);
-    case ffi::DataType::BF16: return launch<__nv_bfloat16>(stream, m, po, pl, o, l);
-    case ffi::DataType::F16: return launch<__half>(stream, m, po, pl, o, l);
-    default: return shape_error("merge: out must be float32, bfloat16 or float16");
+ffi::Error run_merge(cudaStream_t stream, const MergeProblem& m, const float* partial_out,
+                     const float* partial_lse, ffi::DataType out_dtype, void* out, float* lse) {
+  switch (out_dtype) {
+    case ffi::DataType::F32: return launch<float>(stream, m, partial_out, partial_lse, out, lse);
+    case ffi::DataType::BF16:
+      return launch<__nv_bfloat16>(stream, m, partial_out, partial_lse, out, lse);
+    case ffi::DataType::F16: return launch<__half>(stream, m, partial_out, partial_lse, out, lse);
+    default: return invalid_argument(kOp, "out must be float32, bfloat16 or float16");
   }
 }
 
 }  // namespace
 }  // namespace jax_fmha::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFmhaMergeCuda, jax_fmha::cuda::merge_cuda,
-                              jax_fmha::bind_merge(
-                                  xla::ffi::Ffi::Bind()
-                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFmhaMergeCuda, (jax_fmha::merge_handler<cudaStream_t, jax_fmha::cuda::run_merge>),
+    jax_fmha::bind_merge(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});

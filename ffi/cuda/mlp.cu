@@ -9,10 +9,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include "common/mlp_ffi.h"
-#include "cuda/dtypes.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/common/launch_check.h"
 
 namespace jax_fmha::cuda {
 namespace {
@@ -66,13 +66,6 @@ int64_t next_pow2(int64_t n) {
 
 constexpr int64_t kMaxGridX = 0x7fffffff;  // the kernels loop over what a grid does not cover
 constexpr int64_t kMaxGridY = 65535;
-
-ffi::Error launch_status(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_fmha: launching ") + kernel +
-                              " failed: " + cudaGetErrorString(err));
-}
 
 // ---- GLU ----------------------------------------------------------------------------
 // Thread (x, y) of the grid computes vector x of row y: a block is blockDim.y rows of
@@ -137,7 +130,7 @@ ffi::Error run_glu(cudaStream_t stream, const GluProblem& p) {
       });
     });
   });
-  return launch_status("the GLU kernel");
+  return check_launch("glu (CUDA)", "launching the GLU kernel");
 }
 
 // ---- RMSNorm (+ residual) -----------------------------------------------------------
@@ -152,7 +145,8 @@ ffi::Error run_glu(cudaStream_t stream, const GluProblem& p) {
 // residual above a store of h (the pointers may alias, for all it knows), so a loop that
 // loads, adds and stores one vector at a time keeps one vector of each in flight. The
 // weights are read in pass 2 (L1 hits, mostly): held from pass 1 on, their registers cost
-// more in occupancy than their latency (3.4 vs 3.9 TB/s for rms_norm, 16384 x 4096 bf16).
+// more in occupancy than their latency (3.4 vs 3.9 TB/s for rms_norm, 16384 x 4096 bf16 on
+// an H200; docs/design/mlp_kernels.md).
 
 constexpr int kCachedVectors = 4;
 
@@ -272,12 +266,10 @@ void launch_rms_norm_rows(cudaStream_t stream, const RmsNormProblem& p) {
 
 template <typename T, typename W, int V, bool kResidual>
 void launch_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
-  // rms_norm_sweep.cu, 16384 x 4096 bf16 on an H200 (gpu_session3/4_h200.md). The residual
-  // op, which loads two vectors per cached one, ran at 4.0-4.07 TB/s (memcpy speed) with 2
-  // vectors x 256 threads in all six measurements, where 4 x 128 varied between runs from
-  // 3.6 to 4.0. So it caches 2 vectors a thread while the row fits 2 x 512 vectors, 4
-  // above. rms_norm keeps 4 x 128: 3.56-3.89 TB/s between runs, against 3.76-3.79 for the
-  // best other shape (8 x 64, one row a block, which the launcher does not form).
+  // Shapes measured on an H200 (docs/design/mlp_kernels.md): the residual op, which loads two
+  // vectors per cached one, runs at memcpy speed with 2 vectors x 256 threads, steadier than
+  // 4 x 128; so it caches 2 vectors a thread while the row fits 2 x 512 vectors, 4 above.
+  // rms_norm keeps 4 x 128, as fast as the best other shape.
   if constexpr (kResidual) {
     if (p.hidden / V <= 2 * kMaxRowThreads)
       return launch_rms_norm_rows<T, W, V, 2, kResidual>(stream, p);
@@ -304,7 +296,7 @@ ffi::Error run_rms_norm(cudaStream_t stream, const RmsNormProblem& p) {
       launch(Tag<T>{});
     });
   });
-  return launch_status("the RMSNorm kernel");
+  return check_launch("rms_norm (CUDA)", "launching the RMSNorm kernel");
 }
 
 }  // namespace

@@ -21,6 +21,8 @@
 
 #include <cute/arch/mma_sm80.hpp>
 
+#include "cuda/forward_plan.h"
+
 namespace jax_fmha::cuda {
 
 // The tensor-core instruction for an element type: m16n8k16, fp32 accumulation.
@@ -50,10 +52,10 @@ struct KernelTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
 
   // Compiled head dim (a smaller problem head_dim runs here with zero-padded columns).
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
+  static constexpr int kBlockM = int(kPortableShape.block_m);
   // Above d64 the key tile is 32 keys: with 64, S (64 registers) and O (128) of a warp's 32
   // rows at d128 leave ptxas short (148 B of spills), and on an H200 it measured 2-4% slower
-  // than 32 keys with one barrier a step (gpu_attention_perf_h200.md). 32 keys also keep two
+  // than 32 keys with one barrier a step (docs/design/cuda_attention.md). 32 keys also keep two
   // K/V stages within an A100's 163 KB of shared memory at d256.
   static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
   // Up to d128 a warp owns 32 rows (two m16 tiles share each K/V fragment it loads); above,
@@ -96,7 +98,7 @@ struct DecodeTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   using Mma = typename MmaAtom<Element>::Op;
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 16;
+  static constexpr int kBlockM = int(kDecodeShape.block_m);
   static constexpr int kBlockN = 16;  // keys of one warp step (one k16 step of P V)
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;

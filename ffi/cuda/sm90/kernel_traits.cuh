@@ -1,5 +1,5 @@
 // Compile-time shape of the Hopper (sm_90a) attention forward kernel: the forward kernel of
-// cuda/attention/forward_kernel.cuh with its two products on warpgroup MMA (wgmma) instead
+// cuda/sm80/forward_kernel.cuh with its two products on warpgroup MMA (wgmma) instead
 // of per-warp mma.sync.
 //
 // One CTA = two warpgroups of 128 threads, kBlockM = 128 packed query rows: warpgroup g owns
@@ -21,7 +21,8 @@
 #include <cute/arch/mma_sm90.hpp>
 #include <cutlass/numeric_types.h>
 
-#include "cuda/attention/kernel_traits.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/forward_plan.h"
 
 namespace jax_fmha::cuda {
 
@@ -49,7 +50,7 @@ struct HopperTraits {
   using MmaElement = typename CuteElement<Element>::type;
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
+  static constexpr int kBlockM = int(kHopperShape.block_m);
   // 128 keys up to d128. Above, 64: the K/V stages of 128 keys would not fit the shared
   // memory at d192-d256, and the O accumulator (up to 128 registers) leaves less room for S.
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
@@ -69,7 +70,7 @@ struct HopperTraits {
   // of block n + 2 are copied to shared memory at step n, with that step's copies, into one
   // of kPageIdSlots slots (a slot is read at the two steps after the one that fills it, so
   // three would do).
-  static constexpr int kPageRunKeys = 16;
+  static constexpr int kPageRunKeys = int(kHopperPageRunKeys);
   static constexpr int kPageRuns = kBlockN / kPageRunKeys;
   static constexpr int kPageIdSlots = 4;
   // load_kv_tile's general path two copies at a time. At run time it serves d96 and d192

@@ -6,7 +6,6 @@
 #include <cute/arch/copy_sm80.hpp>
 
 #include "common/attention_problem.h"
-#include "cuda/attention/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -29,13 +28,12 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
   if (kv.layout != KvLayout::kPaged) return kv.valid(b);
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
+  const PageTable::Range pages = kv.pages.pages_of(keys.lo, keys.hi);
+  const int32_t* ids = kv.pages.ids(b);
   bool bad_page = false;
-  const int first = int(keys.lo / kv.page_size);
-  const int last = keys.empty() ? first : int((keys.hi + kv.page_size - 1) / kv.page_size);
-  const int32_t* ids = kv.block_table + b * kv.pages_per_seq;
 #pragma unroll 4
-  for (int page = first + int(threadIdx.x); page < last; page += blockDim.x)
-    bad_page |= !kv.page_id_valid(ids[page]);
+  for (int page = pages.first + int(threadIdx.x); page < pages.last; page += blockDim.x)
+    bad_page |= !kv.pages.id_valid(ids[page]);
   return !__syncthreads_or(bad_page);
 }
 
@@ -72,13 +70,10 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
 enum class KvPart { kBoth, kKeys, kValues };
 
 // The row of key `key` (below the sequence's capacity, page id valid) of sequence b in the
-// K/V arrays. 32-bit page arithmetic: keys and page sizes are below 2^31, and a 64-bit
-// division would cost a subroutine call in loops that have every register taken.
+// K/V arrays.
 __device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b, int key) {
   if (p.kv.layout != KvLayout::kPaged) return p.kv.row(b, key);
-  const int page_size = int(p.kv.page_size);
-  const int32_t* pages = p.kv.block_table + b * p.kv.pages_per_seq;
-  return int64_t(pages[key / page_size]) * page_size + key % page_size;
+  return p.kv.pages.row(b, key);
 }
 
 // Where a key block lies in the K/V arrays, for load_kv_tile: as kRuns runs of consecutive
@@ -121,7 +116,8 @@ struct PagedRuns {
 
   template <int kRunKeys>
   __device__ __forceinline__ int64_t run_row(int run) const {
-    return int64_t(page_ids[run]) * page_size + (key_begin + run * kRunKeys) % page_size;
+    return PageTable::page_start(page_ids[run], page_size) +
+           PageTable::key_in_page(key_begin + run * kRunKeys, page_size);
   }
   template <int kRunKeys>
   __device__ __forceinline__ int64_t row(int r) const {
@@ -140,8 +136,7 @@ __device__ __forceinline__ void stage_page_ids(int32_t* smem_ids, const Attentio
   if (tid >= kRuns) return;
   const int key = key_begin + tid * kRunKeys;
   const bool in_bounds = key < key_end;
-  const int32_t* src =
-      p.kv.block_table + (in_bounds ? b * p.kv.pages_per_seq + key / int(p.kv.page_size) : 0);
+  const int32_t* src = p.kv.pages.block_table + (in_bounds ? p.kv.pages.entry(b, key) : 0);
   cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
       *reinterpret_cast<const uint32_t*>(src), *reinterpret_cast<uint32_t*>(smem_ids + tid),
       in_bounds);

@@ -7,10 +7,8 @@
 #include <cmath>
 
 #include "common/attention_problem.h"
-#include "cuda/dtypes.cuh"
-#include "cuda/attention/kernel_traits.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/warp_mma.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/common/softmax.cuh"
 
 namespace jax_fmha::cuda {
 

@@ -1,5 +1,5 @@
 // The two products of a warpgroup on wgmma (sm_90a), fp32 accumulators in the thread's
-// registers, laid out like the mma.sync accumulators of cuda/attention/warp_mma.cuh:
+// registers, laid out like the mma.sync accumulators of cuda/sm80/warp_mma.cuh:
 //   S[1][kKeyAtoms]  = Q (warpgroup's 64 rows, shared) x K^T (key tile, shared)
 //   O[1][kDimAtoms] += P (probabilities, registers)    x V   (value tile, shared)
 // Each product is issued as one batch of k16 wgmma steps (issue_qk, issue_pv) and runs
@@ -10,8 +10,8 @@
 
 #include <cute/tensor.hpp>
 
-#include "cuda/attention/warp_mma.cuh"
-#include "cuda/hopper/kernel_traits.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/sm90/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 

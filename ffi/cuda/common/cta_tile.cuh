@@ -4,9 +4,9 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/tile_load.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/tile_load.cuh"
 
 namespace jax_fmha::cuda {
 

@@ -9,7 +9,6 @@
 #include <cmath>
 
 #include "common/attention_problem.h"
-#include "cuda/attention/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 

@@ -1,13 +1,11 @@
 // Online softmax over key blocks, fp32, in base 2: with no softcap the raw scores go in and
 // scale * log2(e) is folded into the max and into one FFMA before each ex2 (no separate
-// multiply pass); with a softcap the scores are first mapped to softcap * tanh(.) * log2(e). Each thread holds 2 * kMmaM rows
-// (rows g and g + 8 of each m16 tile); a row's 4 owner threads (one quad) combine their
-// maxima every block and their sums only at the end.
+// multiply pass); with a softcap the scores are first mapped to softcap * tanh(.) * log2(e).
+// Each thread holds 2 * kMmaM rows (rows g and g + 8 of each m16 tile); a row's 4 owner
+// threads (one quad) combine their maxima every block and their sums only at the end.
 #pragma once
 
 #include <cmath>
-
-#include "cuda/attention/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -62,7 +60,7 @@ struct ScoreTransform {
 // it by more than this (log2 units). Probabilities then stay below 2^8 (no overflow in
 // the fp32 sums, nor in bf16/fp16 P), and the row's sum, O and LSE all use the same
 // reference, so the result is unchanged, while O is rescaled only a few times a row
-// instead of whenever the max creeps up: +3.5% at d128 (gpu_session3_h200.md).
+// instead of whenever the max creeps up: +3.5% at d128 (docs/design/cuda_attention.md).
 constexpr float kRescaleThreshold = 8.f;
 
 template <class Traits>

@@ -11,13 +11,13 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/cta_tile.cuh"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/kernel_traits.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/tile_load.cuh"
-#include "cuda/attention/warp_mma.cuh"
+#include "cuda/common/cta_tile.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/softmax.cuh"
+#include "cuda/common/tile_load.cuh"
+#include "cuda/sm80/kernel_traits.cuh"
+#include "cuda/sm80/warp_mma.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -104,8 +104,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first_row = int(t.row_begin) + lane / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  const bool contiguous_rows =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+  const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   // The warp's K/V stages: stage s holds K then V of one 16-key block.
   Element* warp_stages =
@@ -162,5 +161,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   combine_and_store<Traits, OutT>(o, softmax, reinterpret_cast<float*>(smem_stages), out, lse,
                                   t.output(p), t.row_begin, t.rows);
 }
+
+// The kernel of ForwardKernel::kDecode (forward_plan.h), for the launcher.
+template <>
+struct ForwardKernelOf<ForwardKernel::kDecode> {
+  template <typename Element, int kHeadDim>
+  using TraitsOf = DecodeTraits<Element, kHeadDim>;
+  template <class Traits, typename OutT>
+  static constexpr auto kernel = attention_decode_kernel<Traits, OutT>;
+};
 
 }  // namespace jax_fmha::cuda

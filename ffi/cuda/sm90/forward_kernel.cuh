@@ -1,5 +1,5 @@
 // The Hopper (sm_90a) attention forward kernel: the tile and problem of the portable kernel
-// (cuda/attention/forward_kernel.cuh: same grid, tile placement, loads, masks, softmax and
+// (cuda/sm80/forward_kernel.cuh: same grid, tile placement, loads, masks, softmax and
 // epilogue), with its products on warpgroup MMA and a main loop that overlaps them with
 // the softmax. One CTA = two warpgroups, each its own 64 rows of the 128-row tile.
 //
@@ -19,13 +19,13 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/cta_tile.cuh"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/tile_load.cuh"
-#include "cuda/hopper/kernel_traits.cuh"
-#include "cuda/hopper/warpgroup_mma.cuh"
+#include "cuda/common/cta_tile.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/softmax.cuh"
+#include "cuda/common/tile_load.cuh"
+#include "cuda/sm90/kernel_traits.cuh"
+#include "cuda/sm90/warpgroup_mma.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -59,9 +59,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // Pages that are not a multiple of 64 keys load as 16-key runs with staged page ids.
   // (The launcher sends pages that are not a multiple of 16 to the portable kernel; the
   // row-by-row gather keeps any page size correct here too.)
-  const bool staged_ids =
-      p.kv.layout == KvLayout::kPaged && p.kv.page_size % Traits::kRunKeys != 0;
-  const bool page_runs = p.kv.page_size % Traits::kPageRunKeys == 0;
+  const bool staged_ids = !p.kv.runs_contiguous(Traits::kRunKeys);
+  const bool page_runs = p.kv.pages.runs_contiguous(Traits::kPageRunKeys);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (staged_ids) {
           load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
               dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, page_runs,
-              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.page_size), key_begin},
+              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.pages.page_size), key_begin},
               threadIdx.x);
         } else {
           load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
@@ -185,5 +184,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                            warp_row);
 #endif
 }
+
+// The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher.
+template <>
+struct ForwardKernelOf<ForwardKernel::kHopper> {
+  template <typename Element, int kHeadDim>
+  using TraitsOf = HopperTraits<Element, kHeadDim>;
+  template <class Traits, typename OutT>
+  static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
+};
 
 }  // namespace jax_fmha::cuda

@@ -10,7 +10,8 @@
 
 #include <cute/arch/copy_sm75.hpp>
 
-#include "cuda/attention/kernel_traits.cuh"
+#include "cuda/common/dtypes.cuh"
+#include "cuda/sm80/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -69,20 +70,6 @@ __device__ __forceinline__ void warp_qk(const typename Traits::Element* smem_q,
       }
     }
   }
-}
-
-// Two floats -> one register of two 16-bit elements (the lower column in the low half).
-template <typename Element>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&x);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 x = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&x);
 }
 
 // O += P V. The probabilities sit in S's accumulator layout, which is exactly the A layout

@@ -11,13 +11,13 @@
 #pragma once
 
 #include "common/attention_problem.h"
-#include "cuda/attention/cta_tile.cuh"
-#include "cuda/attention/epilogue.cuh"
-#include "cuda/attention/kernel_traits.cuh"
-#include "cuda/attention/mask.cuh"
-#include "cuda/attention/softmax.cuh"
-#include "cuda/attention/tile_load.cuh"
-#include "cuda/attention/warp_mma.cuh"
+#include "cuda/common/cta_tile.cuh"
+#include "cuda/common/epilogue.cuh"
+#include "cuda/common/mask.cuh"
+#include "cuda/common/softmax.cuh"
+#include "cuda/common/tile_load.cuh"
+#include "cuda/sm80/kernel_traits.cuh"
+#include "cuda/sm80/warp_mma.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  const bool contiguous_rows =
-      p.kv.layout != KvLayout::kPaged || p.kv.page_size % kBlockN == 0;
+  const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   float o[Traits::kMmaM][Traits::kDimAtoms][4];
 #pragma unroll
@@ -102,5 +101,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows,
                            warp_row);
 }
+
+// The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.
+template <>
+struct ForwardKernelOf<ForwardKernel::kPortable> {
+  template <typename Element, int kHeadDim>
+  using TraitsOf = KernelTraits<Element, kHeadDim>;
+  template <class Traits, typename OutT>
+  static constexpr auto kernel = attention_forward_kernel<Traits, OutT>;
+};
 
 }  // namespace jax_fmha::cuda

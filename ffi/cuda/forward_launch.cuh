@@ -1,0 +1,57 @@
+// Definition of launch_forward (forward_launch.h), for the generated instantiation files:
+// include the kernel's header (which specializes ForwardKernelOf) before this one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "common/errors.h"
+#include "cuda/common/launch_check.h"
+#include "cuda/forward_launch.h"
+
+namespace jax_fmha::cuda {
+
+// Shared memory above 48 KB must be granted per kernel and per device; once each. (The
+// statics belong to one instantiation: each kernel has its own.)
+template <auto kKernel, size_t kSmemBytes>
+cudaError_t allow_shared_memory() {
+  const auto set = [] {
+    return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                int(kSmemBytes));
+  };
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t result[kMaxDevices];
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device >= kMaxDevices) return set();
+  std::call_once(once[device], [&] { result[device] = set(); });
+  return result[device];
+}
+
+template <ForwardKernel kKernel, typename Element, int kHeadDim, typename OutT>
+xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
+                               const void* k, const void* v, OutT* out, float* lse) {
+  using Kernel = ForwardKernelOf<kKernel>;
+  using Traits = typename Kernel::template TraitsOf<Element, kHeadDim>;
+  constexpr auto kernel = Kernel::template kernel<Traits, OutT>;
+  static_assert(Traits::kBlockM == kernel_shape(kKernel).block_m, "tile rows of the plan");
+  constexpr const char* kOp = "attention (CUDA)";
+  const int64_t row_tiles = (p.q.max_len * p.group() + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t z = p.batch * p.num_splits;
+  if (row_tiles == 0 || z == 0) return xla::ffi::Error::Success();
+  if (row_tiles > 0x7fffffff || p.num_kv_heads > 65535 || z > 65535)
+    return invalid_argument(kOp,
+                            "grid too large (max_seqlen_q * group / 128 < 2^31, KV heads <= "
+                            "65535, batch * num_splits <= 65535)");
+  if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
+    return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
+  const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+      p, static_cast<const Element*>(q), static_cast<const Element*>(k),
+      static_cast<const Element*>(v), out, lse);
+  return check_launch(kOp, "launching the attention kernel");
+}
+
+}  // namespace jax_fmha::cuda

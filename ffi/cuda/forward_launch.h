@@ -1,0 +1,21 @@
+// The launch of one attention forward kernel (forward_plan.h) for one dtype, head dim and
+// output type. Defined in forward_launch.cuh and instantiated once per (kernel, Element,
+// head dim) by a file CMake generates from forward_instance.cu.in, so that the kernels
+// compile in parallel; attention.cu sees only this declaration.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/attention_problem.h"
+#include "cuda/forward_plan.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_fmha::cuda {
+
+// One launch over the grid (row tiles of the longest sequence, KV heads, batch x splits);
+// q, k and v hold Element, out holds OutT (float32 for split-KV partial outputs).
+template <ForwardKernel kKernel, typename Element, int kHeadDim, typename OutT>
+xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
+                               const void* k, const void* v, OutT* out, float* lse);
+
+}  // namespace jax_fmha::cuda
