@@ -120,8 +120,8 @@ struct PlannedKernel {
 };
 
 PlannedKernel plan_kernel(const std::string& platform, int64_t parallelism,
-                          int compute_capability_major, int64_t rows_per_kv_head,
-                          int64_t head_dim, int64_t page_size) {
+                          int compute_capability_major, int64_t rows_per_kv_head, int64_t head_dim,
+                          int64_t page_size) {
   if (parallelism < 1) throw nb::value_error("parallelism must be at least 1");
   if (platform == "cpu") return {"cpu", jax_fmha::cpu::split_policy(parallelism)};
   if (platform != "cuda") throw nb::value_error(("unknown platform '" + platform + "'").c_str());
@@ -149,17 +149,17 @@ nb::dict split_policy(const std::string& platform, int64_t parallelism,
 
 int64_t plan_num_splits(const std::string& platform, int64_t parallelism,
                         int compute_capability_major, int64_t batch, int64_t num_kv_heads,
-                        int64_t group, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                        int64_t head_dim, int64_t page_size) {
+                        int64_t group, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t head_dim,
+                        int64_t page_size) {
   const PlannedKernel plan = plan_kernel(platform, parallelism, compute_capability_major,
                                          max_seqlen_q * group, head_dim, page_size);
   return jax_fmha::choose_num_splits(batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,
                                      plan.policy);
 }
 
-int64_t choose_num_splits(int64_t batch, int64_t num_kv_heads, int64_t group,
-                          int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t rows_per_unit,
-                          int64_t slots, int64_t waves, int64_t min_keys) {
+int64_t choose_num_splits(int64_t batch, int64_t num_kv_heads, int64_t group, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k, int64_t rows_per_unit, int64_t slots, int64_t waves,
+                          int64_t min_keys) {
   if (rows_per_unit < 1 || slots < 1 || waves < 1 || min_keys < 1)
     throw nb::value_error("rows_per_unit, slots, waves and min_keys must be at least 1");
   return jax_fmha::choose_num_splits(batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,

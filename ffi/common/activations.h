@@ -29,9 +29,9 @@ namespace jax_fmha {
 
 // The "activation" attribute of the GLU custom call.
 enum class Activation : int32_t { kSilu = 0, kGeluTanh = 1, kGeluErf = 2 };
-inline constexpr EnumName<Activation> kActivationNames[] = {
-    {"silu", Activation::kSilu}, {"gelu_tanh", Activation::kGeluTanh},
-    {"gelu_erf", Activation::kGeluErf}};
+inline constexpr EnumName<Activation> kActivationNames[] = {{"silu", Activation::kSilu},
+                                                            {"gelu_tanh", Activation::kGeluTanh},
+                                                            {"gelu_erf", Activation::kGeluErf}};
 
 FMHA_HOST_DEVICE int32_t float_bits(float f) {
   int32_t i;
@@ -150,9 +150,12 @@ FMHA_HOST_DEVICE float gelu_erf(float x) {
 
 template <Activation A>
 FMHA_HOST_DEVICE float activate(float x) {
-  if constexpr (A == Activation::kSilu) return silu(x);
-  else if constexpr (A == Activation::kGeluTanh) return gelu_tanh(x);
-  else return gelu_erf(x);
+  if constexpr (A == Activation::kSilu)
+    return silu(x);
+  else if constexpr (A == Activation::kGeluTanh)
+    return gelu_tanh(x);
+  else
+    return gelu_erf(x);
 }
 
 }  // namespace jax_fmha

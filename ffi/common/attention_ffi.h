@@ -33,15 +33,16 @@ struct AttentionAttrs {
 // context (thread pool or stream) first.
 template <typename Binding>
 auto bind_attention(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
-      .template Arg<ffi::AnyBuffer>()            // k
-      .template Arg<ffi::AnyBuffer>()            // v
-      .template Arg<ffi::Buffer<ffi::S32>>()     // cu_seqlens_q
-      .template Arg<ffi::Buffer<ffi::S32>>()     // cu_seqlens_k
-      .template Arg<ffi::Buffer<ffi::S32>>()     // seq_lens
-      .template Arg<ffi::Buffer<ffi::S32>>()     // block_table
-      .template Ret<ffi::AnyBuffer>()            // out
-      .template Ret<ffi::Buffer<ffi::F32>>()     // lse
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()         // q
+      .template Arg<ffi::AnyBuffer>()         // k
+      .template Arg<ffi::AnyBuffer>()         // v
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_q
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_k
+      .template Arg<ffi::Buffer<ffi::S32>>()  // seq_lens
+      .template Arg<ffi::Buffer<ffi::S32>>()  // block_table
+      .template Ret<ffi::AnyBuffer>()         // out
+      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
       .template Attr<float>("scale")
       .template Attr<float>("softcap")
       .template Attr<int32_t>("window_left")
@@ -88,8 +89,7 @@ inline ffi::Error decode_kv_view(const char* op, const ffi::AnyBuffer& x, KvLayo
   switch (layout) {
     case KvLayout::kUniform:
     case KvLayout::kCache:
-      if (d.size() != 4 || d[0] != batch)
-        return invalid_argument(op, "k/v batch differs from q's");
+      if (d.size() != 4 || d[0] != batch) return invalid_argument(op, "k/v batch differs from q's");
       kv.seqs.uniform_len = d[1];
       kv.seqs.max_len = d[1];
       kv.rows = d[0] * d[1];
@@ -144,19 +144,17 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   p.num_q_heads = qd[qd.size() - 2];
   p.head_dim = qd[qd.size() - 1];
   p.num_kv_heads = kd[kd.size() - 2];
-  if (kd[kd.size() - 1] != p.head_dim)
-    return invalid_argument(kOp, "k head_dim differs from q's");
+  if (kd[kd.size() - 1] != p.head_dim) return invalid_argument(kOp, "k head_dim differs from q's");
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0)
     return invalid_argument(kOp, "num_q_heads must be a multiple of num_kv_heads");
   if (p.head_dim > kMaxHeadDim)
     return invalid_argument(kOp, "head_dim must be at most " + std::to_string(kMaxHeadDim));
 
-  if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q);
-      !err.success())
+  if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
     return err;
   p.batch = p.q.packed ? int64_t(cu_seqlens_q.element_count()) - 1 : qd[0];
-  if (auto err = decode_kv_view(kOp, k, static_cast<KvLayout>(a.kv_layout), p.batch,
-                                cu_seqlens_k, seq_lens, block_table, p.kv);
+  if (auto err = decode_kv_view(kOp, k, static_cast<KvLayout>(a.kv_layout), p.batch, cu_seqlens_k,
+                                seq_lens, block_table, p.kv);
       !err.success())
     return err;
 
@@ -196,21 +194,21 @@ struct AttentionData {
 // what the backend binds first: ffi::ThreadPool on the CPU, cudaStream_t on CUDA.
 template <typename Context,
           ffi::Error (*Run)(Context, const AttentionProblem&, const AttentionData&)>
-ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                             ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_seqlens_q,
-                             ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seq_lens,
-                             ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                             ffi::Buffer<ffi::S32> cu_seqlens_q, ffi::Buffer<ffi::S32> cu_seqlens_k,
+                             ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> block_table,
+                             ffi::Result<ffi::AnyBuffer> out,
                              ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
                              int32_t window_left, int32_t window_right, int32_t kv_layout,
                              int32_t num_splits, int32_t max_seqlen_q) {
   AttentionProblem p;
   const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
                              kv_layout, num_splits, max_seqlen_q};
-  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
-                                  *out, *lse, attrs, p);
+  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, *out,
+                                  *lse, attrs, p);
       !err.success())
     return err;
-  const AttentionData data{q.element_type(), q.untyped_data(),  k.untyped_data(),
+  const AttentionData data{q.element_type(), q.untyped_data(),    k.untyped_data(),
                            v.untyped_data(), out->untyped_data(), lse->typed_data()};
   return Run(context, p, data);
 }

@@ -20,10 +20,10 @@ namespace jax_fmha {
 // Sequences as rows of a [rows, heads, D] array.
 struct SeqRows {
   bool packed = false;
-  int64_t uniform_len = 0;             // dense: S (sequence b owns rows b*S ... b*S + S)
+  int64_t uniform_len = 0;              // dense: S (sequence b owns rows b*S ... b*S + S)
   const int32_t* cu_seqlens = nullptr;  // packed: [B + 1]
-  int64_t rows = 0;                    // rows of the array
-  int64_t max_len = 0;                 // static bound on len(b)
+  int64_t rows = 0;                     // rows of the array
+  int64_t max_len = 0;                  // static bound on len(b)
 
   FMHA_HOST_DEVICE int64_t begin(int64_t b) const {
     return packed ? cu_seqlens[b] : b * uniform_len;
@@ -49,9 +49,9 @@ enum class KvLayout : int32_t {
 // Keys (and values: same layout) of B sequences.
 struct KvView {
   KvLayout layout = KvLayout::kUniform;
-  SeqRows seqs;                          // kUniform, kPacked; kCache: uniform_len = S_max
-  const int32_t* seq_lens = nullptr;     // kCache, kPaged: [B]
-  PageTable pages;                       // kPaged
+  SeqRows seqs;                       // kUniform, kPacked; kCache: uniform_len = S_max
+  const int32_t* seq_lens = nullptr;  // kCache, kPaged: [B]
+  PageTable pages;                    // kPaged
   int64_t rows = 0;  // rows of the [rows, Hkv, D] view of the array (num_pages * page_size)
 
   FMHA_HOST_DEVICE bool has_seq_lens() const {
@@ -115,8 +115,7 @@ struct AttentionProblem {
 
   // LSE layout: dense [B, Hq, Sq], packed [Hq, Tq]; per split, lse_size() apart.
   FMHA_HOST_DEVICE int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
-    return q.packed ? h * q.rows + q.cu_seqlens[b] + i
-                    : (b * num_q_heads + h) * q.uniform_len + i;
+    return q.packed ? h * q.rows + q.cu_seqlens[b] + i : (b * num_q_heads + h) * q.uniform_len + i;
   }
   FMHA_HOST_DEVICE int64_t lse_size() const { return num_q_heads * q.rows; }
 };
@@ -141,8 +140,7 @@ FMHA_HOST_DEVICE KeyRange visible_keys(const AttentionProblem& p, int64_t i, int
 // Keys of a sequence with sk keys handled by split s of num_splits: contiguous, nearly
 // equal chunks of whole blocks of `block` keys, so that splits never share a block. Splits
 // past the end are empty (their partial LSE is -inf and weighs nothing in the merge).
-FMHA_HOST_DEVICE KeyRange split_keys(int64_t sk, int64_t split, int64_t num_splits,
-                                     int64_t block) {
+FMHA_HOST_DEVICE KeyRange split_keys(int64_t sk, int64_t split, int64_t num_splits, int64_t block) {
   const int64_t blocks = (sk + block - 1) / block;
   const int64_t per_split = (blocks + num_splits - 1) / num_splits;
   int64_t lo = split * per_split * block;

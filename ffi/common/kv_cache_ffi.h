@@ -15,15 +15,16 @@ namespace jax_fmha {
 
 template <typename Binding>
 auto bind_kv_cache_update(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // k_cache
-      .template Arg<ffi::AnyBuffer>()                      // v_cache
-      .template Arg<ffi::AnyBuffer>()                      // k_new
-      .template Arg<ffi::AnyBuffer>()                      // v_new
-      .template Arg<ffi::Buffer<ffi::S32>>()               // block_table
-      .template Arg<ffi::Buffer<ffi::S32>>()               // cache_seqlens
-      .template Arg<ffi::Buffer<ffi::S32>>()               // cu_seqlens_new
-      .template Ret<ffi::AnyBuffer>()                      // k_cache (aliased)
-      .template Ret<ffi::AnyBuffer>()                      // v_cache (aliased)
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()         // k_cache
+      .template Arg<ffi::AnyBuffer>()         // v_cache
+      .template Arg<ffi::AnyBuffer>()         // k_new
+      .template Arg<ffi::AnyBuffer>()         // v_new
+      .template Arg<ffi::Buffer<ffi::S32>>()  // block_table
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cache_seqlens
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_new
+      .template Ret<ffi::AnyBuffer>()         // k_cache (aliased)
+      .template Ret<ffi::AnyBuffer>()         // v_cache (aliased)
       .template Attr<int32_t>("kv_layout");
 }
 
@@ -45,14 +46,11 @@ struct KvCacheUpdate {
   }
 };
 
-inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache,
-                                         const ffi::AnyBuffer& v_cache,
-                                         const ffi::AnyBuffer& k_new, const ffi::AnyBuffer& v_new,
-                                         const ffi::Buffer<ffi::S32>& block_table,
-                                         const ffi::Buffer<ffi::S32>& cache_seqlens,
-                                         const ffi::Buffer<ffi::S32>& cu_seqlens_new,
-                                         const ffi::AnyBuffer& k_out, const ffi::AnyBuffer& v_out,
-                                         int32_t kv_layout, KvCacheUpdate& u) {
+inline ffi::Error decode_kv_cache_update(
+    const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache, const ffi::AnyBuffer& k_new,
+    const ffi::AnyBuffer& v_new, const ffi::Buffer<ffi::S32>& block_table,
+    const ffi::Buffer<ffi::S32>& cache_seqlens, const ffi::Buffer<ffi::S32>& cu_seqlens_new,
+    const ffi::AnyBuffer& k_out, const ffi::AnyBuffer& v_out, int32_t kv_layout, KvCacheUpdate& u) {
   constexpr const char* kOp = "update_kv_cache";
   const auto cd = k_cache.dimensions();
   const auto nd = k_new.dimensions();
@@ -82,25 +80,24 @@ inline ffi::Error decode_kv_cache_update(const ffi::AnyBuffer& k_cache,
   const auto layout = static_cast<KvLayout>(kv_layout);
   if (layout != KvLayout::kCache && layout != KvLayout::kPaged)
     return invalid_argument(kOp, "kv_layout must be a cache or pages");
-  return decode_kv_view(kOp, k_cache, layout, u.batch, cu_seqlens_new, cache_seqlens,
-                        block_table, u.cache);
+  return decode_kv_view(kOp, k_cache, layout, u.batch, cu_seqlens_new, cache_seqlens, block_table,
+                        u.cache);
 }
 
 // The handler of every backend: decodes and checks the call, then `Run` copies the new
 // tokens from `k_new`/`v_new` into `k_cache`/`v_cache` (the aliased results).
 template <typename Context, ffi::Error (*Run)(Context, const KvCacheUpdate&, const void* k_new,
                                               const void* v_new, void* k_cache, void* v_cache)>
-ffi::Error kv_cache_update_handler(Context context, ffi::AnyBuffer k_cache,
-                                   ffi::AnyBuffer v_cache, ffi::AnyBuffer k_new,
-                                   ffi::AnyBuffer v_new, ffi::Buffer<ffi::S32> block_table,
+ffi::Error kv_cache_update_handler(Context context, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                                   ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                                   ffi::Buffer<ffi::S32> block_table,
                                    ffi::Buffer<ffi::S32> cache_seqlens,
                                    ffi::Buffer<ffi::S32> cu_seqlens_new,
                                    ffi::Result<ffi::AnyBuffer> k_out,
                                    ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
   KvCacheUpdate u;
-  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table,
-                                        cache_seqlens, cu_seqlens_new, *k_out, *v_out, kv_layout,
-                                        u);
+  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                                        cu_seqlens_new, *k_out, *v_out, kv_layout, u);
       !err.success())
     return err;
   return Run(context, u, k_new.untyped_data(), v_new.untyped_data(), k_out->untyped_data(),

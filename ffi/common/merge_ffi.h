@@ -22,10 +22,11 @@ namespace ffi = xla::ffi;
 
 template <typename Binding>
 auto bind_merge(Binding binding) {
-  return std::move(binding).template Arg<ffi::Buffer<ffi::F32>>()  // partial_out
-      .template Arg<ffi::Buffer<ffi::F32>>()                      // partial_lse
-      .template Ret<ffi::AnyBuffer>()                             // out
-      .template Ret<ffi::Buffer<ffi::F32>>();                     // lse
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // partial_out
+      .template Arg<ffi::Buffer<ffi::F32>>()   // partial_lse
+      .template Ret<ffi::AnyBuffer>()          // out
+      .template Ret<ffi::Buffer<ffi::F32>>();  // lse
 }
 
 struct MergeProblem {
@@ -67,10 +68,9 @@ inline ffi::Error decode_merge(const ffi::Buffer<ffi::F32>& partial_out,
 //   ffi::Error run(Context, const MergeProblem&, const float* partial_out,
 //                  const float* partial_lse, ffi::DataType out_dtype, void* out, float* lse)
 // with out_dtype float32, bfloat16 or float16 (decode_merge admits no other).
-template <typename Context,
-          ffi::Error (*Run)(Context, const MergeProblem&, const float* partial_out,
-                            const float* partial_lse, ffi::DataType out_dtype, void* out,
-                            float* lse)>
+template <typename Context, ffi::Error (*Run)(Context, const MergeProblem&,
+                                              const float* partial_out, const float* partial_lse,
+                                              ffi::DataType out_dtype, void* out, float* lse)>
 ffi::Error merge_handler(Context context, ffi::Buffer<ffi::F32> partial_out,
                          ffi::Buffer<ffi::F32> partial_lse, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> lse) {

@@ -62,7 +62,8 @@ struct RmsNormProblem {
 
 template <typename Binding>
 auto bind_glu(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // gate, or the packed gate_up
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()  // gate, or the packed gate_up
       .template Arg<ffi::AnyBuffer>()  // up; empty when packed
       .template Ret<ffi::AnyBuffer>()  // out
       .template Attr<int32_t>("activation")
@@ -71,7 +72,8 @@ auto bind_glu(Binding binding) {
 
 template <typename Binding>
 auto bind_rms_norm(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // x
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()  // x
       .template Arg<ffi::AnyBuffer>()  // weight
       .template Ret<ffi::AnyBuffer>()  // y
       .template Attr<float>("eps")
@@ -80,7 +82,8 @@ auto bind_rms_norm(Binding binding) {
 
 template <typename Binding>
 auto bind_rms_norm_residual(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // x
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()  // x
       .template Arg<ffi::AnyBuffer>()  // residual
       .template Arg<ffi::AnyBuffer>()  // weight
       .template Ret<ffi::AnyBuffer>()  // y
@@ -105,8 +108,7 @@ inline bool rows_of(const ffi::AnyBuffer& b, int64_t& rows) {
 // Same dtype, same leading axes and a last axis of `last`.
 inline bool matches(const ffi::AnyBuffer& b, const ffi::AnyBuffer& like, int64_t last) {
   const auto d = b.dimensions(), l = like.dimensions();
-  if (b.element_type() != like.element_type() || d.size() != l.size() || d.size() < 1)
-    return false;
+  if (b.element_type() != like.element_type() || d.size() != l.size() || d.size() < 1) return false;
   for (size_t i = 0; i + 1 < d.size(); ++i)
     if (d[i] != l[i]) return false;
   return d.back() == last;
@@ -243,8 +245,7 @@ ffi::Error rms_norm_residual_handler(Context context, ffi::AnyBuffer x, ffi::Any
                                      ffi::Result<ffi::AnyBuffer> h, float eps,
                                      float weight_offset) {
   RmsNormProblem p;
-  if (ffi::Error err =
-          decode_rms_norm(x, &residual, weight, *y, &*h, eps, weight_offset, p);
+  if (ffi::Error err = decode_rms_norm(x, &residual, weight, *y, &*h, eps, weight_offset, p);
       !err.success())
     return err;
   return Run(context, p);

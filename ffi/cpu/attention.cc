@@ -27,13 +27,13 @@ TileKernel* select_tile_kernel() {
     bool supported;
     TileKernel* kernel;
   };
-  const Variant variants[] = {  // narrowest first
+  const Variant variants[] = {
+      // narrowest first
       {"baseline", true, baseline::attention_tile},
 #if defined(__x86_64__)
       {"avx2", bool(__builtin_cpu_supports("x86-64-v3")), avx2::attention_tile},
       {"avx512", bool(__builtin_cpu_supports("x86-64-v4")), avx512::attention_tile},
-      {"avx512bf16",
-       __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"),
+      {"avx512bf16", __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"),
        avx512bf16::attention_tile},
 #endif
   };
@@ -134,14 +134,21 @@ void run_for_output(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
 
 ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
                          const AttentionData& data) {
-  AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, data.q, data.k, data.v, data.out,
-                     data.lse};
+  AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, data.q, data.k, data.v, data.out, data.lse};
   switch (data.dtype) {
-    case ffi::DataType::F32: args.dtype = Dtype::kF32; run_for_output<float>(pool, args); break;
-    case ffi::DataType::BF16: args.dtype = Dtype::kBF16; run_for_output<bf16>(pool, args); break;
-    case ffi::DataType::F16: args.dtype = Dtype::kF16; run_for_output<f16>(pool, args); break;
-    default:
-      return invalid_argument("attention", "unsupported dtype (float32, bfloat16, float16)");
+    case ffi::DataType::F32:
+      args.dtype = Dtype::kF32;
+      run_for_output<float>(pool, args);
+      break;
+    case ffi::DataType::BF16:
+      args.dtype = Dtype::kBF16;
+      run_for_output<bf16>(pool, args);
+      break;
+    case ffi::DataType::F16:
+      args.dtype = Dtype::kF16;
+      run_for_output<f16>(pool, args);
+      break;
+    default: return invalid_argument("attention", "unsupported dtype (float32, bfloat16, float16)");
   }
   return ffi::Error::Success();
 }

@@ -99,8 +99,7 @@ inline void load_row(const T* src, float* dst, int64_t n) {
 // s[j][row] = scale * sum_d key[j][d] * qt[d][row] for kQkKeys key rows and RowVecs row
 // vectors from qt (row stride kTileRows in both qt and s).
 template <int RowVecs>
-inline void qk_block(const float* qt, const float* const* key, int64_t D, float scale,
-                     float* s) {
+inline void qk_block(const float* qt, const float* const* key, int64_t D, float scale, float* s) {
   Vec acc[kQkKeys][RowVecs] = {};
   for (int64_t d = 0; d < D; ++d) {
     Vec q[RowVecs];
@@ -163,8 +162,8 @@ inline void set_query_column(float* qt, int64_t r, const T* src, int64_t D) {
 // acc[r][d0 + d] = acc[r][d0 + d] * corr[r] + sum_{j < n} p[j][r] * value[j][d0 + d] for
 // kPvRows rows and Vecs vectors of d (acc has row stride Dp, p has kTileRows).
 template <int Vecs>
-inline void pv_block(const float* p, const float* const* value, int64_t d0, int64_t n,
-                     int64_t Dp, const float* corr, float* acc) {
+inline void pv_block(const float* p, const float* const* value, int64_t d0, int64_t n, int64_t Dp,
+                     const float* corr, float* acc) {
   Vec a[kPvRows][Vecs];
   for (int r = 0; r < kPvRows; ++r)
     for (int v = 0; v < Vecs; ++v) a[r][v] = load(acc + r * Dp + v * kLanes) * corr[r];
@@ -201,7 +200,7 @@ struct TileShape {
 
 FMHA_TILE_STEP TileShape tile_shape(const AttentionProblem& p, const Tile& t) {
   const int64_t row_vecs = (t.rows + kLanes - 1) / kLanes;
-  return {p.head_dim, padded_head_dim(p.head_dim), p.group(), p.kv_row_stride(), row_vecs,
+  return {p.head_dim,       padded_head_dim(p.head_dim), p.group(), p.kv_row_stride(), row_vecs,
           row_vecs * kLanes};
 }
 

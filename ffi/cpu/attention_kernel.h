@@ -56,11 +56,19 @@ constexpr int64_t tile_scratch_floats(int64_t d) {
 
 // Computes one tile (a sequence whose keys are valid) into out and lse.
 using TileKernel = void(const AttentionArgs&, const Tile&, float* scratch);
-namespace baseline { TileKernel attention_tile; }
+namespace baseline {
+TileKernel attention_tile;
+}
 #if defined(__x86_64__)
-namespace avx2 { TileKernel attention_tile; }
-namespace avx512 { TileKernel attention_tile; }
-namespace avx512bf16 { TileKernel attention_tile; }
+namespace avx2 {
+TileKernel attention_tile;
+}
+namespace avx512 {
+TileKernel attention_tile;
+}
+namespace avx512bf16 {
+TileKernel attention_tile;
+}
 #endif
 
 }  // namespace jax_fmha::cpu

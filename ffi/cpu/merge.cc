@@ -54,6 +54,5 @@ ffi::Error run_merge(ffi::ThreadPool pool, const MergeProblem& m, const float* p
 }  // namespace jax_fmha::cpu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxFmhaMergeCpu,
-    (jax_fmha::merge_handler<xla::ffi::ThreadPool, jax_fmha::cpu::run_merge>),
+    JaxFmhaMergeCpu, (jax_fmha::merge_handler<xla::ffi::ThreadPool, jax_fmha::cpu::run_merge>),
     jax_fmha::bind_merge(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()));

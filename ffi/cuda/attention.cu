@@ -64,9 +64,8 @@ ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProb
 
 // Split-KV partial outputs are float32; otherwise the output has the input dtype.
 template <typename Element, int kHeadDim>
-ffi::Error launch_for_output(cudaStream_t stream, ForwardKernel kernel,
-                             const AttentionProblem& p, const void* q, const void* k,
-                             const void* v, void* out, float* lse) {
+ffi::Error launch_for_output(cudaStream_t stream, ForwardKernel kernel, const AttentionProblem& p,
+                             const void* q, const void* k, const void* v, void* out, float* lse) {
   if (p.num_splits > 1)
     return launch<Element, kHeadDim, float>(stream, kernel, p, q, k, v, out, lse);
   return launch<Element, kHeadDim, Element>(stream, kernel, p, q, k, v, out, lse);
@@ -118,6 +117,5 @@ const char* forward_kernel_name() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxFmhaAttentionCuda,
     (jax_fmha::attention_handler<cudaStream_t, jax_fmha::cuda::run_attention>),
-    jax_fmha::bind_attention(
-        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    jax_fmha::bind_attention(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
     {xla::ffi::Traits::kCmdBufferCompatible});

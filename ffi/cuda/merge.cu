@@ -85,8 +85,8 @@ ffi::Error launch(cudaStream_t stream, const MergeProblem& m, const float* po, c
   // Four columns a lane when rows stay 16-byte aligned (XLA's buffers are).
   const bool vectorized = m.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(po) % 16 == 0;
   const auto kernel = vectorized ? merge_kernel<OutT, 4> : merge_kernel<OutT, 1>;
-  kernel<<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(m, po, pl,
-                                                               static_cast<OutT*>(out), lse);
+  kernel<<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(m, po, pl, static_cast<OutT*>(out),
+                                                               lse);
   return check_launch(kOp, "launching the merge kernel");
 }
 

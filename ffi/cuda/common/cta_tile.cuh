@@ -13,13 +13,13 @@ namespace jax_fmha::cuda {
 struct CtaTile {
   int64_t b, split;
   int kv_head;
-  int64_t sq, sk;         // queries and keys of sequence b
-  int64_t q_begin;        // the sequence's first query row of q
-  int64_t rows_in_seq;    // packed rows of the sequence: sq * group
-  int64_t row_begin;      // the tile's first packed row
-  int rows;               // the tile's packed rows inside the sequence (<= kBlockM)
-  KeyRange split_range;   // the keys of the split
-  TileKeys keys;          // the keys the tile's rows see, within the split
+  int64_t sq, sk;        // queries and keys of sequence b
+  int64_t q_begin;       // the sequence's first query row of q
+  int64_t rows_in_seq;   // packed rows of the sequence: sq * group
+  int64_t row_begin;     // the tile's first packed row
+  int rows;              // the tile's packed rows inside the sequence (<= kBlockM)
+  KeyRange split_range;  // the keys of the split
+  TileKeys keys;         // the keys the tile's rows see, within the split
 
   __device__ __forceinline__ OutputRows output(const AttentionProblem& p) const {
     return {p, split, b, q_begin, kv_head};

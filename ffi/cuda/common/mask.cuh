@@ -49,8 +49,8 @@ __device__ __forceinline__ TileKeys tile_keys(const AttentionProblem& p, const K
 template <class Traits>
 __device__ __forceinline__ void mask_scores(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
                                             const AttentionProblem& p, const KeyRange& split,
-                                            int first_row, int rows_in_seq, int64_t sq,
-                                            int64_t sk, int key_begin) {
+                                            int first_row, int rows_in_seq, int64_t sq, int64_t sk,
+                                            int key_begin) {
   const int key0 = key_begin + 2 * (threadIdx.x % 4);
   const int group = int(p.group());
 #pragma unroll

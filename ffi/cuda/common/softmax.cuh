@@ -33,14 +33,11 @@ struct ScoreTransform {
 
   __host__ __device__ static ScoreTransform make(float scale, float softcap) {
     constexpr float kLog2e = 1.4426950408889634f;
-    return {scale * kLog2e, softcap > 0.f ? scale / softcap : 0.f, softcap * kLog2e,
-            softcap > 0.f};
+    return {scale * kLog2e, softcap > 0.f ? scale / softcap : 0.f, softcap * kLog2e, softcap > 0.f};
   }
   // Whether apply() must run before the softmax: softcap, or a scale whose sign would turn
   // the max of raw scores into the min of scaled ones (or, at 0, make -inf * 0 a NaN).
-  __device__ __forceinline__ bool explicit_pass() const {
-    return softcap || !(scale_log2 > 0.f);
-  }
+  __device__ __forceinline__ bool explicit_pass() const { return softcap || !(scale_log2 > 0.f); }
   // The multiplier the softmax applies to the scores it is given.
   __device__ __forceinline__ float fold() const { return explicit_pass() ? 1.f : scale_log2; }
   template <class Traits>
@@ -51,8 +48,8 @@ struct ScoreTransform {
       for (int n = 0; n < Traits::kKeyAtoms; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          s[m][n][e] = softcap ? softcap_out * tanhf(s[m][n][e] * softcap_in)
-                               : s[m][n][e] * scale_log2;
+          s[m][n][e] =
+              softcap ? softcap_out * tanhf(s[m][n][e] * softcap_in) : s[m][n][e] * scale_log2;
   }
 };
 
@@ -90,8 +87,7 @@ struct OnlineSoftmax {
   // accumulates into O is in flight): s -> probabilities, row statistics, and the factor
   // each row's O must be multiplied by. Returns whether any row of the warp needs it.
   __device__ __forceinline__ bool update_scores(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
-                                                float fold,
-                                                float (&correction)[Traits::kMmaM][2]) {
+                                                float fold, float (&correction)[Traits::kMmaM][2]) {
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < Traits::kMmaM; ++m)

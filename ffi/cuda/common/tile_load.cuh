@@ -43,8 +43,8 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
 template <class Traits>
 __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
                                             const typename Traits::Element* q,
-                                            const AttentionProblem& p, int64_t q_begin,
-                                            int kv_head, int64_t row_begin, int rows) {
+                                            const AttentionProblem& p, int64_t q_begin, int kv_head,
+                                            int64_t row_begin, int rows) {
   constexpr int kChunks = Traits::kBlockM * Traits::kChunksPerRow;
   constexpr int kCopies = (kChunks + Traits::kThreads - 1) / Traits::kThreads;
   const int group = int(p.group());
@@ -131,8 +131,7 @@ struct PagedRuns {
 // may lie past the sequence's row of the block table, and is not touched.
 template <int kRuns, int kRunKeys>
 __device__ __forceinline__ void stage_page_ids(int32_t* smem_ids, const AttentionProblem& p,
-                                               int64_t b, int key_begin, int key_end,
-                                               int tid) {
+                                               int64_t b, int key_begin, int key_end, int tid) {
   if (tid >= kRuns) return;
   const int key = key_begin + tid * kRunKeys;
   const bool in_bounds = key < key_end;
@@ -149,9 +148,8 @@ __device__ __forceinline__ void stage_page_ids(int32_t* smem_ids, const Attentio
 // not: one read of a block-table entry the gather reads anyway, and ptxas allocates the
 // portable kernel's registers without a spill this way.)
 template <int kRuns, int kRunKeys>
-__device__ __forceinline__ KeyBlockRows<kRuns> key_block_rows(const AttentionProblem& p,
-                                                              int64_t b, int key_begin,
-                                                              int key_end) {
+__device__ __forceinline__ KeyBlockRows<kRuns> key_block_rows(const AttentionProblem& p, int64_t b,
+                                                              int key_begin, int key_end) {
   KeyBlockRows<kRuns> rows;
   rows.first_row[0] = key_row(p, b, key_begin);
 #pragma unroll
@@ -228,8 +226,7 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
     const bool in_bounds = key < key_end && col < head_dim;
     int64_t src = 0;
     if (in_bounds)
-      src = (contiguous_runs ? rows.template row<kRunKeys>(r) : key_row(p, b, key)) *
-                row_stride +
+      src = (contiguous_runs ? rows.template row<kRunKeys>(r) : key_row(p, b, key)) * row_stride +
             head_offset + col;
     const int dst = Traits::kv_offset(r, col);
     if constexpr (kPart != KvPart::kValues) copy_chunk(smem_k + dst, k + src, in_bounds);

@@ -24,14 +24,16 @@ namespace jax_fmha::cuda {
 // Merges the warps' partial states (rows: the tile's valid rows) and writes O and the LSE.
 // Every thread calls it once the K/V stages are free; it reuses them as float32 scratch.
 template <class Traits, typename OutT>
-__device__ __forceinline__ void combine_and_store(
-    float (&o)[1][Traits::kDimAtoms][4], const OnlineSoftmax<Traits>& softmax, float* scratch,
-    OutT* out, float* lse, const OutputRows& dst, int64_t row_begin, int rows) {
+__device__ __forceinline__ void combine_and_store(float (&o)[1][Traits::kDimAtoms][4],
+                                                  const OnlineSoftmax<Traits>& softmax,
+                                                  float* scratch, OutT* out, float* lse,
+                                                  const OutputRows& dst, int64_t row_begin,
+                                                  int rows) {
   constexpr int kWarps = Traits::kWarps, kRows = Traits::kBlockM;
   constexpr int kPitch = Traits::kCombinePitch;
   constexpr float kLn2 = 0.6931471805599453f;
-  float* warp_o = scratch;                                   // [warp][row][kPitch]
-  float* stats = scratch + kWarps * kRows * kPitch;          // [warp][row] max, then sum
+  float* warp_o = scratch;                           // [warp][row][kPitch]
+  float* stats = scratch + kWarps * kRows * kPitch;  // [warp][row] max, then sum
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   float row_sum[2];
@@ -57,8 +59,7 @@ __device__ __forceinline__ void combine_and_store(
 #pragma unroll
     for (int w = 0; w < kWarps; ++w)
       total += stats[(kWarps + w) * kRows + r] * exp2_approx(stats[w * kRows + r] - base);
-    const float weight =
-        total > 0.f ? exp2_approx(softmax.row_max[0][h] - base) / total : 0.f;
+    const float weight = total > 0.f ? exp2_approx(softmax.row_max[0][h] - base) / total : 0.f;
 #pragma unroll
     for (int d = 0; d < Traits::kDimAtoms; ++d)
       *reinterpret_cast<float2*>(warp_o + (warp * kRows + r) * kPitch + 8 * d + 2 * (lane % 4)) =
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     attention_decode_kernel(const __grid_constant__ AttentionProblem p,
                             const typename Traits::Element* __restrict__ q,
                             const typename Traits::Element* __restrict__ k,
-                            const typename Traits::Element* __restrict__ v,
-                            OutT* __restrict__ out, float* __restrict__ lse) {
+                            const typename Traits::Element* __restrict__ v, OutT* __restrict__ out,
+                            float* __restrict__ lse) {
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN, kWarps = Traits::kWarps, kStages = Traits::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int key_begin = block_key(j);
     if (keys.block_needs_mask(key_begin, kBlockN))
       mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                              key_begin);
+                          key_begin);
     softmax.update(s, o, transform.fold());
     warp_pv<Traits>(s, tile_k + Traits::kKvTileElems, o);
   }

@@ -26,14 +26,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionProblem p,
                              const typename Traits::Element* __restrict__ q,
                              const typename Traits::Element* __restrict__ k,
-                             const typename Traits::Element* __restrict__ v,
-                             OutT* __restrict__ out, float* __restrict__ lse) {
+                             const typename Traits::Element* __restrict__ v, OutT* __restrict__ out,
+                             float* __restrict__ lse) {
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN;
   extern __shared__ __align__(16) unsigned char smem[];
   Element* smem_q = reinterpret_cast<Element*>(smem);
-  Element* smem_k = smem_q + Traits::kQElems;                                 // [stages]
-  Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElems;          // [stages]
+  Element* smem_k = smem_q + Traits::kQElems;                         // [stages]
+  Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElems;  // [stages]
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -68,10 +68,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if (key_begin < keys.end) {
         const int stage = block % kStages;
         load_kv_tile<Traits, kBlockN, Traits::kThreads>(
-            smem_k + stage * Traits::kKvTileElems, smem_v + stage * Traits::kKvTileElems, k, v,
-            p, t.b, t.kv_head, key_begin, keys.end, contiguous_rows,
-            key_block_rows<1, kBlockN>(p, t.b, key_begin, keys.end),
-            threadIdx.x);
+            smem_k + stage * Traits::kKvTileElems, smem_v + stage * Traits::kKvTileElems, k, v, p,
+            t.b, t.kv_head, key_begin, keys.end, contiguous_rows,
+            key_block_rows<1, kBlockN>(p, t.b, key_begin, keys.end), threadIdx.x);
       }
       cute::cp_async_fence();  // (the first group also holds Q)
     };
@@ -80,7 +79,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int block = 0, key_begin = first_block; key_begin < keys.end;
          ++block, key_begin += kBlockN) {
       cute::cp_async_wait<kStages - 2>();
-      __syncthreads();  // block n visible to all; every warp is past block n - 1
+      __syncthreads();             // block n visible to all; every warp is past block n - 1
       issue(block + kStages - 1);  // into the stage of block n - 1
       const int stage = block % kStages;
       if (warp_has_rows) {
@@ -98,8 +97,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused for the output tile
-  store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows,
-                           warp_row);
+  store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows, warp_row);
 }
 
 // The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.

@@ -18,7 +18,6 @@
 
 #include <cstddef>
 #include <cstdint>
-
 #include <cute/arch/mma_sm80.hpp>
 
 #include "cuda/forward_plan.h"
@@ -42,7 +41,9 @@ struct MmaAtom<__half> {
 template <int kRowPitch>
 struct PaddedRowTiles {
   __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
-  __device__ __forceinline__ static int kv_offset(int row, int col) { return row * kRowPitch + col; }
+  __device__ __forceinline__ static int kv_offset(int row, int col) {
+    return row * kRowPitch + col;
+  }
 };
 
 template <typename Element_, int kHeadDim_>
@@ -63,11 +64,11 @@ struct KernelTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = kBlockM / kWarps;
-  static constexpr int kMmaM = kWarpRows / 16;      // m16 tiles per warp
-  static constexpr int kKeyAtoms = kBlockN / 8;     // n8 tiles of S per row block
-  static constexpr int kDimAtoms = kHeadDim / 8;    // n8 tiles of O per row block
-  static constexpr int kStages = 2;                 // K/V tiles in flight (double buffer)
-  static constexpr int kGatherUnroll = 64;          // load_kv_tile: every copy unrolled
+  static constexpr int kMmaM = kWarpRows / 16;    // m16 tiles per warp
+  static constexpr int kKeyAtoms = kBlockN / 8;   // n8 tiles of S per row block
+  static constexpr int kDimAtoms = kHeadDim / 8;  // n8 tiles of O per row block
+  static constexpr int kStages = 2;               // K/V tiles in flight (double buffer)
+  static constexpr int kGatherUnroll = 64;        // load_kv_tile: every copy unrolled
 
   // Shared-memory rows are padded by 16 bytes: the 8 rows one ldmatrix reads then start in
   // 8 different bank groups (the row pitch is an odd multiple of 16 bytes modulo 128).
@@ -123,9 +124,8 @@ struct DecodeTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   static constexpr size_t kCombineBytes =
       sizeof(float) * (size_t(kWarps) * kBlockM * kCombinePitch + 2 * kWarps * kBlockM);
   static constexpr size_t kStageBytes = size_t(kWarps) * kStages * kWarpStageBytes;
-  static constexpr size_t kSmemBytes =
-      sizeof(Element) * size_t(kQElems) +
-      (kStageBytes > kCombineBytes ? kStageBytes : kCombineBytes);
+  static constexpr size_t kSmemBytes = sizeof(Element) * size_t(kQElems) +
+                                       (kStageBytes > kCombineBytes ? kStageBytes : kCombineBytes);
 
   static_assert(kRowPitch == kHeadDim_ + 16 / sizeof(Element_), "PaddedRowTiles pitch");
   static_assert((kBlockN * kChunksPerRow) % 32 == 0, "a warp's K/V copy must split evenly");

@@ -17,21 +17,20 @@ namespace jax_fmha::cuda {
 
 template <typename Element>
 __device__ __forceinline__ void ldmatrix_x4(const Element* smem, uint32_t (&frag)[4]) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), frag[0],
-                                frag[1], frag[2], frag[3]);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), frag[0], frag[1],
+                                frag[2], frag[3]);
 }
 
 template <typename Element>
 __device__ __forceinline__ void ldmatrix_x4_trans(const Element* smem, uint32_t (&frag)[4]) {
-  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), frag[0],
-                                frag[1], frag[2], frag[3]);
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), frag[0], frag[1],
+                                frag[2], frag[3]);
 }
 
 template <class Traits>
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {
-  Traits::Mma::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1], c[2],
-                   c[3]);
+  Traits::Mma::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1], c[2], c[3]);
 }
 
 // S = Q K^T for the warp's rows. smem_q points at the warp's first row.

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int d = 0; d < Traits::kDimAtoms; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-  auto& o_regs = reinterpret_cast<float(&)[Traits::kDimAtoms * 4]>(o);
+  auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
   OnlineSoftmax<Traits> softmax;
   ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
               threadIdx.x);
         } else {
           load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
-              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, true, rows,
-              threadIdx.x);
+              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, true, rows, threadIdx.x);
         }
       };
       if (key_block < blocks)
@@ -135,13 +134,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       v_rows = k_rows;
       k_rows = next_k_rows;
       if (block + 2 < blocks) {  // used at the next step
-        if (staged_ids) stage_ids(block + 2);
-        else next_k_rows = rows_of(block + 2);
+        if (staged_ids)
+          stage_ids(block + 2);
+        else
+          next_k_rows = rows_of(block + 2);
       }
       issue(block + 1);
       if (group_has_rows) {
         float s[1][Traits::kKeyAtoms][4];
-        auto& s_regs = reinterpret_cast<float(&)[Traits::kKeyAtoms * 4]>(s);
+        auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
         issue_qk<Traits>(smem_q, smem_k + block % 2 * kTile, s);
         if (block > 0) {
           fence_registers(o_regs);

@@ -16,10 +16,11 @@
 // for pages loaded as 16-key runs, the page ids of the key blocks in flight.
 #pragma once
 
-#include <cute/tensor.hpp>
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
-#include <cute/arch/mma_sm90.hpp>
 #include <cutlass/numeric_types.h>
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
 
 #include "cuda/common/dtypes.cuh"
 #include "cuda/forward_plan.h"
@@ -39,10 +40,10 @@ struct CuteElement<__half> {
 
 // The widest wgmma swizzle atom (128, 64 or 32 bytes of a row) that tiles a d-wide row.
 template <typename T, int kHeadDim>
-using KMajorAtom = std::conditional_t<
-    kHeadDim % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<T>,
-    std::conditional_t<kHeadDim % 32 == 0, cute::GMMA::Layout_K_SW64_Atom<T>,
-                       cute::GMMA::Layout_K_SW32_Atom<T>>>;
+using KMajorAtom =
+    std::conditional_t<kHeadDim % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<T>,
+                       std::conditional_t<kHeadDim % 32 == 0, cute::GMMA::Layout_K_SW64_Atom<T>,
+                                          cute::GMMA::Layout_K_SW32_Atom<T>>>;
 
 template <typename Element_, int kHeadDim_>
 struct HopperTraits {
@@ -105,15 +106,14 @@ struct HopperTraits {
                                                     cute::Shape<BlockN, HeadDim>{}));
   // The V tile seen as (d, key): element (c, r) is element (r, c) of the K-major tile.
   using SmemLayoutVt = decltype(cute::composition(
-      SmemLayoutKV{}, cute::make_ordered_layout(cute::Shape<HeadDim, BlockN>{},
-                                                cute::Step<cute::_2, cute::_1>{})));
+      SmemLayoutKV{},
+      cute::make_ordered_layout(cute::Shape<HeadDim, BlockN>{}, cute::Step<cute::_2, cute::_1>{})));
 
   static constexpr int kQElems = int(cute::cosize_v<SmemLayoutQ>);
   static constexpr int kKvTileElems = int(cute::cosize_v<SmemLayoutKV>);
   static constexpr size_t kPageIdsOffset =
       sizeof(Element) * (size_t(kQElems) + 2 * size_t(kStages) * kKvTileElems);
-  static constexpr size_t kSmemBytes =
-      kPageIdsOffset + sizeof(int32_t) * kPageIdSlots * kPageRuns;
+  static constexpr size_t kSmemBytes = kPageIdsOffset + sizeof(int32_t) * kPageIdSlots * kPageRuns;
   // Every tile starts on a swizzle-pattern boundary (the wgmma descriptors assume it).
   static constexpr size_t kSmemAlign = 1024;
 
@@ -137,7 +137,6 @@ struct HopperTraits {
   }
 
  public:
-
   static_assert(kQElems == kBlockM * kHeadDim && kKvTileElems == kBlockN * kHeadDim,
                 "swizzled tiles are dense");
   static_assert((kQElems * sizeof(Element)) % kSmemAlign == 0 &&

@@ -40,8 +40,8 @@ __device__ __forceinline__ void wait_products() {
 // c (+)= a b over the k-steps of the fragments, as one wgmma batch (not waited for).
 // accumulate false: c = a b (the first step scales the old c by zero).
 template <class TiledMma, class FragA, class FragB, class FragC>
-__device__ __forceinline__ void issue_gemm(TiledMma& mma, const FragA& a, const FragB& b,
-                                           FragC& c, bool accumulate) {
+__device__ __forceinline__ void issue_gemm(TiledMma& mma, const FragA& a, const FragB& b, FragC& c,
+                                           bool accumulate) {
   cute::warpgroup_arrive();
   mma.accumulate_ = accumulate ? cute::GMMA::ScaleOut::One : cute::GMMA::ScaleOut::Zero;
   CUTE_UNROLL
@@ -55,9 +55,9 @@ __device__ __forceinline__ void issue_gemm(TiledMma& mma, const FragA& a, const 
 // The thread's accumulator registers of a tiled MMA over an M x N tile, as a CuTe tensor.
 template <class TiledMma, int kM, int kN>
 __device__ __forceinline__ auto accumulator_view(float* regs) {
-  using Layout = decltype(cute::partition_fragment_C(TiledMma{},
-                                                     cute::Shape<cute::Int<kM>, cute::Int<kN>>{})
-                              .layout());
+  using Layout =
+      decltype(cute::partition_fragment_C(TiledMma{}, cute::Shape<cute::Int<kM>, cute::Int<kN>>{})
+                   .layout());
   return cute::make_tensor(cute::make_rmem_ptr(regs), Layout{});
 }
 
@@ -73,8 +73,8 @@ __device__ __forceinline__ void issue_qk(const typename Traits::Element* smem_q,
                                    typename Traits::SmemLayoutQ{});
   const auto k = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_k)),
                                    typename Traits::SmemLayoutKV{});
-  auto acc = accumulator_view<typename Traits::MmaQK, Traits::kBlockM, Traits::kBlockN>(
-      &s[0][0][0]);
+  auto acc =
+      accumulator_view<typename Traits::MmaQK, Traits::kBlockM, Traits::kBlockN>(&s[0][0][0]);
   issue_gemm(mma, thread_mma.partition_fragment_A(q), thread_mma.partition_fragment_B(k), acc,
              false);
 }
@@ -93,9 +93,8 @@ __device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::k
   for (int kk = 0; kk < Traits::kBlockN / 16; ++kk)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const float(&pair)[4] = p[0][2 * kk + r / 2];
-      regs[4 * kk + r] =
-          pack2<typename Traits::Element>(pair[2 * (r % 2)], pair[2 * (r % 2) + 1]);
+      const float (&pair)[4] = p[0][2 * kk + r / 2];
+      regs[4 * kk + r] = pack2<typename Traits::Element>(pair[2 * (r % 2)], pair[2 * (r % 2) + 1]);
     }
 }
 
@@ -109,12 +108,12 @@ __device__ __forceinline__ void issue_pv(const ProbabilityRegs<Traits>& p,
   const auto thread_mma = mma.get_thread_slice(threadIdx.x);
   const auto vt = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_v)),
                                     typename Traits::SmemLayoutVt{});
-  const auto a = cute::make_tensor(
-      cute::make_rmem_ptr(reinterpret_cast<const T*>(&p[0])),
-      cute::Layout<cute::Shape<cute::Shape<cute::_2, cute::_2, cute::_2>, cute::_1,
-                               cute::Int<Traits::kBlockN / 16>>>{});
-  auto acc = accumulator_view<typename Traits::MmaPV, Traits::kBlockM, Traits::kHeadDim>(
-      &o[0][0][0]);
+  const auto a =
+      cute::make_tensor(cute::make_rmem_ptr(reinterpret_cast<const T*>(&p[0])),
+                        cute::Layout<cute::Shape<cute::Shape<cute::_2, cute::_2, cute::_2>,
+                                                 cute::_1, cute::Int<Traits::kBlockN / 16>>>{});
+  auto acc =
+      accumulator_view<typename Traits::MmaPV, Traits::kBlockM, Traits::kHeadDim>(&o[0][0][0]);
   issue_gemm(mma, a, thread_mma.partition_fragment_B(vt), acc, true);
 }
 
