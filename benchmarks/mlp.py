@@ -25,13 +25,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from attention import git_revision  # benchmarks/attention.py, beside this script
 
 import jax_fmha
 from jax_fmha import reference
@@ -168,20 +168,6 @@ def max_difference(a, b) -> float:
   return max(
     float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in leaves
   )
-
-
-def git_revision() -> str | None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    rev = subprocess.run(
-      ["git", "-C", root, "describe", "--always", "--dirty"],
-      capture_output=True,
-      text=True,
-      timeout=10,
-    )
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return rev.stdout.strip() or None
 
 
 def main():
