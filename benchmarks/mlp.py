@@ -91,6 +91,12 @@ def tokamax_norms():
     import tokamax
   except ImportError as e:
     return None, f"tokamax does not import: {e}"
+  from absl import flags  # tokamax's dependency
+
+  # tokamax reads its absl flags from sys.argv at first use, where it would meet this
+  # script's flags: give it its defaults instead.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1])
   norm = functools.partial(tokamax.layer_norm, offset=None, epsilon=EPS, subtract_mean=False)
 
   def with_residual(x, residual, weight):
