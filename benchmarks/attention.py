@@ -909,6 +909,10 @@ def build_info() -> dict | str:
 
 
 def git_revision() -> str | None:
+  """The revision measured: $BENCH_REVISION when set (a copy of the tree on a remote machine
+  may carry a stale .git), else `git describe` of this checkout."""
+  if os.environ.get("BENCH_REVISION"):
+    return os.environ["BENCH_REVISION"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     rev = subprocess.run(

@@ -32,6 +32,9 @@
 # A machine that allows 10 minutes a command takes the steps over a few commands on the same
 # (warm) machine, e.g. `setup build tests memcheck`, then `setup racecheck synccheck`, then
 # `setup harness=all mlp`; build/device and the installed package stay between them.
+# The results record BENCH_REVISION as their revision when it is set: pass the commit the
+# tree was sent at (BENCH_REVISION=$(git rev-parse --short HEAD), written into the command),
+# since the machine's copy of .git may not show it.
 # Per-step time limits in seconds, from the environment: TEST_TIMEOUT (300),
 # SANITIZER_TIMEOUT (300), HARNESS_TIMEOUT (480), STEP_TIMEOUT (240).
 set -uo pipefail
