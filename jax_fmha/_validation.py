@@ -217,7 +217,34 @@ def attention(
   if v.shape != k.shape:
     raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
-  # Queries.
+  cu_seqlens_q, batch, max_seqlen_q = _queries(q, cu_seqlens_q, max_seqlen_q)
+  kv_layout, cu_seqlens_k, seq_lens, block_table, max_seqlen_k = _keys(
+    q, k, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, batch, max_seqlen_k
+  )
+  _heads(q, k, backend)
+  window, scale, softcap, num_splits = _transform(
+    q.shape[-1], causal, window, scale, softcap, num_splits, backend
+  )
+  return AttentionProblem(
+    q=q,
+    k=k,
+    v=v,
+    cu_seqlens_q=cu_seqlens_q,
+    cu_seqlens_k=cu_seqlens_k,
+    seq_lens=seq_lens,
+    block_table=block_table,
+    scale=scale,
+    softcap=softcap,
+    window=window,
+    kv_layout=kv_layout,
+    max_seqlen_q=max_seqlen_q,
+    max_seqlen_k=max_seqlen_k,
+    num_splits=num_splits,
+  )
+
+
+def _queries(q, cu_seqlens_q, max_seqlen_q):
+  """Checks dense or packed queries; returns (cu_seqlens_q, batch, max_seqlen_q)."""
   if cu_seqlens_q is not None:
     rank(
       "q",
@@ -242,8 +269,12 @@ def attention(
     if max_seqlen_q is not None:
       raise ValueError(f"max_seqlen_q: only for packed q (with cu_seqlens_q), got {max_seqlen_q}")
     batch, max_seqlen_q = q.shape[0], q.shape[1]
+  return cu_seqlens_q, batch, max_seqlen_q
 
-  # Keys and values.
+
+def _keys(q, k, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, batch, max_seqlen_k):
+  """Checks the keys' layout against the queries'; returns (kv_layout, cu_seqlens_k,
+  seq_lens, block_table, max_seqlen_k)."""
   if block_table is not None or seq_lens is not None:
     kv_layout, max_seqlen_k, block_table = _kv_cache(
       k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k
@@ -275,7 +306,11 @@ def attention(
         f"max_seqlen_k: only for packed keys (with cu_seqlens_k), got {max_seqlen_k}"
       )
     kv_layout, max_seqlen_k = "uniform", k.shape[1]
+  return kv_layout, cu_seqlens_k, seq_lens, block_table, max_seqlen_k
 
+
+def _heads(q, k, backend):
+  """Checks the head dim and the query/KV head counts (MHA, GQA, MQA)."""
   num_q_heads, d = q.shape[-2], q.shape[-1]
   num_kv_heads = k.shape[-2]
   supported_head_dim("q", d, backend)
@@ -286,6 +321,10 @@ def attention(
       f"k: num_kv_heads ({num_kv_heads}) must divide q's num_heads ({num_q_heads}) for MHA/GQA/MQA"
     )
 
+
+def _transform(d, causal, window, scale, softcap, num_splits, backend):
+  """Checks the score transform, the mask and the split count; returns (window, scale,
+  softcap, num_splits) with causal folded into the window."""
   causal = static_bool("causal", causal)
   window = window_pair(window)
   if causal:
@@ -297,22 +336,7 @@ def attention(
     max_splits = _ffi.constants()["max_splits"] if backend == "auto" else None
     if max_splits is not None and num_splits > max_splits:
       raise ValueError(f"num_splits: expected at most {max_splits}, got {num_splits}")
-  return AttentionProblem(
-    q=q,
-    k=k,
-    v=v,
-    cu_seqlens_q=cu_seqlens_q,
-    cu_seqlens_k=cu_seqlens_k,
-    seq_lens=seq_lens,
-    block_table=block_table,
-    scale=scale,
-    softcap=softcap,
-    window=window,
-    kv_layout=kv_layout,
-    max_seqlen_q=max_seqlen_q,
-    max_seqlen_k=max_seqlen_k,
-    num_splits=num_splits,
-  )
+  return window, scale, softcap, num_splits
 
 
 def _kv_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
