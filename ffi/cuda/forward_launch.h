@@ -1,7 +1,7 @@
 // The launch of one attention forward kernel (forward_plan.h) for one dtype, head dim and
-// output type. Defined in forward_launch.cuh and instantiated once per (kernel, Element,
-// head dim) by a file CMake generates from forward_instance.cu.in, so that the kernels
-// compile in parallel; attention.cu sees only this declaration.
+// output type. Defined in forward_launch.cuh and instantiated by one file per (kernel, head
+// dim) that CMake generates from forward_instance.cu.in, so that the kernels compile in
+// parallel; attention.cu sees only this declaration.
 #pragma once
 
 #include <cuda_runtime.h>
