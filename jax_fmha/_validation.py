@@ -65,10 +65,18 @@ def same_dtype(names: tuple[str, ...], *xs):
     raise TypeError(f"{', '.join(names)} must share one dtype, got {got}")
 
 
-def int32_vector(name: str, x, length: int | None, meaning: str):
+def int32_array(name: str, x):
+  """An index array of any integer dtype (list, NumPy or jax array) as int32; values that
+  do not fit int32 are the caller's error (the public docstrings say so)."""
   x = array(name, x)
-  if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
-    raise TypeError(f"{name}: expected dtype int32, got {x.dtype}")
+  dtype = jnp.dtype(x.dtype)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name}: expected an integer dtype (converted to int32), got {dtype}")
+  return x if dtype == jnp.dtype(jnp.int32) else jnp.asarray(x, jnp.int32)
+
+
+def int32_vector(name: str, x, length: int | None, meaning: str):
+  x = int32_array(name, x)
   if x.ndim != 1 or (length is not None and x.shape[0] != length):
     want = f"[{length}]" if length is not None else "a vector"
     raise ValueError(f"{name}: expected shape {want} ({meaning}), got {tuple(x.shape)}")
@@ -76,9 +84,7 @@ def int32_vector(name: str, x, length: int | None, meaning: str):
 
 
 def block_table_array(x, batch: int):
-  x = array("block_table", x)
-  if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
-    raise TypeError(f"block_table: expected dtype int32, got {x.dtype}")
+  x = int32_array("block_table", x)
   if x.ndim != 2 or x.shape[0] != batch:
     raise ValueError(
       f"block_table: expected shape [B={batch}, pages_per_seq], got {tuple(x.shape)}"
@@ -436,14 +442,19 @@ def update_kv_cache(
   )
 
 
-def attention_with_kvcache(k_new, v_new, cache_seqlens):
+def attention_with_kvcache(k_new, v_new, cache_seqlens, cu_seqlens_q, block_table):
   """Checks what ``jax_fmha.attention_with_kvcache`` adds to its two calls; returns
-  cache_seqlens."""
+  (cache_seqlens, cu_seqlens_q, block_table) as int32, converted once for both calls."""
   if (k_new is None) != (v_new is None):
     raise ValueError("k_new and v_new: give both or neither")
-  return int32_vector(
+  cache_seqlens = int32_vector(
     "cache_seqlens", cache_seqlens, None, "[B] tokens already cached per sequence"
   )
+  if cu_seqlens_q is not None:
+    cu_seqlens_q = int32_array("cu_seqlens_q", cu_seqlens_q)
+  if block_table is not None:
+    block_table = int32_array("block_table", block_table)
+  return cache_seqlens, cu_seqlens_q, block_table
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,10 +469,22 @@ def merge_attention_states(outs, lses, out_dtype, backend):
   outs, lses = array("outs", outs), array("lses", lses)
   float_dtype("outs", outs)
   float_dtype("lses", lses)
-  if outs.ndim < 2 or lses.shape != outs.shape[:-1]:
+  if outs.ndim == 5:  # dense [S, B, Sq, Hq, D]
+    s, b, sq, hq, _ = outs.shape
+    want, form = (s, b, hq, sq), "dense: outs [S, B, Sq, Hq, D], lses [S, B, Hq, Sq]"
+  elif outs.ndim == 4:  # packed [S, Tq, Hq, D]
+    s, tq, hq, _ = outs.shape
+    want, form = (s, hq, tq), "packed: outs [S, Tq, Hq, D], lses [S, Hq, Tq]"
+  else:
     raise ValueError(
-      f"lses: expected shape outs.shape[:-1] = {tuple(outs.shape[:-1])} "
-      f"(outs [S, ..., D]), got {tuple(lses.shape)}"
+      f"outs: expected rank 5 (dense [S, B, Sq, Hq, D]) or 4 (packed [S, Tq, Hq, D]): "
+      f"attention's outputs stacked on a leading axis, got shape {tuple(outs.shape)} "
+      f"(lses {tuple(lses.shape)})"
+    )
+  if tuple(lses.shape) != want:
+    raise ValueError(
+      f"lses: expected shape {want} for outs {tuple(outs.shape)} ({form}, attention's "
+      f"LSE layout), got {tuple(lses.shape)}"
     )
   if outs.shape[0] < 1:
     raise ValueError("outs: expected at least one partial result on axis 0, got 0")

@@ -42,24 +42,31 @@ def attention(
 
   Query layouts:
     * dense: ``q [B, Sq, Hq, D]``;
-    * packed (variable length): ``q [Tq, Hq, D]`` with ``cu_seqlens_q`` int32 ``[B + 1]``
+    * packed (variable length): ``q [Tq, Hq, D]`` with ``cu_seqlens_q`` ``[B + 1]``
       prefix sums (first entry 0): sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
 
   Key/value layouts (k and v always share one shape):
     * dense: ``k, v [B, Sk, Hkv, D]`` (with dense q);
-    * packed: ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_k`` int32 ``[B + 1]`` (with packed q);
-    * contiguous cache: ``k, v [B, S_max, Hkv, D]`` with ``seq_lens`` int32 ``[B]``: only the
+    * packed: ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_k`` ``[B + 1]`` (with packed q);
+    * contiguous cache: ``k, v [B, S_max, Hkv, D]`` with ``seq_lens`` ``[B]``: only the
       first ``seq_lens[b]`` keys of sequence b count;
-    * paged cache: ``k, v [num_pages, page_size, Hkv, D]`` with ``block_table`` int32
-      ``[B, pages_per_seq]`` (logical page -> physical page) and ``seq_lens`` int32 ``[B]``.
+    * paged cache: ``k, v [num_pages, page_size, Hkv, D]`` with ``block_table``
+      ``[B, pages_per_seq]`` (logical page -> physical page) and ``seq_lens`` ``[B]``.
       Any ``page_size >= 1``. Table entries past a sequence's last page are ignored.
     The caches take dense or packed queries (decode: ``Sq = 1``; chunked prefill or
     speculative decoding: ``Sq > 1``; mixed batches: packed).
 
+  Index arrays (``cu_seqlens_*``, ``seq_lens``, ``block_table``) may be Python lists, NumPy
+  or jax arrays of any integer dtype (int64 under ``jax_enable_x64`` included); they are
+  converted to int32 at trace time, so values must fit int32 (larger ones are the
+  caller's error). Float or bool index arrays raise a TypeError.
+
   ``Hq`` must be a multiple of ``Hkv`` (MHA, GQA, MQA); query head ``h`` attends to KV head
   ``h // (Hq // Hkv)``. ``D`` is a multiple of 8, at most 256. q, k, v share one dtype
   (float32, bfloat16 or float16); the output has that dtype; softmax statistics, partial
-  outputs and accumulators are float32.
+  outputs and accumulators are float32. float32 runs on the CPU backend and the reference;
+  on the GPU the kernel takes bfloat16/float16: cast (``q.astype(jnp.bfloat16)``, the
+  same for k and v); float32 there raises a TypeError at trace time.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -136,9 +143,7 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
     return out, lse
-  # Partial LSEs [S, B, Hq, Sq] / [S, Hq, Tq] are put in the output's row order for the merge.
-  out, lse = merge_attention_states(out, jnp.swapaxes(lse, -1, -2), out_dtype=p.q.dtype)
-  return out, jnp.swapaxes(lse, -1, -2)
+  return merge_attention_states(out, lse, out_dtype=p.q.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,8 +220,9 @@ def _attention_platform_check(platform, avals_in):
   # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
   if platform == "cuda" and avals_in[0].dtype == jnp.float32:
     raise TypeError(
-      "jax_fmha.attention on the GPU takes bfloat16 or float16 q, k, v, got float32: cast "
-      "them (e.g. q.astype(jnp.bfloat16)), or use backend='reference' for float32"
+      "q, k, v: jax_fmha.attention (and attention_with_kvcache) on the GPU expected dtype "
+      "bfloat16 or float16, got float32: cast them, e.g. q.astype(jnp.bfloat16) (the "
+      "caches too with attention_with_kvcache), or use backend='reference' for float32"
     )
 
 

@@ -30,11 +30,17 @@ def update_kv_cache(
     k_cache, v_cache: pages ``[num_pages, page_size, Hkv, D]`` (with ``block_table``) or a
       contiguous cache ``[B, S_max, Hkv, D]`` (``block_table=None``).
     k_new, v_new: the new tokens, dense ``[B, S_new, Hkv, D]`` or packed ``[T_new, Hkv, D]``
-      with ``cu_seqlens_new`` int32 ``[B + 1]``; the caches' dtype.
-    block_table: int32 ``[B, pages_per_seq]`` or None.
-    cache_seqlens: int32 ``[B]``: tokens already in each sequence's cache. New token ``t``
+      with ``cu_seqlens_new`` ``[B + 1]``; the caches' dtype (float32, bfloat16 or
+      float16, on every backend).
+    block_table: ``[B, pages_per_seq]`` or None.
+    cache_seqlens: ``[B]``: tokens already in each sequence's cache. New token ``t``
       of sequence ``b`` goes to position ``cache_seqlens[b] + t``.
     cu_seqlens_new: prefix sums of the packed new tokens, or None (dense).
+
+  Index arrays (``block_table``, ``cache_seqlens``, ``cu_seqlens_new``) may be Python
+  lists, NumPy or jax arrays of any integer dtype; they are converted to int32 at trace
+  time, so values must fit int32 (larger ones are the caller's error). Float or bool
+  index arrays raise a TypeError.
     backend: ``"auto"`` (kernel) or ``"reference"`` (pure JAX scatter, same semantics).
 
   The cache results alias the cache operands: under ``jax.jit(..., donate_argnums=...)``
@@ -95,10 +101,19 @@ def attention_with_kvcache(
   its own position. ``cache_seqlens [B]`` counts the tokens cached before this call.
   Without ``k_new``/``v_new`` this is attention over the cache alone.
 
+  Layouts, dtypes and arguments are those of ``attention`` and ``update_kv_cache``: index
+  arrays (``cache_seqlens``, ``block_table``, ``cu_seqlens_q``) of any integer dtype are
+  converted to int32 at trace time (values must fit int32). float32 runs on the CPU
+  backend and the reference; on the GPU the kernel takes bfloat16/float16: cast q, the
+  caches and the new tokens (``.astype(jnp.bfloat16)``); float32 there raises a TypeError
+  at trace time.
+
   Returns ``(out, k_cache, v_cache)`` (``(out, lse, k_cache, v_cache)`` with
   ``return_lse``). Donate the caches under ``jax.jit`` for an in-place update.
   """
-  cache_seqlens = _validation.attention_with_kvcache(k_new, v_new, cache_seqlens)
+  cache_seqlens, cu_seqlens_q, block_table = _validation.attention_with_kvcache(
+    k_new, v_new, cache_seqlens, cu_seqlens_q, block_table
+  )
   seq_lens = cache_seqlens
   if k_new is not None:
     k_cache, v_cache = update_kv_cache(

@@ -17,23 +17,33 @@ def merge_attention_states(
 ) -> tuple[jax.Array, jax.Array]:
   """Merges attention results over disjoint key sets (split-KV, cascade, prefix caching).
 
+  Takes what ``attention(..., return_lse=True)`` returns, stacked on a new leading axis of S
+  partial results (one per key set), in ``attention``'s layouts:
+
+  * dense: ``outs [S, B, Sq, Hq, D]``, ``lses [S, B, Hq, Sq]``;
+  * packed: ``outs [S, Tq, Hq, D]``, ``lses [S, Hq, Tq]``.
+
   Args:
-    outs: ``[S, ..., D]``: S partial attention outputs, each normalized over its own keys.
-    lses: ``[S, ...]`` float: their log-sum-exps (``-inf`` for an empty key set).
+    outs: the S partial attention outputs, each normalized over its own keys.
+    lses: their float log-sum-exps (``-inf`` for a row that saw no key).
     out_dtype: dtype of the merged output (default: ``outs.dtype``).
     backend: ``"auto"`` (kernel) or ``"reference"``.
 
   Returns:
-    ``(out [..., D], lse [...])``: the attention over the union of the key sets. Partial
-    results with LSE ``-inf`` weigh nothing; rows whose partials are all empty get 0 and
-    ``-inf``. Merging is exact up to float32 rounding.
+    ``(out, lse)`` in ``attention``'s layout (``out [B, Sq, Hq, D]``, ``lse [B, Hq, Sq]``;
+    packed ``out [Tq, Hq, D]``, ``lse [Hq, Tq]``, float32): the attention over the union
+    of the key sets. Partial results with LSE ``-inf`` weigh nothing; rows whose partials
+    are all empty get 0 and ``-inf``. Merging is exact up to float32 rounding.
   """
   outs, lses, out_dtype = _validation.merge_attention_states(outs, lses, out_dtype, backend)
+  # The merge runs row by row: LSEs [S, ..., Hq, Sq] put in the outputs' row order.
+  lses = jnp.swapaxes(lses, -1, -2)
   if backend == "reference":
     out, lse = reference.merge_attention_states(outs, lses)
-    return out.astype(out_dtype), lse
-  out, lse = merge_states_p.bind(outs, lses, out_dtype=out_dtype)
-  return out, lse
+    out = out.astype(out_dtype)
+  else:
+    out, lse = merge_states_p.bind(outs, lses, out_dtype=out_dtype)
+  return out, jnp.swapaxes(lse, -1, -2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def _padded_kv(k, v, kv_layout: KvLayout, cu_seqlens_k, seq_lens, block_table):
     return k, v, seq_lens, (seq_lens >= 0) & (seq_lens <= k.shape[1])
   page_size = k.shape[1]
   ids = jnp.clip(block_table, 0, k.shape[0] - 1)
-  gather = lambda x: x[ids].reshape((ids.shape[0], -1) + x.shape[2:])
+  # jnp.asarray: NumPy pages indexed by a traced table must be gathered by jax.
+  gather = lambda x: jnp.asarray(x)[ids].reshape((ids.shape[0], -1) + x.shape[2:])
   page_used = jnp.arange(block_table.shape[1])[None, :] * page_size < seq_lens[:, None]
   page_ok = (block_table >= 0) & (block_table < k.shape[0])
   valid = (seq_lens >= 0) & (seq_lens <= block_table.shape[1] * page_size)
@@ -155,6 +156,7 @@ def update_kv_cache(
   k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new=None
 ):
   """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter."""
+  k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # NumPy caches have no .at
   if cu_seqlens_new is None:  # dense [B, S_new, H, D] -> packed rows with uniform starts
     b, s_new = k_new.shape[:2]
     cu_seqlens_new = jnp.arange(b + 1, dtype=jnp.int32) * s_new

@@ -785,6 +785,37 @@ def test_missing_platform_kernel_raises_clear_error(rng):
   jax.export.export(g, platforms=["cuda"])(q, k, v)
 
 
+def test_float32_for_the_gpu_is_refused_with_a_cast_hint(monkeypatch, rng):
+  """Lowering float32 attention for CUDA (here with CUDA handlers pretended present, so a
+  CPU-only build checks the message too) raises a TypeError naming q, k, v, the dtypes and
+  the cast, for attention and attention_with_kvcache; bfloat16 lowers."""
+  monkeypatch.setattr(jax_fmha._ffi, "has_target", lambda target, platform: True)
+  hint = (
+    r"^q, k, v: .* on the GPU expected dtype bfloat16 or float16, got float32: cast them, "
+    r"e\.g\. q\.astype\(jnp\.bfloat16\)"
+  )
+  q, k, v = _dense_qkv(rng, ())
+  attend = jax.jit(lambda q, k, v: jax_fmha.attention(q, k, v, causal=True))
+  with pytest.raises(TypeError, match=hint):
+    jax.export.export(attend, platforms=["cuda"])(q, k, v)
+  cast = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  jax.export.export(attend, platforms=["cuda"], disabled_checks=_any_custom_call())(*cast)
+  step = jax.jit(
+    lambda q, k, v: jax_fmha.attention_with_kvcache(
+      q, k, v, k[:, :1], v[:, :1], cache_seqlens=jnp.array([3, 7], jnp.int32)
+    )
+  )
+  with pytest.raises(TypeError, match=hint):
+    jax.export.export(step, platforms=["cuda"])(q, k, v)
+
+
+def _any_custom_call():
+  return [
+    jax.export.DisabledSafetyCheck.custom_call(t)
+    for t in (TARGET, "jax_fmha_update_kv_cache", "jax_fmha_merge_states")
+  ]
+
+
 def test_reference_backend_needs_no_extension(monkeypatch):
   """backend='reference' never reads the extension, so the kernels' limits (head dim,
   split count) do not apply to it; backend='auto' raises the extension's error."""
@@ -809,9 +840,9 @@ def test_reference_backend_needs_no_extension(monkeypatch):
   )
   assert out.shape == (2, 1, 2, 264)
   out, _ = jax_fmha.merge_attention_states(
-    jnp.ones((3, 5, 300)), jnp.zeros((3, 5)), backend="reference"
+    jnp.ones((3, 5, 1, 300)), jnp.zeros((3, 1, 5)), backend="reference"
   )
-  assert out.shape == (5, 300)
+  assert out.shape == (5, 1, 300)
   x = jnp.ones((3, 16))
   assert jax_fmha.geglu(x, packed_layout="interleaved", backend="reference").shape == (3, 8)
   with pytest.raises(RuntimeError, match="no extension"):
@@ -988,20 +1019,15 @@ BAD_INPUTS = {
     r"head_dim .* got 512",
   ),
   # cu_seqlens
-  "cu_q-int64": (
-    _packed(cu_seqlens_q=CU.astype(np.int64)),
-    TypeError,
-    r"^cu_seqlens_q: expected dtype int32, got int64",
-  ),
-  "cu_k-uint32": (
-    _packed(cu_seqlens_k=CUK.astype(np.uint32)),
-    TypeError,
-    r"^cu_seqlens_k: expected dtype int32, got uint32",
-  ),
   "cu_q-float": (
     _packed(cu_seqlens_q=CU.astype(np.float32)),
     TypeError,
-    r"^cu_seqlens_q: expected dtype int32, got float32",
+    r"^cu_seqlens_q: expected an integer dtype \(converted to int32\), got float32",
+  ),
+  "cu_k-bool": (
+    _packed(cu_seqlens_k=CUK.astype(bool)),
+    TypeError,
+    r"^cu_seqlens_k: expected an integer dtype \(converted to int32\), got bool",
   ),
   "cu_q-2d": (
     _packed(cu_seqlens_q=CU[None]),

@@ -498,10 +498,40 @@ def test_deterministic(rng):
     assert np.array_equal(la.view(np.uint8), lb.view(np.uint8))
 
 
+FLOAT32_HINT = (
+  r"q, k, v: .* on the GPU expected dtype bfloat16 or float16, got float32: cast them, "
+  r"e\.g\. q\.astype\(jnp\.bfloat16\)"
+)
+
+
 def test_float32_is_refused_with_a_cast_hint(rng):
-  q = randn(rng, (1, 8, 2, 64), np.float32)
-  with pytest.raises(Exception, match="bfloat16"):
-    run(q, q, q, kv_layout="uniform")
+  """float32 attention on the GPU: a TypeError when lowering (before anything runs) that
+  names q, k, v, the dtypes expected and received, and the cast; after the cast it runs."""
+  import jax_fmha
+
+  q, k, v = (randn(rng, (1, s, h, 64), np.float32) for s, h in ((8, 2), (12, 1), (12, 1)))
+  attend = jax.jit(lambda q, k, v: jax_fmha.attention(q, k, v, causal=True, return_lse=True))
+  with pytest.raises(TypeError, match=FLOAT32_HINT):
+    attend.lower(gpu(q), gpu(k), gpu(v))
+  with pytest.raises(TypeError, match=FLOAT32_HINT):
+    run(q, k, v, kv_layout="uniform")
+  q, k, v = (x.astype(BF16) for x in (q, k, v))
+  out, lse = attend(gpu(q), gpu(k), gpu(v))
+  check(np.asarray(out), np.asarray(lse), *ref.dense(q, k, v, causal=True), BF16)
+
+
+def test_float32_kvcache_is_refused_with_a_cast_hint(rng):
+  import jax_fmha
+
+  cache = gpu(randn(rng, (2, 16, 1, 64), np.float32))
+  q, new = gpu(randn(rng, (2, 1, 4, 64), np.float32)), gpu(randn(rng, (2, 1, 1, 64), np.float32))
+  step = jax.jit(
+    lambda q, kc, vc, kn, vn, lens: jax_fmha.attention_with_kvcache(
+      q, kc, vc, kn, vn, cache_seqlens=lens
+    )
+  )
+  with pytest.raises(TypeError, match=FLOAT32_HINT):
+    step.lower(q, cache, cache, new, new, jnp.array([3, 7], jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,8 +569,8 @@ def memcheck_cases():
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes
-    outs = rng.standard_normal((45, 6, d)).astype(np.float32)
-    lses = rng.standard_normal((45, 6)).astype(np.float32)
+    outs = rng.standard_normal((45, 6, 1, d)).astype(np.float32)  # packed [S, Tq, Hq, D]
+    lses = rng.standard_normal((45, 1, 6)).astype(np.float32)
     jax.block_until_ready(jax_fmha.merge_attention_states(gpu(outs), gpu(lses)))
 
 

@@ -350,15 +350,66 @@ def test_merge_attention_states(device, rng, out_dtype):
   values = randn(rng, (90, 2, 32), np.float32)
   bounds = [0, 40, 40, 90]  # the middle segment is empty
   parts = [ref.attend_sequence(q, keys[a:b], values[a:b]) for a, b in itertools.pairwise(bounds)]
-  outs = np.stack([p[0] for p in parts]).astype(np.float32)  # [S, 6, 4, 32]
-  lses = np.stack([p[1].T for p in parts]).astype(np.float32)  # [S, 6, 4]
+  outs = np.stack([p[0] for p in parts]).astype(np.float32)  # packed [S, Tq=6, Hq=4, 32]
+  lses = np.stack([p[1] for p in parts]).astype(np.float32)  # attention's [S, Hq=4, Tq=6]
   out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses), out_dtype=out_dtype)
   expected, expected_lse = ref.attend_sequence(q, keys, values)
   tol = dict(rtol=1e-5, atol=2e-5) if out_dtype is None else dict(rtol=1e-2, atol=1e-2)
   assert_close(out, expected, **tol)
-  assert_close(lse, expected_lse.T, rtol=1e-6, atol=1e-5, what="lse")
+  assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5, what="lse")
   all_empty = jax_fmha.merge_attention_states(outs[1:2], lses[1:2])
   assert (np.asarray(all_empty[0]) == 0).all() and np.isneginf(np.asarray(all_empty[1])).all()
+
+
+@pytest.mark.parametrize("n", [0, 19, 47])
+def test_merge_takes_what_attention_returns_dense(device, rng, n):
+  """Attention over keys [0, n) merged with attention over [n, N) is attention over
+  [0, N): attention's outputs and LSEs stacked and passed straight in (n = 0 or N: one
+  part has no keys)."""
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  q = randn(rng, (2, 5, 4, 32), dtype)
+  k, v = randn(rng, (2, 47, 2, 32), dtype), randn(rng, (2, 47, 2, 32), dtype)
+  parts = [
+    jax_fmha.attention(*to_device(device, q, k[:, a:b], v[:, a:b]), return_lse=True)
+    for a, b in ((0, n), (n, 47))
+  ]
+  outs, lses = (jnp.stack(x) for x in zip(*parts))
+  assert outs.shape == (2, 2, 5, 4, 32) and lses.shape == (2, 2, 4, 5)
+  out, lse = jax_fmha.merge_attention_states(outs, lses)
+  expected, expected_lse = ref.dense(q, k, v)
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
+  whole, whole_lse = jax_fmha.attention(*to_device(device, q, k, v), return_lse=True)
+  assert_close(out, whole, rtol=1e-5 if dtype == np.float32 else 2e-2, atol=2e-5)
+  assert_close(lse, whole_lse, rtol=1e-6, atol=2e-5, what="lse")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_merge_takes_what_attention_returns_packed(device, rng, backend):
+  """Packed sequences whose keys are split at different points: empty first part, empty
+  second part, a middle split, and a sequence with no keys at all (merged to 0, -inf)."""
+  dtype = FLOAT_DTYPES["float32"] if device.platform == "cpu" else FLOAT_DTYPES["bfloat16"]
+  lens_q, lens_k, split = [3, 6, 1, 4], [30, 41, 17, 0], [0, 20, 17, 0]
+  cu_q = np.cumsum([0] + lens_q).astype(np.int32)
+  cu_k = np.cumsum([0] + lens_k).astype(np.int32)
+  q = randn(rng, (cu_q[-1], 4, 64), dtype)
+  k, v = randn(rng, (cu_k[-1], 1, 64), dtype), randn(rng, (cu_k[-1], 1, 64), dtype)
+  parts = []
+  for keep in (lambda i, b: i < split[b], lambda i, b: i >= split[b]):
+    rows = [cu_k[b] + i for b, n in enumerate(lens_k) for i in range(n) if keep(i, b)]
+    lens = [sum(keep(i, b) for i in range(n)) for b, n in enumerate(lens_k)]
+    cu = np.cumsum([0] + lens).astype(np.int32)
+    args = to_device(device, q, k[rows], v[rows], cu_q, cu)
+    parts.append(
+      jax_fmha.attention(
+        *args[:3], cu_seqlens_q=args[3], cu_seqlens_k=args[4], return_lse=True, backend=backend
+      )
+    )
+  outs, lses = (jnp.stack(x) for x in zip(*parts))
+  assert outs.shape == (2, 14, 4, 64) and lses.shape == (2, 4, 14)
+  out, lse = jax_fmha.merge_attention_states(outs, lses, backend=backend)
+  expected, expected_lse = ref.packed(q, k, v, cu_q, cu_k)
+  assert np.isneginf(expected_lse[:, -4:]).all()  # the sequence with no keys
+  assert_attention_close(out, expected, dtype, lse, expected_lse)
 
 
 @pytest.mark.parametrize("head_dim", [7, 128, 160])
@@ -373,7 +424,9 @@ def test_merge_many_splits(device, rng, head_dim):
   outs[::3, 1] = 1e30  # an empty partial's output must weigh nothing, garbage included
   lses[:, 2] = -np.inf  # every partial of row 2 empty
   lses[17, 4] = np.nan
-  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs, lses))
+  # Packed with one head: outs [S, Tq, 1, D], lses [S, 1, Tq].
+  out, lse = jax_fmha.merge_attention_states(*to_device(device, outs[:, :, None], lses[:, None]))
+  out, lse = np.asarray(out)[:, 0], np.asarray(lse)[0]
   with np.errstate(divide="ignore", invalid="ignore"):  # rows 2 and 4 are checked apart
     top = np.max(np.where(np.isnan(lses), -np.inf, lses), 0).astype(np.float64)
     finite = np.where(np.isneginf(lses), 0.0, np.exp(lses - top))
@@ -406,11 +459,10 @@ def _paged_args():
 @pytest.mark.parametrize(
   "change, error, match",
   [
-    (dict(block_table=np.zeros((2, 3), np.int64)), TypeError, "block_table: expected dtype int32"),
     (
       dict(block_table=jnp.zeros((2, 3), jnp.float32)),
       TypeError,
-      "block_table: expected dtype int32",
+      r"block_table: expected an integer dtype \(converted to int32\), got float32",
     ),
     (
       dict(block_table=jnp.zeros((6,), jnp.int32)),
@@ -423,7 +475,11 @@ def _paged_args():
       r"block_table: expected shape \[B=2",
     ),
     (dict(seq_lens=jnp.zeros((3,), jnp.int32)), ValueError, r"seq_lens: expected shape \[2\]"),
-    (dict(seq_lens=jnp.zeros((2,), jnp.float32)), TypeError, "seq_lens: expected dtype int32"),
+    (
+      dict(seq_lens=jnp.zeros((2,), jnp.float32)),
+      TypeError,
+      "seq_lens: expected an integer dtype .* got float32",
+    ),
     (dict(seq_lens=None), ValueError, "seq_lens: a paged cache"),
     (dict(v=jnp.zeros((10, 8, 2, 64), jnp.bfloat16)), ValueError, "v: expected k's shape"),
     (
@@ -461,9 +517,14 @@ def test_paged_bad_input(change, error, match):
       r"cache_seqlens: expected shape \[2\]",
     ),
     (
-      dict(block_table=jnp.zeros((2, 3), jnp.uint32)),
+      dict(block_table=jnp.zeros((2, 3), jnp.bool_)),
       TypeError,
-      "block_table: expected dtype int32",
+      "block_table: expected an integer dtype .* got bool",
+    ),
+    (
+      dict(cache_seqlens=jnp.zeros((2,), jnp.float16)),
+      TypeError,
+      "cache_seqlens: expected an integer dtype .* got float16",
     ),
     (dict(cu_seqlens_new=jnp.zeros((3,), jnp.int32)), ValueError, "k_new: expected rank 3"),
   ],
@@ -485,8 +546,21 @@ def test_update_bad_input(change, error, match):
     jax_fmha.update_kv_cache(**args)
 
 
+@pytest.mark.parametrize(
+  "outs, lses, match",
+  [
+    # dense [S, B, Sq, Hq, D] with the LSEs in the outputs' row order, not attention's
+    ((2, 1, 3, 4, 8), (2, 1, 3, 4), r"lses: expected shape \(2, 1, 4, 3\) for outs "),
+    ((2, 3, 4, 8), (2, 3, 4), r"lses: expected shape \(2, 4, 3\) for outs \(2, 3, 4, 8\)"),
+    ((2, 3, 4, 8), (2, 4, 3, 1), r"lses: expected shape \(2, 4, 3\).*got \(2, 4, 3, 1\)"),
+    ((2, 3, 8), (2, 3), r"outs: expected rank 5 .* or 4 .*got shape \(2, 3, 8\) \(lses"),
+  ],
+)
+def test_merge_bad_shapes(outs, lses, match):
+  with pytest.raises(ValueError, match=match):
+    jax_fmha.merge_attention_states(jnp.ones(outs, jnp.float32), jnp.ones(lses, jnp.float32))
+
+
 def test_merge_bad_input():
-  with pytest.raises(ValueError, match="lses: expected shape"):
-    jax_fmha.merge_attention_states(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)))
   with pytest.raises(TypeError, match="outs: expected dtype"):
-    jax_fmha.merge_attention_states(jnp.zeros((2, 3, 8), jnp.int32), jnp.zeros((2, 3)))
+    jax_fmha.merge_attention_states(jnp.zeros((2, 3, 1, 8), jnp.int32), jnp.zeros((2, 1, 3)))
