@@ -36,12 +36,12 @@ def update_kv_cache(
     cache_seqlens: ``[B]``: tokens already in each sequence's cache. New token ``t``
       of sequence ``b`` goes to position ``cache_seqlens[b] + t``.
     cu_seqlens_new: prefix sums of the packed new tokens, or None (dense).
+    backend: ``"auto"`` (kernel) or ``"reference"`` (pure JAX scatter, same semantics).
 
   Index arrays (``block_table``, ``cache_seqlens``, ``cu_seqlens_new``) may be Python
   lists, NumPy or jax arrays of any integer dtype; they are converted to int32 at trace
   time, so values must fit int32 (larger ones are the caller's error). Float or bool
   index arrays raise a TypeError.
-    backend: ``"auto"`` (kernel) or ``"reference"`` (pure JAX scatter, same semantics).
 
   The cache results alias the cache operands: under ``jax.jit(..., donate_argnums=...)``
   with the caches donated, the update happens in place, with no copy of the cache.
