@@ -5,8 +5,10 @@ against full recomputation, and the errors for what the kernels cannot express."
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
+import tomllib
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_fmha.flax import apply_rope, linen as fmha_linen, make_attention_fn, nnx as fmha_nnx
+from jax_fmha.flax import (
+  FLAX_MIN_VERSION,
+  apply_rope,
+  linen as fmha_linen,
+  make_attention_fn,
+  nnx as fmha_nnx,
+)
 
 from conftest import OUT_TOL, assert_close, randn
 
@@ -486,9 +494,15 @@ def test_gated_mlp_refuses_unknown_activation():
 # ---------------------------------------------------------------------------------------
 
 
-def test_jax_fmha_imports_without_flax():
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_error_without(fake_flax: str) -> str:
+  """What ``import jax_fmha.flax`` raises in a fresh process (the source tree's, run from
+  the repository root) where ``flax`` is ``fake_flax``: None (not installed) or a module."""
   script = (
-    "import sys; sys.modules['flax'] = None  # makes `import flax` fail\n"
+    "import sys, types\n"
+    f"sys.modules['flax'] = {fake_flax}\n"
     "import jax_fmha\n"
     "try:\n"
     "  import jax_fmha.flax\n"
@@ -496,6 +510,23 @@ def test_jax_fmha_imports_without_flax():
     "  print(error)\n"
   )
   result = subprocess.run(
-    [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", check=True
+    [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPOSITORY, check=True
   )
-  assert "pip install 'jax_fmha[flax]'" in result.stdout
+  return result.stdout
+
+
+def test_jax_fmha_imports_without_flax():
+  message = import_error_without("None")  # makes `import flax` fail
+  assert f"needs flax>={FLAX_MIN_VERSION}: pip install 'jax_fmha[flax]'" in message
+
+
+def test_too_old_flax_names_the_minimum():
+  message = import_error_without("types.SimpleNamespace(__version__='0.12.5')")
+  assert f"needs flax>={FLAX_MIN_VERSION}, found flax 0.12.5" in message
+
+
+def test_flax_minimum_is_the_extras_pin():
+  with open(os.path.join(REPOSITORY, "pyproject.toml"), "rb") as file:
+    extras = tomllib.load(file)["project"]["optional-dependencies"]
+  for extra in ("flax", "test"):
+    assert [r for r in extras[extra] if r.startswith("flax")] == [f"flax>={FLAX_MIN_VERSION}"]
