@@ -63,8 +63,9 @@ class MultiHeadDotProductAttention(nn.Module):
   calls (``apply(..., mutable=["cache"])``) take self-attention inputs ``[batch, length,
   features]``, append their keys and values to the paged cache and attend over everything
   cached so far: prefill a prompt, then decode one token per call. A call with more
-  tokens than the cache holds (``max_length``, rounded up to whole pages) raises a
-  ValueError at trace time. Only the device knows how many tokens are cached, so a
+  tokens than the cache holds (inputs longer than ``max_length`` rounded up to whole
+  pages; with ``lengths`` only the device knows the count) raises a ValueError at trace
+  time. Only the device knows how many tokens are cached, so a
   sequence that outgrows the cache over several calls (a prefill, then too many decode
   steps) is not caught: as ``jax_fmha.update_kv_cache`` and ``jax_fmha.attention``
   document, the writes past capacity are dropped and that sequence's outputs are NaN from

@@ -58,10 +58,11 @@ class MultiHeadAttention(nnx.Module):
   ``PagedKVCache``'s fields); then each call with ``decode=True`` takes self-attention
   inputs ``[batch, length, features]``, appends their keys and values to the cache and
   attends over everything cached so far: prefill a prompt, then one token per call. A call
-  with more tokens than the cache holds raises a ValueError at trace time. Only the device
-  knows how many tokens are cached, so a sequence that outgrows the cache over several
-  calls (a prefill, then too many decode steps) is not caught: as ``jax_fmha.update_kv_cache``
-  and ``jax_fmha.attention`` document, the writes past capacity are dropped and that
+  with more tokens than the cache holds (inputs longer than it; with ``lengths`` only the
+  device knows the count) raises a ValueError at trace time. Only the device knows how
+  many tokens are cached, so a sequence that outgrows the cache over several calls (a
+  prefill, then too many decode steps) is not caught: as ``jax_fmha.update_kv_cache`` and
+  ``jax_fmha.attention`` document, the writes past capacity are dropped and that
   sequence's outputs are NaN from then on (the other sequences are unaffected).
 
   Not supported (a ValueError says so): ``mask`` (use ``causal``/``window``/``lengths``),
