@@ -62,6 +62,15 @@ def test_demo_help_documents_every_option():
   assert "``" not in result.stdout and ":func:" not in result.stdout  # plain text, no reST
 
 
+def test_example_help_documents_every_option():
+  result = subprocess.run(
+    [sys.executable, EXAMPLE, "--help"], capture_output=True, text=True, check=True
+  )
+  for option in ("--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"):
+    assert option in result.stdout
+  assert result.stdout.count("(default: ") == 5
+
+
 @pytest.mark.parametrize(("option", "value", "minimum"), [("--seq", "0", 1), ("--steps", "1", 2)])
 def test_demo_refuses_bad_values_by_name(option, value, minimum):
   result = run_demo(option, value)
