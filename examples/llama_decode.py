@@ -300,13 +300,28 @@ def run(
 
 def main():
   on_gpu = jax.default_backend() == "gpu"
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[7, 23, 12, 31])
-  parser.add_argument("--steps", type=int, default=32, help="tokens decoded per prompt")
-  parser.add_argument("--layers", type=int, default=Config.num_layers)
-  parser.add_argument("--page-size", type=int, default=16)
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   parser.add_argument(
-    "--dtype", choices=["float32", "bfloat16"], default="bfloat16" if on_gpu else "float32"
+    "--prompt-lengths",
+    type=int,
+    nargs="+",
+    default=[7, 23, 12, 31],
+    metavar="N",
+    help="one prompt per length (the batch), right-padded to the longest",
+  )
+  parser.add_argument("--steps", type=int, default=32, help="tokens decoded per prompt")
+  parser.add_argument("--layers", type=int, default=Config.num_layers, help="decoder blocks")
+  parser.add_argument(
+    "--page-size", type=int, default=16, help="tokens per page of jax_fmha's KV cache"
+  )
+  parser.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16"],
+    default="bfloat16" if on_gpu else "float32",
+    help="dtype of parameters and activations: bfloat16 on a GPU, else float32",
   )
   args = parser.parse_args()
   config = Config(num_layers=args.layers, dtype=jnp.dtype(args.dtype))

@@ -1,10 +1,12 @@
-"""examples/llama_decode.py at a small size: jax_fmha's Llama and the plain-Flax one, with
-the same parameters, decode the same greedy tokens (float32; the example asserts it)."""
+"""The user-facing programs: examples/llama_decode.py at a small size (jax_fmha's Llama and
+the plain-Flax one, with the same parameters, decode the same greedy tokens: float32, the
+example asserts it), and the command-line help of the ``python -m jax_fmha`` demo."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -38,3 +40,39 @@ def test_example_decodes_like_flax(llama_decode):
   fused, flax = llama_decode.run(config, prompt_lengths=[3, 9, 5], steps=8, page_size=4)
   assert fused.tokens.shape == flax.tokens.shape == (3, 8)
   assert fused.decode_tokens_per_second > 0 and flax.decode_tokens_per_second > 0
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess:
+  """``python -m jax_fmha`` of the source tree (run from the repository root)."""
+  return subprocess.run(
+    [sys.executable, "-m", "jax_fmha", *args],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(EXAMPLE)),
+  )
+
+
+def test_demo_help_documents_every_option():
+  result = run_demo("--help")
+  assert result.returncode == 0, result.stderr
+  for option, default in [("--batch", 2), ("--seq", 1024), ("--reps", 5), ("--steps", 16)]:
+    assert f"{option} N" in result.stdout
+    assert f"(default: {default}" in result.stdout
+  assert "example: python -m jax_fmha --" in result.stdout
+  assert "``" not in result.stdout and ":func:" not in result.stdout  # plain text, no reST
+
+
+def test_example_help_documents_every_option():
+  result = subprocess.run(
+    [sys.executable, EXAMPLE, "--help"], capture_output=True, text=True, check=True
+  )
+  for option in ("--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"):
+    assert option in result.stdout
+  assert result.stdout.count("(default: ") == 5
+
+
+@pytest.mark.parametrize(("option", "value", "minimum"), [("--seq", "0", 1), ("--steps", "1", 2)])
+def test_demo_refuses_bad_values_by_name(option, value, minimum):
+  result = run_demo(option, value)
+  assert result.returncode == 2  # argparse's usage error, before any computation
+  assert f"argument {option}: expected an integer >= {minimum}, got '{value}'" in result.stderr

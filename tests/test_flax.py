@@ -5,8 +5,10 @@ against full recomputation, and the errors for what the kernels cannot express."
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
+import tomllib
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_fmha.flax import apply_rope, linen as fmha_linen, make_attention_fn, nnx as fmha_nnx
+from jax_fmha.flax import (
+  FLAX_MIN_VERSION,
+  apply_rope,
+  linen as fmha_linen,
+  make_attention_fn,
+  nnx as fmha_nnx,
+)
 
 from conftest import OUT_TOL, assert_close, randn
 
@@ -344,6 +352,69 @@ def test_nnx_decode_matches_full_recomputation(x):
   assert_decoded_like_full(prefilled, decoded, full)
 
 
+def test_nnx_decode_refuses_more_tokens_than_the_cache_holds(x):
+  layer = fmha_nnx.MultiHeadAttention(HEADS, FEATURES, rngs=nnx.Rngs(0), **DECODE_OPTIONS)
+  layer.init_cache((BATCH, 10, FEATURES), page_size=4)  # 3 pages: 12 tokens
+  long_inputs = jnp.concatenate([x, x[:, :1]], axis=1)  # 13 tokens
+  message = (
+    r"13 tokens per sequence.*capacity of 12 .*pages of 4\); make a longer cache: init_cache"
+  )
+  with pytest.raises(ValueError, match=message):
+    layer(long_inputs, decode=True)
+  with pytest.raises(ValueError, match=message):
+    nnx.jit(lambda layer, inputs: layer(inputs, decode=True))(layer, long_inputs)
+  np.testing.assert_array_equal(layer.seq_lens[...], [0, 0])  # nothing was cached
+  assert np.isfinite(layer(x, decode=True)).all()  # exactly the capacity fits
+
+
+def test_linen_decode_refuses_more_tokens_than_the_cache_holds(x):
+  layer = fmha_linen.MultiHeadAttention(num_heads=HEADS, decode=True, page_size=4, **DECODE_OPTIONS)
+  variables = layer.init(jax.random.key(0), x[:, :10])  # 3 pages: 12 tokens
+  long_inputs = jnp.concatenate([x, x[:, :1]], axis=1)
+  with pytest.raises(ValueError, match=r"13 tokens per sequence.*capacity of 12 .*\(init\)"):
+    jax.jit(lambda v, inputs: layer.apply(v, inputs, mutable=["cache"]))(variables, long_inputs)
+  out, _ = layer.apply(variables, x, mutable=["cache"])
+  assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_decode_past_the_cache_gives_nan_rows_of_that_sequence_only(x, api):
+  """Lengths overflowing only on the device, which no shape tells: the documented outcome
+  of jax_fmha.update_kv_cache and jax_fmha.attention (writes past capacity dropped, NaN
+  output rows), for the overflowing sequence alone and on every later call."""
+  prompts, _ = decode_inputs(x)  # lengths 3 and 7; the cache holds 8 tokens per sequence
+  if api == "nnx":
+    layer = fmha_nnx.MultiHeadAttention(HEADS, FEATURES, rngs=nnx.Rngs(0), **DECODE_OPTIONS)
+    layer.init_cache((BATCH, 8, FEATURES), page_size=4)
+    call = lambda inputs, lengths=None: layer(inputs, decode=True, lengths=lengths)
+    cache = lambda: {name: getattr(layer, name)[...] for name in ("key_pages", "seq_lens")}
+  else:
+    layer = fmha_linen.MultiHeadAttention(
+      num_heads=HEADS, decode=True, page_size=4, **DECODE_OPTIONS
+    )
+    variables = layer.init(jax.random.key(0), x[:, :8])
+
+    def call(inputs, lengths=None):
+      nonlocal variables
+      out, updated = layer.apply(variables, inputs, lengths=lengths, mutable=["cache"])
+      variables = {**variables, **updated}
+      return out
+
+    cache = lambda: variables["cache"]
+
+  call(prompts, PROMPT_LENGTHS)
+  token = x[:, 7:8]
+  assert np.isfinite(call(token)).all()  # 4 and 8 tokens cached: the second is full
+  pages_before = cache()["key_pages"]
+  for _ in range(2):
+    out = call(token)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+  np.testing.assert_array_equal(cache()["seq_lens"], [6, 10])
+  # Sequence 1 (pages 2 and 3) kept its 8 tokens; sequence 0 wrote its 2 into page 1.
+  np.testing.assert_array_equal(cache()["key_pages"][2:], pages_before[2:])
+  assert not np.array_equal(cache()["key_pages"][1], pages_before[1])
+
+
 # ---------------------------------------------------------------------------------------
 # RMSNorm and GatedMLP
 # ---------------------------------------------------------------------------------------
@@ -423,9 +494,15 @@ def test_gated_mlp_refuses_unknown_activation():
 # ---------------------------------------------------------------------------------------
 
 
-def test_jax_fmha_imports_without_flax():
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_error_without(fake_flax: str) -> str:
+  """What ``import jax_fmha.flax`` raises in a fresh process (the source tree's, run from
+  the repository root) where ``flax`` is ``fake_flax``: None (not installed) or a module."""
   script = (
-    "import sys; sys.modules['flax'] = None  # makes `import flax` fail\n"
+    "import sys, types\n"
+    f"sys.modules['flax'] = {fake_flax}\n"
     "import jax_fmha\n"
     "try:\n"
     "  import jax_fmha.flax\n"
@@ -433,6 +510,23 @@ def test_jax_fmha_imports_without_flax():
     "  print(error)\n"
   )
   result = subprocess.run(
-    [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", check=True
+    [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPOSITORY, check=True
   )
-  assert "pip install 'jax_fmha[flax]'" in result.stdout
+  return result.stdout
+
+
+def test_jax_fmha_imports_without_flax():
+  message = import_error_without("None")  # makes `import flax` fail
+  assert f"needs flax>={FLAX_MIN_VERSION}: pip install 'jax_fmha[flax]'" in message
+
+
+def test_too_old_flax_names_the_minimum():
+  message = import_error_without("types.SimpleNamespace(__version__='0.12.5')")
+  assert f"needs flax>={FLAX_MIN_VERSION}, found flax 0.12.5" in message
+
+
+def test_flax_minimum_is_the_extras_pin():
+  with open(os.path.join(REPOSITORY, "pyproject.toml"), "rb") as file:
+    extras = tomllib.load(file)["project"]["optional-dependencies"]
+  for extra in ("flax", "test"):
+    assert [r for r in extras[extra] if r.startswith("flax")] == [f"flax>={FLAX_MIN_VERSION}"]

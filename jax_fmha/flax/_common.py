@@ -192,6 +192,23 @@ class PagedKVCache(NamedTuple):
       seq_lens=jnp.zeros((batch_size,), jnp.int32),
     )
 
+  @property
+  def capacity(self) -> int:
+    """Tokens each sequence's pages hold (``max_length`` rounded up to whole pages)."""
+    return self.block_table.shape[1] * self.key_pages.shape[1]
+
+  def check_fits(self, new_tokens: int, lengths, *, enlarge: str) -> None:
+    """Raises for a call whose ``new_tokens`` per sequence exceed the capacity: they
+    overflow whatever is cached, which shapes tell at trace time. With ``lengths`` the
+    static length is only a bound on the tokens cached, so nothing is known to overflow."""
+    if lengths is None and new_tokens > self.capacity:
+      raise ValueError(
+        f"decode=True: the inputs hold {new_tokens} tokens per sequence, more than the KV "
+        f"cache's capacity of {self.capacity} tokens per sequence "
+        f"(max_length rounded up to whole pages of {self.key_pages.shape[1]}); {enlarge} with "
+        f"max_length >= {new_tokens} (plus the tokens to decode after this call)"
+      )
+
 
 @dataclasses.dataclass(frozen=True)
 class _RightPaddedRows:
@@ -247,7 +264,11 @@ def attend(
     rope_theta: rotary position embeddings of query and key with this base, or None. A
       token's position is its index in the row, plus the tokens already cached.
     cache: a paged KV cache (decoding: one batch axis): the new keys and values are
-      appended to it and attended with it (``attention_with_kvcache``).
+      appended to it and attended with it (``attention_with_kvcache``). A sequence
+      whose tokens outgrow ``cache.capacity`` (callers check what the shapes tell with
+      ``PagedKVCache.check_fits``) follows ``jax_fmha.update_kv_cache`` and
+      ``jax_fmha.attention``: the writes past capacity are dropped and its output rows
+      are NaN, on that call and every later one.
 
   Returns:
     ``(out [batch..., Sq, H, D], cache)``: the cache with the new tokens (None without).

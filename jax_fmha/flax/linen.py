@@ -62,7 +62,14 @@ class MultiHeadDotProductAttention(nn.Module):
   ``[batch, max_length, features]`` (attending over them without caching them); later
   calls (``apply(..., mutable=["cache"])``) take self-attention inputs ``[batch, length,
   features]``, append their keys and values to the paged cache and attend over everything
-  cached so far: prefill a prompt, then decode one token per call. The collection
+  cached so far: prefill a prompt, then decode one token per call. A call with more
+  tokens than the cache holds (inputs longer than ``max_length`` rounded up to whole
+  pages; with ``lengths`` only the device knows the count) raises a ValueError at trace
+  time. Only the device knows how many tokens are cached, so a
+  sequence that outgrows the cache over several calls (a prefill, then too many decode
+  steps) is not caught: as ``jax_fmha.update_kv_cache`` and ``jax_fmha.attention``
+  document, the writes past capacity are dropped and that sequence's outputs are NaN from
+  then on (the other sequences are unaffected). The collection
   ``cache`` holds ``PagedKVCache``'s fields: ``key_pages``, ``value_pages``,
   ``block_table`` and ``seq_lens``.
 
@@ -189,6 +196,12 @@ class MultiHeadDotProductAttention(nn.Module):
       out, _ = attend(query, key, value, **mask_and_positions)
       return out
     cache = PagedKVCache(*(self.get_variable("cache", name) for name in PagedKVCache._fields))
+    cache.check_fits(
+      key.shape[-3],
+      mask_and_positions["lengths"],
+      enlarge="size the cache by initializing the layer (init) on inputs "
+      "[batch, max_length, features]",
+    )
     out, cache = attend(query, key, value, cache=cache, **mask_and_positions)
     for name, updated in cache._asdict().items():
       self.put_variable("cache", name, updated)

@@ -57,7 +57,13 @@ class MultiHeadAttention(nnx.Module):
   (``nnx.Cache`` variables ``key_pages``, ``value_pages``, ``block_table``, ``seq_lens``:
   ``PagedKVCache``'s fields); then each call with ``decode=True`` takes self-attention
   inputs ``[batch, length, features]``, appends their keys and values to the cache and
-  attends over everything cached so far: prefill a prompt, then one token per call.
+  attends over everything cached so far: prefill a prompt, then one token per call. A call
+  with more tokens than the cache holds (inputs longer than it; with ``lengths`` only the
+  device knows the count) raises a ValueError at trace time. Only the device knows how
+  many tokens are cached, so a sequence that outgrows the cache over several calls (a
+  prefill, then too many decode steps) is not caught: as ``jax_fmha.update_kv_cache`` and
+  ``jax_fmha.attention`` document, the writes past capacity are dropped and that
+  sequence's outputs are NaN from then on (the other sequences are unaffected).
 
   Not supported (a ValueError says so): ``mask`` (use ``causal``/``window``/``lengths``),
   attention dropout when not deterministic, ``sow_weights``.
@@ -150,9 +156,10 @@ class MultiHeadAttention(nnx.Module):
     self, input_shape: Sequence[int], dtype: Dtype | None = None, *, page_size: int = 16
   ) -> None:
     """Makes an empty paged KV cache for inputs ``(batch, max_length, ...)`` (Flax's
-    ``init_cache`` argument): ``max_length`` tokens per sequence, in pages of
-    ``page_size`` tokens, of ``dtype`` (default: the layer's ``dtype`` or
-    ``param_dtype``: the keys' dtype)."""
+    ``init_cache`` argument): room for ``max_length`` tokens per sequence (the prompt
+    plus every token to decode; rounded up to whole pages), in pages of ``page_size``
+    tokens, of ``dtype`` (default: the layer's ``dtype`` or ``param_dtype``: the keys'
+    dtype)."""
     empty = PagedKVCache.empty(
       batch_size=input_shape[0],
       max_length=input_shape[1],
@@ -213,6 +220,9 @@ class MultiHeadAttention(nnx.Module):
           "init_cache((batch, max_length, features)) first"
         )
       cache = PagedKVCache(*(getattr(self, name)[...] for name in PagedKVCache._fields))
+      cache.check_fits(
+        key.shape[-3], lengths, enlarge="make a longer cache: init_cache((batch, max_length, ...))"
+      )
       out, cache = attend(query, key, value, cache=cache, **mask_and_positions)
       for name, updated in cache._asdict().items():
         getattr(self, name)[...] = updated
