@@ -92,6 +92,25 @@ nb::dict build_info() {
   return info;
 }
 
+// The CPU attention tile kernel's instruction set, as the kernel chose it (attention.cc).
+std::string cpu_isa() {
+  const jax_fmha::cpu::IsaChoice& isa = jax_fmha::cpu::selected_isa();
+  if (!isa.error.empty()) throw nb::value_error(isa.error.c_str());
+  return isa.name;
+}
+
+// The kernel that runs attention above the decode tile's rows on a device of this compute
+// capability: "hopper" (sm_90a, wgmma) or "portable" (mma.sync).
+std::string cuda_device_kernel(int compute_capability_major) {
+  namespace cuda = jax_fmha::cuda;
+  const cuda::ForwardKernel kernel = cuda::hopper_device(compute_capability_major)
+                                         ? cuda::ForwardKernel::kHopper
+                                         : cuda::ForwardKernel::kPortable;
+  for (const auto& entry : cuda::kForwardKernelNames)
+    if (entry.value == kernel) return entry.name;
+  throw nb::value_error("unnamed CUDA forward kernel");
+}
+
 template <typename Enum, size_t N>
 nb::dict name_table(const jax_fmha::EnumName<Enum> (&names)[N]) {
   nb::dict table;
@@ -173,6 +192,12 @@ NB_MODULE(_jax_fmha_ext, m) {
   m.def("cpu_targets", &cpu_targets, "FFI target name -> handler capsule, for platform 'cpu'");
   m.def("cuda_targets", &cuda_targets, "FFI target name -> handler capsule, for platform 'CUDA'");
   m.def("build_info", &build_info, "What this build of the extension holds");
+  m.def("cpu_isa", &cpu_isa,
+        "The instruction set the CPU attention kernel runs: baseline, avx2, avx512 or "
+        "avx512bf16 (JAX_FMHA_CPU_ISA caps it; ValueError for an unknown value)");
+  m.def("cuda_device_kernel", &cuda_device_kernel, nb::arg("compute_capability_major"),
+        "The CUDA attention forward kernel of a device of this compute capability, above the "
+        "decode tile's rows: 'hopper' or 'portable' (JAX_FMHA_CUDA_FORWARD=portable forces it)");
   m.def("constants", &constants,
         "The constants Python shares with the kernels: attribute numbers by name, limits, and "
         "platform names (JAX lowering -> register_ffi_target)");

@@ -8,7 +8,7 @@ import pkgutil
 __path__ = pkgutil.extend_path(__path__, __name__)
 
 from jax_fmha import reference
-from jax_fmha._ffi import build_info
+from jax_fmha._ffi import FFI_TARGETS, build_info
 from jax_fmha.attention import attention
 from jax_fmha.kv_cache import attention_with_kvcache, update_kv_cache
 from jax_fmha.merge import merge_attention_states
@@ -17,6 +17,7 @@ from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
 __version__ = "0.1.0"
 
 __all__ = [
+  "FFI_TARGETS",
   "__version__",
   "attention",
   "attention_with_kvcache",

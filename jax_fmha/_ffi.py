@@ -1,7 +1,9 @@
 """Loads the compiled extension and registers its XLA FFI handlers with JAX.
 
 Every handler is registered under the same target name on each platform it was built for
-("cpu" and "CUDA"), so the lowering rules in ``_primitives`` are platform-independent.
+("cpu" and "CUDA"), so the lowering rules in ``_primitives`` are platform-independent. They
+are registered at import, so that a process that only deserializes a ``jax.export``ed
+function finds them.
 """
 
 from __future__ import annotations
@@ -72,7 +74,13 @@ def build_info() -> dict:
   Returns a dict with ``version``, ``backends`` (e.g. ``["cpu", "cuda"]``),
   ``cuda_architectures`` (empty without CUDA), ``hopper_kernel`` (whether the sm_90a
   forward kernel is built), ``jaxlib_version`` (the jaxlib whose FFI headers it was built
-  against), and ``jax_version`` (the jax running now).
+  against), ``jax_version`` (the jax running now), and what runs here: ``cpu_isa`` (the
+  instruction set of the CPU attention kernel: baseline, avx2, avx512 or avx512bf16) and
+  ``cuda_forward_kernels`` (JAX device id -> "hopper" or "portable", the forward kernel of
+  each CUDA device above the decode tile's rows; empty without CUDA devices).
+
+  Raises ValueError when ``JAX_FMHA_CPU_ISA`` names no instruction set (the CPU attention
+  kernel then fails with the same message).
   """
   if _ext is None:
     raise missing_kernel_error("any target", "cpu")
@@ -81,4 +89,25 @@ def build_info() -> dict:
   arch = info.pop("cuda_architectures")
   info["cuda_architectures"] = [a for a in arch.split(",") if a]
   info["jax_version"] = jax.__version__
+  info["cpu_isa"] = _ext.cpu_isa()
+  info["cuda_forward_kernels"] = {
+    device.id: _ext.cuda_device_kernel(int(device.compute_capability.split(".")[0]))
+    for device in _cuda_devices()
+  }
   return info
+
+
+def _cuda_devices() -> list:
+  if not registered_targets().get("cuda"):
+    return []
+  try:
+    return jax.devices("cuda")
+  except RuntimeError:  # no CUDA backend in this jax
+    return []
+
+
+# Registration hands JAX function pointers only: it loads no kernel and starts no backend.
+registered_targets()
+
+FFI_TARGETS: tuple[str, ...] = tuple(sorted(frozenset().union(*registered_targets().values())))
+"""The custom-call target names of this build: for ``jax.export``'s ``disabled_checks``."""

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <string>
 
 #include "common/attention_ffi.h"
 #include "common/errors.h"
@@ -18,33 +20,6 @@ namespace jax_fmha::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// The tile kernel of the widest instruction set this CPU has. JAX_FMHA_CPU_ISA (baseline,
-// avx2, avx512, avx512bf16) caps the choice, to test and time every variant on one machine.
-TileKernel* select_tile_kernel() {
-  struct Variant {
-    const char* name;
-    bool supported;
-    TileKernel* kernel;
-  };
-  const Variant variants[] = {
-      // narrowest first
-      {"baseline", true, baseline::attention_tile},
-#if defined(__x86_64__)
-      {"avx2", bool(__builtin_cpu_supports("x86-64-v3")), avx2::attention_tile},
-      {"avx512", bool(__builtin_cpu_supports("x86-64-v4")), avx512::attention_tile},
-      {"avx512bf16", __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"),
-       avx512bf16::attention_tile},
-#endif
-  };
-  const char* cap = std::getenv("JAX_FMHA_CPU_ISA");
-  TileKernel* chosen = baseline::attention_tile;
-  for (const Variant& v : variants) {
-    if (v.supported) chosen = v.kernel;
-    if (cap && std::strcmp(cap, v.name) == 0) break;
-  }
-  return chosen;
-}
 
 template <typename OutT>
 struct Tiles {
@@ -116,7 +91,7 @@ struct Tiles {
 
 template <typename OutT>
 void run(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
-  static TileKernel* const kernel = select_tile_kernel();
+  TileKernel* const kernel = selected_isa().kernel;
   const AttentionProblem& p = *args.p;
   const int64_t group = p.group();
   const Tiles<OutT> tiles{args, p, kernel, group,
@@ -134,6 +109,7 @@ void run_for_output(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
 
 ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
                          const AttentionData& data) {
+  if (!selected_isa().error.empty()) return invalid_argument("attention", selected_isa().error);
   AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, data.q, data.k, data.v, data.out, data.lse};
   switch (data.dtype) {
     case ffi::DataType::F32:
@@ -154,6 +130,46 @@ ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
 }
 
 }  // namespace
+
+// JAX_FMHA_CPU_ISA caps the choice, to test and time every variant on one machine.
+const IsaChoice& selected_isa() {
+  static const IsaChoice choice = [] {
+    struct Variant {
+      const char* name;
+      bool supported;
+      TileKernel* kernel;
+    };
+    const Variant variants[] = {
+        // narrowest first
+        {"baseline", true, baseline::attention_tile},
+#if defined(__x86_64__)
+        {"avx2", bool(__builtin_cpu_supports("x86-64-v3")), avx2::attention_tile},
+        {"avx512", bool(__builtin_cpu_supports("x86-64-v4")), avx512::attention_tile},
+        {"avx512bf16", __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"),
+         avx512bf16::attention_tile},
+#endif
+    };
+    // Every name is accepted on every machine: a cap above what the CPU has is no cap.
+    constexpr const char* kNames[] = {"baseline", "avx2", "avx512", "avx512bf16"};
+    const char* cap = std::getenv("JAX_FMHA_CPU_ISA");
+    if (cap != nullptr && *cap == '\0') cap = nullptr;
+    if (cap != nullptr && std::none_of(std::begin(kNames), std::end(kNames), [&](const char* name) {
+          return std::strcmp(cap, name) == 0;
+        }))
+      return IsaChoice{"baseline", baseline::attention_tile,
+                       "JAX_FMHA_CPU_ISA='" + std::string(cap) +
+                           "' is not an instruction set; expected one of baseline, avx2, "
+                           "avx512, avx512bf16 (or unset: the widest this CPU has)"};
+    IsaChoice chosen{"baseline", baseline::attention_tile, ""};
+    for (const Variant& v : variants) {
+      if (v.supported) chosen = IsaChoice{v.name, v.kernel, ""};
+      if (cap != nullptr && std::strcmp(cap, v.name) == 0) break;
+    }
+    return chosen;
+  }();
+  return choice;
+}
+
 }  // namespace jax_fmha::cpu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

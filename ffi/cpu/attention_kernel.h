@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "common/attention_problem.h"
 #include "common/constants.h"
@@ -70,5 +71,14 @@ namespace avx512bf16 {
 TileKernel attention_tile;
 }
 #endif
+
+// The tile kernel attention.cc runs: the widest instruction set this CPU has, capped by
+// JAX_FMHA_CPU_ISA; chosen once per process, so the extension reports what the kernel runs.
+struct IsaChoice {
+  const char* name;  // "baseline", "avx2", "avx512" or "avx512bf16"
+  TileKernel* kernel;
+  std::string error;  // set when JAX_FMHA_CPU_ISA names no variant; the kernel then fails
+};
+const IsaChoice& selected_isa();
 
 }  // namespace jax_fmha::cpu
