@@ -20,11 +20,12 @@ ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-  # The CPU ISA is chosen once per process: a fresh one for every value.
+  # The CPU ISA is chosen once per process: a fresh one for every value. The knob concerns
+  # the CPU kernels, so the process runs on the CPU backend, also on a GPU machine.
   return subprocess.run(
     [sys.executable, "-c", textwrap.dedent(code)],
     cwd=_ROOT,
-    env={**os.environ, **env},
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
     capture_output=True,
     text=True,
     timeout=300,
