@@ -76,6 +76,15 @@ def _gpu_devices():
     return []
 
 
+@pytest.fixture
+def on_cpu():
+  """The test body runs with the CPU as the default device: for suites that check the API's
+  semantics in float32 (the GPU attention kernels take bfloat16/float16 only), so that they
+  pass on a GPU machine too."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    yield
+
+
 @pytest.fixture(params=["cpu", "gpu"])
 def device(request):
   """Every JAX device kind: the test body runs with it as the default device."""

@@ -27,6 +27,9 @@ from jax_fmha.flax import (
 
 from conftest import OUT_TOL, assert_close, randn
 
+# The layers against Flax in float32 on the CPU backend (on_cpu: also on a GPU machine).
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 TOL = OUT_TOL["float32"]
 BATCH, LENGTH, FEATURES, HEADS = 2, 12, 32, 4  # head_dim 8
 

@@ -18,6 +18,9 @@ import jax_fmha
 import numpy_reference as ref
 from conftest import OUT_TOL, assert_attention_close, assert_close, randn
 
+# float32 API semantics on the CPU backend (on_cpu: also on a GPU machine).
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 F32 = np.float32
 BACKENDS = ["auto", "reference"]
 
