@@ -27,7 +27,7 @@ def llama_decode():
   del sys.modules[spec.name]
 
 
-def test_example_decodes_like_flax(llama_decode):
+def test_example_decodes_like_flax(llama_decode, on_cpu):  # float32: on the CPU backend
   config = llama_decode.Config(
     vocab_size=128,
     features=64,
