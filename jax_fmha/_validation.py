@@ -83,13 +83,22 @@ def int32_vector(name: str, x, length: int | None, meaning: str):
   return x
 
 
-def block_table_array(x, batch: int):
+def block_table_array(x, batch: int, page_size: int):
   x = int32_array("block_table", x)
   if x.ndim != 2 or x.shape[0] != batch:
     raise ValueError(
       f"block_table: expected shape [B={batch}, pages_per_seq], got {tuple(x.shape)}"
     )
+  # The kernels address a sequence's keys with 32-bit positions (common/page_table.h).
+  if x.shape[1] * page_size > _MAX_KEYS_PER_SEQUENCE:
+    raise ValueError(
+      f"block_table: pages_per_seq x page_size must be at most {_MAX_KEYS_PER_SEQUENCE} keys "
+      f"per sequence, got {x.shape[1]} x {page_size} = {x.shape[1] * page_size}"
+    )
   return x
+
+
+_MAX_KEYS_PER_SEQUENCE = 2**31 - 1
 
 
 def supported_head_dim(name: str, d: int, backend: Backend):
@@ -362,9 +371,9 @@ def _kv_cache(k, cu_seqlens_k, block_table, seq_lens, batch, max_seqlen_k):
       raise ValueError(f"k: cache batch {k.shape[0]} differs from q's batch {batch}")
     return "cache", k.shape[1], None
   rank("k", k, (4,), "pages [num_pages, page_size, Hkv, D] with block_table")
-  block_table = block_table_array(block_table, batch)
   if k.shape[1] < 1:
     raise ValueError(f"k: page_size (axis 1 of the pages) must be >= 1, got {k.shape[1]}")
+  block_table = block_table_array(block_table, batch, k.shape[1])
   return "paged", block_table.shape[1] * k.shape[1], block_table
 
 
@@ -428,7 +437,7 @@ def update_kv_cache(
     "cache_seqlens", cache_seqlens, batch, "[B] tokens already cached per sequence"
   )
   if block_table is not None:
-    block_table = block_table_array(block_table, batch)
+    block_table = block_table_array(block_table, batch, k_cache.shape[1])
     kv_layout = "paged"
   else:
     if k_cache.shape[0] != batch:

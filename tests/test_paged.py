@@ -505,6 +505,28 @@ def test_paged_bad_input(change, error, match):
     jax_fmha.attention(**args)
 
 
+def test_block_table_over_2_31_keys_per_sequence_is_refused():
+  """Key positions within a sequence are 32-bit: a table that can address 2^31 keys is
+  refused at trace time (shapes only: nothing is allocated)."""
+  pages = jax.ShapeDtypeStruct((4, 2**16, 2, 64), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((2, 2**15), jnp.int32)
+  lens = jax.ShapeDtypeStruct((2,), jnp.int32)
+  q = jax.ShapeDtypeStruct((2, 1, 2, 64), jnp.bfloat16)
+  match = r"block_table: pages_per_seq x page_size must be at most 2147483647 keys"
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(
+      lambda q, k, t, n: jax_fmha.attention(q, k, k, block_table=t, seq_lens=n),
+      q,
+      pages,
+      table,
+      lens,
+    )
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(
+      lambda k, new, t, n: jax_fmha.update_kv_cache(k, k, new, new, t, n), pages, q, table, lens
+    )
+
+
 @pytest.mark.parametrize(
   "change, error, match",
   [

@@ -6,6 +6,7 @@
 // emitted by something other than our lowering, so a mismatch can never index out of bounds.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 
@@ -114,6 +115,9 @@ inline ffi::Error decode_kv_view(const char* op, const ffi::AnyBuffer& x, KvLayo
       kv.pages.pages_per_seq = td[1];
       kv.pages.block_table = block_table.typed_data();
       if (kv.pages.page_size <= 0) return invalid_argument(op, "page_size must be positive");
+      // Key positions within a sequence are 32-bit (common/page_table.h).
+      if (kv.pages.capacity() > INT32_MAX)
+        return invalid_argument(op, "pages_per_seq * page_size must be below 2^31");
       return ffi::Error::Success();
     }
   }
