@@ -36,11 +36,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaUpdateKvCacheCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaGluCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFmhaRmsNormResidualCuda);
-namespace jax_fmha::cuda {
-// The instantiation the attention forward tiles run on the current device, now:
-// "wgmma" (sm_90a) or "mma.sync" (ffi/cuda/attention.cu).
-const char* forward_kernel_name();
-}  // namespace jax_fmha::cuda
 #endif
 
 namespace {
@@ -92,6 +87,13 @@ nb::dict build_info() {
   return info;
 }
 
+// The name of a CUDA forward kernel (cuda/split_policy.h), as Python sees it.
+const char* kernel_name(jax_fmha::cuda::ForwardKernel kernel) {
+  for (const auto& entry : jax_fmha::cuda::kForwardKernelNames)
+    if (entry.value == kernel) return entry.name;
+  throw nb::value_error("unnamed CUDA forward kernel");
+}
+
 // The CPU attention tile kernel's instruction set, as the kernel chose it (attention.cc).
 std::string cpu_isa() {
   const jax_fmha::cpu::IsaChoice& isa = jax_fmha::cpu::selected_isa();
@@ -103,12 +105,9 @@ std::string cpu_isa() {
 // capability: "hopper" (sm_90a, wgmma) or "portable" (mma.sync).
 std::string cuda_device_kernel(int compute_capability_major) {
   namespace cuda = jax_fmha::cuda;
-  const cuda::ForwardKernel kernel = cuda::hopper_device(compute_capability_major)
-                                         ? cuda::ForwardKernel::kHopper
-                                         : cuda::ForwardKernel::kPortable;
-  for (const auto& entry : cuda::kForwardKernelNames)
-    if (entry.value == kernel) return entry.name;
-  throw nb::value_error("unnamed CUDA forward kernel");
+  return kernel_name(cuda::hopper_device(compute_capability_major)
+                         ? cuda::ForwardKernel::kHopper
+                         : cuda::ForwardKernel::kPortable);
 }
 
 template <typename Enum, size_t N>
@@ -147,9 +146,7 @@ PlannedKernel plan_kernel(const std::string& platform, int64_t parallelism,
   namespace cuda = jax_fmha::cuda;
   const cuda::ForwardKernel kernel =
       cuda::forward_kernel(compute_capability_major, rows_per_kv_head, head_dim, page_size);
-  for (const auto& entry : cuda::kForwardKernelNames)
-    if (entry.value == kernel) return {entry.name, cuda::split_policy(kernel, parallelism)};
-  throw nb::value_error("unnamed CUDA forward kernel");
+  return {kernel_name(kernel), cuda::split_policy(kernel, parallelism)};
 }
 
 nb::dict split_policy(const std::string& platform, int64_t parallelism,
@@ -216,15 +213,4 @@ NB_MODULE(_jax_fmha_ext, m) {
         nb::arg("group"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"),
         nb::arg("rows_per_unit"), nb::arg("slots"), nb::arg("waves"), nb::arg("min_keys"),
         "The split-KV heuristic alone, for a given policy");
-  m.def(
-      "cuda_forward_kernel",
-      [] {
-#ifdef JAX_FMHA_WITH_CUDA
-        return std::string(jax_fmha::cuda::forward_kernel_name());
-#else
-        return std::string();
-#endif
-      },
-      "The CUDA attention forward kernel the current device runs: 'wgmma' or 'mma.sync' "
-      "(JAX_FMHA_CUDA_FORWARD=portable selects the latter); '' without CUDA");
 }

@@ -39,8 +39,8 @@ def _has_gpu() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")]
 
 
-# Every test runs on both forward kernels of a Hopper build: the wgmma kernel (what an sm_90
-# device runs by default) and the portable mma.sync kernel (JAX_FMHA_CUDA_FORWARD=portable,
+# Every test runs on both forward kernels of a Hopper build: the Hopper (wgmma) kernel (what
+# an sm_90 device runs by default) and the portable mma.sync kernel (JAX_FMHA_CUDA_FORWARD=portable,
 # read by the handler at each call). Elsewhere both runs take the portable kernel.
 @pytest.fixture(autouse=True, scope="module", params=["default", "portable"])
 def forward_kernel(request):
@@ -64,10 +64,13 @@ def hopper_build_and_device() -> bool:
 
 
 def test_forward_kernel_choice(forward_kernel):
-  from jax_fmha import _ffi
+  import jax_fmha
 
-  wgmma = forward_kernel == "default" and hopper_build_and_device()
-  assert _ffi._ext.cuda_forward_kernel() == ("wgmma" if wgmma else "mma.sync")
+  hopper = forward_kernel == "default" and hopper_build_and_device()
+  device = jax.devices("gpu")[0]
+  assert jax_fmha.build_info()["cuda_forward_kernels"][device.id] == (
+    "hopper" if hopper else "portable"
+  )
 
 
 BF16 = np.dtype(jnp.bfloat16)

@@ -10,7 +10,8 @@
 #                    PYTHONPATH (the machine has no network); print the GPU. Run it first.
 #   build            pip install the working tree with the CUDA backend (JAX_FMHA_CUDA=ON,
 #                    JAX_FMHA_CUDA_ARCHITECTURES, default 90a-real) in build/device, reused by a
-#                    warm machine; print the build time, build_info() and the forward kernel.
+#                    warm machine; print the build time and build_info() (with the forward
+#                    kernel of each device).
 #   tests            every GPU test: tests/test_attention_gpu.py and the -k gpu cases of the
 #                    shared suites (attention, paged, MLP).
 #   memcheck, racecheck, synccheck
@@ -73,9 +74,6 @@ import jax
 import jax_fmha
 print("devices:", jax.devices())
 print("build_info:", jax_fmha.build_info())
-ext = jax_fmha._ffi._ext
-kernel = getattr(ext, "cuda_forward_kernel", None)
-print("forward kernel:", kernel() if kernel else "not reported by this build")
 EOF
   )
 }

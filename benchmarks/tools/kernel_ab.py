@@ -5,12 +5,12 @@ against peers; this compares our own kernels and variants of them).
 
 Run on the GPU machine with the package installed, from outside the source tree (or with
 the repository's jax_fmha not first on sys.path). Prefill (d64/d128/d256, bf16, full and
-causal) runs on every forward kernel the device has: on a Hopper build "wgmma" (the
-default there) and "mma.sync" (the portable kernel, through JAX_FMHA_CUDA_FORWARD=portable,
-read at each call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256,
-and paged decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and
-split counts around the planner's choice. --variant times only our prefill, for comparing
-a rebuilt kernel variant against the same lines of an earlier run.
+causal) runs on every forward kernel the device has: on a Hopper build "hopper" (the
+default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at each
+call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
+decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
+counts around the planner's choice. --variant times only our prefill, for comparing a
+rebuilt kernel variant against the same lines of an earlier run.
 
 Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
 to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs
@@ -50,8 +50,8 @@ VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2
 
 def forward_kernels():
   """Our forward kernels on this device: the default one, and the portable one if it differs."""
-  default = jax_fmha._ffi._ext.cuda_forward_kernel()
-  return [default] + (["mma.sync"] if default != "mma.sync" else [])
+  default = jax_fmha.build_info()["cuda_forward_kernels"][jax.devices()[0].id]
+  return [default] + (["portable"] if default != "portable" else [])
 
 
 def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
@@ -69,7 +69,7 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
       runs = [(kernel, ours) for kernel in forward_kernels()]
       for name, fn in runs + [("cudnn", cudnn)] * peers:
         os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
-        if name == "mma.sync":
+        if name == "portable":
           os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
         try:
           t = bench(fn, q, k, v, reps=10)

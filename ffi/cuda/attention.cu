@@ -108,10 +108,6 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
 
 }  // namespace
 
-const char* forward_kernel_name() {
-  return hopper_device(compute_capability_major()) ? "wgmma" : "mma.sync";
-}
-
 }  // namespace jax_fmha::cuda
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
