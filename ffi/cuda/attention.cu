@@ -51,11 +51,8 @@ ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProb
       return launch_forward<ForwardKernel::kDecode, Element, kHeadDim>(stream, p, q, k, v,
                                                                        out_typed, lse);
     case ForwardKernel::kHopper:
-      // (forward_kernel picks it only above d64: smaller head dims have no Hopper instance.)
-      if constexpr (kHeadDim >= kHopperMinHeadDim)
-        return launch_forward<ForwardKernel::kHopper, Element, kHeadDim>(stream, p, q, k, v,
-                                                                         out_typed, lse);
-      [[fallthrough]];
+      return launch_forward<ForwardKernel::kHopper, Element, kHeadDim>(stream, p, q, k, v,
+                                                                       out_typed, lse);
     default:
       return launch_forward<ForwardKernel::kPortable, Element, kHeadDim>(stream, p, q, k, v,
                                                                          out_typed, lse);

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "common/errors.h"
 #include "cuda/common/launch_check.h"
@@ -30,6 +31,13 @@ cudaError_t allow_shared_memory() {
   return result[device];
 }
 
+// Whether a kernel launches itself (ForwardKernelOf<...>::launch: kernels that take more than
+// the arrays, such as tensor maps); the others take (problem, q, k, v, out, lse).
+template <class Kernel, class = void>
+struct LaunchesItself : std::false_type {};
+template <class Kernel>
+struct LaunchesItself<Kernel, std::void_t<decltype(Kernel::kLaunchesItself)>> : std::true_type {};
+
 template <ForwardKernel kKernel, typename Element, int kHeadDim, typename OutT>
 xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
                                const void* k, const void* v, OutT* out, float* lse) {
@@ -48,9 +56,15 @@ xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, c
   if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
     return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
   const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-      p, static_cast<const Element*>(q), static_cast<const Element*>(k),
-      static_cast<const Element*>(v), out, lse);
+  if constexpr (LaunchesItself<Kernel>::value) {
+    if (xla::ffi::Error err = Kernel::template launch<Traits>(grid, stream, p, q, k, v, out, lse);
+        !err.success())
+      return err;
+  } else {
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+        p, static_cast<const Element*>(q), static_cast<const Element*>(k),
+        static_cast<const Element*>(v), out, lse);
+  }
   return check_launch(kOp, "launching the attention kernel");
 }
 

@@ -41,9 +41,8 @@ constexpr KernelShape kernel_shape(ForwardKernel kernel) {
 // KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
 // than it would re-read.
 inline constexpr int64_t kDecodeMaxRows = 64;
-// The Hopper kernel runs head dims above 64 (at d64 mma.sync measured faster), and pages
-// that are a multiple of its 16-key runs (smaller pages would stall its copies).
-inline constexpr int64_t kHopperMinHeadDim = 65;
+// The Hopper kernel takes pages that are a multiple of 16 keys: its TMA copies move runs of
+// at least 16 rows (smaller ones would stall them).
 inline constexpr int64_t kHopperPageRunKeys = 16;
 
 // Whether this build holds the sm_90a kernel (90a among the CUDA architectures).
@@ -70,8 +69,7 @@ inline bool hopper_device(int compute_capability_major) {
 inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_per_kv_head,
                                     int64_t head_dim, int64_t page_size) {
   if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
-  if (hopper_device(compute_capability_major) && head_dim >= kHopperMinHeadDim &&
-      page_size % kHopperPageRunKeys == 0)
+  if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0)
     return ForwardKernel::kHopper;
   return ForwardKernel::kPortable;
 }

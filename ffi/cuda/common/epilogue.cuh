@@ -47,19 +47,21 @@ struct OutputRows {
 template <class Traits, typename OutT>
 constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
 
-// Every thread of the CTA calls this after the main loop with its accumulators; the shared
-// memory must be free (no copy in flight, every warp done reading it).
-template <class Traits, typename OutT>
+// The kStoreThreads threads that hold the tile's accumulators (this one is `tid`, its warp's
+// rows from warp_row on) call this after the main loop; the shared memory must be free (no
+// copy in flight, every warp done reading it). sync(): a barrier of those threads.
+template <class Traits, typename OutT, int kStoreThreads = Traits::kThreads, class Sync>
 __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
                                            const OnlineSoftmax<Traits>& softmax, void* smem,
                                            OutT* out, float* lse, const OutputRows& dst,
-                                           int64_t row_begin, int rows, int warp_row) {
+                                           int64_t row_begin, int rows, int warp_row, int tid,
+                                           Sync sync) {
   constexpr int kPitch = kOutPitch<Traits, OutT>;
   static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
                 "output tile exceeds shared memory");
   constexpr float kLn2 = 0.6931471805599453f;
   OutT* tile = static_cast<OutT*>(smem);
-  const int lane = threadIdx.x % 32;
+  const int lane = tid % 32;
 #pragma unroll
   for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
@@ -75,10 +77,10 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
         lse[dst.lse_offset(row_begin + r)] =
             sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
     }
-  __syncthreads();
+  sync();
   constexpr int kChunk = 16 / sizeof(OutT);
   constexpr int kChunksPerRow = Traits::kHeadDim / kChunk;
-  for (int c = threadIdx.x; c < Traits::kBlockM * kChunksPerRow; c += Traits::kThreads) {
+  for (int c = tid; c < Traits::kBlockM * kChunksPerRow; c += kStoreThreads) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
     if (r < rows && col < dst.p.head_dim)
       *reinterpret_cast<uint4*>(out + dst.out_offset(row_begin + r) + col) =

@@ -118,9 +118,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const auto load_block = [&](int j) {
     Element* dst_k = stage_k(j % kStages);
     const int key_begin = block_key(j);
-    load_kv_tile<Traits, kBlockN, 32>(
-        dst_k, dst_k + Traits::kKvTileElems, k, v, p, t.b, t.kv_head, key_begin, keys.end,
-        contiguous_rows, key_block_rows<1, kBlockN>(p, t.b, key_begin, keys.end), lane);
+    load_kv_tile<Traits, kBlockN, 32>(dst_k, dst_k + Traits::kKvTileElems, k, v, p, t.b, t.kv_head,
+                                      key_begin, keys.end, contiguous_rows,
+                                      key_row(p, t.b, key_begin), lane);
   };
 
   load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);

@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const int stage = block % kStages;
         load_kv_tile<Traits, kBlockN, Traits::kThreads>(
             smem_k + stage * Traits::kKvTileElems, smem_v + stage * Traits::kKvTileElems, k, v, p,
-            t.b, t.kv_head, key_begin, keys.end, contiguous_rows,
-            key_block_rows<1, kBlockN>(p, t.b, key_begin, keys.end), threadIdx.x);
+            t.b, t.kv_head, key_begin, keys.end, contiguous_rows, key_row(p, t.b, key_begin),
+            threadIdx.x);
       }
       cute::cp_async_fence();  // (the first group also holds Q)
     };
@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused for the output tile
-  store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows, warp_row);
+  store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
+                           threadIdx.x, [] { __syncthreads(); });
 }
 
 // The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.

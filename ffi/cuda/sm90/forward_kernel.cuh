@@ -1,66 +1,187 @@
 // The Hopper (sm_90a) attention forward kernel: the tile and problem of the portable kernel
-// (cuda/sm80/forward_kernel.cuh: same grid, tile placement, loads, masks, softmax and
-// epilogue), with its products on warpgroup MMA and a main loop that overlaps them with
-// the softmax. One CTA = two warpgroups, each its own 64 rows of the 128-row tile.
+// (cuda/sm80/forward_kernel.cuh: same grid, tile placement, masks, softmax and epilogue),
+// warp-specialized. Why it is built so: docs/design/cuda_attention.md.
 //
-// Per key block n, each warpgroup issues S_n = Q K_n^T and then O += P_{n-1} V_{n-1}, both
-// asynchronous; it waits for S_n only, and computes the softmax of block n while the tensor
-// cores still run P_{n-1} V_{n-1}; then waits for that, rescales O if a row maximum moved,
-// and keeps P_n in registers for the next step. (The other warpgroup interleaves too.)
+// One CTA = three warpgroups. The producer (warpgroup 0; one warp works, with few registers)
+// copies K and V key blocks by TMA into rings of kStages stages (sm90/pipeline.cuh), in the
+// order the consumers use them: K of block 0, then K of block n and V of block n - 1, then V
+// of the last block. The two consumer warpgroups (the registers the producer gave up) each
+// load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and O += P_{n-1} V_{n-1}
+// asynchronously, wait for S_n only, and compute the softmax of block n while P V still runs;
+// then wait for it, rescale O if a row maximum moved, and keep P_n in registers.
 //
-// Loads: cp.async by all threads, into two stages each of K and V. V lags K by one block
-// (P V of a block runs one step after its Q K^T): the copy group issued at step n holds K of
-// block n + 1 and V of block n, and one barrier a step both publishes the group issued a
-// step earlier and frees the stages that group refills (K of n - 1, V of n - 2: every warp
-// is past step n - 1, where their last reads were waited for). Where the rows of a block
-// lie (for pages: its page ids) is read a step or two before its copies are issued, so the
-// copies never wait for the block table: into registers for 64-key runs (dense layouts,
-// pages of 64 keys or a multiple), into shared memory for 16-key runs (other pages).
+// The two consumers take turns issuing their products (named barriers, "ping-pong"): while
+// one warpgroup's products occupy the tensor cores, the other computes its softmax.
+//
+// Keys at or past the tile's last key are never seen: their scores are masked, and V rows of
+// the last block past it are zeroed by the producer before it releases that block (masked
+// probabilities are exact zeros, which must not meet garbage values: 0 x NaN is NaN).
 #pragma once
 
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
 #include "common/attention_problem.h"
+#include "common/errors.h"
 #include "cuda/common/cta_tile.cuh"
 #include "cuda/common/epilogue.cuh"
 #include "cuda/common/mask.cuh"
 #include "cuda/common/softmax.cuh"
 #include "cuda/common/tile_load.cuh"
 #include "cuda/sm90/kernel_traits.cuh"
+#include "cuda/sm90/pipeline.cuh"
+#include "cuda/sm90/tma.cuh"
 #include "cuda/sm90/warpgroup_mma.cuh"
 
 namespace jax_fmha::cuda {
+
+// Named barriers (0 is __syncthreads): each consumer warpgroup's Q, the consumers' turns,
+// and the epilogue of both consumers.
+enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kConsumersDone = 5 };
+
+// The key blocks of a tile, as the producer and the consumers walk them.
+struct KeyBlocks {
+  int first;  // the first block's first key: blocks start at multiples of kBlockN
+  int count;
+  int end;  // the tile's last key + 1
+
+  template <int kBlockN>
+  __device__ __forceinline__ static KeyBlocks of(const TileKeys& keys) {
+    const int first = keys.begin / kBlockN * kBlockN;
+    return {first, keys.empty() ? 0 : (keys.end - first + kBlockN - 1) / kBlockN, keys.end};
+  }
+  template <int kBlockN>
+  __device__ __forceinline__ int key_begin(int block) const {
+    return first + block * kBlockN;
+  }
+};
+
+// The producer warp: every K and V block of the tile, each as runs of maps.run_rows rows
+// (one per lane) of kColumnBoxes boxes.
+template <class Traits>
+__device__ __forceinline__ void produce_kv(
+    const AttentionProblem& p, const KvTensorMaps& maps, const CtaTile& t, const KeyBlocks& blocks,
+    const StageRing<Traits::kStages>& k_ring, const StageRing<Traits::kStages>& v_ring,
+    uint64_t* last_v_landed, typename Traits::Element* smem_k, typename Traits::Element* smem_v) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockN = Traits::kBlockN;
+  const int lane = threadIdx.x % 32;
+  const int run_rows = maps.run_rows;
+  const int runs = kBlockN / run_rows;
+  if (lane == 0) {
+    prefetch_tensor_map(maps.k);
+    prefetch_tensor_map(maps.v);
+  }
+  // The row of this lane's run of a block; -1 for lanes past the block's runs and runs past
+  // the tile's keys (their page ids are never read).
+  const auto run_row = [&](int block) {
+    const int key = blocks.key_begin<kBlockN>(block) + lane * run_rows;
+    return lane < runs && key < blocks.end ? int(p.kv.row(t.b, key)) : -1;
+  };
+  const auto copy_block = [&](const CUtensorMap& map, Element* tile, uint64_t* bar, int row,
+                              int block) {
+    const int keys_in = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
+    const int bytes =
+        (keys_in + run_rows - 1) / run_rows * run_rows * Traits::kHeadDim * int(sizeof(Element));
+    if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, bytes);
+    __syncwarp();
+    if (row >= 0)
+#pragma unroll
+      for (int box = 0; box < Traits::kColumnBoxes; ++box)
+        tma_load(map, bar, tile + Traits::kv_box_row(box, lane * run_rows),
+                 box * Traits::kBoxColumns, t.kv_head, row);
+  };
+  const auto k_tile = [&](int block) {
+    return smem_k + k_ring.stage(block) * Traits::kKvTileElems;
+  };
+  const auto v_tile = [&](int block) {
+    return smem_v + v_ring.stage(block) * Traits::kKvTileElems;
+  };
+
+  int k_row = run_row(0), v_row = -1;
+  for (int block = 0; block < blocks.count; ++block) {
+    k_ring.acquire(block);
+    copy_block(maps.k, k_tile(block), k_ring.full_barrier(block), k_row, block);
+    const int next_row = block + 1 < blocks.count ? run_row(block + 1) : -1;  // read ahead
+    if (block > 0) {
+      v_ring.acquire(block - 1);
+      copy_block(maps.v, v_tile(block - 1), v_ring.full_barrier(block - 1), v_row, block - 1);
+    }
+    v_row = k_row;
+    k_row = next_row;
+  }
+  const int last = blocks.count - 1;
+  const int valid_rows = blocks.end - blocks.key_begin<kBlockN>(last);
+  v_ring.acquire(last);
+  if (valid_rows == kBlockN) {
+    copy_block(maps.v, v_tile(last), v_ring.full_barrier(last), v_row, last);
+    return;
+  }
+  // The last V block ends inside: copy it, wait, zero its rows past the keys, then release it.
+  Element* tile = v_tile(last);
+  copy_block(maps.v, tile, last_v_landed, v_row, last);
+  cutlass::arch::ClusterBarrier::wait(last_v_landed, 0);
+  constexpr int kChunksPerSpan = Traits::kSwizzleBytes / 16;
+  const int chunks = (kBlockN - valid_rows) * Traits::kColumnBoxes * kChunksPerSpan;
+  for (int c = lane; c < chunks; c += 32) {
+    const int span = c / kChunksPerSpan;
+    const int box = span % Traits::kColumnBoxes, row = valid_rows + span / Traits::kColumnBoxes;
+    reinterpret_cast<uint4*>(tile + Traits::kv_box_row(box, row))[c % kChunksPerSpan] =
+        make_uint4(0, 0, 0, 0);
+  }
+  fence_shared_for_wgmma();
+  __syncwarp();
+  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
+}
 
 template <class Traits, typename OutT>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
                                   const typename Traits::Element* __restrict__ q,
-                                  const typename Traits::Element* __restrict__ k,
-                                  const typename Traits::Element* __restrict__ v,
-                                  OutT* __restrict__ out, float* __restrict__ lse) {
+                                  OutT* __restrict__ out, float* __restrict__ lse,
+                                  const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
   constexpr int kTile = Traits::kKvTileElems;
-  static_assert(Traits::kStages == 2, "the copy schedule above is for two stages");
+  constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
   Element* smem_q = reinterpret_cast<Element*>(sm90_smem);
-  Element* smem_k = smem_q + Traits::kQElems;  // [2]
-  Element* smem_v = smem_k + 2 * kTile;        // [2]
-  int32_t* smem_page_ids = reinterpret_cast<int32_t*>(sm90_smem + Traits::kPageIdsOffset);
+  Element* smem_k = smem_q + Traits::kQElems;  // [kStages]
+  Element* smem_v = smem_k + kStages * kTile;  // [kStages]
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
+  const StageRing<kStages> k_ring{barriers, barriers + kStages};
+  const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
+  uint64_t* last_v_landed = barriers + 4 * kStages;
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
-  const TileKeys& keys = t.keys;
-  const int warp_row = (threadIdx.x / 32) * Traits::kWarpRows;
-  // A warpgroup whose rows all lie past the sequence skips the arithmetic (not the copies
-  // and barriers, which involve every thread).
-  const bool group_has_rows = warp_row / Traits::kMmaGroupRows * Traits::kMmaGroupRows < t.rows;
-  const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
+  // A tile of at most 64 rows leaves the second consumer idle: it neither computes nor
+  // releases stages, nor takes turns.
+  const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
+  const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+  if (threadIdx.x == 0) {
+    k_ring.init(consumer_groups);
+    v_ring.init(consumer_groups);
+    cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (threadIdx.x < 32 && blocks.count > 0)
+      produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
+    return;
+  }
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+  const int thread = threadIdx.x - kGroupThreads;  // among the consumers
+  const int group = thread / kGroupThreads;
+  const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
+  const int warp_row = (thread / 32) * Traits::kWarpRows;
+  const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
-  // Pages that are not a multiple of 64 keys load as 16-key runs with staged page ids.
-  // (The launcher sends pages that are not a multiple of 16 to the portable kernel; the
-  // row-by-row gather keeps any page size correct here too.)
-  const bool staged_ids = !p.kv.runs_contiguous(Traits::kRunKeys);
-  const bool page_runs = p.kv.pages.runs_contiguous(Traits::kPageRunKeys);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -71,128 +192,132 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   OnlineSoftmax<Traits> softmax;
   ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
-  load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
-  if (!keys.empty()) {
-    const int first_block = keys.begin / kBlockN * kBlockN;
-    const int blocks = (keys.end - first_block + kBlockN - 1) / kBlockN;
-    constexpr int kPageRuns = Traits::kPageRuns;
-    using BlockRows = KeyBlockRows<Traits::kKeyRuns>;
-    const auto rows_of = [&](int block) {
-      return key_block_rows<Traits::kKeyRuns, Traits::kRunKeys>(
-          p, t.b, first_block + block * kBlockN, keys.end);
-    };
-    const auto page_ids = [&](int block) {
-      return smem_page_ids + block % Traits::kPageIdSlots * kPageRuns;
-    };
-    const auto stage_ids = [&](int block) {
-      if (page_runs)
-        stage_page_ids<kPageRuns, Traits::kPageRunKeys>(
-            page_ids(block), p, t.b, first_block + block * kBlockN, keys.end, threadIdx.x);
-    };
-    // 64-key runs: the rows of the blocks whose V, K and next K come next; a block's rows
-    // are looked up one step before its K is copied, and kept for its V a step later.
-    BlockRows v_rows, k_rows, next_k_rows;
-    if (!staged_ids) {
-      k_rows = rows_of(0);
-      next_k_rows = blocks > 1 ? rows_of(1) : k_rows;
-    }
-    // One copy group: K of block `key_block` and V of block key_block - 1, where they exist.
-    const auto issue = [&](int key_block) {
-      const auto copy = [&](auto part, int block, const BlockRows& rows) {
-        constexpr KvPart kPart = decltype(part)::value;
-        Element* const dst_k = smem_k + block % 2 * kTile;
-        Element* const dst_v = smem_v + block % 2 * kTile;
-        const int key_begin = first_block + block * kBlockN;
-        if (staged_ids) {
-          load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
-              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, page_runs,
-              PagedRuns<kPageRuns>{page_ids(block), int(p.kv.pages.page_size), key_begin},
-              threadIdx.x);
-        } else {
-          load_kv_tile<Traits, kBlockN, Traits::kThreads, kPart>(
-              dst_k, dst_v, k, v, p, t.b, t.kv_head, key_begin, keys.end, true, rows, threadIdx.x);
-        }
-      };
-      if (key_block < blocks)
-        copy(std::integral_constant<KvPart, KvPart::kKeys>{}, key_block, k_rows);
-      if (key_block > 0)
-        copy(std::integral_constant<KvPart, KvPart::kValues>{}, key_block - 1, v_rows);
-      cute::cp_async_fence();  // (the first group also holds Q)
-    };
-    if (staged_ids) {  // the page ids of blocks 0 and 1 before any copy
-      stage_ids(0);
-      if (blocks > 1) stage_ids(1);
-      cute::cp_async_fence();
-      cute::cp_async_wait<0>();
-      __syncthreads();
-    }
-    issue(0);
-    for (int block = 0; block < blocks; ++block) {
-      cute::cp_async_wait<0>();
-      fence_shared_for_wgmma();
-      __syncthreads();  // K of this block, V of the last visible; their old stages free
-      v_rows = k_rows;
-      k_rows = next_k_rows;
-      if (block + 2 < blocks) {  // used at the next step
-        if (staged_ids)
-          stage_ids(block + 2);
-        else
-          next_k_rows = rows_of(block + 2);
-      }
-      issue(block + 1);
-      if (group_has_rows) {
-        float s[1][Traits::kKeyAtoms][4];
-        auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-        issue_qk<Traits>(smem_q, smem_k + block % 2 * kTile, s);
-        if (block > 0) {
-          fence_registers(o_regs);
-          fence_registers(probs);
-          issue_pv<Traits>(probs, smem_v + (block - 1) % 2 * kTile, o);
-          wait_products<1>();  // S; P V of the last block still runs
-        } else {
-          wait_products<0>();
-        }
-        fence_registers(s_regs);
-        const int key_begin = first_block + block * kBlockN;
-        if (transform.explicit_pass()) transform.apply<Traits>(s);
-        if (keys.block_needs_mask(key_begin, kBlockN))
-          mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                              key_begin);
-        float correction[1][2];
-        const bool rescale = softmax.update_scores(s, transform.fold(), correction);
-        wait_products<0>();
-        fence_registers(o_regs);
-        fence_registers(probs);
-        if (rescale) softmax.rescale(o, correction);
-        pack_probabilities<Traits>(s, probs);
-      }
-    }
-    // P V of the last block: its V is the group issued in the last step.
+  if (group < consumer_groups) {
+    load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
+        smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+        thread % kGroupThreads);
     cute::cp_async_wait<0>();
     fence_shared_for_wgmma();
-    __syncthreads();
-    if (group_has_rows) {
+    cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
+
+    // Turns: each consumer issues its products after the other's (one consumer: after its
+    // own, which orders nothing but keeps the code free of branches between the products'
+    // issue and wait, where ptxas would serialize them).
+    // (A lone consumer's barrier counts its own 128 threads: each arrive or sync completes.)
+    const int next_group = (group + 1) % consumer_groups;
+    const int turn_threads = consumer_groups * kGroupThreads;
+    const auto take_turn = [&] { cutlass::arch::NamedBarrier::sync(turn_threads, kTurn + group); };
+    const auto pass_turn = [&] {
+      cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
+    };
+    if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
+    const auto k_tile = [&](int block) { return smem_k + k_ring.stage(block) * kTile; };
+    const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * kTile; };
+
+    // The softmax of block n's scores: masked, then probabilities and the factor O must be
+    // rescaled by; returns whether any row of the warp needs it.
+    float correction[1][2];
+    const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
+      const int key_begin = blocks.key_begin<kBlockN>(block);
+      if (transform.explicit_pass()) transform.apply<Traits>(s);
+      if (t.keys.block_needs_mask(key_begin, kBlockN))
+        mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
+                            key_begin);
+      return softmax.update_scores(s, transform.fold(), correction);
+    };
+    if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
+                             // between the issue and the wait of the loop's products)
+      float s[1][Traits::kKeyAtoms][4];
+      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+      k_ring.wait(0);
+      take_turn();
+      issue_qk<Traits>(smem_q, k_tile(0), s, thread);
+      pass_turn();
+      wait_products<0>();
+      if (leader) k_ring.release(0);
+      fence_registers(s_regs);
+      softmax_of(s, 0);  // (O is still 0: nothing to rescale)
+      pack_probabilities<Traits>(s, probs);
+    }
+    for (int block = 1; block < blocks.count; ++block) {
+      float s[1][Traits::kKeyAtoms][4];
+      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+      k_ring.wait(block);
+      v_ring.wait(block - 1);
+      take_turn();
+      issue_qk<Traits>(smem_q, k_tile(block), s, thread);
       fence_registers(o_regs);
       fence_registers(probs);
-      issue_pv<Traits>(probs, smem_v + (blocks - 1) % 2 * kTile, o);
+      issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
+      pass_turn();
+      wait_products<1>();  // S; P V of the last block still runs
+      if (leader) k_ring.release(block);
+      fence_registers(s_regs);
+      const bool rescale = softmax_of(s, block);
       wait_products<0>();
+      if (leader) v_ring.release(block - 1);
       fence_registers(o_regs);
+      fence_registers(probs);
+      if (rescale) softmax.rescale(o, correction);
+      pack_probabilities<Traits>(s, probs);
+    }
+    if (blocks.count > 0) {  // P V of the last block
+      const int last = blocks.count - 1;
+      v_ring.wait(last);
+      take_turn();
+      fence_registers(o_regs);
+      fence_registers(probs);
+      issue_pv<Traits>(probs, v_tile(last), o, thread);
+      pass_turn();
+      wait_products<0>();
+      if (leader) v_ring.release(last);
+      fence_registers(o_regs);
+      if (group == 0) take_turn();  // the last consumer's last pass (it passed first)
     }
   }
-  cute::cp_async_wait<0>();
-  __syncthreads();  // shared memory is reused for the output tile
-  store_tile<Traits, OutT>(o, softmax, sm90_smem, out, lse, t.output(p), t.row_begin, t.rows,
-                           warp_row);
+  // Every copy has landed and been read once both consumers are here: the output tile reuses
+  // the shared memory.
+  static_assert(Traits::kBlockM * kOutPitch<Traits, OutT> * sizeof(OutT) <= Traits::kBarriersOffset,
+                "the output tile must not overlap the mbarriers");
+  const auto consumers_sync = [] {
+    cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kConsumersDone);
+  };
+  consumers_sync();
+  store_tile<Traits, OutT, Traits::kConsumerThreads>(o, softmax, sm90_smem, out, lse, t.output(p),
+                                                     t.row_begin, t.rows, warp_row, thread,
+                                                     consumers_sync);
 #endif
 }
 
-// The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher.
+// The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
+// tensor maps instead of the K and V pointers.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim>
   using TraitsOf = HopperTraits<Element, kHeadDim>;
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
+
+  static constexpr bool kLaunchesItself = true;
+  template <class Traits, typename OutT>
+  static xla::ffi::Error launch(dim3 grid, cudaStream_t stream, const AttentionProblem& p,
+                                const void* q, const void* k, const void* v, OutT* out,
+                                float* lse) {
+    constexpr const char* kOp = "attention (CUDA)";
+    if (p.kv.rows > 0x7fffffff)
+      return invalid_argument(kOp,
+                              "the Hopper kernel addresses K/V rows with 32 bits: arrays of at "
+                              "most 2^31 - 1 rows (or JAX_FMHA_CUDA_FORWARD=portable)");
+    KvTensorMaps maps;
+    maps.run_rows = tma_run_rows(p.kv, Traits::kBlockN);
+    const char* error = nullptr;
+    if (!make_kv_tensor_map<Traits>(p, k, maps.run_rows, &maps.k, &error) ||
+        !make_kv_tensor_map<Traits>(p, v, maps.run_rows, &maps.v, &error))
+      return internal_error(kOp, "building the K/V tensor maps", error);
+    kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+        p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
+    return xla::ffi::Error::Success();
+  }
 };
 
 }  // namespace jax_fmha::cuda

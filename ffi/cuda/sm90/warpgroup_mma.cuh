@@ -61,14 +61,15 @@ __device__ __forceinline__ auto accumulator_view(float* regs) {
   return cute::make_tensor(cute::make_rmem_ptr(regs), Layout{});
 }
 
-// S = Q K^T for the warpgroup's rows. smem_q, smem_k: the tiles in HopperTraits' layouts.
+// S = Q K^T for the warpgroup's rows. smem_q, smem_k: the tiles in HopperTraits' layouts;
+// thread: the caller's index among the consumer threads (its warpgroup picks the rows).
 template <class Traits>
 __device__ __forceinline__ void issue_qk(const typename Traits::Element* smem_q,
                                          const typename Traits::Element* smem_k,
-                                         float (&s)[1][Traits::kKeyAtoms][4]) {
+                                         float (&s)[1][Traits::kKeyAtoms][4], int thread) {
   using T = typename Traits::MmaElement;
   typename Traits::MmaQK mma;
-  const auto thread_mma = mma.get_thread_slice(threadIdx.x);
+  const auto thread_mma = mma.get_thread_slice(thread);
   const auto q = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_q)),
                                    typename Traits::SmemLayoutQ{});
   const auto k = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_k)),
@@ -102,10 +103,10 @@ __device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::k
 template <class Traits>
 __device__ __forceinline__ void issue_pv(const ProbabilityRegs<Traits>& p,
                                          const typename Traits::Element* smem_v,
-                                         float (&o)[1][Traits::kDimAtoms][4]) {
+                                         float (&o)[1][Traits::kDimAtoms][4], int thread) {
   using T = typename Traits::MmaElement;
   typename Traits::MmaPV mma;
-  const auto thread_mma = mma.get_thread_slice(threadIdx.x);
+  const auto thread_mma = mma.get_thread_slice(thread);
   const auto vt = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_v)),
                                     typename Traits::SmemLayoutVt{});
   const auto a =

@@ -1,0 +1,47 @@
+// The shared-memory rings between the Hopper kernel's producer (TMA copies) and its consumer
+// warpgroups, on mbarriers: each stage has a "full" barrier (the producer's arrival, which
+// announces the bytes its copies will complete) and an "empty" one (one arrival per consumer
+// warpgroup once its products have read the stage). Use i of a ring goes to stage
+// i % kStages, in phase (i / kStages) % 2 of the stage's barriers.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+
+#include <cstdint>
+
+namespace jax_fmha::cuda {
+
+template <int kStages>
+struct StageRing {
+  uint64_t* full;   // [kStages]
+  uint64_t* empty;  // [kStages]
+
+  __device__ __forceinline__ static int stage(int use) { return use % kStages; }
+  __device__ __forceinline__ static uint32_t parity(int use) { return (use / kStages) % 2; }
+
+  // One thread, before any other uses the ring (then fence_barrier_init and a CTA barrier).
+  __device__ __forceinline__ void init(int consumer_groups) const {
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterBarrier::init(&full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_groups);
+    }
+  }
+
+  // Producer: waits until use `use - kStages` of the stage is released (the first kStages
+  // uses find their stage empty: a fresh barrier counts its phase before 0 as complete).
+  __device__ __forceinline__ void acquire(int use) const {
+    cutlass::arch::ClusterBarrier::wait(&empty[stage(use)], parity(use) ^ 1);
+  }
+  __device__ __forceinline__ uint64_t* full_barrier(int use) const { return &full[stage(use)]; }
+
+  // Consumers: wait until the stage holds use `use`; release it once read (one thread of each
+  // consumer warpgroup, after the warpgroup's products that read it have completed).
+  __device__ __forceinline__ void wait(int use) const {
+    cutlass::arch::ClusterBarrier::wait(&full[stage(use)], parity(use));
+  }
+  __device__ __forceinline__ void release(int use) const {
+    cutlass::arch::ClusterBarrier::arrive(&empty[stage(use)]);
+  }
+};
+
+}  // namespace jax_fmha::cuda
