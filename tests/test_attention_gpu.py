@@ -557,15 +557,16 @@ def memcheck_cases():
   test_dense_head_dims(rng, BF16, 128, False)
   test_dense_head_dims(rng, F16, 256, True)
   test_dense_head_dims(rng, BF16, 80, True)
+  test_dense_head_dims(rng, BF16, 64, True)
   test_dense_window_softcap(rng, F16, (16, 8), 0.0)
   test_packed_with_empty_and_outside_rows(rng, BF16, True, 3)
   test_cache_with_seq_lens(rng, BF16, 1)
   for page_size in (1, 16, 64):
     test_paged(rng, BF16, page_size, 5, 8, 2)
-  test_paged_prefill(rng, False, 16, 128, 1)  # wgmma: runs of 16 keys on pages
+  test_paged_prefill(rng, False, 16, 128, 1)  # Hopper: TMA runs of 16 keys
   test_paged_prefill(rng, True, 16, 96, 1)
   test_paged_prefill(rng, False, 48, 128, 3)
-  test_paged_prefill(rng, True, 64, 128, 1)  # wgmma: runs of 64 keys
+  test_paged_prefill(rng, True, 64, 128, 1)  # Hopper: TMA runs of 64 keys
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel

@@ -22,6 +22,9 @@
 #   mlp              benchmarks/mlp.py --backend gpu -> $OUT/mlp.json.
 #   ab[=ARGS]        benchmarks/tools/kernel_ab.py ARGS (e.g. ab=--no-decode): our kernels A/B.
 #   ncu-mlp          benchmarks/tools/mlp_device_time.py under Nsight Compute (needs cupy).
+#   ncu-attention    one d128 prefill launch of our forward kernel under Nsight Compute
+#                    (benchmarks/tools/ncu_targets.py prefill): throughput, tensor-pipe use,
+#                    warp stall reasons, scheduler statistics.
 #   sweep            build and run benchmarks/tools/rms_norm_sweep.cu against ffi/cuda/mlp.cu.
 #
 # Everything printed goes to stdout and to $OUT/device_run.log (OUT defaults to
@@ -112,7 +115,8 @@ step_tests() {
 step_sanitizer() {  # $1: memcheck | racecheck | synccheck
   echo "== compute-sanitizer --tool $1, attention subset (both forward kernels)"
   (cd "$REPO/tests" && timeout "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$1" \
-    --error-exitcode 3 python3 test_attention_gpu.py --memcheck 2>&1 | tail -n 6
+    --error-exitcode 3 python3 test_attention_gpu.py --memcheck 2>&1 |
+     grep -E "Error|Race|hazard|access at|SUMMARY|done" | head -n 40
    exit "${PIPESTATUS[0]}")
 }
 
@@ -142,6 +146,13 @@ step_ncu_mlp() {
   python3 "$REPO/benchmarks/tools/mlp_device_time.py" --parse /tmp/ncu_mlp.csv
 }
 
+step_ncu_attention() {
+  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k regex:attention_forward_kernel -c 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats \
+    python3 "$REPO/benchmarks/tools/ncu_targets.py" prefill 2>&1 | grep -v "^==PROF==")
+}
+
 step_sweep() {
   local inc
   inc=$(cd /tmp && python3 -c "import jaxlib, os; print(os.path.join(jaxlib.__path__[0], 'include'))")
@@ -159,6 +170,7 @@ run_step() {  # step name, value
     mlp) step_mlp ;;
     ab) step_ab "$2" ;;
     ncu-mlp) step_ncu_mlp ;;
+    ncu-attention) step_ncu_attention ;;
     sweep) step_sweep ;;
     *) echo "unknown step $1 (see the head of benchmarks/tools/device_run.sh)"; return 2 ;;
   esac

@@ -5,8 +5,8 @@
 // Every K/V layout is the same 3-D tensor to TMA: (d, KV heads, rows) of the [rows, Hkv, d]
 // view of the array (KvView::row gives a key's row). A box is one swizzle span of columns x
 // one head x run_rows rows: run_rows is the key block for every layout but pages, and for
-// pages the largest power of two dividing the page size (at most the block), so that a run
-// never crosses a page. Columns past the problem's head dim and rows past the array are
+// pages the greatest common divisor of the page size and the block, so that a run never
+// crosses a page. Columns past the problem's head dim and rows past the array are
 // filled with zeros by the copy itself.
 #pragma once
 
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
+#include <numeric>
 
 #include "common/attention_problem.h"
 
@@ -30,9 +31,7 @@ struct KvTensorMaps {
 // Keys of one TMA box: rows that are consecutive in the array for every block.
 inline int tma_run_rows(const KvView& kv, int block_n) {
   if (kv.layout != KvLayout::kPaged) return block_n;
-  const int64_t size = kv.pages.page_size;
-  const int64_t pow2 = size & -size;  // (the launcher sends only multiples of 16 here)
-  return int(pow2 < block_n ? pow2 : block_n);
+  return int(std::gcd(kv.pages.page_size, int64_t(block_n)));  // (a multiple of 16 here)
 }
 
 // cuTensorMapEncodeTiled, from the driver the runtime already loaded (the extension does not
