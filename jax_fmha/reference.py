@@ -117,6 +117,9 @@ def attention(
   vd = jnp.repeat(vd.astype(jnp.float32), group, axis=2)
   qf = q.astype(jnp.float32)
   k_pos = jnp.arange(kd.shape[1])
+  # Values past a sequence's keys are never read (their probability is 0, but NaN * 0 is
+  # NaN): whatever the unused slots of a cache hold cannot reach the output.
+  vd = jnp.where((k_pos[None, :] < k_len[:, None])[:, :, None, None], vd, 0.0)
   transform = lambda s: softcap * jnp.tanh(s / softcap) if softcap > 0 else s
 
   if cu_seqlens_q is None:  # dense queries [B, Sq, Hq, D]
