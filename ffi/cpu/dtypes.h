@@ -59,6 +59,13 @@ FMHA_CPU_CONVERSION float to_float(float x) { return x; }
 FMHA_CPU_CONVERSION float to_float(bf16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
 FMHA_CPU_CONVERSION float to_float(f16 x) { return float(x.value); }
 
+// cond ? a : b, as bit masks: the compiler keeps no branch, so a loop of it vectorizes
+// (a ternary over a float product is kept as control flow: the product may trap).
+FMHA_CPU_CONVERSION uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(cond);
+  return (a & mask) | (b & ~mask);
+}
+
 // Exact (every FP8 value is a float32, subnormals included); NaN gives a quiet NaN of the
 // same sign. Branch-free, so that a row of conversions vectorizes. Subnormals are built as
 // integer * power of two: no float32 subnormal appears, so flush-to-zero modes cannot alter
@@ -70,13 +77,14 @@ FMHA_CPU_CONVERSION float to_float(Fp8<E, M, I> x) {
   const uint32_t exponent = (x.bits >> M) & F::kExponentMax;
   const uint32_t mantissa = x.bits & F::kMantissaMask;
   const uint32_t normal = ((exponent + 127 - F::kBias) << 23) | (mantissa << (23 - M));
-  const uint32_t subnormal = float_to_bits(float(mantissa) * F::kSubnormalStep);
-  const bool nan = I ? exponent == F::kExponentMax && mantissa != 0
-                     : exponent == F::kExponentMax && mantissa == F::kMantissaMask;
-  const bool inf = I && exponent == F::kExponentMax && mantissa == 0;
-  uint32_t magnitude = exponent == 0 ? subnormal : normal;
-  magnitude = inf ? 0x7f800000u : magnitude;
-  magnitude = nan ? 0x7fc00000u : magnitude;
+  const uint32_t subnormal = float_to_bits(float(int32_t(mantissa)) * F::kSubnormalStep);
+  uint32_t magnitude = select_bits(exponent == 0, subnormal, normal);
+  if constexpr (I) {  // the top exponent: infinity (mantissa 0) or NaN
+    const uint32_t special = select_bits(mantissa == 0, 0x7f800000u, 0x7fc00000u);
+    magnitude = select_bits(exponent == F::kExponentMax, special, magnitude);
+  } else {  // only the all-ones magnitude: NaN
+    magnitude = select_bits((x.bits & 0x7f) == 0x7f, 0x7fc00000u, magnitude);
+  }
   return bits_to_float(sign | magnitude);
 }
 
