@@ -13,8 +13,7 @@ token the one-device model's argmax up to rounding, as in llama_decode.py).
 
 The model is sized to split evenly: 2 KV heads, or one per device when there are more
 devices (8 query heads per 2 KV heads, head dimension 32, MLP 2.75x wider than the model).
-On one host it uses every device; on several, start one process per host after
-``jax.distributed.initialize()`` and build the mesh from ``jax.devices()`` the same way.
+It runs on the devices of one host; docs/design/sharding.md says what changes on several.
 
   python examples/tensor_parallel_decode.py       # every GPU (or the CPU)
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
