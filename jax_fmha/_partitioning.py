@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 
 from jax.experimental.custom_partitioning import (
   ArrayMapping,
@@ -40,8 +40,13 @@ class SplitRule:
   """
 
   axes: str
-  shardable: frozenset[str]
+  shardable: Set[str]
   compound_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+def row_factors(count: int) -> list[str]:
+  """Factors for `count` leading row axes of a row-by-row op, each splittable on its own."""
+  return [f"rows{i}" for i in range(count)]
 
 
 def _parse_array(text: str, fresh: Iterator[int]) -> tuple[Axis, ...]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jax_fmha import _validation, reference
-from jax_fmha._partitioning import SplitRule
+from jax_fmha._partitioning import SplitRule, row_factors
 from jax_fmha._primitives import broadcast_batched, define_ffi_primitive
 from jax_fmha._validation import Backend
 
@@ -62,10 +62,10 @@ def _merge_abstract_eval(partial_out, partial_lse, *, out_dtype):
 def _merge_split_rule(partial_out, partial_lse, *, out_dtype) -> SplitRule:
   """Row by row: every axis but the partial results' (merged) and the head dimension
   splits."""
-  rows = " ".join(f"rows{i}" for i in range(partial_lse.ndim - 1))
+  rows = row_factors(partial_lse.ndim - 1)
+  axes = " ".join(rows)
   return SplitRule(
-    f"splits {rows} head_dim, splits {rows} -> {rows} head_dim, {rows}",
-    shardable={f"rows{i}" for i in range(partial_lse.ndim - 1)},
+    f"splits {axes} head_dim, splits {axes} -> {axes} head_dim, {axes}", shardable=set(rows)
   )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jax_fmha import _validation, reference
-from jax_fmha._partitioning import SplitRule
+from jax_fmha._partitioning import SplitRule, row_factors
 from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, map_over_batch
 from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 
@@ -51,7 +51,7 @@ def _define_rowwise_primitive(
     return outs, [0] * len(outs)
 
   def rows_split_rule(x, *avals, **params):
-    rows = [f"rows{i}" for i in range(x.ndim - 1)]
+    rows = row_factors(x.ndim - 1)
     rule = split_rule(" ".join(rows), x, *avals, **params)
     return dataclasses.replace(rule, shardable=rule.shardable | set(rows))
 
