@@ -112,7 +112,8 @@ def check_in_place(name, placed, hlo, local_cache_shape):
   assert not copies, (name, copies)
 
 
-def make_rng_inputs(seed):
+def rng_and_randn(seed):
+  """A NumPy Generator, and a function of a shape giving float32 standard-normal values."""
   rng = np.random.default_rng(seed)
   return rng, lambda *shape: np.asarray(rng.standard_normal(shape), np.float32)
 
@@ -140,7 +141,7 @@ def paged_pool(rng, randn, batch, pages_per_seq, page_size, kv_heads, head_dim):
 def attention_splits():
   """Dense, split-KV, packed, paged and contiguous-cache attention over batch, heads and
   both, on 4 devices; GQA with more head shards than KV heads runs whole (correctly)."""
-  rng, randn = make_rng_inputs(1)
+  rng, randn = rng_and_randn(1)
   mesh, line = auto_mesh((2, 2), ("data", "model")), auto_mesh((4,), ("x",))
   both, heads = P("data", None, "model"), P(None, None, "x")
   q, k, v = randn(4, 33, 8, 64), randn(4, 57, 4, 64), randn(4, 57, 4, 64)
@@ -245,7 +246,7 @@ def attention_splits():
 def cache_updates_in_place():
   """update_kv_cache under donation, split over heads (paged) and batch x heads
   (contiguous): in place on each device, no collective."""
-  rng, randn = make_rng_inputs(2)
+  rng, randn = rng_and_randn(2)
   mesh = auto_mesh((2, 2), ("data", "model"))
   both, pool = P("data", None, "model"), P(None, None, "model")
   (k_pages, v_pages), table = paged_pool(rng, randn, 4, 3, 16, 4, 64)
@@ -296,7 +297,7 @@ def merge_and_mlp_split_rows():
   """merge_attention_states and the MLP ops split by rows; GLUs with separate or
   interleaved gate/up split the hidden axis too; a norm -> matmul -> swiglu -> matmul
   block keeps its batch split."""
-  _, randn = make_rng_inputs(3)
+  _, randn = rng_and_randn(3)
   mesh, line = auto_mesh((2, 2), ("data", "model")), auto_mesh((4,), ("x",))
   check_split(
     "merge",
@@ -348,7 +349,7 @@ def merge_and_mlp_split_rows():
 def explicit_mesh():
   """Explicitly sharded types: outputs typed as the kernel splits, no collective; a
   sharding the kernel cannot take raises a ValueError naming the operand and axis."""
-  rng, randn = make_rng_inputs(4)
+  rng, randn = rng_and_randn(4)
   mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
   both = P("data", None, "model")
   q, k, v = randn(4, 32, 8, 64), randn(4, 57, 4, 64), randn(4, 57, 4, 64)
@@ -430,7 +431,7 @@ def shard_map_varying_axes():
   program whose output differs per device cannot claim a replicated out_spec, as with the
   reference backend. Data parallel paged attention over per-device pools; and a shard_map
   program exports (jax.export) and runs on 4 devices."""
-  rng, randn = make_rng_inputs(5)
+  rng, randn = rng_and_randn(5)
   line, mesh = auto_mesh((4,), ("x",)), auto_mesh((2, 2), ("data", "model"))
   q, k, v = randn(4, 9, 8, 32), randn(4, 56, 4, 32), randn(4, 56, 4, 32)
   keys = P(None, "x")  # each device attends over its quarter of the keys
@@ -511,7 +512,7 @@ def gspmd_partitioner():
   """The same splits with JAX's GSPMD partitioner (its sharding callbacks), and a program
   without a mesh (GSPMD shardings), where the kernels run whole."""
   jax.config.update("jax_use_shardy_partitioner", False)
-  _, randn = make_rng_inputs(6)
+  _, randn = rng_and_randn(6)
   mesh, line = auto_mesh((2, 2), ("data", "model")), auto_mesh((4,), ("x",))
   both = P("data", None, "model")
   q, k, v = randn(4, 33, 8, 64), randn(4, 57, 4, 64), randn(4, 57, 4, 64)
@@ -560,7 +561,7 @@ def gspmd_partitioner():
 def decode_step_on_8_devices():
   """A decode step (append to a contiguous cache, attend) on a 2 x 4 mesh, batch x KV
   heads, with the caches donated: in place, no collective."""
-  _, randn = make_rng_inputs(7)
+  _, randn = rng_and_randn(7)
   mesh = auto_mesh((2, 4), ("data", "model"))
   both = P("data", None, "model")
   q, k_new, v_new = randn(4, 1, 16, 64), randn(4, 1, 4, 64), randn(4, 1, 4, 64)
