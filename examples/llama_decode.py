@@ -210,14 +210,19 @@ class Decoded:
     return self.tokens.shape[0] * (self.tokens.shape[1] - 1) / self.decode_seconds
 
 
-def greedy_decode(model: Llama, prompts, lengths, steps: int, **cache_options) -> Decoded:
+def greedy_decode(
+  model: Llama, prompts, lengths, steps: int, place=lambda state: state, **cache_options
+) -> Decoded:
   """Prefills right-padded ``prompts [batch, P]`` (``lengths [batch]`` tokens each), then
   decodes ``steps`` tokens per prompt, each the argmax of the last position's logits.
-  Prefill and decode step are compiled ahead of time and run once untimed, so neither
-  timing holds a compile or a first launch."""
+  ``place(state)`` puts the parameters and the KV cache where they run (e.g. split over
+  devices); by default they stay on the default device. Prefill and decode step are
+  compiled ahead of time and run once untimed, so neither timing holds a compile or a
+  first launch."""
   batch = prompts.shape[0]
   model.init_cache(batch, prompts.shape[1] + steps, **cache_options)
   graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+  params, cache = place(params), place(cache)
 
   def next_tokens(params, cache, tokens, lengths):
     model = nnx.merge(graphdef, params, cache)
@@ -275,34 +280,50 @@ def run(
   assert shapes(params) == shapes(nnx.state(flax_model, nnx.Param)), "parameter trees differ"
   nnx.update(flax_model, params)
 
-  lengths = np.asarray(prompt_lengths, np.int32)
-  prompts = np.random.default_rng(seed).integers(
-    0, config.vocab_size, (len(lengths), lengths.max()), dtype=np.int32
-  )
-  prompts[np.arange(lengths.max()) >= lengths[:, None]] = 0  # padding
-  prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
-
+  prompts, lengths = random_prompts(config.vocab_size, prompt_lengths, seed)
   fused = greedy_decode(fused_model, prompts, lengths, steps, page_size=page_size)
   flax = greedy_decode(flax_model, prompts, lengths, steps)
-  if jnp.dtype(config.dtype) == jnp.float32:
-    np.testing.assert_array_equal(
-      fused.tokens, flax.tokens, err_msg="jax_fmha and Flax decoded different tokens"
-    )
-  else:
-    gaps = teacher_forced_gaps(flax_model, prompts, lengths, fused.tokens)
-    tolerance = 2**-6  # relative: four bfloat16 roundings (8-bit significand)
-    assert gaps.max() <= tolerance, (
-      f"a token jax_fmha chose is {gaps.max():.2%} (of the largest logit) below the best "
-      f"in Flax's logits"
-    )
+  assert_same_choices(
+    fused.tokens, flax.tokens, flax_model, prompts, lengths, config.dtype, ("jax_fmha", "Flax")
+  )
   return fused, flax
 
 
-def main():
+def random_prompts(vocab_size: int, prompt_lengths: list[int], seed: int):
+  """Random prompts of `prompt_lengths` tokens, right-padded with 0: (prompts, lengths)."""
+  lengths = np.asarray(prompt_lengths, np.int32)
+  prompts = np.random.default_rng(seed).integers(
+    0, vocab_size, (len(lengths), lengths.max()), dtype=np.int32
+  )
+  prompts[np.arange(lengths.max()) >= lengths[:, None]] = 0  # padding
+  return jnp.asarray(prompts), jnp.asarray(lengths)
+
+
+def assert_same_choices(tokens, reference_tokens, reference_model, prompts, lengths, dtype, names):
+  """`tokens` are those `reference_model` chooses greedily (`names`: who chose `tokens`,
+  and the reference). In float32 both compute every logit to float32 rounding: `tokens`
+  equal the reference's own greedy `reference_tokens`. In lower precision a near tie may
+  go either way, after which the sequences diverge: teacher-forced, each of `tokens` must
+  be the reference model's argmax up to rounding, reading the prompts and `tokens`."""
+  name, reference_name = names
+  if jnp.dtype(dtype) == jnp.float32:
+    np.testing.assert_array_equal(
+      tokens, reference_tokens, err_msg=f"{name} and {reference_name} decoded different tokens"
+    )
+    return
+  gaps = teacher_forced_gaps(reference_model, prompts, lengths, tokens)
+  tolerance = 2**-6  # relative: four bfloat16 roundings (8-bit significand)
+  assert gaps.max() <= tolerance, (
+    f"a token {name} chose is {gaps.max():.2%} (of the largest logit) below the best "
+    f"in {reference_name}'s logits"
+  )
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+  """The command line of this example (and of those built on it)."""
   on_gpu = jax.default_backend() == "gpu"
   parser = argparse.ArgumentParser(
-    description=__doc__.splitlines()[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
   )
   parser.add_argument(
     "--prompt-lengths",
@@ -323,7 +344,11 @@ def main():
     default="bfloat16" if on_gpu else "float32",
     help="dtype of parameters and activations: bfloat16 on a GPU, else float32",
   )
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = argument_parser(__doc__.splitlines()[0]).parse_args()
   config = Config(num_layers=args.layers, dtype=jnp.dtype(args.dtype))
 
   print(

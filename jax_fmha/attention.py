@@ -8,10 +8,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jax_fmha import _split_plan, _validation, reference
+from jax_fmha._partitioning import SplitRule
 from jax_fmha._primitives import (
   broadcast_batched,
   define_ffi_primitive,
-  derived_aval,
   empty_f32,
   empty_i32,
   map_over_batch,
@@ -167,35 +167,51 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------------------------------
 
 
-def _attention_abstract_eval(
-  q,
-  k,
-  v,
-  cu_seqlens_q,
-  cu_seqlens_k,
-  seq_lens,
-  block_table,
-  k_scale,
-  v_scale,
-  *,
-  scale,
-  softcap,
-  window_left,
-  window_right,
-  kv_layout,
-  num_splits,
-  max_seqlen_q,
-):
-  if q.ndim == 4:  # dense [B, Sq, Hq, D] -> lse [B, Hq, Sq]
-    lse_shape, lse_axes = (q.shape[0], q.shape[2], q.shape[1]), (0, 2, 1)
-  else:  # packed [Tq, Hq, D] -> lse [Hq, Tq]
-    lse_shape, lse_axes = (q.shape[1], q.shape[0]), (1, 0)
+def _attention_abstract_eval(q, *avals, num_splits, **params):
+  # Dense q [B, Sq, Hq, D] -> lse [B, Hq, Sq]; packed q [Tq, Hq, D] -> lse [Hq, Tq].
+  lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.ndim == 4 else (q.shape[1], q.shape[0])
   if num_splits == 1:
-    return (q.update(), derived_aval(q, lse_shape, jnp.float32, lse_axes))
+    return (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32))
   # Split-KV: float32 partial outputs and LSEs, one per split, on a new leading axis.
-  out = derived_aval(q, (num_splits,) + q.shape, jnp.float32, (None,) + tuple(range(q.ndim)))
-  lse = derived_aval(q, (num_splits,) + lse_shape, jnp.float32, (None,) + lse_axes)
-  return (out, lse)
+  splits = (int(num_splits),)
+  return (
+    jax.ShapeDtypeStruct(splits + q.shape, jnp.float32),
+    jax.ShapeDtypeStruct(splits + lse_shape, jnp.float32),
+  )
+
+
+# Each layout's keys and values. Page ids are global: a page pool splits on KV heads only.
+_KEYS = {
+  "uniform": "batch seq_k kv_heads head_dim",
+  "cache": "batch seq_k kv_heads head_dim",
+  "paged": "pages page_size kv_heads head_dim",
+  "packed": "tokens_k kv_heads head_dim",
+}
+
+
+def _attention_split_rule(q, k, *avals, kv_layout, num_splits, **params) -> SplitRule:
+  """Batch and heads split: query heads are (KV head, member of its group), KV head major,
+  as the kernel maps them, so a shard of query heads has its own KV heads. Sequences and
+  the head dimension are needed whole (splitting them is context parallelism). Absent
+  index operands and scales are placeholders (``_``); FP8 K/V scales split with their
+  heads."""
+  dense = q.ndim == 4
+  heads = "(kv_heads group)"
+  queries = f"batch seq_q {heads} head_dim" if dense else f"tokens_q {heads} head_dim"
+  lse = f"batch {heads} seq_q" if dense else f"{heads} tokens_q"
+  cu_seqlens_q = "_" if dense else "offsets_q"
+  cu_seqlens_k = "offsets_k" if kv_layout == "packed" else "_"
+  seq_lens = "batch" if kv_layout in ("cache", "paged") else "_"
+  block_table = "batch table_pages" if kv_layout == "paged" else "_ _"
+  scales = "kv_heads" if _validation.is_fp8(k) else "_"
+  splits = "" if num_splits == 1 else "_ "
+  return SplitRule(
+    f"{queries}, {_KEYS[kv_layout]}, {_KEYS[kv_layout]}, {cu_seqlens_q}, {cu_seqlens_k}, "
+    f"{seq_lens}, {block_table}, {scales}, {scales} -> {splits}{queries}, {splits}{lse}",
+    # Packed queries hold every sequence in one axis: nothing splits over the batch.
+    shardable={"batch", "kv_heads"} if dense else {"kv_heads"},
+    compound_sizes={"group": q.shape[-2] // k.shape[-2]},
+  )
 
 
 def _attention_batching(args, dims, **params):
@@ -254,6 +270,18 @@ attention_fwd_p = define_ffi_primitive(
   _attention_abstract_eval,
   _attention_batching,
   api_name="attention",
+  split_rule=_attention_split_rule,
+  operand_names=(
+    "q",
+    "k",
+    "v",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "seq_lens",
+    "block_table",
+    "k_scale",
+    "v_scale",
+  ),
   named_params={"kv_layout": "kv_layouts"},
   platform_check=_attention_platform_check,
 )

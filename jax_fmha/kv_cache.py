@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jax_fmha import _validation, reference
+from jax_fmha._partitioning import SplitRule
 from jax_fmha._primitives import define_ffi_primitive, empty_f32, empty_i32, map_over_batch
 from jax_fmha._validation import Backend
 from jax_fmha.attention import attention
@@ -231,20 +232,27 @@ def quantize_kv(
 # ---------------------------------------------------------------------------------------
 
 
-def _update_abstract_eval(
-  k_cache,
-  v_cache,
-  k_new,
-  v_new,
-  block_table,
-  cache_seqlens,
-  cu_seqlens_new,
-  k_scale,
-  v_scale,
-  *,
-  kv_layout,
-):
-  return (k_cache.update(), v_cache.update())
+def _update_abstract_eval(k_cache, v_cache, *avals, kv_layout):
+  return (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),) * 2
+
+
+def _update_split_rule(k_cache, v_cache, k_new, *avals, kv_layout) -> SplitRule:
+  """KV heads split; so does the batch of a contiguous cache with dense new tokens. A paged
+  update never splits the batch: page ids are global, so every copy of the pool must take
+  every sequence's writes, or the copies would diverge. FP8 caches' scales split with
+  their heads."""
+  cache = "pages page_size" if kv_layout == "paged" else "batch seq"
+  new = "batch seq_new" if k_new.ndim == 4 else "tokens_new"
+  block_table = "batch table_pages" if kv_layout == "paged" else "_ _"
+  cu_seqlens_new = "offsets_new" if k_new.ndim == 3 else "_"
+  scales = "kv_heads" if _validation.is_fp8(k_cache) else "_"
+  caches = f"{cache} kv_heads head_dim"
+  news = f"{new} kv_heads head_dim"
+  return SplitRule(
+    f"{caches}, {caches}, {news}, {news}, {block_table}, batch, {cu_seqlens_new}, {scales}, "
+    f"{scales} -> {caches}, {caches}",
+    shardable={"kv_heads", "batch"} if kv_layout == "cache" and k_new.ndim == 4 else {"kv_heads"},
+  )
 
 
 def _update_batching(args, dims, **params):
@@ -257,6 +265,18 @@ update_kv_cache_p = define_ffi_primitive(
   _update_abstract_eval,
   _update_batching,
   api_name="update_kv_cache",
+  split_rule=_update_split_rule,
+  operand_names=(
+    "k_cache",
+    "v_cache",
+    "k_new",
+    "v_new",
+    "block_table",
+    "cache_seqlens",
+    "cu_seqlens_new",
+    "k_scale",
+    "v_scale",
+  ),
   named_params={"kv_layout": "kv_layouts"},
   platform_check=lambda platform, avals_in: _validation.fp8_kv_platform(
     platform, avals_in[0], "k_cache, v_cache (jax_fmha.update_kv_cache)"

@@ -207,6 +207,68 @@ def test_dense_gqa_causal_shapes(rng, dtype, hq, hkv, sq, sk):
     check(out, lse, ro, rl, dtype, f"window {window}")
 
 
+@pytest.mark.parametrize("d", [64, 96, 192, 256])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 1000), (7, 129), (129, 7), (1000, 1000)])
+def test_odd_lengths_every_head_dim(rng, d, sq, sk):
+  """Lengths that are not a multiple of any block, causal with Sq < Sk and Sq > Sk, at the
+  head dims the d128 shapes above do not cover."""
+  q, k, v = (
+    randn(rng, (2, sq, 8, d), BF16),
+    randn(rng, (2, sk, 2, d), BF16),
+    randn(rng, (2, sk, 2, d), BF16),
+  )
+  for window in [(-1, -1), (-1, 0)]:
+    out, lse = run(q, k, v, kv_layout="uniform", window=window)
+    ro, rl = ref.dense(q, k, v, window=window)
+    check(out, lse, ro, rl, BF16, f"d{d} sq{sq} sk{sk} window {window}")
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("layout", ["cache", "packed", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_keys_past_the_end_are_never_read(rng, d, layout, num_splits):
+  """K/V rows that belong to no key of a sequence (cache slots past seq_lens, rows past the
+  last packed sequence, page slots past a sequence's end and unused pages) hold NaN: the
+  output must still be finite and match the reference on clean data. Prefill-sized tiles
+  (the forward kernels, not the decode one), lengths inside a key block."""
+  hq, hkv, sq = 8, 2, 70
+  lens = np.array([1, 131, 300], np.int32)
+  q = randn(rng, (3, sq, hq, d), BF16)
+  kw = {}
+  if layout == "cache":
+    k, v = (randn(rng, (3, 320, hkv, d), BF16) for _ in range(2))
+    ro, rl = ref.kv_cache(q, k, v, lens, window=(-1, 0))
+    for x in (k, v):
+      for b, n in enumerate(lens):
+        x[b, n:] = np.nan
+    kw = dict(seq_lens=lens)
+  elif layout == "packed":
+    cu_q = np.arange(4, dtype=np.int32) * sq
+    cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q = q.reshape(3 * sq, hq, d)
+    k, v = (randn(rng, (int(cu_k[-1]) + 77, hkv, d), BF16) for _ in range(2))
+    ro, rl = ref.packed(q, k, v, cu_q, cu_k, window=(-1, 0))
+    k[cu_k[-1] :] = np.nan
+    v[cu_k[-1] :] = np.nan
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq)
+  else:
+    q, k, v, table, lens = paged_inputs(
+      rng, BF16, b=3, page_size=64, lens=lens, hq=hq, hkv=hkv, d=d, sq=sq
+    )
+    ro, rl = ref.paged(q, k, v, table, lens, window=(-1, 0))
+    used = np.zeros(k.shape[:2], bool)
+    for b, n in enumerate(lens):
+      for j in range(n):
+        used[table[b, j // 64], j % 64] = True
+    k[~used] = np.nan
+    v[~used] = np.nan
+    kw = dict(seq_lens=lens, block_table=table)
+  out, lse = run(q, k, v, kv_layout=layout, window=(-1, 0), num_splits=num_splits, **kw)
+  if num_splits > 1:
+    out, lse = merge_splits(out, lse)
+  check(out, lse, ro, rl, BF16, f"{layout} d{d}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize(
   "window,softcap",
@@ -561,6 +623,8 @@ def memcheck_cases():
   test_dense_window_softcap(rng, F16, (16, 8), 0.0)
   test_packed_with_empty_and_outside_rows(rng, BF16, True, 3)
   test_cache_with_seq_lens(rng, BF16, 1)
+  test_keys_past_the_end_are_never_read(rng, 128, "cache", 1)  # Hopper: the last V block zeroed
+  test_keys_past_the_end_are_never_read(rng, 64, "packed", 3)
   for page_size in (1, 16, 64):
     test_paged(rng, BF16, page_size, 5, 8, 2)
   test_paged_prefill(rng, False, 16, 128, 1)  # Hopper: TMA runs of 16 keys

@@ -16,7 +16,8 @@
 #                    shared suites (attention, paged, MLP).
 #   memcheck, racecheck, synccheck
 #                    compute-sanitizer with that tool on the attention subset
-#                    (tests/test_attention_gpu.py --memcheck: both forward kernels).
+#                    (tests/test_attention_gpu.py --memcheck: both forward kernels); the
+#                    whole report goes to $OUT/<tool>.txt.
 #   harness=SUITES   benchmarks/attention.py --backend gpu --suite SUITES (all, or a comma
 #                    list such as prefill,paged) -> $OUT/attention.json and its PNGs.
 #   mlp              benchmarks/mlp.py --backend gpu -> $OUT/mlp.json.
@@ -115,9 +116,10 @@ step_tests() {
 step_sanitizer() {  # $1: memcheck | racecheck | synccheck
   echo "== compute-sanitizer --tool $1, attention subset (both forward kernels)"
   (cd "$REPO/tests" && timeout "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$1" \
-    --error-exitcode 3 python3 test_attention_gpu.py --memcheck 2>&1 |
-     grep -E "Error|Race|hazard|access at|SUMMARY|done" | head -n 40
-   exit "${PIPESTATUS[0]}")
+    --error-exitcode 3 python3 test_attention_gpu.py --memcheck > "$OUT/$1.txt" 2>&1
+   rc=$?
+   grep -E "Error|Race|hazard|access at|SUMMARY|done" "$OUT/$1.txt" | head -n 40
+   exit "$rc")
 }
 
 step_harness() {  # $1: suites
