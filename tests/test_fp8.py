@@ -675,6 +675,41 @@ def test_quantize_kv_bad_input(args, error, match):
     jax_fmha.quantize_kv(*args)
 
 
+def test_handlers_check_what_python_checks():
+  """A custom call made without the Python checks: the handlers refuse FP8 K/V without
+  scales, scales with float K/V, FP8 queries and FP8 new tokens (ffi/common)."""
+  from jax_fmha.attention import attention_fwd
+  from jax_fmha.kv_cache import update_kv_cache_p
+
+  fp8 = jnp.zeros((1, 8, 2, 16), jnp.float8_e4m3fn)
+  q, scales = jnp.zeros((1, 1, 2, 16), jnp.float32), jnp.ones((2,), jnp.float32)
+  attrs = dict(scale=1.0, softcap=0.0, window=(-1, -1), kv_layout="uniform", num_splits=1)
+  attend = lambda q, k, **kw: attention_fwd(q, k, k, max_seqlen_q=1, **attrs, **kw)
+  cases = [
+    (lambda: attend(q, fp8), "FP8 k/v need k_scale and v_scale of \\[Hkv\\] elements"),
+    (lambda: attend(q, q, k_scale=scales, v_scale=scales), "k_scale/v_scale are only for FP8"),
+    (lambda: attend(fp8[:, :1], fp8, k_scale=scales, v_scale=scales), "q must not be FP8"),
+    (
+      lambda: update_kv_cache_p.bind(
+        fp8,
+        fp8,
+        fp8[:, :1],
+        fp8[:, :1],
+        jnp.zeros((0, 0), jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((0,), jnp.int32),
+        scales,
+        scales,
+        kv_layout="cache",
+      ),
+      "new tokens must have the caches' dtype, or be float32, bfloat16 or float16 for FP8",
+    ),
+  ]
+  for call, match in cases:
+    with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+      jax.block_until_ready(call())
+
+
 # ---------------------------------------------------------------------------------------
 # The GPU: FP8 caches run on the CPU backend for now
 # ---------------------------------------------------------------------------------------
