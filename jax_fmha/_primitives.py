@@ -4,10 +4,10 @@ Each primitive (defined next to its public function: ``attention``, ``kv_cache``
 ``merge``, ``mlp``) lowers to one XLA FFI custom call whose target name is the same on
 every platform (``_ffi`` registers the CPU and CUDA handlers under it). Operands are passed
 exactly as the handlers decode them (``ffi/common/*_ffi.h``); absent optional operands are
-empty int32 arrays. Numeric parameters are numpy scalars so that the FFI attributes are
-typed exactly; enumerations (layouts, activations) are names in Python, converted to the
-extension's numbers in the lowering. The primitives are forward-only: differentiating
-through them raises.
+empty arrays (int32 indices, float32 scales). Numeric parameters are numpy scalars so that
+the FFI attributes are typed exactly; enumerations (layouts, activations) are names in
+Python, converted to the extension's numbers in the lowering. The primitives are
+forward-only: differentiating through them raises.
 
 Each primitive's lowering goes through ``jax.experimental.custom_partitioning``: in a
 program split over a device mesh, JAX's partitioner (Shardy, or GSPMD) splits the call as
@@ -192,3 +192,8 @@ def broadcast_batched(args: Sequence, dims: Sequence, size: int):
 def empty_i32(*shape):
   """The placeholder of an absent optional int32 operand (shape (0,) by default)."""
   return jnp.zeros(shape or (0,), jnp.int32)
+
+
+def empty_f32():
+  """The placeholder of an absent optional float32 operand (FP8 scales): shape (0,)."""
+  return jnp.zeros((0,), jnp.float32)

@@ -88,6 +88,7 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
                          const AttentionData& data) {
   if (p.head_dim < 8 || p.head_dim % 8 != 0)
     return invalid_argument(kOp, "the CUDA kernel needs head_dim a multiple of 8 in [8, 256]");
+  if (data.kv_dtype != data.dtype) return fp8_kv_unsupported(kOp);
   switch (data.dtype) {
     case ffi::DataType::BF16:
       return launch_for_head_dim<__nv_bfloat16>(stream, p, data.q, data.k, data.v, data.out,

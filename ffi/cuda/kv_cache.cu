@@ -33,6 +33,7 @@ __global__ void update_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
 
 ffi::Error run_update(cudaStream_t stream, const KvCacheUpdate& u, const void* k_new,
                       const void* v_new, void* k_cache, void* v_cache) {
+  if (u.k_scale != nullptr) return fp8_kv_unsupported(kOp);
   const int64_t row_bytes = u.row_elements * u.elem_bytes;
   if (row_bytes % 16 != 0)
     return invalid_argument(kOp, "a token's row must be a multiple of 16 bytes");
