@@ -41,8 +41,8 @@ constexpr KernelShape kernel_shape(ForwardKernel kernel) {
 // KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
 // than it would re-read.
 inline constexpr int64_t kDecodeMaxRows = 64;
-// The Hopper kernel takes pages that are a multiple of 16 keys: its TMA copies move runs of
-// at least 16 rows (smaller ones would stall them).
+// The Hopper kernel takes pages that are a multiple of 16 keys, copied by TMA in runs of
+// gcd(page size, key block) rows; other pages take the portable kernel, which gathers rows.
 inline constexpr int64_t kHopperPageRunKeys = 16;
 
 // Whether this build holds the sm_90a kernel (90a among the CUDA architectures).

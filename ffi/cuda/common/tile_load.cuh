@@ -123,10 +123,7 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
   }
   // General case: rows gathered through the block table one by one (pages smaller than the
   // block), or head dims whose rows do not split evenly over the copy threads.
-  // (Fully unrolled, every copy's address is computed ahead and held: Traits::kGatherUnroll
-  // bounds that where registers are short.)
-  constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
-#pragma unroll kUnroll
+#pragma unroll kCopies
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
     const int r = c / kChunksPerRow;

@@ -68,7 +68,6 @@ struct KernelTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   static constexpr int kKeyAtoms = kBlockN / 8;   // n8 tiles of S per row block
   static constexpr int kDimAtoms = kHeadDim / 8;  // n8 tiles of O per row block
   static constexpr int kStages = 2;               // K/V tiles in flight (double buffer)
-  static constexpr int kGatherUnroll = 64;        // load_kv_tile: every copy unrolled
 
   // Shared-memory rows are padded by 16 bytes: the 8 rows one ldmatrix reads then start in
   // 8 different bank groups (the row pitch is an odd multiple of 16 bytes modulo 128).
@@ -117,7 +116,6 @@ struct DecodeTraits : PaddedRowTiles<kHeadDim_ + 16 / sizeof(Element_)> {
   static constexpr int kWarpStageBytes = 2 * kKvTileElems * int(sizeof(Element));
   static constexpr int kStagesFit = (104 * 1024) / (kWarps * kWarpStageBytes);
   static constexpr int kStages = kStagesFit < 2 ? 2 : (kStagesFit > 6 ? 6 : kStagesFit);
-  static constexpr int kGatherUnroll = 64;
 
   // The combine reuses the K/V stages: each warp's O (float32) and row statistics.
   static constexpr int kCombinePitch = kHeadDim + 4;
