@@ -18,6 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fmha
@@ -25,15 +26,13 @@ import jax_fmha
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_case(case, devices: int) -> None:
-  """Runs `case` (a function of this module) in a process with `devices` CPU devices,
-  importing the source tree's jax_fmha (the installed extension is found from it)."""
-  env = dict(
-    os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")]),
-  )
+def run_case(case, devices: int | None) -> None:
+  """Runs `case` (a function of this module) in a process with `devices` CPU devices (None:
+  the machine's GPUs), importing the source tree's jax_fmha (the installed extension is
+  found from it)."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")]))
+  if devices is not None:
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   result = subprocess.run(
     [sys.executable, __file__, case.__name__],
     env=env,
@@ -91,10 +90,10 @@ def check_split(name, fn, args, in_specs, mesh, out_specs, kernel_shapes, donate
 
 def assert_shards_equal(out, want, what: str):
   """Every device's shard of `out` (each copy of a replicated one too) equals `want`'s."""
-  want = np.asarray(want)
+  want = np.asarray(want, np.float32)  # (exact for every dtype the kernels take)
   for shard in out.addressable_shards:
     np.testing.assert_allclose(
-      np.asarray(shard.data), want[shard.index], rtol=1e-6, atol=1e-6, err_msg=what
+      np.asarray(shard.data, np.float32), want[shard.index], rtol=1e-6, atol=1e-6, err_msg=what
     )
 
 
@@ -624,6 +623,86 @@ def fp8_cache_decode_step():
   check_in_place("FP8 decode step", placed, hlo, (2, 40, 2, 64))
 
 
+def two_gpus():
+  """The CUDA kernels on 2 GPUs, bfloat16: dense attention split over batch and over heads
+  (also with split-KV), paged decode and the donated paged update split over KV heads, and
+  the MLP rows; each shard's result equals the one-GPU run's bit for bit (same kernel, same
+  rows)."""
+  rng, randn = rng_and_randn(9)
+  line = auto_mesh((2,), ("x",))
+  heads = P(None, None, "x")
+
+  def bf16(*shape):
+    return jnp.asarray(randn(*shape), jnp.bfloat16)
+
+  q, k, v = bf16(2, 384, 8, 128), bf16(2, 509, 4, 128), bf16(2, 509, 4, 128)
+
+  def attend(q, k, v):
+    return jax_fmha.attention(q, k, v, causal=True, num_splits=1, return_lse=True)
+
+  check_split(
+    "batch", attend, (q, k, v), [P("x")] * 3, line, [P("x")] * 2, [(1, 384, 8, 128), (1, 8, 384)]
+  )
+  check_split(
+    "heads",
+    attend,
+    (q, k, v),
+    [heads] * 3,
+    line,
+    [heads, P(None, "x")],
+    [(2, 384, 4, 128), (2, 4, 384)],
+  )
+  check_split(
+    "split-KV",
+    lambda q, k, v: jax_fmha.attention(q, k, v, causal=True, num_splits=3),
+    (q, k, v),
+    [heads] * 3,
+    line,
+    [heads],
+    [(3, 2, 384, 4, 128), (3, 2, 4, 384), (2, 384, 4, 128), (2, 384, 4)],
+  )
+
+  (k_pages, v_pages), table = paged_pool(rng, randn, 4, 5, 16, 4, 128)
+  k_pages, v_pages = (jnp.asarray(x, jnp.bfloat16) for x in (k_pages, v_pages))
+  lens = np.array([70, 1, 33, 80], np.int32)
+  check_split(
+    "paged decode",
+    lambda q, kp, vp, t, n: jax_fmha.attention(
+      q, kp, vp, block_table=t, seq_lens=n, causal=True, num_splits=1
+    ),
+    (bf16(4, 1, 8, 128), k_pages, v_pages, table, lens),
+    [heads, heads, heads, P(), P()],
+    line,
+    [heads],
+    [(4, 1, 4, 128), (4, 4, 1)],
+  )
+  lens_before_append = np.array([67, 0, 30, 77], np.int32)  # 3 new tokens fill up to 80
+  placed, hlo = check_split(
+    "paged update",
+    lambda kc, vc, kn, vn, t, n: jax_fmha.update_kv_cache(kc, vc, kn, vn, t, n),
+    (k_pages, v_pages, bf16(4, 3, 4, 128), bf16(4, 3, 4, 128), table, lens_before_append),
+    [heads] * 4 + [P(), P()],
+    line,
+    [heads, heads],
+    [(22, 16, 2, 128)] * 2,
+    donate=(0, 1),
+  )
+  check_in_place("paged update", placed, hlo, (22, 16, 2, 128))
+
+  x, residual, weight = bf16(8, 6, 512), bf16(8, 6, 512), bf16(512)
+  rows = P("x")
+  check_split(
+    "rms_norm_residual",
+    jax_fmha.rms_norm_residual,
+    (x, residual, weight),
+    [rows, rows, P()],
+    line,
+    [rows, rows],
+    [(4, 6, 512)] * 2,
+  )
+  check_split("swiglu", jax_fmha.swiglu, (x, residual), [heads] * 2, line, [heads], [(8, 6, 256)])
+
+
 # ---------------------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------------------
@@ -659,6 +738,18 @@ def test_decode_step_on_8_devices():
 
 def test_fp8_cache_decode_step_splits_scales_with_heads():
   run_case(fp8_cache_decode_step, devices=4)
+
+
+def gpu_count() -> int:
+  try:
+    return len(jax.devices("gpu"))
+  except RuntimeError:  # no GPU backend
+    return 0
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs")
+def test_cuda_kernels_split_over_two_gpus():
+  run_case(two_gpus, devices=None)
 
 
 if __name__ == "__main__":
