@@ -94,6 +94,25 @@ def test_cuda_prefill_policy_follows_the_forward_kernel(monkeypatch):
   assert _ext.split_policy("cuda", 132, 9, **prefill) == _policy("portable", 128, 264, 1, 1024)
 
 
+def test_cuda_fp8_prefill_takes_the_portable_kernel(monkeypatch):
+  """FP8 K/V never run on the Hopper kernel; decode keeps the decode kernel."""
+  monkeypatch.delenv("JAX_FMHA_CUDA_FORWARD", raising=False)
+  prefill = dict(rows_per_kv_head=512, head_dim=128, page_size=16, fp8_kv=True)
+  assert _ext.split_policy("cuda", 132, 9, **prefill) == _policy("portable", 128, 264, 1, 1024)
+  decode = dict(prefill, rows_per_kv_head=8)
+  assert _ext.split_policy("cuda", 132, 9, **decode) == _policy("decode", 16, 264, 1, 1024)
+  shape = dict(
+    batch=1,
+    num_kv_heads=8,
+    group=1,
+    max_seqlen_q=512,
+    max_seqlen_k=32768,
+    head_dim=128,
+    page_size=0,
+  )
+  assert _split_plan.num_splits(**shape, device=_FakeGpu(), fp8_kv=True) == 8
+
+
 @pytest.mark.parametrize("compute_capability_major", [8, 9])
 def test_cuda_decode_policy(compute_capability_major):
   for rows in (1, 4, 64):  # packed query rows per KV head: decode, GQA, short chunks
