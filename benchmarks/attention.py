@@ -450,6 +450,36 @@ def our_num_splits(*, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, page, de
   )
 
 
+def decode_shape(*, batch, seq_k, page, dtype, **extra) -> dict:
+  """The shape of a decode row (DECODE's heads and head dim)."""
+  return dict(
+    batch=batch,
+    seqlen_q=1,
+    seqlen_k=seq_k,
+    q_heads=DECODE["q_heads"],
+    kv_heads=DECODE["kv_heads"],
+    head_dim=DECODE["head_dim"],
+    page_size=page,
+    dtype=_name(dtype),
+    **extra,
+  )
+
+
+def decode_inputs(key, *, batch, seq_k, page, dtype) -> dict:
+  """A decode row's paged inputs (DECODE's heads and head dim)."""
+  return paged_inputs(
+    key,
+    batch=batch,
+    seq_q=1,
+    seq_k=seq_k,
+    q_heads=DECODE["q_heads"],
+    kv_heads=DECODE["kv_heads"],
+    head_dim=DECODE["head_dim"],
+    page=page,
+    dtype=dtype,
+  )
+
+
 def decode_case(peers, *, batch, seq_k, dtype) -> Case:
   q_heads, kv_heads, head_dim, page = (
     DECODE[n] for n in ("q_heads", "kv_heads", "head_dim", "page")
@@ -523,28 +553,8 @@ def decode_case(peers, *, batch, seq_k, dtype) -> Case:
     group=f"batch {batch} {_name(dtype)}",
     x=seq_k,
     label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {_name(dtype)}",
-    shape=dict(
-      batch=batch,
-      seqlen_q=1,
-      seqlen_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page_size=page,
-      dtype=_name(dtype),
-      num_splits=splits,
-    ),
-    make_inputs=lambda key: paged_inputs(
-      key,
-      batch=batch,
-      seq_q=1,
-      seq_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page=page,
-      dtype=dtype,
-    ),
+    shape=decode_shape(batch=batch, seq_k=seq_k, page=page, dtype=dtype, num_splits=splits),
+    make_inputs=lambda key: decode_inputs(key, batch=batch, seq_k=seq_k, page=page, dtype=dtype),
     impls=impls,
     work=kv_bytes,
     metric="GB/s",
@@ -558,17 +568,7 @@ def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
   q_heads, kv_heads, head_dim = (DECODE[n] for n in ("q_heads", "kv_heads", "head_dim"))
 
   def make_inputs(key):
-    x = paged_inputs(
-      key,
-      batch=batch,
-      seq_q=1,
-      seq_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page=page,
-      dtype=dtype,
-    )
+    x = decode_inputs(key, batch=batch, seq_k=seq_k, page=page, dtype=dtype)
     k, k_scale = jax_fmha.quantize_kv(x["k"], cache_dtype)
     v, v_scale = jax_fmha.quantize_kv(x["v"], cache_dtype)
     return dict(x, k=k, v=v, k_scale=k_scale, v_scale=v_scale)
@@ -601,17 +601,7 @@ def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
     group=f"{name} cache page {page}",
     x=seq_k,
     label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {name}",
-    shape=dict(
-      batch=batch,
-      seqlen_q=1,
-      seqlen_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page_size=page,
-      dtype=_name(dtype),
-      cache_dtype=name,
-    ),
+    shape=decode_shape(batch=batch, seq_k=seq_k, page=page, dtype=dtype, cache_dtype=name),
     make_inputs=make_inputs,
     impls={OURS: Impl(ours), BF16_CACHE: Impl(bf16_cache, prepare=dequantize)},
     work=2 * batch * seq_k * kv_heads * head_dim,  # one byte an element

@@ -23,7 +23,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_attention_gpu import BF16, DTYPES, check, gpu, merge_splits, randn
+# forward_kernel: every test runs with JAX_FMHA_CUDA_FORWARD unset and =portable; FP8 takes
+# the decode and portable kernels either way (the Hopper kernel takes no FP8).
+from test_attention_gpu import (  # noqa: F401
+  BF16,
+  DTYPES,
+  check,
+  forward_kernel,
+  gpu,
+  merge_splits,
+  randn,
+)
 from test_fp8 import FORMATS, assert_same_fp8, dequantize_np, fp8_values, paged_fp8, quantize_np
 
 import jax_fmha
@@ -43,19 +53,6 @@ pytestmark = [
   pytest.mark.gpu,
   pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and the CUDA backend"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module", params=["default", "portable"])
-def forward_kernel(request):
-  """JAX_FMHA_CUDA_FORWARD unset and =portable: FP8 takes the decode and portable kernels
-  either way (the Hopper kernel takes no FP8), and the choice must not depend on it."""
-  before = os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
-  if request.param == "portable":
-    os.environ["JAX_FMHA_CUDA_FORWARD"] = "portable"
-  yield request.param
-  os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
-  if before is not None:
-    os.environ["JAX_FMHA_CUDA_FORWARD"] = before
 
 
 def poison_device_memory(nbytes: int = 256 << 20):
@@ -186,7 +183,7 @@ def test_special_values_and_large_queries(rng, fmt):
   lens = [40, 40]
   k, v, table, seq_lens, k_scale, v_scale, _, _ = paged_fp8(rng, lens, 16, 1, 128, fmt)
   big = ml_dtypes.finfo(k.dtype).max
-  tiny = ml_dtypes.finfo(k.dtype).smallest_subnormal
+  tiny = np.uint8(1).view(k.dtype)  # the smallest subnormal
   k[table[0, 0], 0, 0, :4] = [big, -big, tiny, -tiny]
   v[table[0, 0], 1, 0, :2] = [big, tiny]
   q = randn(rng, (2, 1, 4, 128), BF16) * np.asarray(1e30, BF16)

@@ -16,18 +16,26 @@ namespace {
 constexpr const char* kOp = "update_kv_cache (CUDA)";
 constexpr int kTokensPerBlock = 8;  // one warp each
 
+// The new token of this warp (grid: token blocks of the longest new sequence, batch): its row
+// in the new tokens and in the cache; false when there is none or its write is dropped.
+__device__ __forceinline__ bool warp_token_rows(const KvCacheUpdate& u, int64_t& src,
+                                                int64_t& dst) {
+  const int64_t b = blockIdx.y;
+  const int64_t t = int64_t(blockIdx.x) * kTokensPerBlock + threadIdx.x / 32;
+  if (!u.new_tokens.valid(b) || t >= u.new_tokens.len(b)) return false;
+  dst = u.target_row(b, t);
+  src = u.new_tokens.begin(b) + t;
+  return dst >= 0;  // else outside the sequence's capacity or pages: dropped
+}
+
 // Grid: (token blocks of the longest new sequence, batch). Rows are copied in 16-byte
 // words (every supported row, Hkv * D elements with D a multiple of 8, is a multiple).
 __global__ void update_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
                                        const uint4* __restrict__ k_new,
                                        const uint4* __restrict__ v_new, uint4* k_cache,
                                        uint4* v_cache, int64_t row_words) {
-  const int64_t b = blockIdx.y;
-  const int64_t t = int64_t(blockIdx.x) * kTokensPerBlock + threadIdx.x / 32;
-  if (!u.new_tokens.valid(b) || t >= u.new_tokens.len(b)) return;
-  const int64_t dst = u.target_row(b, t);
-  if (dst < 0) return;  // outside the sequence's capacity or pages: dropped
-  const int64_t src = u.new_tokens.begin(b) + t;
+  int64_t src, dst;
+  if (!warp_token_rows(u, src, dst)) return;
   for (int64_t w = threadIdx.x % 32; w < row_words; w += 32) {
     k_cache[dst * row_words + w] = k_new[src * row_words + w];
     v_cache[dst * row_words + w] = v_new[src * row_words + w];
@@ -41,12 +49,8 @@ __global__ void quantize_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u
                                          const New* __restrict__ k_new,
                                          const New* __restrict__ v_new, uint2* k_cache,
                                          uint2* v_cache) {
-  const int64_t b = blockIdx.y;
-  const int64_t t = int64_t(blockIdx.x) * kTokensPerBlock + threadIdx.x / 32;
-  if (!u.new_tokens.valid(b) || t >= u.new_tokens.len(b)) return;
-  const int64_t dst = u.target_row(b, t);
-  if (dst < 0) return;  // outside the sequence's capacity or pages: dropped
-  const int64_t src = u.new_tokens.begin(b) + t;
+  int64_t src, dst;
+  if (!warp_token_rows(u, src, dst)) return;
   const int64_t groups = u.row_elements / 8;
   const auto quantize = [&](const New* x, float scale) {
     const float inv_scale = 1.f / scale;  // rounded to float32, as the CPU kernel does

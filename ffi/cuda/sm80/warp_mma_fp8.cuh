@@ -150,13 +150,7 @@ __device__ __forceinline__ void warp_pv_fp8(const float (&p)[Traits::kMmaM][Trai
 #pragma unroll
   for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
     uint32_t a[Traits::kMmaM][4];
-#pragma unroll
-    for (int m = 0; m < Traits::kMmaM; ++m) {
-      a[m][0] = pack2<__half>(p[m][2 * kk][0], p[m][2 * kk][1]);
-      a[m][1] = pack2<__half>(p[m][2 * kk][2], p[m][2 * kk][3]);
-      a[m][2] = pack2<__half>(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
-      a[m][3] = pack2<__half>(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
-    }
+    pack_probabilities<Traits>(p, kk, a);
 #pragma unroll
     for (int c = 0; c < Traits::kHeadDim / 16; c += 2) {
       uint32_t r[4];
