@@ -63,3 +63,12 @@ FORWARD_KERNELS = {
     "sm90": ["kHopper", "cuda/sm90/forward_kernel.cuh"],
 }
 FORWARD_HEAD_DIMS = [64, 96, 128, 192, 256]
+
+# FP8 K/V: one file (from FP8_FORWARD_INSTANCE_TEMPLATE) per kernel and head dim, decode and
+# portable kernels only.
+FP8_FORWARD_INSTANCE_TEMPLATE = "ffi/cuda/forward_fp8_instance.cu.in"
+FP8_FORWARD_KERNELS = {
+    "decode_fp8": ["kDecode", "cuda/sm80/decode_kernel.cuh"],
+    "sm80_fp8": ["kPortable", "cuda/sm80/forward_kernel.cuh"],
+}
+FP8_FORWARD_HEAD_DIMS = [64, 128, 256]

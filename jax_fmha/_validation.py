@@ -116,18 +116,6 @@ def _scale_vector(name: str, scale, num_kv_heads: int):
   return jnp.broadcast_to(scale, (num_kv_heads,))
 
 
-def fp8_kv_platform(platform: str, kv_aval, names: str):
-  """Raises at trace time for FP8 keys/values lowered for a GPU: the CUDA kernels take
-  bfloat16/float16 ones."""
-  if platform == "cuda" and jnp.dtype(kv_aval.dtype) in FP8_DTYPES:
-    raise TypeError(
-      f"{names}: FP8 KV caches ({kv_aval.dtype}) run on the CPU backend for now; the GPU "
-      f"kernels take bfloat16 or float16 keys and values. Run the call on the CPU "
-      f"(jax.default_device(jax.devices('cpu')[0])), use backend='reference', or keep a "
-      f"bfloat16 cache on the GPU"
-    )
-
-
 def same_dtype(names: tuple[str, ...], *xs):
   dtypes = [jnp.dtype(x.dtype) for x in xs]
   if len(set(dtypes)) != 1:

@@ -76,8 +76,8 @@ def attention(
   ``v * v_scale[kv_head]``, with q of any of the dtypes above (the output's). The kernel
   folds the scales into the scores and the output, so the result is attention over the
   dequantized (float32) keys and values. ``jax_fmha.quantize_kv`` makes such a cache;
-  ``update_kv_cache`` appends to one. FP8 runs on the CPU backend and the reference for now
-  (on the GPU a TypeError at trace time).
+  ``update_kv_cache`` appends to one. FP8 runs on the CPU and CUDA backends and the
+  reference; on the GPU q is bfloat16 or float16, as always there.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -155,6 +155,7 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
       head_dim=p.q.shape[-1],
       page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
       device=_split_plan.target_device(p.q),
+      fp8_kv=_validation.is_fp8(p.k),
     )
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
@@ -261,7 +262,6 @@ def _attention_platform_check(platform, avals_in):
       "bfloat16 or float16, got float32: cast them, e.g. q.astype(jnp.bfloat16) (the "
       "caches too with attention_with_kvcache), or use backend='reference' for float32"
     )
-  _validation.fp8_kv_platform(platform, avals_in[1], "k, v (jax_fmha.attention)")
 
 
 attention_fwd_p = define_ffi_primitive(

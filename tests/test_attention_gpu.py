@@ -633,6 +633,11 @@ def memcheck_cases():
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
+  import test_fp8_gpu  # FP8 K/V: the decode and portable kernels, the quantizing append
+
+  test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
+  test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
+  test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes

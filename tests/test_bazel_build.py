@@ -85,3 +85,18 @@ def test_cuda_sources_and_instances(cmake, bazel):
     entry.strip('"').split(":") for entry in cmake_words(cmake, r"set\(_fmha_kernels([^)]*)\)")
   ]
   assert bazel["FORWARD_KERNELS"] == {name: [kernel, header] for kernel, header, name in kernels}
+
+
+def test_fp8_cuda_instances(cmake, bazel):
+  assert [bazel["FP8_FORWARD_INSTANCE_TEMPLATE"]] == cmake_words(
+    cmake, r"configure_file\((\S+) \"\$\{_fp8_instance\}\""
+  )
+  assert bazel["FP8_FORWARD_HEAD_DIMS"] == [
+    int(dim) for dim in cmake_words(cmake, r"set\(_fmha_fp8_head_dims([^)]*)\)")
+  ]
+  kernels = [
+    entry.strip('"').split(":") for entry in cmake_words(cmake, r"set\(_fmha_fp8_kernels([^)]*)\)")
+  ]
+  assert bazel["FP8_FORWARD_KERNELS"] == {
+    name: [kernel, header] for kernel, header, name in kernels
+  }

@@ -44,6 +44,17 @@ def test_example_decodes_like_flax(llama_decode, on_cpu):  # float32: on the CPU
   assert fused.decode_tokens_per_second > 0 and flax.decode_tokens_per_second > 0
 
 
+def test_example_decodes_with_an_fp8_cache(llama_decode, on_cpu):
+  config = llama_decode.Config(
+    vocab_size=128, features=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_features=96
+  )
+  fused, flax = llama_decode.run(
+    config, prompt_lengths=[3, 9, 5], steps=6, page_size=4, cache_dtype=jnp.float8_e4m3fn
+  )
+  assert fused.tokens.shape == flax.tokens.shape == (3, 6)
+  assert fused.decode_tokens_per_second > 0
+
+
 @pytest.mark.parametrize("devices", [2, 4])
 def test_tensor_parallel_example_decodes_like_one_device(devices):
   """The model split over `devices` virtual CPU devices chooses the tokens it chooses on one
@@ -95,9 +106,12 @@ def test_example_help_documents_every_option(example):
   result = subprocess.run(
     [sys.executable, example, "--help"], capture_output=True, text=True, check=True
   )
-  for option in ("--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"):
+  options = ["--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"]
+  if example == EXAMPLE:
+    options.append("--cache-dtype")
+  for option in options:
     assert option in result.stdout
-  assert result.stdout.count("(default: ") == 5
+  assert result.stdout.count("(default: ") == len(options)
 
 
 @pytest.mark.parametrize(("option", "value", "minimum"), [("--seq", "0", 1), ("--steps", "1", 2)])

@@ -1,4 +1,5 @@
-"""FP8 KV caches (float8_e4m3fn, float8_e5m2) with per-KV-head scales, on the CPU backend.
+"""FP8 KV caches (float8_e4m3fn, float8_e5m2) with per-KV-head scales, on the CPU backend
+(the CUDA kernels: tests/test_fp8_gpu.py).
 
 Attention over an FP8 cache is compared with the float64 NumPy reference over the
 dequantized keys and values (FP8 values times their head's scale, exact in float64), with
@@ -24,8 +25,8 @@ import jax_fmha
 import numpy_reference as ref
 from conftest import FLOAT_DTYPES, assert_attention_close, assert_close, randn
 
-# Every test runs on the CPU backend (the FP8 kernels are CPU-only for now), also on a GPU
-# machine; test_fp8_on_the_gpu_is_refused_at_trace_time covers the GPU.
+# Every test runs on the CPU backend, also on a GPU machine; tests/test_fp8_gpu.py covers the
+# CUDA kernels.
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
 FP8 = {"float8_e4m3fn": np.dtype(jnp.float8_e4m3fn), "float8_e5m2": np.dtype(jnp.float8_e5m2)}
@@ -711,48 +712,45 @@ def test_handlers_check_what_python_checks():
 
 
 # ---------------------------------------------------------------------------------------
-# The GPU: FP8 caches run on the CPU backend for now
+# The GPU lowering (the CUDA kernels: tests/test_fp8_gpu.py)
 # ---------------------------------------------------------------------------------------
 
-GPU_REFUSAL = r"FP8 KV caches \(float8_e4m3fn\) run on the CPU backend for now"
 
-
-def test_fp8_for_the_gpu_is_refused_at_trace_time(monkeypatch):
+def test_fp8_lowers_for_the_gpu(monkeypatch):
   """Lowering an FP8 cache for CUDA (here with CUDA handlers pretended present, so a
-  CPU-only build checks the message too) raises a TypeError naming the arguments, for
-  attention, update_kv_cache and attention_with_kvcache."""
+  CPU-only build checks it too) emits the custom calls, for attention, update_kv_cache and
+  attention_with_kvcache."""
   monkeypatch.setattr(jax_fmha._ffi, "has_target", lambda target, platform: True)
   args = _fp8_paged_args()
   q, k, table, lens = args["q"], args["k"], args["block_table"], args["seq_lens"]
-  attend = jax.jit(lambda q, k: jax_fmha.attention(q, k, k, block_table=table, seq_lens=lens))
-  with pytest.raises(TypeError, match=r"^k, v \(jax_fmha.attention\): " + GPU_REFUSAL):
-    jax.export.export(attend, platforms=["cuda"])(q, k)
-  update = jax.jit(lambda k, new: jax_fmha.update_kv_cache(k, k, new, new, table, lens))
+  scales = jnp.ones((2,), jnp.float32)
   new = jnp.zeros((2, 1, 2, 64), jnp.bfloat16)
-  with pytest.raises(TypeError, match=r"^k_cache, v_cache \(jax_fmha.update_kv_cache\): "):
-    jax.export.export(update, platforms=["cuda"])(k, new)
-  step = jax.jit(
-    lambda q, k, new: jax_fmha.attention_with_kvcache(
-      q, k, k, new, new, cache_seqlens=lens, block_table=table
-    )
-  )
-  with pytest.raises(TypeError, match=GPU_REFUSAL):
-    jax.export.export(step, platforms=["cuda"])(q, k, new)
-
-
-def _gpu():
-  try:
-    devices = jax.devices("gpu")
-  except RuntimeError:
-    devices = []
-  if not devices or "cuda" not in jax_fmha.build_info()["backends"]:
-    pytest.skip("needs a CUDA device and a build with the CUDA backend")
-  return devices[0]
-
-
-def test_fp8_on_the_gpu_is_refused_at_trace_time():
-  """On a GPU, an FP8 cache on the device raises the same TypeError when traced."""
-  gpu = _gpu()
-  args = {name: jax.device_put(x, gpu) for name, x in _fp8_paged_args().items()}
-  with jax.default_device(gpu), pytest.raises(TypeError, match=GPU_REFUSAL):
-    jax.jit(lambda a: jax_fmha.attention(**a))(args)
+  calls = [
+    (
+      lambda q, k: jax_fmha.attention(
+        q, k, k, block_table=table, seq_lens=lens, k_scale=scales, v_scale=scales
+      ),
+      (q, k),
+      ["jax_fmha_attention_fwd"],
+    ),
+    (
+      lambda k, new: jax_fmha.update_kv_cache(
+        k, k, new, new, table, lens, k_scale=scales, v_scale=scales
+      ),
+      (k, new),
+      ["jax_fmha_update_kv_cache"],
+    ),
+    (
+      lambda q, k, new: jax_fmha.attention_with_kvcache(
+        q, k, k, new, new, cache_seqlens=lens, block_table=table, k_scale=scales, v_scale=scales
+      ),
+      (q, k, new),
+      ["jax_fmha_update_kv_cache", "jax_fmha_attention_fwd"],
+    ),
+  ]
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in jax_fmha.FFI_TARGETS]
+  for fn, fn_args, targets in calls:
+    export = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
+    text = export(*fn_args).mlir_module()
+    for target in targets:
+      assert f"@{target}" in text or f'"{target}"' in text, target

@@ -180,6 +180,7 @@ inline ffi::Error decode_attention(
   if (auto err = decode_kv_scales(kOp, k.element_type(), p.num_kv_heads, k_scale, v_scale);
       !err.success())
     return err;
+  if (is_fp8(k.element_type())) p.k_scale = k_scale.typed_data(), p.v_scale = v_scale.typed_data();
 
   if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
     return err;
@@ -218,8 +219,6 @@ struct AttentionData {
   const void* q;
   const void* k;
   const void* v;
-  const float* k_scale;  // [Hkv] for FP8 k and v, else nullptr
-  const float* v_scale;
   void* out;  // q's dtype, or float32 split-KV partials
   float* lse;
 };
@@ -243,15 +242,8 @@ ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k
                                   k_scale, v_scale, *out, *lse, attrs, p);
       !err.success())
     return err;
-  const bool quantized = is_fp8(k.element_type());
-  const AttentionData data{q.element_type(),
-                           k.element_type(),
-                           q.untyped_data(),
-                           k.untyped_data(),
-                           v.untyped_data(),
-                           quantized ? k_scale.typed_data() : nullptr,
-                           quantized ? v_scale.typed_data() : nullptr,
-                           out->untyped_data(),
+  const AttentionData data{q.element_type(), k.element_type(), q.untyped_data(),
+                           k.untyped_data(), v.untyped_data(), out->untyped_data(),
                            lse->typed_data()};
   return Run(context, p, data);
 }

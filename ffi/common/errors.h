@@ -15,13 +15,6 @@ inline xla::ffi::Error invalid_argument(std::string_view op, std::string_view wh
   return xla::ffi::Error::InvalidArgument("jax_fmha " + std::string(op) + ": " + std::string(what));
 }
 
-// FP8 keys and values on a backend without FP8 kernels (Python refuses them at trace time).
-inline xla::ffi::Error fp8_kv_unsupported(std::string_view op) {
-  return invalid_argument(op,
-                          "FP8 (float8_e4m3fn, float8_e5m2) K/V caches run on the CPU backend for "
-                          "now; the GPU kernels take bfloat16 or float16 keys and values");
-}
-
 // A failure of the runtime under the kernel (a launch, an attribute), with its own message.
 inline xla::ffi::Error internal_error(std::string_view op, std::string_view what,
                                       std::string_view cause) {

@@ -126,8 +126,8 @@ ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
   const std::optional<Dtype> dtype = kernel_dtype(data.dtype);
   const std::optional<Dtype> kv_dtype = kernel_dtype(data.kv_dtype);
   if (!dtype || !kv_dtype) return invalid_argument("attention", "unsupported dtype");
-  const AttentionArgs args{&p,     *dtype,       *kv_dtype,    p.num_splits > 1, data.q,  data.k,
-                           data.v, data.k_scale, data.v_scale, data.out,         data.lse};
+  const AttentionArgs args{&p,     *dtype,    *kv_dtype, p.num_splits > 1, data.q,  data.k,
+                           data.v, p.k_scale, p.v_scale, data.out,         data.lse};
   switch (*dtype) {
     case Dtype::kF32: run_for_output<float>(pool, args); break;
     case Dtype::kBF16: run_for_output<bf16>(pool, args); break;

@@ -62,7 +62,7 @@ class MultiHeadDotProductAttention(nn.Module):
       dtype (``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) stores the keys and values
       quantized, with float32 per-KV-head scales in the cache variables ``key_scale`` and
       ``value_scale``, 1.0 unless replaced before the first cached call (see
-      ``PagedKVCache``). FP8 caches run on the CPU backend for now.
+      ``PagedKVCache``).
 
   ``decode=True``: as in Flax, the first call (``init``) sizes the cache from its inputs
   ``[batch, max_length, features]`` (attending over them without caching them); later

@@ -166,7 +166,7 @@ class MultiHeadAttention(nnx.Module):
     (``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) stores keys and values quantized, with
     float32 per-KV-head scales in ``key_scale``/``value_scale``: 1.0 unless replaced
     (``layer.key_scale[...] = scales``) before the first cached call (see
-    ``PagedKVCache``). FP8 caches run on the CPU backend for now."""
+    ``PagedKVCache``)."""
     empty = PagedKVCache.empty(
       batch_size=input_shape[0],
       max_length=input_shape[1],

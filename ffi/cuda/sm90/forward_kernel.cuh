@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 // tensor maps instead of the K and V pointers.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
-  template <typename Element, int kHeadDim>
-  using TraitsOf = HopperTraits<Element, kHeadDim>;
+  template <typename Element, int kHeadDim, typename Kv>
+  using TraitsOf = HopperTraits<Element, kHeadDim>;  // Kv: Element (forward_kernel)
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
 
