@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                             key_begin);
       return softmax.update_scores(s, transform.fold(), correction);
     };
-    bool rescale = false;  // O must be rescaled before its next product
+    bool rescale = false;    // O must be rescaled before its next product
     if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
                              // between the issue and the wait of the loop's products)
       float s[1][Traits::kKeyAtoms][4];
