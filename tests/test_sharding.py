@@ -132,6 +132,35 @@ def paged_pool(rng, randn, batch, pages_per_seq, page_size, kv_heads, head_dim):
   return pool, table.astype(np.int32)
 
 
+def attend_causal(q, k, v):
+  return jax_fmha.attention(q, k, v, causal=True, num_splits=1, return_lse=True)
+
+
+def check_batch_and_head_splits(q, k, v, line):
+  """Dense causal attention with its LSE split over the batch, then over the heads, on the
+  1-D mesh `line` (axis "x")."""
+  n, (b, s, hq, d) = line.size, q.shape
+  heads = P(None, None, "x")
+  check_split(
+    "batch",
+    attend_causal,
+    (q, k, v),
+    [P("x")] * 3,
+    line,
+    [P("x")] * 2,
+    [(b // n, s, hq, d), (b // n, hq, s)],
+  )
+  check_split(
+    "heads",
+    attend_causal,
+    (q, k, v),
+    [heads] * 3,
+    line,
+    [heads, P(None, "x")],
+    [(b, s, hq // n, d), (b, hq // n, s)],
+  )
+
+
 # ---------------------------------------------------------------------------------------
 # Cases (each runs in its own process)
 # ---------------------------------------------------------------------------------------
@@ -144,25 +173,10 @@ def attention_splits():
   mesh, line = auto_mesh((2, 2), ("data", "model")), auto_mesh((4,), ("x",))
   both, heads = P("data", None, "model"), P(None, None, "x")
   q, k, v = randn(4, 33, 8, 64), randn(4, 57, 4, 64), randn(4, 57, 4, 64)
-
-  def attend(q, k, v):
-    return jax_fmha.attention(q, k, v, causal=True, num_splits=1, return_lse=True)
-
-  check_split(
-    "batch", attend, (q, k, v), [P("x")] * 3, line, [P("x")] * 2, [(1, 33, 8, 64), (1, 8, 33)]
-  )
-  check_split(
-    "heads",
-    attend,
-    (q, k, v),
-    [heads] * 3,
-    line,
-    [heads, P(None, "x")],
-    [(4, 33, 2, 64), (4, 2, 33)],
-  )
+  check_batch_and_head_splits(q, k, v, line)
   check_split(
     "batch x heads",
-    attend,
+    attend_causal,
     (q, k, v),
     [both] * 3,
     mesh,
@@ -355,9 +369,7 @@ def explicit_mesh():
   (k_pages, v_pages), table = paged_pool(rng, randn, 4, 3, 16, 4, 64)
   lens = np.array([40, 3, 17, 48], np.int32)
   x, weight = randn(8, 6, 256), randn(256)
-
-  def attend(q, k, v):
-    return jax_fmha.attention(q, k, v, causal=True, num_splits=1, return_lse=True)
+  attend = attend_causal
 
   def paged(q, k_pages, v_pages):  # NumPy block table and lengths: replicated
     return jax_fmha.attention(q, k_pages, v_pages, block_table=table, seq_lens=lens)
@@ -636,22 +648,7 @@ def two_gpus():
     return jnp.asarray(randn(*shape), jnp.bfloat16)
 
   q, k, v = bf16(2, 384, 8, 128), bf16(2, 509, 4, 128), bf16(2, 509, 4, 128)
-
-  def attend(q, k, v):
-    return jax_fmha.attention(q, k, v, causal=True, num_splits=1, return_lse=True)
-
-  check_split(
-    "batch", attend, (q, k, v), [P("x")] * 3, line, [P("x")] * 2, [(1, 384, 8, 128), (1, 8, 384)]
-  )
-  check_split(
-    "heads",
-    attend,
-    (q, k, v),
-    [heads] * 3,
-    line,
-    [heads, P(None, "x")],
-    [(2, 384, 4, 128), (2, 4, 384)],
-  )
+  check_batch_and_head_splits(q, k, v, line)
   check_split(
     "split-KV",
     lambda q, k, v: jax_fmha.attention(q, k, v, causal=True, num_splits=3),
