@@ -57,13 +57,13 @@ struct KeyBlocks {
 };
 
 // The producer warp: every K and V block of the tile, each as runs of maps.run_rows rows
-// (one per lane) of kColumnBoxes boxes.
+// (one per lane) of its tile's column boxes (K's and V's differ with FP8 K).
 template <class Traits>
 __device__ __forceinline__ void produce_kv(
     const AttentionProblem& p, const KvTensorMaps& maps, const CtaTile& t, const KeyBlocks& blocks,
     const StageRing<Traits::kStages>& k_ring, const StageRing<Traits::kStages>& v_ring,
-    uint64_t* last_v_landed, typename Traits::Element* smem_k, typename Traits::Element* smem_v) {
-  using Element = typename Traits::Element;
+    uint64_t* last_v_landed, typename Traits::QkElement* smem_k, typename Traits::Element* smem_v) {
+  using VTile = typename Traits::VTile;
   constexpr int kBlockN = Traits::kBlockN;
   const int lane = threadIdx.x % 32;
   const int run_rows = maps.run_rows;
@@ -78,25 +78,24 @@ __device__ __forceinline__ void produce_kv(
     const int key = blocks.key_begin<kBlockN>(block) + lane * run_rows;
     return lane < runs && key < blocks.end ? int(p.kv.row(t.b, key)) : -1;
   };
-  const auto copy_block = [&](const CUtensorMap& map, Element* tile, uint64_t* bar, int row,
+  const auto copy_block = [&](const CUtensorMap& map, auto* tile, uint64_t* bar, int row,
                               int block) {
+    using Tile = SwizzledTile<std::remove_pointer_t<decltype(tile)>, kBlockN, Traits::kHeadDim>;
     const int keys_in = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
-    const int bytes =
-        (keys_in + run_rows - 1) / run_rows * run_rows * Traits::kHeadDim * int(sizeof(Element));
+    const int bytes = (keys_in + run_rows - 1) / run_rows * run_rows * Traits::kHeadDim *
+                      int(sizeof(typename Tile::Element));
     if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, bytes);
     __syncwarp();
     if (row >= 0)
 #pragma unroll
-      for (int box = 0; box < Traits::kColumnBoxes; ++box)
-        tma_load(map, bar, tile + Traits::kv_box_row(box, lane * run_rows),
-                 box * Traits::kBoxColumns, t.kv_head, row);
+      for (int box = 0; box < Tile::kColumnBoxes; ++box)
+        tma_load(map, bar, tile + Tile::box_row(box, lane * run_rows), box * Tile::kBoxColumns,
+                 t.kv_head, row);
   };
   const auto k_tile = [&](int block) {
-    return smem_k + k_ring.stage(block) * Traits::kKvTileElems;
+    return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
   };
-  const auto v_tile = [&](int block) {
-    return smem_v + v_ring.stage(block) * Traits::kKvTileElems;
-  };
+  const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * VTile::kElems; };
 
   int k_row = run_row(0), v_row = -1;
   for (int block = 0; block < blocks.count; ++block) {
@@ -118,15 +117,15 @@ __device__ __forceinline__ void produce_kv(
     return;
   }
   // The last V block ends inside: copy it, wait, zero its rows past the keys, then release it.
-  Element* tile = v_tile(last);
+  typename Traits::Element* tile = v_tile(last);
   copy_block(maps.v, tile, last_v_landed, v_row, last);
   cutlass::arch::ClusterBarrier::wait(last_v_landed, 0);
-  constexpr int kChunksPerSpan = Traits::kSwizzleBytes / 16;
-  const int chunks = (kBlockN - valid_rows) * Traits::kColumnBoxes * kChunksPerSpan;
+  constexpr int kChunksPerSpan = VTile::kSwizzleBytes / 16;
+  const int chunks = (kBlockN - valid_rows) * VTile::kColumnBoxes * kChunksPerSpan;
   for (int c = lane; c < chunks; c += 32) {
     const int span = c / kChunksPerSpan;
-    const int box = span % Traits::kColumnBoxes, row = valid_rows + span / Traits::kColumnBoxes;
-    reinterpret_cast<uint4*>(tile + Traits::kv_box_row(box, row))[c % kChunksPerSpan] =
+    const int box = span % VTile::kColumnBoxes, row = valid_rows + span / VTile::kColumnBoxes;
+    reinterpret_cast<uint4*>(tile + VTile::box_row(box, row))[c % kChunksPerSpan] =
         make_uint4(0, 0, 0, 0);
   }
   fence_shared_for_wgmma();
@@ -137,19 +136,19 @@ __device__ __forceinline__ void produce_kv(
 template <class Traits, typename OutT>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
-                                  const typename Traits::Element* __restrict__ q,
+                                  const typename Traits::QkElement* __restrict__ q,
                                   OutT* __restrict__ out, float* __restrict__ lse,
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
   using Element = typename Traits::Element;
+  using QkElement = typename Traits::QkElement;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages;
-  constexpr int kTile = Traits::kKvTileElems;
   constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
-  Element* smem_q = reinterpret_cast<Element*>(sm90_smem);
-  Element* smem_k = smem_q + Traits::kQElems;  // [kStages]
-  Element* smem_v = smem_k + kStages * kTile;  // [kStages]
+  QkElement* smem_q = reinterpret_cast<QkElement*>(sm90_smem);
+  QkElement* smem_k = reinterpret_cast<QkElement*>(sm90_smem + Traits::kKOffset);  // [kStages]
+  Element* smem_v = reinterpret_cast<Element*>(sm90_smem + Traits::kVOffset);      // [kStages]
   uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
   const StageRing<kStages> k_ring{barriers, barriers + kStages};
   const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
@@ -181,7 +180,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
   const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
-  const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+  // (FP8 Q and K: their scales fold into the score scale, docs/design/fp8_attention.md.)
+  const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -211,8 +211,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
     };
     if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
-    const auto k_tile = [&](int block) { return smem_k + k_ring.stage(block) * kTile; };
-    const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * kTile; };
+    const auto k_tile = [&](int block) {
+      return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
+    };
+    const auto v_tile = [&](int block) {
+      return smem_v + v_ring.stage(block) * Traits::VTile::kElems;
+    };
 
     // The softmax of block n's scores: masked, then probabilities and the factor O must be
     // rescaled by; returns whether any row of the warp needs it.
@@ -286,6 +290,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const auto consumers_sync = [] {
     cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kConsumersDone);
   };
+  if (p.v_scale != nullptr) {  // FP8 V's scale (not taken yet: 16-bit V has none)
+    const float v_scale = p.value_scale(t.b, t.kv_head);
+#pragma unroll
+    for (int i = 0; i < Traits::kDimAtoms * 4; ++i) o_regs[i] *= v_scale;
+  }
   consumers_sync();
   store_tile<Traits, OutT, Traits::kConsumerThreads>(o, softmax, sm90_smem, out, lse, t.output(p),
                                                      t.row_begin, t.rows, warp_row, thread,
@@ -295,10 +304,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
 // tensor maps instead of the K and V pointers.
+// With FP8 q (Element), Kv is v's 16-bit type (forward_launch.h); otherwise it is Element.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim, typename Kv>
-  using TraitsOf = HopperTraits<Element, kHeadDim>;  // Kv: Element (forward_kernel)
+  using TraitsOf = std::conditional_t<sizeof(Element) == 1, HopperTraits<Kv, kHeadDim, Element>,
+                                      HopperTraits<Element, kHeadDim>>;
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
 
@@ -315,11 +326,11 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     KvTensorMaps maps;
     maps.run_rows = tma_run_rows(p.kv, Traits::kBlockN);
     const char* error = nullptr;
-    if (!make_kv_tensor_map<Traits>(p, k, maps.run_rows, &maps.k, &error) ||
-        !make_kv_tensor_map<Traits>(p, v, maps.run_rows, &maps.v, &error))
+    if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
+        !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
     kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-        p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
+        p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
     return xla::ffi::Error::Success();
   }
 };
