@@ -638,6 +638,10 @@ def memcheck_cases():
   test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
   test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
   test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
+  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
+    import test_fp8_attention_gpu
+
+    test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence(rng, BF16, 3)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes

@@ -107,8 +107,7 @@ def test_fp8_query_cuda_instances(cmake, bazel):
     cmake, r"configure_file\((\S+) \"\$\{_fp8q_instance\}\""
   )
   kernels = [
-    entry.strip('"').split(":")
-    for entry in cmake_words(cmake, r"set\(_fmha_fp8q_kernels([^)]*)\)")
+    entry.strip('"').split(":") for entry in cmake_words(cmake, r"set\(_fmha_fp8q_kernels([^)]*)\)")
   ]
   assert bazel["FP8Q_FORWARD_KERNELS"] == {
     name: [kernel, header] for kernel, header, name in kernels
