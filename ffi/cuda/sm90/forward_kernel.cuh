@@ -180,8 +180,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
   const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
-  // (FP8 Q and K: their scales fold into the score scale, docs/design/fp8_attention.md.)
-  const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
+  // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V is
+  // 16-bit here: it has no scale (value_scale is 1).
+  const ScoreTransform transform =
+      ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -290,11 +292,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const auto consumers_sync = [] {
     cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kConsumersDone);
   };
-  if (p.v_scale != nullptr) {  // FP8 V's scale (not taken yet: 16-bit V has none)
-    const float v_scale = p.value_scale(t.b, t.kv_head);
-#pragma unroll
-    for (int i = 0; i < Traits::kDimAtoms * 4; ++i) o_regs[i] *= v_scale;
-  }
   consumers_sync();
   store_tile<Traits, OutT, Traits::kConsumerThreads>(o, softmax, sm90_smem, out, lse, t.output(p),
                                                      t.row_begin, t.rows, warp_row, thread,
