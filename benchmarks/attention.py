@@ -54,7 +54,8 @@ SUITES = ("prefill", "gqa", "paged", "decode", "varlen", "fp8")
 OURS = "jax_fmha"
 DENSE = "jax_fmha_dense"  # paged suite: our dense prefill on the gathered keys (not a peer)
 DEQUANTIZED = "jax_fmha_dequantized"  # fp8 suite: ours on the same values in 16 bits (not a peer)
-NOT_PEERS = (OURS, DENSE, DEQUANTIZED)
+FP8_QK = "jax_fmha_fp8_qk"  # fp8 suite: ours on e4m3 q and k, v in 16 bits (not a peer)
+NOT_PEERS = (OURS, DENSE, DEQUANTIZED, FP8_QK)
 
 # Shapes per size: "full" for the GPU, "cpu" for a CPU run (about a minute per suite on
 # 2 cores), "small" (--small) for a quick check on either.
@@ -675,8 +676,13 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
       causal=causal,
     )
 
-  def dequantize(x):  # untimed: the bfloat16 inputs holding the same values
-    return {n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in "qkv"}
+  def dequantize(x, names="qkv"):  # untimed: the bfloat16 inputs holding the same values
+    return {**x, **{n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in names}}
+
+  def fp8_qk(x):  # FP8 Q K^T, P V in the run's dtype (the Hopper kernel's mixed variant)
+    return jax_fmha.attention(
+      x["q"], x["k"], x["v"], q_scale=x["q_scale"], k_scale=x["k_scale"], causal=causal
+    )
 
   impls = guarded(
     gpu_peers(
@@ -686,6 +692,7 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
         DEQUANTIZED: lambda: Impl(
           lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dequantize
         ),
+        FP8_QK: lambda: Impl(fp8_qk, prepare=lambda x: dequantize(x, "v")),
         "cudnn_fp8": lambda: Impl(cudnn_fp8_fn(causal, scale)),
       },
     )

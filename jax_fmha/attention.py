@@ -87,7 +87,8 @@ def attention(
   16-bit P V"). Scores are ``scale * q_scale * k_scale * (q8 @ k8.T)``, the output
   ``v_scale * (P @ v8)``, in ``out_dtype``. ``jax_fmha.quantize_fp8`` quantizes q (and k,
   v) with amax scales per sequence and KV head. FP8 queries run on the CPU backend and the
-  reference; on the GPU they raise a TypeError at trace time for now.
+  reference, and on Hopper GPUs (builds with the sm_90a kernel) as float8_e4m3fn q and k
+  with bfloat16/float16 v; other FP8 queries raise a TypeError at trace time on the GPU.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -112,8 +113,8 @@ def attention(
       the batch, or the number of sequences of packed q) array. ``q_scale`` is required
       with FP8 q; ``k_scale`` and ``v_scale`` default to 1.0. Only for FP8 operands (a
       ValueError otherwise). Finite and positive (not checked: they are data).
-    out_dtype: the output dtype with FP8 q: bfloat16 (default), float16, or float32 (CPU
-      backend and reference). Otherwise the output has q's dtype, and ``out_dtype`` must be
+    out_dtype: the output dtype with FP8 q: bfloat16 (default), float16, or float32.
+      Otherwise the output has q's dtype, and ``out_dtype`` must be
       None or q's dtype (a TypeError otherwise).
     return_lse: also return the natural-log log-sum-exp of the scaled (softcapped) scores,
       float32 ``[B, Hq, Sq]`` (dense q) or ``[Hq, Tq]`` (packed q).

@@ -15,6 +15,8 @@
 // width, in order. Q K^T reads Q and K from there (both operands K-major: the reduction runs
 // over d); P V reads V through a transposed view (d x keys, "MN-major"), P from registers.
 // Then the pipeline's mbarriers. The epilogue reuses the whole buffer for the output tile.
+// With FP8 queries, Q and K are e4m3 tiles (their own swizzle span and boxes) and V keeps its
+// 16-bit type: docs/design/fp8_attention.md, "The Hopper kernel".
 #pragma once
 
 #include <cuda_fp8.h>
