@@ -79,19 +79,17 @@ class Fp8Inputs:
     )
 
   def attend(self, out_dtype=BF16, **kw):
-    """The public API on the GPU, outputs poisoned first; NumPy (out, lse)."""
-    poison_device_memory()
-    out, lse = jax_fmha.attention(
-      gpu(self.q),
-      gpu(self.k),
-      gpu(self.v),
-      **{name: gpu(s) for name, s in self.scales.items()},
-      out_dtype=out_dtype,
-      return_lse=True,
-      **kw,
-    )
-    assert out.dtype == out_dtype
-    return np.asarray(out), np.asarray(lse)
+    return attend(self.q, self.k, self.v, out_dtype, **self.scales, **kw)
+
+
+def attend(q, k, v, out_dtype=BF16, **kw):
+  """The public API on the GPU (NumPy arrays among `kw` moved there too), outputs poisoned
+  first; NumPy (out, lse)."""
+  poison_device_memory()
+  kw = {name: gpu(x) if isinstance(x, np.ndarray) else x for name, x in kw.items()}
+  out, lse = jax_fmha.attention(gpu(q), gpu(k), gpu(v), out_dtype=out_dtype, return_lse=True, **kw)
+  assert out.dtype == out_dtype
+  return np.asarray(out), np.asarray(lse)
 
 
 def tolerance_dtype(v_dtype, out_dtype):
@@ -178,23 +176,14 @@ def test_paged_cache(rng, page_size):
     for a in jax_fmha.quantize_fp8(outlier_normal(rng, (b, sq, hq, d)), num_kv_heads=hkv)
   )
   seq_lens = np.array(lens, np.int32)
-  poison_device_memory()
-  out, lse = jax_fmha.attention(
-    gpu(q8),
-    gpu(k8),
-    gpu(v),
-    block_table=gpu(table),
-    seq_lens=gpu(seq_lens),
-    q_scale=gpu(q_scale),
-    k_scale=gpu(k_scale),
-    causal=True,
-    return_lse=True,
+  out, lse = attend(
+    q8, k8, v, block_table=table, seq_lens=seq_lens, q_scale=q_scale, k_scale=k_scale, causal=True
   )
   k_exact = k8.astype(np.float64) * k_scale[None, None, :, None]
   expected = ref.paged(
     dequantize(q8, q_scale), k_exact, v.astype(np.float64), table, seq_lens, causal=True
   )
-  check(np.asarray(out), np.asarray(lse), *expected, BF16, f"page {page_size}")
+  check(out, lse, *expected, BF16, f"page {page_size}")
 
 
 def test_hlo_shows_the_custom_call(rng):
