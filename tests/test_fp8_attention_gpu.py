@@ -83,10 +83,9 @@ class Fp8Inputs:
 
 
 def attend(q, k, v, out_dtype=BF16, **kw):
-  """The public API on the GPU (NumPy arrays among `kw` moved there too), outputs poisoned
-  first; NumPy (out, lse)."""
+  """The public API on the GPU (q, k, v placed there; the other arrays follow them), outputs
+  poisoned first; NumPy (out, lse)."""
   poison_device_memory()
-  kw = {name: gpu(x) if isinstance(x, np.ndarray) else x for name, x in kw.items()}
   out, lse = jax_fmha.attention(gpu(q), gpu(k), gpu(v), out_dtype=out_dtype, return_lse=True, **kw)
   assert out.dtype == out_dtype
   return np.asarray(out), np.asarray(lse)
