@@ -676,8 +676,8 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
       causal=causal,
     )
 
-  def dequantize(x, names="qkv"):  # untimed: the bfloat16 inputs holding the same values
-    return {**x, **{n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in names}}
+  def dequantize(x, names="qkv", to=dtype):  # untimed: the inputs holding the same values
+    return {**x, **{n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(to) for n in names}}
 
   def fp8_qk(x):  # FP8 Q K^T, P V in the run's dtype (the Hopper kernel's mixed variant)
     return jax_fmha.attention(
@@ -692,7 +692,13 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
         DEQUANTIZED: lambda: Impl(
           lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dequantize
         ),
-        FP8_QK: lambda: Impl(fp8_qk, prepare=lambda x: dequantize(x, "v")),
+        # (v 16-bit: bfloat16 when the run's dtype is float32, on the CPU)
+        FP8_QK: lambda: Impl(
+          fp8_qk,
+          prepare=lambda x: dequantize(
+            x, "v", jnp.bfloat16 if jnp.dtype(dtype).itemsize == 4 else dtype
+          ),
+        ),
         "cudnn_fp8": lambda: Impl(cudnn_fp8_fn(causal, scale)),
       },
     )
