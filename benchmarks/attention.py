@@ -596,7 +596,7 @@ def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
 
   def dequantize(x):  # untimed: the bfloat16 cache holding the same values
     def bf16(cache, scale):
-      return (cache.astype(jnp.float32) * scale[:, None]).astype(dtype)
+      return jax_fmha.reference.dequantize_fp8(cache, scale).astype(dtype)
 
     return dict(x, k=bf16(x["k"], x["k_scale"]), v=bf16(x["v"], x["v_scale"]))
 
@@ -625,7 +625,7 @@ def per_tensor_e4m3(x):
   tensor, the only form cuDNN's FP8 attention takes, so that every implementation of the
   fp8 suite computes on the same values."""
   scale = jnp.max(jnp.abs(x.astype(jnp.float32))) / float(jnp.finfo(jnp.float8_e4m3fn).max)
-  return (x.astype(jnp.float32) / scale).astype(jnp.float8_e4m3fn), scale
+  return jax_fmha.reference.quantize_fp8(x, scale, jnp.float8_e4m3fn), scale
 
 
 def cudnn_fp8_fn(causal, scale):
@@ -676,7 +676,9 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
     )
 
   def dequantize(x):  # untimed: the bfloat16 inputs holding the same values
-    return {n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in "qkv"}
+    return {
+      n: jax_fmha.reference.dequantize_fp8(x[n], x[f"{n}_scale"]).astype(dtype) for n in "qkv"
+    }
 
   impls = guarded(
     gpu_peers(
