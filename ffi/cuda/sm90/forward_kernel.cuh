@@ -25,6 +25,7 @@
 #include "common/errors.h"
 #include "cuda/common/cta_tile.cuh"
 #include "cuda/common/epilogue.cuh"
+#include "cuda/common/launch_check.h"
 #include "cuda/common/mask.cuh"
 #include "cuda/common/softmax.cuh"
 #include "cuda/common/tile_load.cuh"
@@ -35,9 +36,9 @@
 
 namespace jax_fmha::cuda {
 
-// Named barriers (0 is __syncthreads): each consumer warpgroup's Q, the consumers' turns,
-// and the epilogue of both consumers.
-enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kConsumersDone = 5 };
+// Named barriers (0 is __syncthreads), one of each per consumer warpgroup: its Q, its turn,
+// its staged output rows; and, FP8 queries only, the epilogue of both consumers.
+enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kOutputStaged = 5, kConsumersDone = 7 };
 
 // The key blocks of a tile, as the producer and the consumers walk them.
 struct KeyBlocks {
@@ -133,7 +134,10 @@ __device__ __forceinline__ void produce_kv(
   if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
 }
 
-template <class Traits, typename OutT>
+// kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
+// positive); a kernel without it holds no code for it (its registers are the 128-key tile's
+// limit, docs/design/cuda_attention.md).
+template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
                                   const typename Traits::QkElement* __restrict__ q,
@@ -179,7 +183,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int group = thread / kGroupThreads;
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
-  const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
+  const RowKeyLimits<Traits> row_limits(p, t.split_range,
+                                        int(t.row_begin) + warp_row + thread % 32 / 4,
+                                        int(t.rows_in_seq), t.sq, t.sk);
   // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V is
   // 16-bit here: it has no scale (value_scale is 1).
   const ScoreTransform transform =
@@ -225,11 +231,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     float correction[1][2];
     const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
       const int key_begin = blocks.key_begin<kBlockN>(block);
-      if (transform.explicit_pass()) transform.apply<Traits>(s);
-      if (t.keys.block_needs_mask(key_begin, kBlockN))
-        mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                            key_begin);
-      return softmax.update_scores(s, transform.fold(), correction);
+      if constexpr (kScorePass) {
+        transform.apply<Traits>(s);
+      } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
+        if (transform.explicit_pass()) transform.apply<Traits>(s);
+      }
+      if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
+      const float fold = kScorePass       ? 1.f
+                         : Traits::kFp8Qk ? transform.fold()
+                                          : transform.scale_log2;
+      return softmax.update_scores(s, fold, correction);
     };
     bool rescale = false;    // O must be rescaled before its next product
     if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
@@ -285,30 +296,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (group == 0) take_turn();  // the last consumer's last pass (it passed first)
     }
   }
-  // Every copy has landed and been read once both consumers are here: the output tile reuses
-  // the shared memory.
-  static_assert(Traits::kBlockM * kOutPitch<Traits, OutT> * sizeof(OutT) <= Traits::kBarriersOffset,
-                "the output tile must not overlap the mbarriers");
-  const auto consumers_sync = [] {
-    cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kConsumersDone);
-  };
-  consumers_sync();
-  store_tile<Traits, OutT, Traits::kConsumerThreads>(o, softmax, sm90_smem, out, lse, t.output(p),
-                                                     t.row_begin, t.rows, warp_row, thread,
-                                                     consumers_sync);
+  // Each consumer writes its own rows, through its own rows of the Q tile (its products, Q's
+  // only readers, have completed; the other consumer never reads them), so neither waits
+  // for the other. Float32 partials (split-KV) do not fit there and go straight out. FP8
+  // queries: the 16-bit rows do not fit in the FP8 Q tile; once both consumers are done
+  // (every copy landed and read), the whole output tile is staged over the shared memory.
+  if constexpr (Traits::kFp8Qk && sizeof(OutT) == sizeof(Element)) {
+    constexpr int kPitch = kOutPitch<Traits, OutT>;
+    static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
+                  "the output tile must not overlap the mbarriers");
+    const auto consumers_sync = [] {
+      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
+    };
+    consumers_sync();
+    store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
+        o, softmax, reinterpret_cast<OutT*>(sm90_smem),
+        [](int r, int col) { return r * kPitch + col; }, out, lse, t.output(p), t.row_begin, t.rows,
+        0, warp_row, thread, consumers_sync);
+  } else if constexpr (sizeof(OutT) == sizeof(Element)) {
+    store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
+        o, softmax, reinterpret_cast<OutT*>(smem_q),
+        [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, t.output(p), t.row_begin,
+        t.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
+        [&] { cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group); });
+  } else {
+    store_direct<Traits, OutT>(o, softmax, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
+                               thread % 32);
+  }
 #endif
 }
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
-// tensor maps instead of the K and V pointers.
+// tensor maps instead of the K and V pointers, and comes with and without the score pass.
 // With FP8 q (Element), Kv is v's 16-bit type (forward_launch.h); otherwise it is Element.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim, typename Kv>
   using TraitsOf = std::conditional_t<sizeof(Element) == 1, HopperTraits<Kv, kHeadDim, Element>,
                                       HopperTraits<Element, kHeadDim>>;
-  template <class Traits, typename OutT>
-  static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
 
   static constexpr bool kLaunchesItself = true;
   template <class Traits, typename OutT>
@@ -326,9 +351,18 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
         !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
-    kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-        p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
-    return xla::ffi::Error::Success();
+    const auto run = [&](auto score_pass) {
+      constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
+      if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
+        return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
+      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
+      return xla::ffi::Error::Success();
+    };
+    // (FP8 queries too: from p.scale alone; a tile whose q_scale * k_scale is not positive
+    // takes the pass at run time in the kernel without it.)
+    if (ScoreTransform::make(p.scale, p.softcap).explicit_pass()) return run(std::true_type{});
+    return run(std::false_type{});
   }
 };
 
