@@ -55,7 +55,8 @@ OURS = "jax_fmha"
 DENSE = "jax_fmha_dense"  # paged suite: our dense prefill on the gathered keys (not a peer)
 DEQUANTIZED = "jax_fmha_dequantized"  # fp8 suite: ours on the same values in 16 bits (not a peer)
 FP8_QK = "jax_fmha_fp8_qk"  # fp8 suite: ours on e4m3 q and k, v in 16 bits (not a peer)
-NOT_PEERS = (OURS, DENSE, DEQUANTIZED, FP8_QK)
+BF16_CACHE = "jax_fmha_bf16_cache"  # FP8 decode rows: ours over the same cache in bf16 (not a peer)
+NOT_PEERS = (OURS, DENSE, DEQUANTIZED, FP8_QK, BF16_CACHE)
 
 # Shapes per size: "full" for the GPU, "cpu" for a CPU run (about a minute per suite on
 # 2 cores), "small" (--small) for a quick check on either.
@@ -127,7 +128,6 @@ SIZES = {
 PAGE_SIZES = (16, 64, 256)
 DECODE = dict(q_heads=32, kv_heads=8, head_dim=128, page=16)
 FP8_DECODE_PAGES = (16, 256)
-BF16_CACHE = "jax_fmha_bf16_cache"  # FP8 decode rows: ours over the same cache in bfloat16
 
 # Timing per implementation and case: timed samples until the budget is spent (at least
 # one, at most max_reps); a sample loops over calls until it lasts min_sample_s.
@@ -1081,6 +1081,8 @@ def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> 
   )
   if DENSE in row["ms"] and OURS in row["ms"]:
     row["vs_dense"] = row["ms"][DENSE] / row["ms"][OURS]  # >= 1: paged as fast as dense
+  if BF16_CACHE in row["ms"] and OURS in row["ms"]:  # the FP8 cache's tokens/s over bf16's
+    row["vs_bf16_cache"] = row["ms"][BF16_CACHE] / row["ms"][OURS]
   return row
 
 
@@ -1099,6 +1101,8 @@ def format_row(row: dict) -> str:
   tail = f"  x{row['speedup']:.2f} vs {row['best_peer']}" if row.get("speedup") else ""
   if "vs_dense" in row:
     tail += f"  paged/dense x{row['vs_dense']:.2f}"
+  if "vs_bf16_cache" in row:
+    tail += f"  fp8/bf16 cache x{row['vs_bf16_cache']:.2f}"
   if OURS in row.get("tokens_per_s", {}):
     tail += f"  {row['tokens_per_s'][OURS]:.3g} tokens/s"
   return f"{row['label']:<44} {ours} | {others}{tail}"

@@ -121,6 +121,7 @@ def attention_section(record, directory, name="attention.json") -> list[str]:
     peers = [n for n in impls if n not in (OURS, DENSE)]
     dense = any(DENSE in r["ms"] for r in srows)
     splits = any("num_splits" in r["shape"] for r in srows)
+    fp8_cache = any("vs_bf16_cache" in r for r in srows)
     out += [
       f"### {SUITE_TITLES.get(suite, suite)}",
       "",
@@ -137,6 +138,8 @@ def attention_section(record, directory, name="attention.json") -> list[str]:
     ]
     if dense:
       head += [f"{DENSE} {metric}", "paged / dense"]
+    if fp8_cache:
+      head += ["FP8 / bf16 cache tokens/s"]
     if splits:
       head += ["splits"]
     out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -152,6 +155,8 @@ def attention_section(record, directory, name="attention.json") -> list[str]:
       ]
       if dense:
         cells += [number(rate.get(DENSE)), f"{r['vs_dense']:.2f}" if "vs_dense" in r else "-"]
+      if fp8_cache:
+        cells += [f"{r['vs_bf16_cache']:.2f}" if "vs_bf16_cache" in r else "-"]
       if splits:
         cells += [str(r["shape"].get("num_splits", "-"))]
       out.append("| " + " | ".join(cells) + " |")
