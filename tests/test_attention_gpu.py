@@ -632,34 +632,39 @@ def memcheck_subset():
 
 
 def memcheck_cases():
-  rng = np.random.default_rng(0)
-  test_dense_head_dims(rng, BF16, 128, False)
-  test_dense_head_dims(rng, F16, 256, True)
-  test_dense_head_dims(rng, BF16, 80, True)
-  test_dense_head_dims(rng, BF16, 64, True)
-  test_dense_window_softcap(rng, F16, (16, 8), 0.0)
-  test_packed_with_empty_and_outside_rows(rng, BF16, True, 3)
-  test_cache_with_seq_lens(rng, BF16, 1)
-  test_keys_past_the_end_are_never_read(rng, 128, "cache", 1)  # Hopper: the last V block zeroed
-  test_keys_past_the_end_are_never_read(rng, 64, "packed", 3)
-  for page_size in (1, 16, 64):
-    test_paged(rng, BF16, page_size, 5, 8, 2)
-  test_paged_prefill(rng, False, 16, 128, 1)  # Hopper: TMA runs of 16 keys
-  test_paged_prefill(rng, True, 16, 96, 1)
-  test_paged_prefill(rng, False, 48, 128, 3)
-  test_paged_prefill(rng, True, 64, 128, 1)  # Hopper: TMA runs of 64 keys
-  test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
-  test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
-  test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
   import test_fp8_gpu  # FP8 K/V: the decode and portable kernels, the quantizing append
 
-  test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
-  test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
-  test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
+  rng = np.random.default_rng(0)
+  cases = [
+    (test_dense_head_dims, BF16, 128, False),
+    (test_dense_head_dims, F16, 256, True),
+    (test_dense_head_dims, BF16, 80, True),
+    (test_dense_head_dims, BF16, 64, True),
+    (test_dense_window_softcap, F16, (16, 8), 0.0),
+    (test_packed_with_empty_and_outside_rows, BF16, True, 3),
+    (test_cache_with_seq_lens, BF16, 1),
+    (test_keys_past_the_end_are_never_read, 128, "cache", 1),  # Hopper: the last V block zeroed
+    (test_keys_past_the_end_are_never_read, 64, "packed", 3),
+    *((test_paged, BF16, page_size, 5, 8, 2) for page_size in (1, 16, 64)),
+    (test_paged_prefill, False, 16, 128, 1),  # Hopper: TMA runs of 16 keys
+    (test_paged_prefill, True, 16, 96, 1),
+    (test_paged_prefill, False, 48, 128, 3),
+    (test_paged_prefill, True, 64, 128, 1),  # Hopper: TMA runs of 64 keys
+    (test_invalid_page_id_and_overfull_seq_lens_are_nan, 4),
+    (test_packed_sequence_longer_than_max_seqlen_is_nan,),
+    (test_public_api_paged_decode_with_merge, 7),  # + the CUDA merge kernel
+    (test_fp8_gpu.test_decode_paged, "float8_e4m3fn", BF16, 128, 32, 8, 16),
+    (test_fp8_gpu.test_chunked_prefill_paged, "float8_e5m2", F16, 64, 16, 3),
+    (test_fp8_gpu.test_update_quantizes_like_the_cpu, "float8_e4m3fn", "bfloat16", True),
+  ]
   if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
     import test_fp8_attention_gpu
 
-    test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence(rng, BF16, 3)
+    cases.append((test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence, BF16, 3))
+  for fn, *args in cases:
+    # Named before it runs: a sanitizer that crashes leaves the case in its report.
+    print(f"  {fn.__module__}.{fn.__name__}{tuple(args)}", flush=True)
+    fn(rng, *args)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes

@@ -125,6 +125,8 @@ step_sanitizer() {  # $1: memcheck | racecheck | synccheck
     --error-exitcode 3 python3 test_attention_gpu.py --memcheck > "$OUT/$1.txt" 2>&1
    rc=$?
    grep -E "Error|Race|hazard|access at|SUMMARY|done" "$OUT/$1.txt" | head -n 40
+   # No summary: the tool or the program died; the last case named is where.
+   grep -q SUMMARY "$OUT/$1.txt" || tail -n 15 "$OUT/$1.txt"
    exit "$rc")
 }
 
