@@ -9,8 +9,9 @@ causal) runs on every forward kernel the device has: on a Hopper build "hopper" 
 default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at each
 call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
 decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
-counts around the planner's choice. --variant times only our prefill, for comparing a
-rebuilt kernel variant against the same lines of an earlier run.
+counts around the planner's choice. --variant times only our kernels (prefill, and paged
+decode over bfloat16 and FP8 caches), for comparing a rebuilt kernel variant against the
+same lines of an earlier run.
 
 Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
 to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs
@@ -103,8 +104,43 @@ def paged_prefill(rows):
     print(line, flush=True)
 
 
-def decode(rows):
+def paged_decode(b, keys, splits=None, cache_dtype=None, cudnn=False):
+  """One paged decode line (page 16, GQA 32/8, d128): ours over a bfloat16 cache, or over
+  `cache_dtype` (FP8, quantize_kv's scales; GB/s of its bytes); cuDNN on the same keys as a
+  dense bfloat16 cache when `cudnn`."""
   hq, hkv, d, page = 32, 8, 128, 16
+  pages = b * keys // page
+  q = rand(0, (b, 1, hq, d))
+  kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
+  table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+  lens = jnp.full((b,), keys, jnp.int32)
+  scales = {}
+  if cache_dtype is not None:
+    kp, scales["k_scale"] = jax_fmha.quantize_kv(kp, cache_dtype)
+    vp, scales["v_scale"] = jax_fmha.quantize_kv(vp, cache_dtype)
+  kv_bytes = 2 * b * keys * hkv * d * kp.dtype.itemsize
+  fn = jax.jit(
+    lambda q, k, v, t, lens, scales, n=splits: jax_fmha.attention(
+      q, k, v, block_table=t, seq_lens=lens, num_splits=n, **scales
+    )
+  )
+  t = bench(fn, q, kp, vp, table, lens, scales, reps=50)
+  line = (
+    f"paged decode B={b} keys={keys} page=16 32/8 D=128 {kp.dtype.name} "
+    f"splits={splits or 'auto'}: ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s"
+  )
+  if cudnn:  # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache
+    kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
+    try:
+      cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+      tc = bench(cd, q, kd, vd, reps=50)
+      line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
+    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+      line += f"  cudnn failed ({type(e).__name__})"
+  return line
+
+
+def decode(rows):
   cases = [
     (b, keys, None)
     for b, keys in (
@@ -121,32 +157,21 @@ def decode(rows):
   cases += [(1, 131072, n) for n in (16, 66, 132)] + [(8, 131072, n) for n in (5, 8, 33)]
   cases += [(16, 4096, 3)]
   for b, keys, splits in cases:
-    pages = b * keys // page
-    q = rand(0, (b, 1, hq, d))
-    kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
-    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
-    lens = jnp.full((b,), keys, jnp.int32)
-    kv_bytes = 2 * b * keys * hkv * d * 2
-    fn = jax.jit(
-      lambda q, k, v, t, lens, n=splits: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=lens, num_splits=n
-      )
-    )
-    t = bench(fn, q, kp, vp, table, lens, reps=50)
-    line = (
-      f"paged decode B={b} keys={keys} page=16 32/8 D=128 splits={splits or 'auto'}: "
-      f"ours {t * 1e6:8.1f} us {kv_bytes / t / 1e9:7.1f} GB/s"
-    )
-    if splits is None:  # cuDNN on the same keys as a dense [B, keys, Hkv, D] cache
-      kd, vd = kp.reshape(b, keys, hkv, d), vp.reshape(b, keys, hkv, d)
-      try:
-        cd = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-        tc = bench(cd, q, kd, vd, reps=50)
-        line += f"  cudnn(dense) {tc * 1e6:8.1f} us {kv_bytes / tc / 1e9:7.1f} GB/s"
-      except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
-        line += f"  cudnn failed ({type(e).__name__})"
+    line = paged_decode(b, keys, splits, cudnn=splits is None)
     rows.append(line)
     print(line, flush=True)
+
+
+# --variant's decode lines: the decode suite's shapes over bfloat16 and FP8 caches.
+VARIANT_DECODE = ((64, 4096), (8, 32768), (1, 131072))
+
+
+def variant_decode(rows):
+  for cache_dtype in (None, jnp.float8_e4m3fn):
+    for b, keys in VARIANT_DECODE:
+      line = paged_decode(b, keys, cache_dtype=cache_dtype)
+      rows.append(line)
+      print(line, flush=True)
 
 
 if __name__ == "__main__":
@@ -159,6 +184,7 @@ if __name__ == "__main__":
   rows = []
   if "--variant" in sys.argv:
     prefill(rows, VARIANT_SHAPES, peers=False)
+    variant_decode(rows)
   else:
     prefill(rows)
   if "--prefill-only" not in sys.argv and "--variant" not in sys.argv:
