@@ -300,31 +300,26 @@ def _attention_platform_check(platform, avals_in, params):
 
 def _fp8_queries_cuda_check(avals_in, params):
   """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T with 16-bit P V
-  (docs/design/fp8_attention.md); the CUDA handler checks the device and repeats these."""
-  q, k, v = avals_in[:3]
-  got = f"got q of dtype {q.dtype} on the GPU"
-  if not _ffi.hopper_kernel_built():
-    raise TypeError(
-      f"q: FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a): this build "
-      f"has no sm_90a kernel ({got}): use backend='reference', run on the CPU, or dequantize "
-      f"q (FP8 K/V with bfloat16/float16 q run on the GPU)"
-    )
-  if jnp.dtype(q.dtype) != jnp.dtype(jnp.float8_e4m3fn):
-    raise TypeError(
-      f"q: FP8 queries on the GPU are float8_e4m3fn ({got}): quantize with "
-      f"jax_fmha.quantize_fp8's default dtype, or run on the CPU"
-    )
-  if _validation.is_fp8(v):
-    raise TypeError(
-      f"v: FP8 queries on the GPU take bfloat16 or float16 v for now (FP8 P V is not built "
-      f"yet), got v of dtype {v.dtype}: pass v unquantized, or run on the CPU"
-    )
-  if q.shape[-1] % 16:
-    raise ValueError(f"q: FP8 queries on the GPU need head_dim a multiple of 16, got {q.shape[-1]}")
-  if params.get("kv_layout") == "paged" and k.shape[1] % 16:
-    raise ValueError(
-      f"k: FP8 queries on the GPU need pages of a multiple of 16 keys, got {k.shape[1]}"
-    )
+  (docs/design/fp8_attention.md), refused at trace time by the CUDA handler's rules (which
+  also check the device)."""
+  operands = dict(zip("qkv", avals_in[:3]))
+  q, k = operands["q"], operands["k"]
+  refusal = _ffi.fp8_query_refusal(
+    hopper_kernel=_ffi.hopper_kernel_built(),
+    head_dim=q.shape[-1],
+    page_size=k.shape[1] if params.get("kv_layout") == "paged" else 0,
+    e4m3=jnp.dtype(q.dtype) == jnp.dtype(jnp.float8_e4m3fn),
+    fp8_v=_validation.is_fp8(operands["v"]),
+  )
+  if refusal is None:
+    return
+  argument, reason, dtype = refusal
+  x = operands[argument]
+  got = f"dtype {x.dtype}" if dtype else f"shape {tuple(x.shape)}"
+  raise (TypeError if dtype else ValueError)(
+    f"{argument}: {reason}, got {argument} of {got} on the GPU: run on the CPU or with "
+    f"backend='reference'"
+  )
 
 
 attention_fwd_p = define_ffi_primitive(

@@ -97,11 +97,11 @@ ffi::Error launch_fp8_queries_for_head_dim(cudaStream_t stream, const AttentionP
 ffi::Error launch_fp8_queries(cudaStream_t stream, const AttentionProblem& p,
                               const AttentionData& data) {
   const bool fp8_v = is_fp8(data.v_dtype);
-  if (const char* refusal =
-          fp8_query_refusal(compute_capability_major(), p.head_dim,
-                            p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0,
-                            data.dtype == ffi::DataType::F8E4M3FN, fp8_v))
-    return invalid_argument(kOp, refusal);
+  const Fp8QueryRefusal refusal =
+      fp8_query_refusal(kHopperBuilt && compute_capability_major() == 9, p.head_dim,
+                        p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0,
+                        data.dtype == ffi::DataType::F8E4M3FN, fp8_v);
+  if (refusal.reason != nullptr) return invalid_argument(kOp, refusal.reason);
   if (data.v_dtype == ffi::DataType::F16)
     return launch_fp8_queries_for_head_dim<__half>(stream, p, data);
   return launch_fp8_queries_for_head_dim<__nv_bfloat16>(stream, p, data);
