@@ -60,6 +60,14 @@ struct ScoreTransform {
 // instead of whenever the max creeps up: +3.5% at d128 (docs/design/cuda_attention.md).
 constexpr float kRescaleThreshold = 8.f;
 
+// Below this max (log2 units) a probability is one FFMA and an ex2: exp2(fmaf(s, fold, -max)).
+// At the max key that leaves the rounding error of fold * s, at most half an ulp of the max:
+// 4 here, so probabilities stay under 2^12 (2^8 from kRescaleThreshold), fine for fp16 P; the
+// error is common to the row's probabilities, its sum and LSE, so it cancels. A warp with a
+// row beyond (scores near float32's range: huge queries) rounds fold * s first and subtracts
+// the max, which is one of those rounded products: the max key's exponent is then exactly 0.
+constexpr float kFusedExponentMaxLimit = 0x1p26f;
+
 template <class Traits>
 struct OnlineSoftmax {
   float row_max[Traits::kMmaM][2];  // log2 domain; -inf until the row sees a key
@@ -88,7 +96,8 @@ struct OnlineSoftmax {
   // each row's O must be multiplied by. Returns whether any row of the warp needs it.
   __device__ __forceinline__ bool update_scores(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
                                                 float fold, float (&correction)[Traits::kMmaM][2]) {
-    bool moved = false;
+    bool moved = false, beyond_fused_limit = false;
+    float base[Traits::kMmaM][2];
 #pragma unroll
     for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
@@ -97,30 +106,47 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int n = 0; n < Traits::kKeyAtoms; ++n)
           block_max = fmaxf(block_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
-        // Rounded up, so fmaf(s, fold, -base) below, exact before its rounding, is never
-        // positive at the max: a rounded-to-nearest max leaves up to half an ulp of fold * s,
-        // which beyond 2^31 (huge queries) is > 128 and makes exp2 inf.
-        block_max = __fmul_ru(quad_max(block_max), fold);
+        // (fold > 0: the max of the rounded products fold * s, which the exact path needs)
+        block_max = __fmul_rn(quad_max(block_max), fold);
         const bool grows = block_max > row_max[m][h] + kRescaleThreshold;
         const float new_max = grows ? block_max : row_max[m][h];
         // A row that has seen nothing keeps max -inf; subtracting 0 then keeps every
         // probability and the correction at exp2(-inf) = 0 instead of NaN.
-        const float base = new_max == -INFINITY ? 0.f : new_max;
+        base[m][h] = new_max == -INFINITY ? 0.f : new_max;
         moved |= grows;
-        correction[m][h] = exp2_approx(row_max[m][h] - base);
+        beyond_fused_limit |= !(fabsf(base[m][h]) < kFusedExponentMaxLimit);
+        correction[m][h] = exp2_approx(row_max[m][h] - base[m][h]);
         row_max[m][h] = new_max;
+      }
+    if (__any_sync(0xffffffffu, beyond_fused_limit))
+      exponentiate(
+          s, [&](float x, float b) { return __fsub_rn(__fmul_rn(x, fold), b); }, base, correction);
+    else
+      exponentiate(s, [&](float x, float b) { return fmaf(x, fold, -b); }, base, correction);
+    // (A row whose max stays -inf has o = 0: skipping its correction of 0 changes nothing.)
+    return __any_sync(0xffffffffu, moved);
+  }
+
+  // s -> exp2(exponent(s, base)), and the rows' sums.
+  template <class Exponent>
+  __device__ __forceinline__ void exponentiate(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
+                                               Exponent exponent,
+                                               const float (&base)[Traits::kMmaM][2],
+                                               const float (&correction)[Traits::kMmaM][2]) {
+#pragma unroll
+    for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
         float block_sum = 0.f;
 #pragma unroll
         for (int n = 0; n < Traits::kKeyAtoms; ++n)
 #pragma unroll
           for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            s[m][n][e] = exp2_approx(fmaf(s[m][n][e], fold, -base));
+            s[m][n][e] = exp2_approx(exponent(s[m][n][e], base[m][h]));
             block_sum += s[m][n][e];
           }
         row_sum[m][h] = row_sum[m][h] * correction[m][h] + block_sum;
       }
-    // (A row whose max stays -inf has o = 0: skipping its correction of 0 changes nothing.)
-    return __any_sync(0xffffffffu, moved);
   }
 
   __device__ __forceinline__ static void rescale(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
