@@ -180,7 +180,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int thread = threadIdx.x - kGroupThreads;  // among the consumers
-  const int group = thread / kGroupThreads;
+  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
+  // built from it then stay in uniform registers (no per-thread address arithmetic and moves
+  // to uniform registers in the key loop).
+  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
   const RowKeyLimits<Traits> row_limits(p, t.split_range,
@@ -249,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
       k_ring.wait(0);
       take_turn();
-      issue_qk<Traits>(smem_q, k_tile(0), s, thread);
+      issue_qk<Traits>(smem_q, k_tile(0), s, group);
       pass_turn();
       wait_products<0>();
       if (leader) k_ring.release(0);
@@ -257,18 +260,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       softmax_of(s, 0);  // (O is still 0: nothing to rescale)
       pack_probabilities<Traits>(s, probs);
     }
-    for (int block = 1; block < blocks.count; ++block) {
+    // The loop's count read from lane 0, as `group`: the block index, and with it each
+    // stage's addresses and descriptors, stay in uniform registers.
+    const int block_count = __shfl_sync(0xffffffffu, blocks.count, 0);
+    for (int block = 1; block < block_count; ++block) {
       float s[1][Traits::kKeyAtoms][4];
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
       k_ring.wait(block);
       v_ring.wait(block - 1);
       take_turn();
-      issue_qk<Traits>(smem_q, k_tile(block), s, thread);
+      issue_qk<Traits>(smem_q, k_tile(block), s, group);
       fence_registers(o_regs);
       if (rescale) softmax.rescale(o, correction);  // while S runs
       fence_registers(o_regs);
       fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
+      issue_pv<Traits>(probs, v_tile(block - 1), o, group);
       pass_turn();
       wait_products<1>();  // S; P V of the last block still runs
       if (leader) k_ring.release(block);
@@ -288,7 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (rescale) softmax.rescale(o, correction);
       fence_registers(o_regs);
       fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(last), o, thread);
+      issue_pv<Traits>(probs, v_tile(last), o, group);
       pass_turn();
       wait_products<0>();
       if (leader) v_ring.release(last);
