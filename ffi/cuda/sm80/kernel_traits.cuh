@@ -135,7 +135,7 @@ struct DecodeTraits : TileElements<QElement_, Kv_, kHeadDim_> {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = int(kDecodeShape.block_m);
   static constexpr int kBlockN = 16;  // keys of one warp step (one k16 step of P V)
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = Base::kFp8 ? 8 : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = kBlockM;  // every warp computes all rows
   static constexpr int kMmaM = 1;
