@@ -9,9 +9,10 @@ causal) runs on every forward kernel the device has: on a Hopper build "hopper" 
 default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at each
 call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
 decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
-counts around the planner's choice. --variant times only our kernels (prefill, and paged
-decode over bfloat16 and FP8 caches), for comparing a rebuilt kernel variant against the
-same lines of an earlier run.
+counts around the planner's choice. --variant times only our default kernel (prefill, short
+sequences, paged prefill, FP8 prefill with bf16 and FP8 v, and paged decode over bfloat16
+and FP8 caches), for comparing a rebuilt kernel variant against the same lines of an
+earlier run.
 
 Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
 to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs
@@ -46,7 +47,7 @@ def rand(key, shape):
 
 
 PREFILL_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
-VARIANT_SHAPES = ((2, 8192, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64), (2, 8192, 8, 256))
+VARIANT_SHAPES = PREFILL_SHAPES + ((32, 512, 16, 128),)
 
 
 def forward_kernels():
@@ -55,7 +56,7 @@ def forward_kernels():
   return [default] + (["portable"] if default != "portable" else [])
 
 
-def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
+def prefill(rows, shapes=PREFILL_SHAPES, peers=True, kernels=None):
   for b, s, h, d in shapes:
     q, k, v = rand(0, (b, s, h, d)), rand(1, (b, s, h, d)), rand(2, (b, s, h, d))
     for causal in (False, True):
@@ -67,7 +68,7 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
         )
       )
       line = f"prefill B={b} S={s} H={h} D={d} causal={causal!s:5s}:"
-      runs = [(kernel, ours) for kernel in forward_kernels()]
+      runs = [(kernel, ours) for kernel in kernels or forward_kernels()]
       for name, fn in runs + [("cudnn", cudnn)] * peers:
         os.environ.pop("JAX_FMHA_CUDA_FORWARD", None)
         if name == "portable":
@@ -82,10 +83,10 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True):
       print(line, flush=True)
 
 
-def paged_prefill(rows):
+def paged_prefill(rows, page_sizes=(16, 64, 256)):
   b, s, h, d = 2, 8192, 16, 128
   q = rand(0, (b, s, h, d))
-  for page in (16, 64, 256):
+  for page in page_sizes:
     pages = b * s // page
     kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
     table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
@@ -162,6 +163,29 @@ def decode(rows):
     print(line, flush=True)
 
 
+def fp8_prefill(rows):
+  """FP8 q and k (quantize_fp8's scales) with bf16 v, and with FP8 v, d128 16k."""
+  b, s, h, d = 1, 16384, 16, 128
+  (q, qs), (k, ks), (v8, vs) = (jax_fmha.quantize_fp8(rand(i, (b, s, h, d))) for i in range(3))
+  v = rand(2, (b, s, h, d))
+  for causal in (False, True):
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    for name, vv, scales in (("bf16 v", v, {}), ("fp8 v", v8, {"v_scale": vs})):
+      fn = jax.jit(
+        lambda q, k, v, qs, ks, scales, c=causal: jax_fmha.attention(
+          q, k, v, q_scale=qs, k_scale=ks, causal=c, num_splits=1, **scales
+        )
+      )
+      line = f"fp8 prefill B={b} S={s} H={h} D={d} causal={causal!s:5s} {name}:"
+      try:
+        t = bench(fn, q, k, vv, qs, ks, scales, reps=10)
+        line += f" {t * 1e3:7.3f} ms {flops / t / 1e12:6.1f} TFLOP/s"
+      except Exception as e:  # noqa: BLE001 - a variant without the mode is reported, not fatal
+        line += f" failed ({type(e).__name__})"
+      rows.append(line)
+      print(line, flush=True)
+
+
 # --variant's decode lines: the decode suite's shapes over bfloat16 and FP8 caches.
 VARIANT_DECODE = ((64, 4096), (8, 32768), (1, 131072))
 
@@ -183,7 +207,9 @@ if __name__ == "__main__":
   print(jax_fmha.build_info())
   rows = []
   if "--variant" in sys.argv:
-    prefill(rows, VARIANT_SHAPES, peers=False)
+    prefill(rows, VARIANT_SHAPES, peers=False, kernels=forward_kernels()[:1])
+    paged_prefill(rows, (16, 64))
+    fp8_prefill(rows)
     variant_decode(rows)
   else:
     prefill(rows)
