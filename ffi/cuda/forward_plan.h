@@ -80,15 +80,15 @@ inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_p
   return ForwardKernel::kPortable;
 }
 
-// Why FP8 queries cannot run here: nullptr if the Hopper kernel takes them (FP8 Q K^T with
-// 16-bit P V). `fp8_v`: FP8 values; `e4m3`: q and k are float8_e4m3fn. (No other kernel takes
-// them: JAX_FMHA_CUDA_FORWARD=portable does not apply.)
+// Why FP8 queries cannot run here: nullptr if the Hopper kernel takes them (FP8 Q K^T, with
+// 16-bit P V or, for float8_e4m3fn v, FP8 P V). `e4m3`: q and k are float8_e4m3fn (FP8 v is then
+// float8_e4m3fn too: the dtype rules). (No other kernel takes them:
+// JAX_FMHA_CUDA_FORWARD=portable does not apply.)
 inline const char* fp8_query_refusal(int compute_capability_major, int64_t head_dim,
-                                     int64_t page_size, bool e4m3, bool fp8_v) {
+                                     int64_t page_size, bool e4m3) {
   if (!kHopperBuilt || compute_capability_major != 9)
     return "FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a)";
   if (!e4m3) return "FP8 queries on the GPU are float8_e4m3fn (not float8_e5m2)";
-  if (fp8_v) return "FP8 queries on the GPU take bfloat16 or float16 v (FP8 P V is not built yet)";
   if (head_dim % 16 != 0) return "FP8 queries on the GPU need head_dim a multiple of 16";
   if (page_size % kHopperPageRunKeys != 0)
     return "FP8 queries on the GPU need pages of a multiple of 16 keys";
