@@ -88,7 +88,8 @@ def attention(
   ``v_scale * (P @ v8)``, in ``out_dtype``. ``jax_fmha.quantize_fp8`` quantizes q (and k,
   v) with amax scales per sequence and KV head. FP8 queries run on the CPU backend and the
   reference, and on Hopper GPUs (builds with the sm_90a kernel) as float8_e4m3fn q and k
-  with bfloat16/float16 v; other FP8 queries raise a TypeError at trace time on the GPU.
+  with float8_e4m3fn v (``P @ V`` on FP8 tensor cores, P rounded to float8_e4m3fn) or
+  bfloat16/float16 v; e5m2 queries raise a TypeError at trace time on the GPU.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -299,9 +300,10 @@ def _attention_platform_check(platform, avals_in, params):
 
 
 def _fp8_queries_cuda_check(avals_in, params):
-  """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T with 16-bit P V
-  (docs/design/fp8_attention.md); the CUDA handler checks the device and repeats these."""
-  q, k, v = avals_in[:3]
+  """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T, with 16-bit P V or (e4m3fn v)
+  FP8 P V (docs/design/fp8_attention.md); the CUDA handler checks the device and repeats
+  these. (v's dtype, e4m3fn with e4m3fn q or 16-bit, is checked with every backend's rules.)"""
+  q, k = avals_in[:2]
   got = f"got q of dtype {q.dtype} on the GPU"
   if not _ffi.hopper_kernel_built():
     raise TypeError(
@@ -313,11 +315,6 @@ def _fp8_queries_cuda_check(avals_in, params):
     raise TypeError(
       f"q: FP8 queries on the GPU are float8_e4m3fn ({got}): quantize with "
       f"jax_fmha.quantize_fp8's default dtype, or run on the CPU"
-    )
-  if _validation.is_fp8(v):
-    raise TypeError(
-      f"v: FP8 queries on the GPU take bfloat16 or float16 v for now (FP8 P V is not built "
-      f"yet), got v of dtype {v.dtype}: pass v unquantized, or run on the CPU"
     )
   if q.shape[-1] % 16:
     raise ValueError(f"q: FP8 queries on the GPU need head_dim a multiple of 16, got {q.shape[-1]}")
