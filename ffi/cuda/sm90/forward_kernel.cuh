@@ -143,11 +143,16 @@ __device__ __forceinline__ void produce_kv(
 // FP8 V: producer warps 1-3 (`thread` 0..95 among them) copy each landed V stage into the V^T
 // ring, keys permuted within each 32-key group as the FP8 A operand of P V needs them
 // (warpgroup_mma.cuh, pack_probabilities): column 16a+4t+2b+i of a group holds key
-// 8(2a+b)+2t+i. A thread takes 4 keys x 4 dims at a time: four 32-bit loads (one per key),
-// a 4 x 4 byte transpose, four 32-bit stores (one per dim; the 32 lanes store a row's
-// consecutive words). Keys at or past the tile's last are written as zeros. Then each thread
-// orders its writes before the consumers' wgmma (proxy fence), and each warp arrives once on
-// the V^T stage's full barrier and on the V stage's empty one (kTransposeWarps arrivals each).
+// 8(2a+b)+2t+i. An item is 4 keys x 16 dims, 4 columns of 16 V^T rows: four 16-byte loads
+// (one chunk of each key's row), 4 x 4-byte transposes (prmt), sixteen 4-byte stores. The
+// lanes run along the columns, so that a store instruction writes one V^T row's consecutive
+// words (two rows at 64 keys). The loads of 8 lanes (one 16-byte phase) read 8 rows whose
+// swizzled chunks differ only if their rows differ mod 8: the keys 16a+2t+{0,1,8,9} of lanes
+// 0-3 and 4-7 have the same residues, so lanes with a = 1 load their key pairs in swapped
+// order (rows 2t+1 against 2t), and their byte permutes swap them back. Keys at or past the
+// tile's last are written as zeros. Then each thread orders its writes before the consumers'
+// wgmma (proxy fence), and each warp arrives once on the V^T stage's full barrier and on the
+// V stage's empty one (kTransposeWarps arrivals each).
 template <class Traits>
 __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
                                             const StageRing<Traits::kStages>& v_ring,
@@ -158,14 +163,8 @@ __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
   using VtTile = typename Traits::VtTile;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kThreads = Traits::kTransposeWarps * 32;
-  constexpr int kKeyQuads = kBlockN / 4;  // (lanes run along them: the stores' row)
-  constexpr int kQuads = kKeyQuads * (Traits::kHeadDim / 4);
-  static_assert(kQuads % kThreads == 0 || kQuads > kThreads, "every thread has work");
-  // Byte offset of a 4-byte word at (row, column) of a tile (column a multiple of 4: within
-  // one 16-byte chunk, which the swizzle keeps whole).
-  const auto word = [](auto tile, int row, int col) {
-    return decltype(tile)::offset(row, col & ~15) + (col & 15);
-  };
+  constexpr int kKeyQuads = kBlockN / 4;  // 4-column groups of a V^T row (the lanes' axis)
+  constexpr int kItems = kKeyQuads * (Traits::kHeadDim / 16);
   for (int block = 0; block < blocks.count; ++block) {
     const int valid = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
     const auto* v =
@@ -173,25 +172,37 @@ __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
     auto* vt = reinterpret_cast<unsigned char*>(smem_vt) + vt_ring.stage(block) * VtTile::kBytes;
     v_ring.wait(block);      // the V stage landed
     vt_ring.acquire(block);  // the consumers are done with the V^T stage's last use
-#pragma unroll 2
-    for (int quad = thread; quad < kQuads; quad += kThreads) {
-      const int lq = quad % kKeyQuads, dim = quad / kKeyQuads * 4;
-      const int col = 4 * lq;  // 16a + 4t within group col / 32: keys 16a + 2t + {0, 1, 8, 9}
+#pragma unroll 1
+    for (int item = thread; item < kItems; item += kThreads) {
+      const int quad = item % kKeyQuads, dim = item / kKeyQuads * 16;
+      const int col = 4 * quad;  // 16a + 4t in group col / 32: keys 16a + 2t + {0, 1, 8, 9}
       const int key = col / 32 * 32 + col % 32 / 16 * 16 + col % 16 / 4 * 2;
-      uint32_t w[4];
+      const int swap = col % 32 / 16;  // a: load keys (1, 0, 9, 8)
+      uint4 w[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int k = key + (i % 2) + 8 * (i / 2);
-        w[i] = k < valid ? *reinterpret_cast<const uint32_t*>(v + word(VTile{}, k, dim)) : 0u;
+        const int k = key + ((i ^ swap) % 2) + 8 * (i / 2);
+        w[i] = k < valid ? *reinterpret_cast<const uint4*>(v + VTile::offset(k, dim))
+                         : make_uint4(0, 0, 0, 0);
       }
-      // 4 x 4 bytes: w[i] byte j (key i, dim j) -> out[j] byte i.
-      const uint32_t lo01 = __byte_perm(w[0], w[1], 0x5140), hi01 = __byte_perm(w[0], w[1], 0x7362);
-      const uint32_t lo23 = __byte_perm(w[2], w[3], 0x5140), hi23 = __byte_perm(w[2], w[3], 0x7362);
-      const uint32_t out[4] = {__byte_perm(lo01, lo23, 0x5410), __byte_perm(lo01, lo23, 0x7632),
-                               __byte_perm(hi01, hi23, 0x5410), __byte_perm(hi01, hi23, 0x7632)};
+      // Bytes (key 0, key 1) of a pair interleaved: [k0.b0, k1.b0, k0.b1, k1.b1] (lo) and
+      // [k0.b2, k1.b2, k0.b3, k1.b3] (hi), from (w0, w1) = (k0, k1) or, swapped, (k1, k0).
+      const uint32_t lo = swap ? 0x1504 : 0x5140, hi = swap ? 0x3726 : 0x7362;
+      const auto store4 = [&](int row, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+        const uint32_t lo01 = __byte_perm(w0, w1, lo), hi01 = __byte_perm(w0, w1, hi);
+        const uint32_t lo23 = __byte_perm(w2, w3, lo), hi23 = __byte_perm(w2, w3, hi);
+        // Row row + j: byte j of the four keys.
+        const uint32_t out[4] = {__byte_perm(lo01, lo23, 0x5410), __byte_perm(lo01, lo23, 0x7632),
+                                 __byte_perm(hi01, hi23, 0x5410), __byte_perm(hi01, hi23, 0x7632)};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        *reinterpret_cast<uint32_t*>(vt + word(VtTile{}, dim + j, col)) = out[j];
+        for (int j = 0; j < 4; ++j)
+          *reinterpret_cast<uint32_t*>(vt + VtTile::offset(row + j, col & ~15) + (col & 15)) =
+              out[j];
+      };
+      store4(dim, w[0].x, w[1].x, w[2].x, w[3].x);
+      store4(dim + 4, w[0].y, w[1].y, w[2].y, w[3].y);
+      store4(dim + 8, w[0].z, w[1].z, w[2].z, w[3].z);
+      store4(dim + 12, w[0].w, w[1].w, w[2].w, w[3].w);
     }
     fence_shared_for_wgmma();
     __syncwarp();
