@@ -656,10 +656,15 @@ def memcheck_cases():
   test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
   test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
   test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
-  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
+  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T (and P V)
     import test_fp8_attention_gpu
 
     test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence(rng, BF16, 3)
+    # FP8 v: the producer's V transpose and the V^T ring (d128 and d256: 3 stages, 64
+    # keys), a partial last block (zeroed keys), an idle second consumer, paged runs
+    test_fp8_attention_gpu.test_fp8_v_packed_varlen_with_empty_sequence(rng, 1, 128)
+    test_fp8_attention_gpu.test_fp8_v_gqa(rng, 8, 2, 256)
+    test_fp8_attention_gpu.test_fp8_v_paged_cache(rng, 48)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes
