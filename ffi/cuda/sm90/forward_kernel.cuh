@@ -35,6 +35,7 @@
 #include "cuda/common/mask.cuh"
 #include "cuda/common/softmax.cuh"
 #include "cuda/common/tile_load.cuh"
+#include "cuda/sm90/fp8_pv_layout.cuh"
 #include "cuda/sm90/kernel_traits.cuh"
 #include "cuda/sm90/pipeline.cuh"
 #include "cuda/sm90/tma.cuh"
@@ -163,8 +164,7 @@ __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
   using VtTile = typename Traits::VtTile;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kThreads = Traits::kTransposeWarps * 32;
-  constexpr int kKeyQuads = kBlockN / 4;  // 4-column groups of a V^T row (the lanes' axis)
-  constexpr int kItems = kKeyQuads * (Traits::kHeadDim / 16);
+  constexpr int kItems = kBlockN / 4 * (Traits::kHeadDim / 16);
   for (int block = 0; block < blocks.count; ++block) {
     const int valid = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
     const auto* v =
@@ -174,35 +174,26 @@ __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
     vt_ring.acquire(block);  // the consumers are done with the V^T stage's last use
 #pragma unroll 1
     for (int item = thread; item < kItems; item += kThreads) {
-      const int quad = item % kKeyQuads, dim = item / kKeyQuads * 16;
-      const int col = 4 * quad;  // 16a + 4t in group col / 32: keys 16a + 2t + {0, 1, 8, 9}
-      const int key = col / 32 * 32 + col % 32 / 16 * 16 + col % 16 / 4 * 2;
-      const int swap = col % 32 / 16;  // a: load keys (1, 0, 9, 8)
+      const VtItem it = vt_item<kBlockN>(item);  // (sm90/fp8_pv_layout.cuh)
       uint4 w[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int k = key + ((i ^ swap) % 2) + 8 * (i / 2);
-        w[i] = k < valid ? *reinterpret_cast<const uint4*>(v + VTile::offset(k, dim))
+        const int k = it.load_key(i);
+        w[i] = k < valid ? *reinterpret_cast<const uint4*>(v + VTile::offset(k, it.dim))
                          : make_uint4(0, 0, 0, 0);
       }
-      // Bytes (key 0, key 1) of a pair interleaved: [k0.b0, k1.b0, k0.b1, k1.b1] (lo) and
-      // [k0.b2, k1.b2, k0.b3, k1.b3] (hi), from (w0, w1) = (k0, k1) or, swapped, (k1, k0).
-      const uint32_t lo = swap ? 0x1504 : 0x5140, hi = swap ? 0x3726 : 0x7362;
       const auto store4 = [&](int row, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
-        const uint32_t lo01 = __byte_perm(w0, w1, lo), hi01 = __byte_perm(w0, w1, hi);
-        const uint32_t lo23 = __byte_perm(w2, w3, lo), hi23 = __byte_perm(w2, w3, hi);
-        // Row row + j: byte j of the four keys.
-        const uint32_t out[4] = {__byte_perm(lo01, lo23, 0x5410), __byte_perm(lo01, lo23, 0x7632),
-                                 __byte_perm(hi01, hi23, 0x5410), __byte_perm(hi01, hi23, 0x7632)};
+        uint32_t out[4];  // rows row + j
+        transpose4(w0, w1, w2, w3, it.swap, out);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(vt + VtTile::offset(row + j, col & ~15) + (col & 15)) =
+          *reinterpret_cast<uint32_t*>(vt + VtTile::offset(row + j, it.col & ~15) + (it.col & 15)) =
               out[j];
       };
-      store4(dim, w[0].x, w[1].x, w[2].x, w[3].x);
-      store4(dim + 4, w[0].y, w[1].y, w[2].y, w[3].y);
-      store4(dim + 8, w[0].z, w[1].z, w[2].z, w[3].z);
-      store4(dim + 12, w[0].w, w[1].w, w[2].w, w[3].w);
+      store4(it.dim, w[0].x, w[1].x, w[2].x, w[3].x);
+      store4(it.dim + 4, w[0].y, w[1].y, w[2].y, w[3].y);
+      store4(it.dim + 8, w[0].z, w[1].z, w[2].z, w[3].z);
+      store4(it.dim + 12, w[0].w, w[1].w, w[2].w, w[3].w);
     }
     fence_shared_for_wgmma();
     __syncwarp();

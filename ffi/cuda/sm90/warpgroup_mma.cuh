@@ -11,6 +11,7 @@
 #include <cute/tensor.hpp>
 
 #include "cuda/common/dtypes.cuh"
+#include "cuda/sm90/fp8_pv_layout.cuh"
 #include "cuda/sm90/kernel_traits.cuh"
 
 namespace jax_fmha::cuda {
@@ -101,9 +102,10 @@ __device__ __forceinline__ uint32_t pack4_e4m3(float x0, float x1, float x2, flo
 // FP8 P: the A fragment of a k32 step gives thread (group g, index t of 4) the columns
 // 4t..4t+3 of rows g and g+8 (registers 0 and 1) and 16+4t..16+4t+3 of the same rows
 // (registers 2 and 3), while S gives it keys 8j+2t and 8j+2t+1 of each n8 atom j. So the
-// thread packs its own keys of atoms j, j+1 (registers 0, 1) and j+2, j+3 (registers 2, 3):
-// column 16a+4t+2b+i of the step stands for key 8(2a+b)+2t+i, and the V^T tile the producer
-// writes holds that key's values in that column (forward_kernel.cuh, transpose_v).
+// thread packs its own keys of atoms j, j+1 (registers 0, 1) and j+2, j+3 (registers 2, 3)
+// (fp8_probability_slot): column 16a+4t+2b+i of the step stands for key 8(2a+b)+2t+i, and
+// the V^T tile the producer writes holds that key's values in that column
+// (forward_kernel.cuh, transpose_v).
 template <class Traits>
 __device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::kKeyAtoms][4],
                                                    ProbabilityRegs<Traits>& regs) {
@@ -112,10 +114,11 @@ __device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::k
     for (int kk = 0; kk < Traits::kBlockN / 32; ++kk)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const float (&a)[4] = p[0][4 * kk + 2 * (r / 2)];
-        const float (&b)[4] = p[0][4 * kk + 2 * (r / 2) + 1];
-        const int h = 2 * (r % 2);  // row g (elements 0, 1) or g + 8 (2, 3)
-        regs[4 * kk + r] = pack4_e4m3(a[h], a[h + 1], b[h], b[h + 1]);
+        const auto x = [&](int byte) {  // (sm90/fp8_pv_layout.cuh)
+          const ProbabilitySlot slot = fp8_probability_slot(r, byte);
+          return p[0][4 * kk + slot.atom][slot.element];
+        };
+        regs[4 * kk + r] = pack4_e4m3(x(0), x(1), x(2), x(3));
       }
   } else {
 #pragma unroll
