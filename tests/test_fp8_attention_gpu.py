@@ -59,14 +59,15 @@ E4M3 = np.dtype(jnp.float8_e4m3fn)
 
 class Fp8Inputs:
   """e4m3fn q and k quantized per sequence and KV head (quantize_fp8), v in `v_dtype` (e4m3fn:
-  quantized so too, with v_scale). The odd sequences' q are 8x larger, k 2x smaller and v 4x
-  larger, so that the scales and their product differ per sequence (scores 4x larger: a
+  quantized so too, with v_scale). The odd sequences' q are 8x larger, k 2x smaller and (FP8)
+  v 4x larger, so that the scales and their product differ per sequence (scores 4x larger: a
   sharper softmax that float32 sums still resolve). ``exact``: the dequantized values
   (float64) the kernel must compute on."""
 
   def __init__(self, rng, q_shape, kv_shape, hkv, v_dtype, cu_q=None, cu_k=None):
     q, k, v = (outlier_normal(rng, s) for s in (q_shape, kv_shape, kv_shape))
-    for x, cu, factor in ((q, cu_q, 8.0), (k, cu_k, 0.5), (v, cu_k, 4.0)):
+    fp8_v = np.dtype(v_dtype) == E4M3
+    for x, cu, factor in ((q, cu_q, 8.0), (k, cu_k, 0.5)) + (((v, cu_k, 4.0),) if fp8_v else ()):
       sequences = range(x.shape[0]) if cu is None else map(slice, cu[:-1], cu[1:])
       for b, rows in enumerate(sequences):
         x[rows] *= factor if b % 2 else 1.0
@@ -76,7 +77,7 @@ class Fp8Inputs:
     self.q, q_scale = quantize(q, cu_q)
     self.k, k_scale = quantize(k, cu_k)
     self.scales = dict(q_scale=q_scale, k_scale=k_scale)
-    if np.dtype(v_dtype) == E4M3:
+    if fp8_v:
       self.v, self.scales["v_scale"] = quantize(v, cu_k)
       v_exact = dequantize(self.v, self.scales["v_scale"], cu_k)
     else:
