@@ -2,7 +2,7 @@
 // the producer's V transpose and the consumers' P packing (cuda/sm90/fp8_pv_layout.cuh, the
 // maps the kernel runs) against CuTe's layouts of the products (the layouts the kernel's
 // wgmma descriptors and fragments come from). For each head dim, a V tile of random bytes is
-// transposed item by item as transpose_v does; then for every consumer thread and byte of its
+// transposed unit by unit as transpose_v does; then for every consumer thread and byte of its
 // A fragment, the key whose probability it packs must be the key whose values the V^T tile
 // holds in the column that byte multiplies (through the P V atom's A layout and the V^T
 // tile's layout), for every dim; keys at or past the block's last are zeros.
@@ -28,30 +28,50 @@ int check(int valid) {
       value[k * kHeadDim + d] = static_cast<unsigned char>(rand());
       v[VTile::offset(k, d & ~15) + (d & 15)] = value[k * kHeadDim + d];
     }
-  // transpose_v's items (their order does not matter: they write disjoint words).
-  for (int item = 0; item < kBlockN / 4 * (kHeadDim / 16); ++item) {
-    const VtItem it = vt_item<kBlockN>(item);
-    uint32_t w[4][4];
-    for (int i = 0; i < 4; ++i) {
-      const int k = it.load_key(i);
-      for (int q = 0; q < 4; ++q) {
-        w[i][q] = 0;
-        if (k < valid) std::memcpy(&w[i][q], &v[VTile::offset(k, it.dim) + 4 * q], 4);
+  // transpose_v's units (their order does not matter: they write disjoint matrices), each
+  // as its warp runs it: ldmatrix.x4.trans (lane l addresses row l % 8 of matrix l / 8; lane
+  // l receives, of each matrix, 16-bit elements (2 (l % 4) + h, l / 4) of its rows, h = 0, 1),
+  // the keys past `valid` masked, the byte permutes, stmatrix.x4 (lane l's register m is
+  // row l / 4 of matrix m, columns 4 (l % 4) .. 4 (l % 4) + 3 of its 16 bytes).
+  for (int unit = 0; unit < kBlockN / 32 * (kHeadDim / 16); ++unit) {
+    const VtUnit u{unit % (kBlockN / 32), unit / (kBlockN / 32) * 16};
+    std::vector<VtChunkAddresses<VTile, VtTile>> at;
+    for (int lane = 0; lane < 32; ++lane) at.emplace_back(lane, u.dim);
+    uint32_t x[32][4], y[32][4];
+    for (int lane = 0; lane < 32; ++lane)
+      for (int m = 0; m < 4; ++m) {
+        x[lane][m] = 0;
+        for (int h = 0; h < 2; ++h) {
+          const int row = 8 * m + 2 * (lane % 4) + h;  // the lane whose address holds it
+          uint16_t element;
+          std::memcpy(&element, &v[at[row].load_offset(u.group) + 2 * (lane / 4)], 2);
+          if (u.key(m, lane, h) < valid) x[lane][m] |= uint32_t(element) << (16 * h);
+        }
       }
-    }
-    for (int q = 0; q < 4; ++q) {
-      uint32_t out[4];
-      transpose4(w[0][q], w[1][q], w[2][q], w[3][q], it.swap, out);
-      for (int j = 0; j < 4; ++j)
-        std::memcpy(&vt[VtTile::offset(it.dim + 4 * q + j, it.col & ~15) + (it.col & 15)], &out[j],
+    for (int lane = 0; lane < 32; ++lane)
+      for (int m = 0; m < 4; ++m)
+        y[lane][m] =
+            byte_perm(x[lane][m / 2 * 2], x[lane][m / 2 * 2 + 1], VtUnit::selector(m, lane));
+    for (int lane = 0; lane < 32; ++lane)  // row lane % 8 of matrix lane / 8: from 4 lanes
+      for (int t = 0; t < 4; ++t)
+        std::memcpy(&vt[at[lane].store_offset(u.group) + 4 * t], &y[4 * (lane % 8) + t][lane / 8],
                     4);
-    }
   }
   using PvAtom = typename Traits::MmaPV::Atom;
   const typename PvAtom::LayoutA_TV a_layout{};    // (thread, value) -> row + 64 column
   const typename Traits::SmemLayoutVt b_layout{};  // (dim, column) -> V^T tile element
   static_assert(cute::size<1>(typename PvAtom::LayoutA_TV{}) == 16, "an e4m3 k32 A fragment");
   int errors = 0;
+  const auto check_chunk_offsets = [&](auto tile, int rows, int columns) {
+    using Tile = decltype(tile);
+    for (int row = 0; row < rows; ++row)
+      for (int col = 0; col < columns; col += 16)
+        if (Tile::chunk_offset(row, col) != Tile::offset(row, col) && errors++ < 8)
+          printf("d%d: chunk_offset(%d, %d) = %d, offset %d\n", kHeadDim, row, col,
+                 Tile::chunk_offset(row, col), Tile::offset(row, col));
+  };
+  check_chunk_offsets(VTile{}, kBlockN, kHeadDim);
+  check_chunk_offsets(VtTile{}, kHeadDim, kBlockN);
   for (int thread = 0; thread < 128; ++thread) {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     for (int step = 0; step < kBlockN / 32; ++step)

@@ -27,6 +27,8 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include <type_traits>
+
 #include "common/attention_problem.h"
 #include "common/errors.h"
 #include "cuda/common/cta_tile.cuh"
@@ -141,30 +143,43 @@ __device__ __forceinline__ void produce_kv(
   if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
 }
 
-// FP8 V: producer warps 1-3 (`thread` 0..95 among them) copy each landed V stage into the V^T
+// 16-bit 8 x 8 matrices between shared memory and registers (VtUnit, sm90/fp8_pv_layout.cuh).
+__device__ __forceinline__ void load_matrices_transposed(const void* smem, uint32_t (&x)[4]) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void store_matrices(void* smem, const uint32_t (&x)[4]) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+               "r"(x[0]), "r"(x[1]), "r"(x[2]), "r"(x[3])
+               : "memory");
+}
+
+// FP8 V: producer warps 1-3 (`warp` 0..2 among them) copy each landed V stage into the V^T
 // ring, keys permuted within each 32-key group as the FP8 A operand of P V needs them
 // (warpgroup_mma.cuh, pack_probabilities): column 16a+4t+2b+i of a group holds key
-// 8(2a+b)+2t+i. An item is 4 keys x 16 dims, 4 columns of 16 V^T rows: four 16-byte loads
-// (one chunk of each key's row), 4 x 4-byte transposes (prmt), sixteen 4-byte stores. The
-// lanes run along the columns, so that a store instruction writes one V^T row's consecutive
-// words (two rows at 64 keys). The loads of 8 lanes (one 16-byte phase) read 8 rows whose
-// swizzled chunks differ only if their rows differ mod 8: the keys 16a+2t+{0,1,8,9} of lanes
-// 0-3 and 4-7 have the same residues, so lanes with a = 1 load their key pairs in swapped
-// order (rows 2t+1 against 2t), and their byte permutes swap them back. Keys at or past the
-// tile's last are written as zeros. Then each thread orders its writes before the consumers'
-// wgmma (proxy fence), and each warp arrives once on the V^T stage's full barrier and on the
-// V stage's empty one (kTransposeWarps arrivals each).
+// 8(2a+b)+2t+i. A warp's unit is 32 keys x 16 dims (VtUnit): one ldmatrix.x4.trans (which
+// leaves each lane keys 2t, 2t+1 of 8-key rows, the permutation's own order), four byte
+// permutes and one stmatrix.x4, 512 bytes each way, conflict-free under both tiles' swizzles
+// (each 8-lane phase: 8 rows of distinct residues mod 8). The warps take 16-dim chunks in
+// turn, each chunk's units (the key groups) unrolled, their addresses one add or XOR from the
+// chunk's (VtChunkAddresses). Keys at or past the tile's last are written as zeros. Then each
+// thread orders its writes before the consumers' wgmma (proxy fence), and each warp arrives
+// once on the V^T stage's full barrier and on the V stage's empty one (kTransposeWarps
+// arrivals each).
 template <class Traits>
 __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
                                             const StageRing<Traits::kStages>& v_ring,
-                                            const StageRing<Traits::kStages>& vt_ring,
+                                            const StageRing<Traits::kVtStages>& vt_ring,
                                             const typename Traits::Element* smem_v,
-                                            typename Traits::Element* smem_vt, int thread) {
+                                            typename Traits::Element* smem_vt, int warp) {
   using VTile = typename Traits::VTile;
   using VtTile = typename Traits::VtTile;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kThreads = Traits::kTransposeWarps * 32;
-  constexpr int kItems = kBlockN / 4 * (Traits::kHeadDim / 16);
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const int lane = threadIdx.x % 32;
   for (int block = 0; block < blocks.count; ++block) {
     const int valid = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
     const auto* v =
@@ -172,36 +187,50 @@ __device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
     auto* vt = reinterpret_cast<unsigned char*>(smem_vt) + vt_ring.stage(block) * VtTile::kBytes;
     v_ring.wait(block);      // the V stage landed
     vt_ring.acquire(block);  // the consumers are done with the V^T stage's last use
-#pragma unroll 1
-    for (int item = thread; item < kItems; item += kThreads) {
-      const VtItem it = vt_item<kBlockN>(item);  // (sm90/fp8_pv_layout.cuh)
-      uint4 w[4];
+    // (kPartial: the last block, whose keys at or past `valid` are zeroed; a separate copy of
+    // the loop, so that full blocks do not issue the masking.)
+    const auto transpose_block = [&](auto partial) {
+      constexpr bool kPartial = decltype(partial)::value;
+      for (int chunk = warp; chunk < kHeadDim / 16; chunk += Traits::kTransposeWarps) {
+        const VtChunkAddresses<VTile, VtTile> at(lane, 16 * chunk);  // (sm90/fp8_pv_layout.cuh)
+        // (2 units in flight: 4 spilled the producer's 40 registers at d64-d128)
+#pragma unroll 2
+        for (int group = 0; group < kBlockN / 32; ++group) {
+          const VtUnit u{group, 16 * chunk};
+          uint32_t x[4], y[4];
+          load_matrices_transposed(v + at.load_offset(group), x);
+          if constexpr (kPartial)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int k = it.load_key(i);
-        w[i] = k < valid ? *reinterpret_cast<const uint4*>(v + VTile::offset(k, it.dim))
-                         : make_uint4(0, 0, 0, 0);
+            for (int m = 0; m < 4; ++m)
+              x[m] &= (u.key(m, lane, 0) < valid ? 0xffffu : 0u) |
+                      (u.key(m, lane, 1) < valid ? 0xffff0000u : 0u);
+#pragma unroll
+          for (int m = 0; m < 4; ++m)
+            y[m] = byte_perm(x[m / 2 * 2], x[m / 2 * 2 + 1], VtUnit::selector(m, lane));
+          store_matrices(vt + at.store_offset(group), y);
+        }
       }
-      const auto store4 = [&](int row, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
-        uint32_t out[4];  // rows row + j
-        transpose4(w0, w1, w2, w3, it.swap, out);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(vt + VtTile::offset(row + j, it.col & ~15) + (it.col & 15)) =
-              out[j];
-      };
-      store4(it.dim, w[0].x, w[1].x, w[2].x, w[3].x);
-      store4(it.dim + 4, w[0].y, w[1].y, w[2].y, w[3].y);
-      store4(it.dim + 8, w[0].z, w[1].z, w[2].z, w[3].z);
-      store4(it.dim + 12, w[0].w, w[1].w, w[2].w, w[3].w);
-    }
+    };
+    if (valid < kBlockN)
+      transpose_block(std::true_type{});
+    else
+      transpose_block(std::false_type{});
     fence_shared_for_wgmma();
     __syncwarp();
-    if (thread % 32 == 0) {
+    if (lane == 0) {
       vt_ring.fill(block);
       v_ring.release(block);
     }
   }
+}
+
+// The ring P V reads: V, or V^T with FP8 V (its own stage count).
+template <class Traits, class VRing, class VtRing>
+__device__ __forceinline__ const auto& pv_ring_of(const VRing& v_ring, const VtRing& vt_ring) {
+  if constexpr (Traits::kFp8V)
+    return vt_ring;
+  else
+    return v_ring;
 }
 
 // kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
@@ -228,7 +257,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const StageRing<kStages> k_ring{barriers, barriers + kStages};
   const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
   uint64_t* last_v_landed = barriers + 4 * kStages;
-  const StageRing<kStages> vt_ring{barriers + 4 * kStages + 1, barriers + 5 * kStages + 1};
+  const StageRing<Traits::kVtStages> vt_ring{barriers + 4 * kStages + 1,
+                                             barriers + 4 * kStages + 1 + Traits::kVtStages};
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -255,7 +285,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
     if constexpr (Traits::kFp8V)
       if (threadIdx.x >= 32)
-        transpose_v<Traits>(blocks, v_ring, vt_ring, smem_v, smem_vt, int(threadIdx.x) - 32);
+        transpose_v<Traits>(blocks, v_ring, vt_ring, smem_v, smem_vt, int(threadIdx.x) / 32 - 1);
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -306,7 +336,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
     };
     // P V's ring and tiles: V, or V^T with FP8 V (the consumers never touch the V ring then).
-    const StageRing<kStages>& pv_ring = Traits::kFp8V ? vt_ring : v_ring;
+    const auto& pv_ring = pv_ring_of<Traits>(v_ring, vt_ring);
     const auto v_tile = [&](int block) {
       if constexpr (Traits::kFp8V)
         return smem_vt + vt_ring.stage(block) * Traits::VtTile::kElems;

@@ -84,6 +84,17 @@ struct SwizzledTile {
     const int bytes = int(layout.layout_b()(row, col)) * int(sizeof(T));
     return int(layout.layout_a()(bytes)) / int(sizeof(T));
   }
+  // offset(row, col) in unsigned shifts and masks (the V transpose's addresses, a few
+  // instructions each; the CuTe form takes signed divisions): the column box's rows, each
+  // kSwizzleBytes, whose 16-byte chunk index is XORed with bits 7 and up of the byte offset
+  // (Swizzle<log2(kSwizzleBytes / 16), 4, 3>; a box's bytes are a multiple of 1024, so it
+  // does not change the XOR). tests/cuda/hopper_fp8_pv_layout.cu checks it against offset().
+  __host__ __device__ __forceinline__ static int chunk_offset(unsigned row, unsigned col) {
+    constexpr unsigned kChunkMask = (kSwizzleBytes / 16 - 1) << 4;
+    const unsigned linear =
+        (col / kBoxColumns * kRows + row) * kSwizzleBytes + col % kBoxColumns * unsigned(sizeof(T));
+    return int((linear ^ (linear >> 3 & kChunkMask)) / sizeof(T));
+  }
   // Element offset of row `row` of column box `box` (rows are swizzled within themselves: a
   // row's span stays whole).
   __host__ __device__ __forceinline__ static constexpr int box_row(int box, int row) {
@@ -146,6 +157,11 @@ struct HopperTraits {
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
   static constexpr int kTransposeWarps = 3;  // FP8 V: producer warps 1-3
+  // FP8 V: V^T stages, one more than the V ring's. The consumers wait for V^T of block n at
+  // the start of their iteration n + 1, and the transpose of block n can start once both
+  // released the stage's previous use, at the end of their iteration n - S + 1 (S stages):
+  // S - 1.5 blocks' time (the consumers run half an iteration apart), half a block with 2.
+  static constexpr int kVtStages = kStages + 1;
   static constexpr int kWarpRows = 16;
   static constexpr int kMmaGroupRows = 64;  // the rows of one warpgroup's MMAs
   static constexpr int kMmaM = 1;
@@ -197,8 +213,8 @@ struct HopperTraits {
   static constexpr size_t kVOffset = kKOffset + size_t(kStages) * KTile::kBytes;
   static constexpr size_t kVtOffset = kVOffset + size_t(kStages) * VTile::kBytes;
   static constexpr size_t kBarriersOffset =
-      kVtOffset + (kFp8V ? size_t(kStages) * VtTile::kBytes : 0);
-  static constexpr int kBarriers = 4 * kStages + 1 + (kFp8V ? 2 * kStages : 0);
+      kVtOffset + (kFp8V ? size_t(kVtStages) * VtTile::kBytes : 0);
+  static constexpr int kBarriers = 4 * kStages + 1 + (kFp8V ? 2 * kVtStages : 0);
   static constexpr size_t kSmemBytes = kBarriersOffset + 8 * kBarriers;
   // Every tile starts on a swizzle-pattern boundary (the wgmma descriptors and TMA assume it).
   static constexpr size_t kSmemAlign = 1024;
