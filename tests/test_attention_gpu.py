@@ -150,13 +150,15 @@ def merge_splits(outs, lses):
 
 def check(out, lse, ref_out, ref_lse, dtype, what="", out_tol=None):
   """Finite agreement within tolerance (OUT_TOL[dtype], or `out_tol` relative to the same
-  scale); -inf LSE (and 0 rows) exactly where expected."""
+  scale: a number, or one per output channel); -inf LSE (and 0 rows) exactly where expected."""
   out64 = np.asarray(out, np.float64)
   assert not np.isnan(out64).any(), f"{what}: NaN in output"
   scale = 1.0 + float(np.abs(ref_out).max(initial=0.0))
-  err = float(np.abs(out64 - ref_out).max(initial=0.0))
+  err = np.abs(out64 - ref_out)
   tol = OUT_TOL[dtype] if out_tol is None else out_tol
-  assert err <= tol * scale, f"{what}: output error {err:.3g} (scale {scale:.3g})"
+  assert (err <= tol * scale).all(), (
+    f"{what}: output error {err.max(initial=0.0):.3g} (scale {scale:.3g})"
+  )
   lse = np.asarray(lse, np.float64)
   neg = np.isneginf(ref_lse)
   assert np.array_equal(np.isneginf(lse), neg), f"{what}: -inf LSE pattern differs"
@@ -659,10 +661,17 @@ def memcheck_cases():
     (test_fp8_gpu.test_chunked_prefill_paged, "float8_e5m2", F16, 64, 16, 3),
     (test_fp8_gpu.test_update_quantizes_like_the_cpu, "float8_e4m3fn", "bfloat16", True),
   ]
-  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
-    import test_fp8_attention_gpu
+  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T (and P V)
+    import test_fp8_attention_gpu as fp8q
 
-    cases.append((test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence, BF16, 3))
+    cases += [
+      (fp8q.test_packed_varlen_with_empty_sequence, BF16, 3),
+      # FP8 v: the producer's V transpose and the V^T ring (d128 and d256: 3 stages, 64
+      # keys), a partial last block (zeroed keys), an idle second consumer, paged runs
+      (fp8q.test_fp8_v_packed_varlen_with_empty_sequence, 1, 128),
+      (fp8q.test_fp8_v_gqa, 8, 2, 256),
+      (fp8q.test_fp8_v_paged_cache, 48),
+    ]
   for fn, *args in cases:
     # Named before it runs: a sanitizer that crashes leaves the case in its report.
     print(f"  {fn.__module__}.{fn.__name__}{tuple(args)}", flush=True)

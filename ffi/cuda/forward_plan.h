@@ -82,23 +82,21 @@ inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_p
 
 // Why FP8 queries cannot run here, for the CUDA handler and for the trace-time check alike:
 // the argument at fault, the reason, and whether the argument's dtype (else its shape) is the
-// cause; reason nullptr if the Hopper kernel takes them (FP8 Q K^T with 16-bit P V).
-// `hopper_kernel`: the sm_90a kernel is built (and, in the handler, the device is a Hopper);
-// `fp8_v`: FP8 values; `e4m3`: q and k are float8_e4m3fn. (No other kernel takes them:
-// JAX_FMHA_CUDA_FORWARD=portable does not apply.)
+// cause; reason nullptr if the Hopper kernel takes them (FP8 Q K^T, with 16-bit P V or, for
+// float8_e4m3fn v, FP8 P V). `hopper_kernel`: the sm_90a kernel is built (and, in the handler,
+// the device is a Hopper); `e4m3`: q and k are float8_e4m3fn (FP8 v is then float8_e4m3fn
+// too: the dtype rules). (No other kernel takes them: JAX_FMHA_CUDA_FORWARD=portable does not
+// apply.)
 struct Fp8QueryRefusal {
   const char* argument = nullptr;
   const char* reason = nullptr;
   bool dtype = false;
 };
 inline Fp8QueryRefusal fp8_query_refusal(bool hopper_kernel, int64_t head_dim, int64_t page_size,
-                                         bool e4m3, bool fp8_v) {
+                                         bool e4m3) {
   if (!hopper_kernel)
     return {"q", "FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a)", true};
   if (!e4m3) return {"q", "FP8 queries on the GPU are float8_e4m3fn (not float8_e5m2)", true};
-  if (fp8_v)
-    return {"v", "FP8 queries on the GPU take bfloat16 or float16 v (FP8 P V is not built yet)",
-            true};
   if (head_dim % 16 != 0) return {"q", "FP8 queries on the GPU need head_dim a multiple of 16"};
   if (page_size % kHopperPageRunKeys != 0)
     return {"k", "FP8 queries on the GPU need pages of a multiple of 16 keys"};

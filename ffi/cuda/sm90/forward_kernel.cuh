@@ -16,10 +16,18 @@
 // Keys at or past the tile's last key are never seen: their scores are masked, and V rows of
 // the last block past it are zeroed by the producer before it releases that block (masked
 // probabilities are exact zeros, which must not meet garbage values: 0 x NaN is NaN).
+//
+// FP8 V (FP8 P V, docs/design/fp8_attention.md): FP8 wgmma reads its shared operands K-major
+// only, so P V needs V^T (d x keys). The producer's warps 1-3 transpose each landed V stage
+// into a V^T ring (transpose_v: its own full and empty mbarriers; the V stage is released to
+// the TMA warp once read), zeroing the keys past the tile's last; the consumers read the V^T
+// ring instead of the V ring and pack P to e4m3.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+
+#include <type_traits>
 
 #include "common/attention_problem.h"
 #include "common/errors.h"
@@ -29,6 +37,7 @@
 #include "cuda/common/mask.cuh"
 #include "cuda/common/softmax.cuh"
 #include "cuda/common/tile_load.cuh"
+#include "cuda/sm90/fp8_pv_layout.cuh"
 #include "cuda/sm90/kernel_traits.cuh"
 #include "cuda/sm90/pipeline.cuh"
 #include "cuda/sm90/tma.cuh"
@@ -113,7 +122,7 @@ __device__ __forceinline__ void produce_kv(
   const int last = blocks.count - 1;
   const int valid_rows = blocks.end - blocks.key_begin<kBlockN>(last);
   v_ring.acquire(last);
-  if (valid_rows == kBlockN) {
+  if (Traits::kFp8V || valid_rows == kBlockN) {  // (FP8 V: transpose_v zeroes the rows)
     copy_block(maps.v, v_tile(last), v_ring.full_barrier(last), v_row, last);
     return;
   }
@@ -132,6 +141,96 @@ __device__ __forceinline__ void produce_kv(
   fence_shared_for_wgmma();
   __syncwarp();
   if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
+}
+
+// 16-bit 8 x 8 matrices between shared memory and registers (VtUnit, sm90/fp8_pv_layout.cuh).
+__device__ __forceinline__ void load_matrices_transposed(const void* smem, uint32_t (&x)[4]) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void store_matrices(void* smem, const uint32_t (&x)[4]) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+               "r"(x[0]), "r"(x[1]), "r"(x[2]), "r"(x[3])
+               : "memory");
+}
+
+// FP8 V: producer warps 1-3 (`warp` 0..2 among them) copy each landed V stage into the V^T
+// ring, keys permuted within each 32-key group as the FP8 A operand of P V needs them
+// (warpgroup_mma.cuh, pack_probabilities): column 16a+4t+2b+i of a group holds key
+// 8(2a+b)+2t+i. A warp's unit is 32 keys x 16 dims (VtUnit): one ldmatrix.x4.trans (which
+// leaves each lane keys 2t, 2t+1 of 8-key rows, the permutation's own order), four byte
+// permutes and one stmatrix.x4, 512 bytes each way, conflict-free under both tiles' swizzles
+// (each 8-lane phase: 8 rows of distinct residues mod 8). The warps take 16-dim chunks in
+// turn, each chunk's units (the key groups) unrolled, their addresses one add or XOR from the
+// chunk's (VtChunkAddresses). Keys at or past the tile's last are written as zeros. Then each
+// thread orders its writes before the consumers' wgmma (proxy fence), and each warp arrives
+// once on the V^T stage's full barrier and on the V stage's empty one (kTransposeWarps
+// arrivals each).
+template <class Traits>
+__device__ __forceinline__ void transpose_v(const KeyBlocks& blocks,
+                                            const StageRing<Traits::kStages>& v_ring,
+                                            const StageRing<Traits::kVtStages>& vt_ring,
+                                            const typename Traits::Element* smem_v,
+                                            typename Traits::Element* smem_vt, int warp) {
+  using VTile = typename Traits::VTile;
+  using VtTile = typename Traits::VtTile;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const int lane = threadIdx.x % 32;
+  for (int block = 0; block < blocks.count; ++block) {
+    const int valid = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
+    const auto* v =
+        reinterpret_cast<const unsigned char*>(smem_v) + v_ring.stage(block) * VTile::kBytes;
+    auto* vt = reinterpret_cast<unsigned char*>(smem_vt) + vt_ring.stage(block) * VtTile::kBytes;
+    v_ring.wait(block);      // the V stage landed
+    vt_ring.acquire(block);  // the consumers are done with the V^T stage's last use
+    // (kPartial: the last block, whose keys at or past `valid` are zeroed; a separate copy of
+    // the loop, so that full blocks do not issue the masking.)
+    const auto transpose_block = [&](auto partial) {
+      constexpr bool kPartial = decltype(partial)::value;
+      for (int chunk = warp; chunk < kHeadDim / 16; chunk += Traits::kTransposeWarps) {
+        const VtChunkAddresses<VTile, VtTile> at(lane, 16 * chunk);  // (sm90/fp8_pv_layout.cuh)
+        // (2 units in flight: 4 spilled the producer's 40 registers at d64-d128)
+#pragma unroll 2
+        for (int group = 0; group < kBlockN / 32; ++group) {
+          const VtUnit u{group, 16 * chunk};
+          uint32_t x[4], y[4];
+          load_matrices_transposed(v + at.load_offset(group), x);
+          if constexpr (kPartial)
+#pragma unroll
+            for (int m = 0; m < 4; ++m)
+              x[m] &= (u.key(m, lane, 0) < valid ? 0xffffu : 0u) |
+                      (u.key(m, lane, 1) < valid ? 0xffff0000u : 0u);
+#pragma unroll
+          for (int m = 0; m < 4; ++m)
+            y[m] = byte_perm(x[m / 2 * 2], x[m / 2 * 2 + 1], VtUnit::selector(m, lane));
+          store_matrices(vt + at.store_offset(group), y);
+        }
+      }
+    };
+    if (valid < kBlockN)
+      transpose_block(std::true_type{});
+    else
+      transpose_block(std::false_type{});
+    fence_shared_for_wgmma();
+    __syncwarp();
+    if (lane == 0) {
+      vt_ring.fill(block);
+      v_ring.release(block);
+    }
+  }
+}
+
+// The ring P V reads: V, or V^T with FP8 V (its own stage count).
+template <class Traits, class VRing, class VtRing>
+__device__ __forceinline__ const auto& pv_ring_of(const VRing& v_ring, const VtRing& vt_ring) {
+  if constexpr (Traits::kFp8V)
+    return vt_ring;
+  else
+    return v_ring;
 }
 
 // kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
@@ -153,10 +252,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   QkElement* smem_q = reinterpret_cast<QkElement*>(sm90_smem);
   QkElement* smem_k = reinterpret_cast<QkElement*>(sm90_smem + Traits::kKOffset);  // [kStages]
   Element* smem_v = reinterpret_cast<Element*>(sm90_smem + Traits::kVOffset);      // [kStages]
+  Element* smem_vt = reinterpret_cast<Element*>(sm90_smem + Traits::kVtOffset);    // FP8 V
   uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
   const StageRing<kStages> k_ring{barriers, barriers + kStages};
   const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
   uint64_t* last_v_landed = barriers + 4 * kStages;
+  const StageRing<Traits::kVtStages> vt_ring{barriers + 4 * kStages + 1,
+                                             barriers + 4 * kStages + 1 + Traits::kVtStages};
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -166,7 +268,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
   if (threadIdx.x == 0) {
     k_ring.init(consumer_groups);
-    v_ring.init(consumer_groups);
+    if constexpr (Traits::kFp8V) {  // V: released by the transposing warps, which fill V^T
+      v_ring.init(Traits::kTransposeWarps);
+      vt_ring.init(consumer_groups, Traits::kTransposeWarps);
+    } else {
+      v_ring.init(consumer_groups);
+    }
     cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
     cutlass::arch::fence_barrier_init();
   }
@@ -176,6 +283,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (threadIdx.x < 32 && blocks.count > 0)
       produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
+    if constexpr (Traits::kFp8V)
+      if (threadIdx.x >= 32)
+        transpose_v<Traits>(blocks, v_ring, vt_ring, smem_v, smem_vt, int(threadIdx.x) / 32 - 1);
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -189,8 +299,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const RowKeyLimits<Traits> row_limits(p, t.split_range,
                                         int(t.row_begin) + warp_row + thread % 32 / 4,
                                         int(t.rows_in_seq), t.sq, t.sk);
-  // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V is
-  // 16-bit here: it has no scale (value_scale is 1).
+  // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). FP8
+  // V's scale multiplies O before the store.
   const ScoreTransform transform =
       ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
 
@@ -225,8 +335,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const auto k_tile = [&](int block) {
       return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
     };
+    // P V's ring and tiles: V, or V^T with FP8 V (the consumers never touch the V ring then).
+    const auto& pv_ring = pv_ring_of<Traits>(v_ring, vt_ring);
     const auto v_tile = [&](int block) {
-      return smem_v + v_ring.stage(block) * Traits::VTile::kElems;
+      if constexpr (Traits::kFp8V)
+        return smem_vt + vt_ring.stage(block) * Traits::VtTile::kElems;
+      else
+        return smem_v + v_ring.stage(block) * Traits::VTile::kElems;
     };
 
     // The softmax of block n's scores: masked, then probabilities and the factor O must be
@@ -267,7 +382,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       float s[1][Traits::kKeyAtoms][4];
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
       k_ring.wait(block);
-      v_ring.wait(block - 1);
+      pv_ring.wait(block - 1);
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(block), s, group);
       fence_registers(o_regs);
@@ -281,14 +396,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_registers(s_regs);
       rescale = softmax_of(s, block);
       wait_products<0>();
-      if (leader) v_ring.release(block - 1);
+      if (leader) pv_ring.release(block - 1);
       fence_registers(o_regs);
       fence_registers(probs);
       pack_probabilities<Traits>(s, probs);
     }
     if (blocks.count > 0) {  // P V of the last block
       const int last = blocks.count - 1;
-      v_ring.wait(last);
+      pv_ring.wait(last);
       take_turn();
       fence_registers(o_regs);
       if (rescale) softmax.rescale(o, correction);
@@ -297,17 +412,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       issue_pv<Traits>(probs, v_tile(last), o, group);
       pass_turn();
       wait_products<0>();
-      if (leader) v_ring.release(last);
+      if (leader) pv_ring.release(last);
       fence_registers(o_regs);
       if (group == 0) take_turn();  // the last consumer's last pass (it passed first)
     }
+  }
+  if constexpr (Traits::kFp8V) {  // O = v_scale x (P V8): the normalization follows
+    const float v_scale = p.value_scale(t.b, t.kv_head);
+#pragma unroll
+    for (int i = 0; i < Traits::kDimAtoms * 4; ++i) o_regs[i] *= v_scale;
   }
   // Each consumer writes its own rows, through its own rows of the Q tile (its products, Q's
   // only readers, have completed; the other consumer never reads them), so neither waits
   // for the other. Float32 partials (split-KV) do not fit there and go straight out. FP8
   // queries: the 16-bit rows do not fit in the FP8 Q tile; once both consumers are done
   // (every copy landed and read), the whole output tile is staged over the shared memory.
-  if constexpr (Traits::kFp8Qk && sizeof(OutT) == sizeof(Element)) {
+  if constexpr (Traits::kFp8Qk && sizeof(OutT) == 2) {
     constexpr int kPitch = kOutPitch<Traits, OutT>;
     static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
                   "the output tile must not overlap the mbarriers");
@@ -334,7 +454,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
 // tensor maps instead of the K and V pointers, and comes with and without the score pass.
-// With FP8 q (Element), Kv is v's 16-bit type (forward_launch.h); otherwise it is Element.
+// With FP8 q (Element), Kv is v's type, 16-bit or float8_e4m3fn (forward_launch.h); otherwise
+// it is Element.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim, typename Kv>

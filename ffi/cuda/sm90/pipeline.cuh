@@ -2,7 +2,9 @@
 // warpgroups, on mbarriers: each stage has a "full" barrier (the producer's arrival, which
 // announces the bytes its copies will complete) and an "empty" one (one arrival per consumer
 // warpgroup once its products have read the stage). Use i of a ring goes to stage
-// i % kStages, in phase (i / kStages) % 2 of the stage's barriers.
+// i % kStages, in phase (i / kStages) % 2 of the stage's barriers. (With FP8 V the producer's
+// transposing warps stand in for the consumers of the V ring and for the producer of the V^T
+// ring: the arrival counts are the ring's.)
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -19,12 +21,17 @@ struct StageRing {
   __device__ __forceinline__ static int stage(int use) { return use % kStages; }
   __device__ __forceinline__ static uint32_t parity(int use) { return (use / kStages) % 2; }
 
-  // One thread, before any other uses the ring (then fence_barrier_init and a CTA barrier).
-  __device__ __forceinline__ void init(int consumer_groups) const {
+  // One thread, before any other uses the ring (then fence_barrier_init and a CTA barrier):
+  // `releases` arrivals empty a stage, `fills` arrivals fill it.
+  __device__ __forceinline__ void init(int releases, int fills = 1) const {
     for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterBarrier::init(&full[s], 1);
-      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_groups);
+      cutlass::arch::ClusterBarrier::init(&full[s], fills);
+      cutlass::arch::ClusterBarrier::init(&empty[s], releases);
     }
+  }
+  // Producer of a ring filled by threads (not TMA): one arrival of `fills`.
+  __device__ __forceinline__ void fill(int use) const {
+    cutlass::arch::ClusterBarrier::arrive(&full[stage(use)]);
   }
 
   // Producer: waits until use `use - kStages` of the stage is released (the first kStages
