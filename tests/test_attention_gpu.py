@@ -414,8 +414,8 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
 @pytest.mark.parametrize(
   "page_size,d,num_splits",
   [
-    (8, 128, 1),  # pages that are not a multiple of a 16-key run: the portable kernel
-    (16, 128, 1),  # wgmma: a 128-key block in eight runs on eight pages
+    (8, 128, 1),  # pages that are not a multiple of a 16-key run: gathered (Hopper)
+    (16, 128, 1),  # wgmma: gathered by cp.async (pages below 64 keys)
     (16, 128, 3),
     (48, 128, 1),  # runs cross no page, blocks do
     (64, 128, 1),  # wgmma: two 64-key runs on two pages
@@ -428,10 +428,11 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
   ],
 )
 def test_paged_prefill(rng, causal, page_size, d, num_splits):
-  """Many query rows on pages: the forward tile kernels (on Hopper, pages of 16 keys or a
-  multiple copy by TMA in runs of gcd(page size, key block) rows, each run's page id looked
-  up one block ahead). The lengths end inside a run (700, 1000), one key into a block (129)
-  and at the end of a run (304): the block's later runs are never looked up."""
+  """Many query rows on pages: the forward tile kernels (on Hopper, pages of 64 keys or more
+  that are a multiple of 16 copy by TMA in runs of gcd(page size, key block) rows, each run's
+  page id looked up one block ahead; smaller pages and other sizes are gathered by
+  cp.async). The lengths end inside a run (700, 1000), one key into a block (129) and at the
+  end of a run (304): the block's later runs are never looked up."""
   lens = [700, 129, 0, 304, 1000]
   q, kp, vp, table, lens = paged_inputs(
     rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
@@ -451,6 +452,44 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
     out, lse = merge_splits(out, lse)
   ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
   check(out, lse, ro, rl, BF16, f"page {page_size}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+  "page_size,d,num_splits",
+  [(1, 128, 1), (16, 128, 1), (48, 128, 1), (16, 64, 3), (48, 256, 1), (1, 80, 1), (24, 96, 1)],
+)
+def test_paged_prefill_gathered(rng, causal, page_size, d, num_splits):
+  """Pages the Hopper kernel gathers row by row (cp.async in its producer warpgroup: pages
+  below 64 keys, or not a multiple of 16). Unused page slots and spare pages hold NaN: rows
+  past a sequence's end are zero-filled, never read. Lengths end one key into a block (129),
+  inside one (700, 1000), at a block's end (256), and on no page boundary; d80 leaves
+  columns of the d96 tile past the head dim."""
+  lens = [700, 129, 0, 256, 1000]
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
+  )
+  window = (-1, 0) if causal else (-1, -1)
+  ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
+  used = np.zeros(kp.shape[:2], bool)
+  for b, n in enumerate(lens):
+    for j in range(n):
+      used[table[b, j // page_size], j % page_size] = True
+  kp[~used] = np.nan
+  vp[~used] = np.nan
+  out, lse = run(
+    q,
+    kp,
+    vp,
+    kv_layout="paged",
+    seq_lens=lens,
+    block_table=table,
+    window=window,
+    num_splits=num_splits,
+  )
+  if num_splits > 1:
+    out, lse = merge_splits(out, lse)
+  check(out, lse, ro, rl, BF16, f"gathered page {page_size} d{d}")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 16])

@@ -41,9 +41,18 @@ constexpr KernelShape kernel_shape(ForwardKernel kernel) {
 // KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
 // than it would re-read.
 inline constexpr int64_t kDecodeMaxRows = 64;
-// The Hopper kernel takes pages that are a multiple of 16 keys, copied by TMA in runs of
-// gcd(page size, key block) rows; other pages take the portable kernel, which gathers rows.
+// The Hopper kernel copies pages of at least kHopperTmaPageKeys keys that are a multiple of
+// kHopperPageRunKeys by TMA, in runs of gcd(page size, key block) rows; smaller pages (8 runs
+// of 16 keys make a 128-key block slow) and other sizes it gathers row by row with cp.async
+// in its producer warpgroup (sm90/forward_kernel.cuh, gather_kv). FP8 queries take TMA pages
+// only (fp8_query_refusal).
 inline constexpr int64_t kHopperPageRunKeys = 16;
+inline constexpr int64_t kHopperTmaPageKeys = 64;
+
+// Whether the Hopper kernel gathers the K/V rows of pages of `page_size` keys (0: not paged).
+constexpr bool hopper_gathers_kv(int64_t page_size) {
+  return page_size > 0 && (page_size < kHopperTmaPageKeys || page_size % kHopperPageRunKeys != 0);
+}
 
 // Whether this build holds the sm_90a kernel (90a among the CUDA architectures).
 #if defined(JAX_FMHA_HOPPER)
@@ -75,8 +84,8 @@ inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_p
                                     bool fp8_q = false) {
   if (fp8_q) return ForwardKernel::kHopper;
   if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
-  if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0 && !fp8_kv)
-    return ForwardKernel::kHopper;
+  // (Every page size: TMA runs or cp.async gathers, hopper_gathers_kv.)
+  if (hopper_device(compute_capability_major) && !fp8_kv) return ForwardKernel::kHopper;
   return ForwardKernel::kPortable;
 }
 

@@ -22,6 +22,10 @@
 // into a V^T ring (transpose_v: its own full and empty mbarriers; the V stage is released to
 // the TMA warp once read), zeroing the keys past the tile's last; the consumers read the V^T
 // ring instead of the V ring and pack P to e4m3.
+//
+// Small pages (forward_plan.h, hopper_gathers_kv): the whole producer warpgroup gathers the
+// rows of each block with 16-byte cp.async copies instead (gather_kv), zero-filling the
+// rows outside the tile's keys as it goes.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -233,16 +237,126 @@ __device__ __forceinline__ const auto& pv_ring_of(const VRing& v_ring, const VtR
     return v_ring;
 }
 
+// The producer warpgroup, gather mode: every K and V block of the tile, in the order of
+// produce_kv, as 16-byte cp.async copies. Rows outside the tile's keys [keys.begin, keys.end)
+// are zero-filled by their copies (src-size 0: nothing is read; their page ids are neither
+// read nor trusted), so the last V block needs no zeroing step. Each thread then arrives on
+// the stage's full barrier (counting the producer's 128 threads) through
+// cp.async.mbarrier.arrive.noinc, which fires once all of its earlier copies have landed: the
+// barrier completes when the whole tile has.
+//
+// Throughput: a 128-key block at d128 is 2048 copies, 16 a thread, and K and V of a block
+// must land in about 2 us: 10 KB in flight per SM at a 0.3 us memory latency. A copy that
+// waits for its own page-id load and address arithmetic leaves about one copy (2 KB an SM) in
+// flight (docs/design/cuda_attention.md, "Pages of 16 keys"). So a block's copies are issued
+// back to back, a few instructions each:
+// - Warp w copies the block's rows w kWarpRows .. (w + 1) kWarpRows - 1. Each lane reads the
+//   page id of one of those rows (one page-table load and division a block, for K and V)
+//   one block ahead, and its warp passes the rows around by shuffles.
+// - A lane copies chunks lane / 8 + 4 k of rows lane % 8 + 8 i: one row shuffle and one
+//   address multiply serve 4 k-chunks (64 contiguous bytes of a row each, 8 rows a warp
+//   copy), and its rows share their phase of the swizzle (row % 8), so every place in the
+//   tile is one of kSpanSteps per-thread offsets plus a constant.
+//
+// The proxies: cp.async writes shared memory in the generic proxy, wgmma reads it in the
+// async proxy, so a fence.proxy.async must stand between the two. The producer cannot issue
+// it: when it arrives its copies have not landed (a fence orders only writes already
+// performed), and waiting for them would stall it. The consumers do: after their wait on the
+// full barrier (which acquires the landed copies, zeros included) and before their wgmma
+// (forward kernel: consumer_fence).
+template <class Traits>
+__device__ __forceinline__ void gather_kv(const AttentionProblem& p, const KvTensorMaps& arrays,
+                                          const CtaTile& t, const KeyBlocks& blocks,
+                                          const StageRing<Traits::kStages>& k_ring,
+                                          const StageRing<Traits::kStages>& v_ring,
+                                          typename Traits::Element* smem_k,
+                                          typename Traits::Element* smem_v) {
+  using Element = typename Traits::Element;
+  using Tile = typename Traits::VTile;  // (16-bit K and V: the same tile type)
+  static_assert(std::is_same_v<typename Traits::KTile, Tile>, "gathers copy 16-bit K and V");
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kChunk = 16 / int(sizeof(Element));  // elements of one copy
+  constexpr int kWarpRows = kBlockN / (Traits::kGroupThreads / 32);
+  constexpr int kRowSteps = kWarpRows / 8;                     // i: rows lane % 8 + 8 i
+  constexpr int kColumnSteps = Traits::kHeadDim / kChunk / 4;  // k: chunks lane / 8 + 4 k
+  constexpr int kSpanSteps = Tile::kSwizzleBytes / 16 / 4;     // k-steps in a swizzle span
+  constexpr int kBoxElems = kBlockN * Tile::kBoxColumns;       // one column box of the tile
+  static_assert(kWarpRows % 8 == 0 && kWarpRows <= 32, "a warp's rows: whole swizzle phases");
+  static_assert(kSpanSteps >= 1 && Traits::kHeadDim % (4 * kChunk) == 0,
+                "the 4 lane groups' chunks lie in one swizzle span");
+  const int lane = int(threadIdx.x) % 32;
+  const int warp_row = int(threadIdx.x) / 32 * kWarpRows;  // (the producer warpgroup: 0 .. 127)
+  const int chunk = lane / 8, row_phase = lane % 8;
+  const int head_dim = int(p.head_dim);
+  const int row_bytes = int(p.kv_row_stride()) * int(sizeof(Element));
+  const int keys_begin = int(t.keys.begin);
+  // This lane's first chunk of row 0 of K and V (a byte pointer: rows are row_bytes apart).
+  const int64_t first_chunk = (t.kv_head * head_dim + chunk * kChunk) * int64_t(sizeof(Element));
+  const char* k_chunks = static_cast<const char*>(arrays.k_array) + first_chunk;
+  const char* v_chunks = static_cast<const char*>(arrays.v_array) + first_chunk;
+  int place[kSpanSteps];  // tile offsets of chunks chunk + 4 s of row warp_row + row_phase
+#pragma unroll
+  for (int s = 0; s < kSpanSteps; ++s)
+    place[s] = Tile::offset(warp_row + row_phase, (chunk + 4 * s) * kChunk);
+
+  // The K/V row of this lane's key of a block (row lane % kWarpRows of its warp's rows), -1
+  // outside the tile's keys.
+  const auto lookup = [&](int block) {
+    const int key = blocks.key_begin<kBlockN>(block) + warp_row + lane % kWarpRows;
+    return key >= keys_begin && key < blocks.end ? int(p.kv.pages.row(t.b, key)) : -1;
+  };
+  // One block's copies; `row`: the warp's lookups of the block.
+  const auto gather_block = [&](const char* chunks, Element* tile, uint64_t* full, int row) {
+#pragma unroll
+    for (int i = 0; i < kRowSteps; ++i) {
+      const int r = __shfl_sync(0xffffffffu, row, row_phase + 8 * i);
+      // (Row 0 when outside the keys: nothing is read. Unsigned: one 32 x 32 -> 64-bit
+      // multiply-add.)
+      const char* src = chunks + uint64_t(unsigned(max(r, 0))) * unsigned(row_bytes);
+#pragma unroll
+      for (int k = 0; k < kColumnSteps; ++k) {
+        Element* dst =
+            tile + place[k % kSpanSteps] + k / kSpanSteps * kBoxElems + i * 8 * Tile::kBoxColumns;
+        copy_chunk(dst, reinterpret_cast<const Element*>(src + k * 4 * 16),
+                   r >= 0 && (chunk + 4 * k) * kChunk < head_dim);
+      }
+    }
+    cutlass::arch::cpasync_barrier_arrive_noinc(full);
+  };
+  const auto k_tile = [&](int block) { return smem_k + k_ring.stage(block) * Tile::kElems; };
+  const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * Tile::kElems; };
+
+  // A block's V rows are its K rows: one lookup serves both.
+  int k_row = lookup(0), v_row = -1;
+  for (int block = 0; block < blocks.count; ++block) {
+    k_ring.acquire(block);
+    gather_block(k_chunks, k_tile(block), k_ring.full_barrier(block), k_row);
+    const int next_row = block + 1 < blocks.count ? lookup(block + 1) : -1;  // read ahead
+    if (block > 0) {
+      v_ring.acquire(block - 1);
+      gather_block(v_chunks, v_tile(block - 1), v_ring.full_barrier(block - 1), v_row);
+    }
+    v_row = k_row;
+    k_row = next_row;
+  }
+  const int last = blocks.count - 1;
+  v_ring.acquire(last);
+  gather_block(v_chunks, v_tile(last), v_ring.full_barrier(last), v_row);
+  cute::cp_async_wait<0>();  // (no thread exits with its copies in flight)
+}
+
 // kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
 // positive); a kernel without it holds no code for it (its registers are the 128-key tile's
-// limit, docs/design/cuda_attention.md).
-template <class Traits, typename OutT, bool kScorePass>
+// limit, docs/design/cuda_attention.md). kGather: the producer gathers small pages by cp.async
+// (gather_kv) instead of copying by TMA (produce_kv).
+template <class Traits, typename OutT, bool kScorePass, bool kGather = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
                                   const typename Traits::QkElement* __restrict__ q,
                                   OutT* __restrict__ out, float* __restrict__ lse,
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
+  static_assert(!kGather || !Traits::kFp8Qk, "gathers copy 16-bit K and V");
   using Element = typename Traits::Element;
   using QkElement = typename Traits::QkElement;
   constexpr int kBlockN = Traits::kBlockN;
@@ -267,12 +381,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
   const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
   if (threadIdx.x == 0) {
-    k_ring.init(consumer_groups);
+    // (Gathers: each producer thread arrives once its copies land; TMA: one arrival with the
+    // bytes to expect.)
+    const int fills = kGather ? kGroupThreads : 1;
+    k_ring.init(consumer_groups, fills);
     if constexpr (Traits::kFp8V) {  // V: released by the transposing warps, which fill V^T
       v_ring.init(Traits::kTransposeWarps);
       vt_ring.init(consumer_groups, Traits::kTransposeWarps);
     } else {
-      v_ring.init(consumer_groups);
+      v_ring.init(consumer_groups, fills);
     }
     cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
     cutlass::arch::fence_barrier_init();
@@ -281,8 +398,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (threadIdx.x < 32 && blocks.count > 0)
+    if constexpr (kGather) {
+      if (blocks.count > 0) gather_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, smem_k, smem_v);
+    } else if (threadIdx.x < 32 && blocks.count > 0) {
       produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
+    }
     if constexpr (Traits::kFp8V)
       if (threadIdx.x >= 32)
         transpose_v<Traits>(blocks, v_ring, vt_ring, smem_v, smem_vt, int(threadIdx.x) / 32 - 1);
@@ -332,6 +452,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
     };
     if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
+    // Gathered stages: the copies' generic-proxy writes, acquired by the wait on the full
+    // barrier, made visible to wgmma's async proxy (gather_kv). TMA writes in the async proxy.
+    const auto consumer_fence = [] {
+      if constexpr (kGather) fence_shared_for_wgmma();
+    };
     const auto k_tile = [&](int block) {
       return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
     };
@@ -366,6 +491,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       float s[1][Traits::kKeyAtoms][4];
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
       k_ring.wait(0);
+      consumer_fence();
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(0), s, group);
       pass_turn();
@@ -383,6 +509,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
       k_ring.wait(block);
       pv_ring.wait(block - 1);
+      consumer_fence();
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(block), s, group);
       fence_registers(o_regs);
@@ -404,6 +531,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (blocks.count > 0) {  // P V of the last block
       const int last = blocks.count - 1;
       pv_ring.wait(last);
+      consumer_fence();
       take_turn();
       fence_registers(o_regs);
       if (rescale) softmax.rescale(o, correction);
@@ -472,19 +600,34 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
       return invalid_argument(kOp,
                               "the Hopper kernel addresses K/V rows with 32 bits: arrays of at "
                               "most 2^31 - 1 rows (or JAX_FMHA_CUDA_FORWARD=portable)");
+    // Small pages: gathered by cp.async (16-bit K and V only; FP8 queries take TMA pages).
+    const bool gather = !Traits::kFp8Qk && p.kv.layout == KvLayout::kPaged &&
+                        hopper_gathers_kv(p.kv.pages.page_size);
     KvTensorMaps maps;
-    maps.run_rows = tma_run_rows(p.kv, Traits::kBlockN);
-    const char* error = nullptr;
-    if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
-        !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
-      return internal_error(kOp, "building the K/V tensor maps", error);
-    const auto run = [&](auto score_pass) {
-      constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
+    if (gather) {
+      maps.run_rows = 0;
+      maps.k_array = k;
+      maps.v_array = v;
+    } else {
+      maps.run_rows = tma_run_rows(p.kv, Traits::kBlockN);
+      const char* error = nullptr;
+      if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
+          !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
+        return internal_error(kOp, "building the K/V tensor maps", error);
+    }
+    const auto launch_kernel = [&](auto score_pass, auto gathers) {
+      constexpr auto kernel =
+          attention_forward_kernel_sm90<Traits, OutT, score_pass.value, gathers.value>;
       if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
         return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
       kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
           p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
       return xla::ffi::Error::Success();
+    };
+    const auto run = [&](auto score_pass) {
+      if constexpr (!Traits::kFp8Qk)
+        if (gather) return launch_kernel(score_pass, std::true_type{});
+      return launch_kernel(score_pass, std::false_type{});
     };
     // (FP8 queries too: from p.scale alone; a tile whose q_scale * k_scale is not positive
     // takes the pass at run time in the kernel without it.)
