@@ -47,6 +47,31 @@ struct OutputRows {
 template <class Traits, typename OutT>
 constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
 
+// The thread's share of a finished tile: its rows' LSE (natural log; one thread of each quad
+// writes it), and its normalized output pairs, given to store(r, col, a, b) for columns col
+// and col + 1 of tile row r (r = warp_row + 16 m + 8 h + lane / 4, every row of the tile).
+template <class Traits, class Store>
+__device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                            const OnlineSoftmax<Traits>& softmax, float* lse,
+                                            const OutputRows& dst, int64_t row_begin, int rows,
+                                            int warp_row, int lane, Store store) {
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row + 16 * m + 8 * h + lane / 4;
+      const float sum = quad_sum(softmax.row_sum[m][h]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key stays 0
+#pragma unroll
+      for (int d = 0; d < Traits::kDimAtoms; ++d)
+        store(r, 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv, o[m][d][2 * h + 1] * inv);
+      if (lane % 4 == 0 && r < rows)
+        lse[dst.lse_offset(row_begin + r)] =
+            sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+}
+
 // The kStoreThreads threads that hold the tile's accumulators (this one is `tid`, its warp's
 // rows from warp_row on) call this after the main loop; the shared memory must be free (no
 // copy in flight, every warp done reading it). sync(): a barrier of those threads.
@@ -59,24 +84,10 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
   constexpr int kPitch = kOutPitch<Traits, OutT>;
   static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
                 "output tile exceeds shared memory");
-  constexpr float kLn2 = 0.6931471805599453f;
   OutT* tile = static_cast<OutT*>(smem);
-  const int lane = tid % 32;
-#pragma unroll
-  for (int m = 0; m < Traits::kMmaM; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = warp_row + 16 * m + 8 * h + lane / 4;
-      const float sum = quad_sum(softmax.row_sum[m][h]);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key stays 0
-#pragma unroll
-      for (int d = 0; d < Traits::kDimAtoms; ++d)
-        store_pair(tile + r * kPitch + 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv,
-                   o[m][d][2 * h + 1] * inv);
-      if (lane % 4 == 0 && r < rows)
-        lse[dst.lse_offset(row_begin + r)] =
-            sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
-    }
+  finish_rows<Traits>(
+      o, softmax, lse, dst, row_begin, rows, warp_row, tid % 32,
+      [&](int r, int col, float a, float b) { store_pair(tile + r * kPitch + col, a, b); });
   sync();
   constexpr int kChunk = 16 / sizeof(OutT);
   constexpr int kChunksPerRow = Traits::kHeadDim / kChunk;
@@ -88,15 +99,32 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
   }
 }
 
+// The same without shared memory: each thread stores its pairs straight to global memory
+// (a quad writes 4 pairs of a row side by side), for kernels whose shared memory is still
+// being filled for the next tile.
+template <class Traits, typename OutT>
+__device__ __forceinline__ void store_rows(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                           const OnlineSoftmax<Traits>& softmax, OutT* out,
+                                           float* lse, const OutputRows& dst, int64_t row_begin,
+                                           int rows, int warp_row, int lane) {
+  const int head_dim = int(dst.p.head_dim);
+  finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, lane,
+                      [&](int r, int col, float a, float b) {
+                        if (r < rows && col < head_dim)
+                          store_pair(out + dst.out_offset(row_begin + r) + col, a, b);
+                      });
+}
+
 // The rows of a tile whose sequence has invalid K/V data (out-of-range page id, seq_lens
 // beyond the cache): NaN output and NaN LSE, as on the CPU.
+// `threads` threads share the stores (this one is `tid`).
 template <typename OutT>
 __device__ void store_nan_rows(OutT* out, float* lse, const OutputRows& dst, int64_t row_begin,
-                               int rows) {
+                               int rows, int tid, int threads) {
   const int64_t d = dst.p.head_dim;
-  for (int64_t c = threadIdx.x; c < rows * d; c += blockDim.x)
+  for (int64_t c = tid; c < rows * d; c += threads)
     out[dst.out_offset(row_begin + c / d) + c % d] = from_float<OutT>(NAN);
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) lse[dst.lse_offset(row_begin + r)] = NAN;
+  for (int r = tid; r < rows; r += threads) lse[dst.lse_offset(row_begin + r)] = NAN;
 }
 
 // Packed queries only: rows before cu_seqlens_q[0] or from cu_seqlens_q[B] on get 0 and LSE

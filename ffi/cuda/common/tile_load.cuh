@@ -22,9 +22,11 @@ __device__ __forceinline__ void copy_chunk(Element* smem_dst, const Element* gme
 // `keys` only: a split reads the pages of its own keys, not the 8192 ids of a 128k-key
 // sequence at page 16. A bad page id in another split's keys still turns every row of the
 // sequence into NaN, as on the CPU: that split's partial LSE is NaN, and the merge spreads
-// it. For pages, the CTA's threads check the ids together; every thread of the CTA must
-// call this (it synchronizes).
-__device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const KeyRange& keys) {
+// it. For pages, `threads` threads (this one is `tid`) check the ids together and any_of
+// (a barrier or a warp vote over them) combines their verdicts; each of them must call this.
+template <class AnyOf>
+__device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const KeyRange& keys,
+                                              int tid, int threads, AnyOf any_of) {
   if (kv.layout != KvLayout::kPaged) return kv.valid(b);
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
@@ -32,9 +34,9 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
   const int32_t* ids = kv.pages.ids(b);
   bool bad_page = false;
 #pragma unroll 4
-  for (int page = pages.first + int(threadIdx.x); page < pages.last; page += blockDim.x)
+  for (int page = pages.first + tid; page < pages.last; page += threads)
     bad_page |= !kv.pages.id_valid(ids[page]);
-  return !__syncthreads_or(bad_page);
+  return !any_of(bad_page);
 }
 
 // Where the tile's packed query rows live: row r of the tile is packed row row_begin + r of

@@ -2,13 +2,20 @@
 // (cuda/sm80/forward_kernel.cuh: same grid, tile placement, masks, softmax and epilogue),
 // warp-specialized. Why it is built so: docs/design/cuda_attention.md.
 //
+// Persistent: about one CTA per SM walks the tiles (row tile, KV head, split x sequence), the
+// last row tiles first (under a causal mask they see the most keys), so that one tile's
+// loads start while the last one's products and stores finish.
+//
 // One CTA = three warpgroups. The producer (warpgroup 0; one warp works, with few registers)
 // copies K and V key blocks by TMA into rings of kStages stages (sm90/pipeline.cuh), in the
-// order the consumers use them: K of block 0, then K of block n and V of block n - 1, then V
-// of the last block. The two consumer warpgroups (the registers the producer gave up) each
-// load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and O += P_{n-1} V_{n-1}
-// asynchronously, wait for S_n only, and compute the softmax of block n while P V still runs;
-// then wait for it, rescale O if a row maximum moved, and keep P_n in registers.
+// order the consumers use them: per tile, K of block 0, then K of block n and V of block
+// n - 1, then V of the last block. The two consumer warpgroups (the registers the producer
+// gave up) each load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and
+// O += P_{n-1} V_{n-1} asynchronously, wait for S_n only, and compute the softmax of block n
+// while P V still runs; then wait for it, rescale O if a row maximum moved, and keep P_n in
+// registers. Each stores its rows straight from registers (the shared memory already holds
+// the next tile's keys). Both consumers run every tile, also one of at most 64 rows: the
+// rings and the turns count on both.
 //
 // The two consumers take turns issuing their products (named barriers, "ping-pong"): while
 // one warpgroup's products occupy the tensor cores, the other computes its softmax.
@@ -20,6 +27,8 @@
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+
+#include <mutex>
 
 #include "common/attention_problem.h"
 #include "common/errors.h"
@@ -35,9 +44,34 @@
 
 namespace jax_fmha::cuda {
 
-// Named barriers (0 is __syncthreads): each consumer warpgroup's Q, the consumers' turns,
-// and the epilogue of both consumers.
-enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kConsumersDone = 5 };
+// Named barriers (0 is __syncthreads): each consumer warpgroup's Q and the consumers' turns.
+enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3 };
+
+// The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first.
+struct TileWalk {
+  int64_t row_tiles, per_row_tile;  // per_row_tile: KV heads x batch x splits
+
+  template <int kBlockM>
+  __device__ __forceinline__ static TileWalk of(const AttentionProblem& p) {
+    return {(p.q.max_len * p.group() + kBlockM - 1) / kBlockM,
+            p.num_kv_heads * p.batch * p.num_splits};
+  }
+  __device__ __forceinline__ int64_t count() const { return row_tiles * per_row_tile; }
+  template <int kBlockM, int kBlockN>
+  __device__ __forceinline__ bool locate(const AttentionProblem& p, int64_t t,
+                                         CtaTile& tile) const {
+    const int64_t rest = t % per_row_tile;
+    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - t / per_row_tile,
+                                         int(rest % p.num_kv_heads), rest / p.num_kv_heads, tile);
+  }
+};
+
+// Whether a tile's keys lie inside the K/V arrays, decided by one warp (every warp that
+// needs it decides alone, with no barrier between the roles).
+__device__ __forceinline__ bool tile_keys_valid(const AttentionProblem& p, const CtaTile& t) {
+  return kv_keys_valid(p.kv, t.b, t.split_range, int(threadIdx.x % 32), 32,
+                       [](bool bad) { return __any_sync(0xffffffffu, bad); });
+}
 
 // The key blocks of a tile, as the producer and the consumers walk them.
 struct KeyBlocks {
@@ -57,21 +91,21 @@ struct KeyBlocks {
 };
 
 // The producer warp: every K and V block of the tile, each as runs of maps.run_rows rows
-// (one per lane) of kColumnBoxes boxes.
+// (one per lane) of kColumnBoxes boxes. Block n is use use0 + n of both rings; `landings`
+// counts the uses of last_v_landed.
 template <class Traits>
-__device__ __forceinline__ void produce_kv(
-    const AttentionProblem& p, const KvTensorMaps& maps, const CtaTile& t, const KeyBlocks& blocks,
-    const StageRing<Traits::kStages>& k_ring, const StageRing<Traits::kStages>& v_ring,
-    uint64_t* last_v_landed, typename Traits::Element* smem_k, typename Traits::Element* smem_v) {
+__device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTensorMaps& maps,
+                                           const CtaTile& t, const KeyBlocks& blocks, int use0,
+                                           const StageRing<Traits::kStages>& k_ring,
+                                           const StageRing<Traits::kStages>& v_ring,
+                                           uint64_t* last_v_landed, int& landings,
+                                           typename Traits::Element* smem_k,
+                                           typename Traits::Element* smem_v) {
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN;
   const int lane = threadIdx.x % 32;
   const int run_rows = maps.run_rows;
   const int runs = kBlockN / run_rows;
-  if (lane == 0) {
-    prefetch_tensor_map(maps.k);
-    prefetch_tensor_map(maps.v);
-  }
   // The row of this lane's run of a block; -1 for lanes past the block's runs and runs past
   // the tile's keys (their page ids are never read).
   const auto run_row = [&](int block) {
@@ -92,35 +126,36 @@ __device__ __forceinline__ void produce_kv(
                  box * Traits::kBoxColumns, t.kv_head, row);
   };
   const auto k_tile = [&](int block) {
-    return smem_k + k_ring.stage(block) * Traits::kKvTileElems;
+    return smem_k + k_ring.stage(use0 + block) * Traits::kKvTileElems;
   };
   const auto v_tile = [&](int block) {
-    return smem_v + v_ring.stage(block) * Traits::kKvTileElems;
+    return smem_v + v_ring.stage(use0 + block) * Traits::kKvTileElems;
   };
 
   int k_row = run_row(0), v_row = -1;
   for (int block = 0; block < blocks.count; ++block) {
-    k_ring.acquire(block);
-    copy_block(maps.k, k_tile(block), k_ring.full_barrier(block), k_row, block);
+    k_ring.acquire(use0 + block);
+    copy_block(maps.k, k_tile(block), k_ring.full_barrier(use0 + block), k_row, block);
     const int next_row = block + 1 < blocks.count ? run_row(block + 1) : -1;  // read ahead
     if (block > 0) {
-      v_ring.acquire(block - 1);
-      copy_block(maps.v, v_tile(block - 1), v_ring.full_barrier(block - 1), v_row, block - 1);
+      v_ring.acquire(use0 + block - 1);
+      copy_block(maps.v, v_tile(block - 1), v_ring.full_barrier(use0 + block - 1), v_row,
+                 block - 1);
     }
     v_row = k_row;
     k_row = next_row;
   }
   const int last = blocks.count - 1;
   const int valid_rows = blocks.end - blocks.key_begin<kBlockN>(last);
-  v_ring.acquire(last);
+  v_ring.acquire(use0 + last);
   if (valid_rows == kBlockN) {
-    copy_block(maps.v, v_tile(last), v_ring.full_barrier(last), v_row, last);
+    copy_block(maps.v, v_tile(last), v_ring.full_barrier(use0 + last), v_row, last);
     return;
   }
   // The last V block ends inside: copy it, wait, zero its rows past the keys, then release it.
   Element* tile = v_tile(last);
   copy_block(maps.v, tile, last_v_landed, v_row, last);
-  cutlass::arch::ClusterBarrier::wait(last_v_landed, 0);
+  cutlass::arch::ClusterBarrier::wait(last_v_landed, landings++ % 2);
   constexpr int kChunksPerSpan = Traits::kSwizzleBytes / 16;
   const int chunks = (kBlockN - valid_rows) * Traits::kColumnBoxes * kChunksPerSpan;
   for (int c = lane; c < chunks; c += 32) {
@@ -131,7 +166,7 @@ __device__ __forceinline__ void produce_kv(
   }
   fence_shared_for_wgmma();
   __syncwarp();
-  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
+  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(use0 + last));
 }
 
 template <class Traits, typename OutT>
@@ -154,25 +189,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const StageRing<kStages> k_ring{barriers, barriers + kStages};
   const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
   uint64_t* last_v_landed = barriers + 4 * kStages;
-
-  CtaTile t;
-  if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
-  // A tile of at most 64 rows leaves the second consumer idle: it neither computes nor
-  // releases stages, nor takes turns.
-  const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
-  const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
   if (threadIdx.x == 0) {
-    k_ring.init(consumer_groups);
-    v_ring.init(consumer_groups);
+    k_ring.init(Traits::kConsumerGroups);
+    v_ring.init(Traits::kConsumerGroups);
     cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  const TileWalk walk = TileWalk::of<Traits::kBlockM>(p);
 
   if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (threadIdx.x < 32 && blocks.count > 0)
-      produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
+    if (threadIdx.x >= 32) return;
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(maps.k);
+      prefetch_tensor_map(maps.v);
+    }
+    int use0 = 0, landings = 0;  // the rings' uses of the tile's block 0; last_v_landed's
+    for (int64_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+      CtaTile t;
+      if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t) || !tile_keys_valid(p, t)) continue;
+      const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+      if (blocks.count == 0) continue;
+      produce_kv<Traits>(p, maps, t, blocks, use0, k_ring, v_ring, last_v_landed, landings, smem_k,
+                         smem_v);
+      use0 += blocks.count;
+    }
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -180,39 +222,46 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int group = thread / kGroupThreads;
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
-  const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
   const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+  // Turns: each consumer issues its products after the other's.
+  const auto take_turn = [&] {
+    cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kTurn + group);
+  };
+  const auto pass_turn = [&] {
+    cutlass::arch::NamedBarrier::arrive(2 * kGroupThreads, kTurn + 1 - group);
+  };
 
-  float o[1][Traits::kDimAtoms][4];
+  int use0 = 0;  // the rings' use of the tile's block 0
+  for (int64_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+    CtaTile t;
+    if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t)) continue;
+    if (!tile_keys_valid(p, t)) {
+      store_nan_rows(out, lse, t.output(p), t.row_begin, t.rows, thread, Traits::kConsumerThreads);
+      continue;
+    }
+    const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+    const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
+    float o[1][Traits::kDimAtoms][4];
 #pragma unroll
-  for (int d = 0; d < Traits::kDimAtoms; ++d)
+    for (int d = 0; d < Traits::kDimAtoms; ++d)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-  auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
-  OnlineSoftmax<Traits> softmax;
-  ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
+      for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
+    auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
+    OnlineSoftmax<Traits> softmax;
+    ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
-  if (group < consumer_groups) {
-    load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
-        smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
-        thread % kGroupThreads);
-    cute::cp_async_wait<0>();
-    fence_shared_for_wgmma();
-    cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
-
-    // Turns: each consumer issues its products after the other's (one consumer: after its
-    // own, which orders nothing but keeps the code free of branches between the products'
-    // issue and wait, where ptxas would serialize them).
-    // (A lone consumer's barrier counts its own 128 threads: each arrive or sync completes.)
-    const int next_group = (group + 1) % consumer_groups;
-    const int turn_threads = consumer_groups * kGroupThreads;
-    const auto take_turn = [&] { cutlass::arch::NamedBarrier::sync(turn_threads, kTurn + group); };
-    const auto pass_turn = [&] {
-      cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
-    };
-    if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
-    const auto k_tile = [&](int block) { return smem_k + k_ring.stage(block) * kTile; };
-    const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * kTile; };
+    if (blocks.count > 0) {
+      // (Q's last reader, this group's last product of the previous tile, has completed.)
+      load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
+          smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+          thread % kGroupThreads);
+      cute::cp_async_wait<0>();
+      fence_shared_for_wgmma();
+      cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
+      if (group == 1) pass_turn();  // consumer 0 goes first
+    }
+    const auto k_tile = [&](int block) { return smem_k + k_ring.stage(use0 + block) * kTile; };
+    const auto v_tile = [&](int block) { return smem_v + v_ring.stage(use0 + block) * kTile; };
 
     // The softmax of block n's scores: masked, then probabilities and the factor O must be
     // rescaled by; returns whether any row of the warp needs it.
@@ -229,12 +278,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                              // between the issue and the wait of the loop's products)
       float s[1][Traits::kKeyAtoms][4];
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(0);
+      k_ring.wait(use0);
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(0), s, thread);
       pass_turn();
       wait_products<0>();
-      if (leader) k_ring.release(0);
+      if (leader) k_ring.release(use0);
       fence_registers(s_regs);
       softmax_of(s, 0);  // (O is still 0: nothing to rescale)
       pack_probabilities<Traits>(s, probs);
@@ -242,8 +291,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int block = 1; block < blocks.count; ++block) {
       float s[1][Traits::kKeyAtoms][4];
       auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(block);
-      v_ring.wait(block - 1);
+      k_ring.wait(use0 + block);
+      v_ring.wait(use0 + block - 1);
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(block), s, thread);
       fence_registers(o_regs);
@@ -251,11 +300,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
       pass_turn();
       wait_products<1>();  // S; P V of the last block still runs
-      if (leader) k_ring.release(block);
+      if (leader) k_ring.release(use0 + block);
       fence_registers(s_regs);
       const bool rescale = softmax_of(s, block);
       wait_products<0>();
-      if (leader) v_ring.release(block - 1);
+      if (leader) v_ring.release(use0 + block - 1);
       fence_registers(o_regs);
       fence_registers(probs);
       if (rescale) softmax.rescale(o, correction);
@@ -263,34 +312,41 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     if (blocks.count > 0) {  // P V of the last block
       const int last = blocks.count - 1;
-      v_ring.wait(last);
+      v_ring.wait(use0 + last);
       take_turn();
       fence_registers(o_regs);
       fence_registers(probs);
       issue_pv<Traits>(probs, v_tile(last), o, thread);
       pass_turn();
       wait_products<0>();
-      if (leader) v_ring.release(last);
+      if (leader) v_ring.release(use0 + last);
       fence_registers(o_regs);
-      if (group == 0) take_turn();  // the last consumer's last pass (it passed first)
+      if (group == 0) take_turn();  // consumer 1's last pass (it passed first)
     }
+    store_rows<Traits, OutT>(o, softmax, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
+                             thread % 32);
+    use0 += blocks.count;
   }
-  // Every copy has landed and been read once both consumers are here: the output tile reuses
-  // the shared memory.
-  static_assert(Traits::kBlockM * kOutPitch<Traits, OutT> * sizeof(OutT) <= Traits::kBarriersOffset,
-                "the output tile must not overlap the mbarriers");
-  const auto consumers_sync = [] {
-    cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kConsumersDone);
-  };
-  consumers_sync();
-  store_tile<Traits, OutT, Traits::kConsumerThreads>(o, softmax, sm90_smem, out, lse, t.output(p),
-                                                     t.row_begin, t.rows, warp_row, thread,
-                                                     consumers_sync);
 #endif
 }
 
+// The current device's multiprocessors, queried once per device; 0 if the query fails.
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static int count[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 0;
+  std::call_once(once[device], [&] {
+    if (cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device) !=
+        cudaSuccess)
+      count[device] = 0;
+  });
+  return count[device];
+}
+
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
-// tensor maps instead of the K and V pointers.
+// tensor maps instead of the K and V pointers, and runs a persistent grid.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim>
@@ -314,7 +370,11 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     if (!make_kv_tensor_map<Traits>(p, k, maps.run_rows, &maps.k, &error) ||
         !make_kv_tensor_map<Traits>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
-    kernel<Traits, OutT><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+    // Persistent: one CTA an SM, at most one a tile.
+    const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
+    const int sms = multiprocessor_count();
+    const unsigned ctas = unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles);
+    kernel<Traits, OutT><<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
         p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
     return xla::ffi::Error::Success();
   }
