@@ -231,6 +231,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cutlass::arch::NamedBarrier::arrive(2 * kGroupThreads, kTurn + 1 - group);
   };
 
+  // The turns run on across tiles, so that no consumer can pass twice before the other took
+  // the first pass (a named barrier would count both and complete without the other).
+  if (group == 1) pass_turn();  // consumer 0 goes first
+
   int use0 = 0;  // the rings' use of the tile's block 0
   for (int64_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
     CtaTile t;
@@ -258,7 +262,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::cp_async_wait<0>();
       fence_shared_for_wgmma();
       cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
-      if (group == 1) pass_turn();  // consumer 0 goes first
     }
     const auto k_tile = [&](int block) { return smem_k + k_ring.stage(use0 + block) * kTile; };
     const auto v_tile = [&](int block) { return smem_v + v_ring.stage(use0 + block) * kTile; };
@@ -321,12 +324,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       wait_products<0>();
       if (leader) v_ring.release(use0 + last);
       fence_registers(o_regs);
-      if (group == 0) take_turn();  // consumer 1's last pass (it passed first)
     }
     store_rows<Traits, OutT>(o, softmax, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
                              thread % 32);
     use0 += blocks.count;
   }
+  if (group == 0) take_turn();  // consumer 1's last pass (it passed first)
 #endif
 }
 
