@@ -20,7 +20,10 @@ Timing: each function is jitted once and warmed up, then timed with ``block_unti
 (median of the samples; each sample loops over calls until it lasts 20 ms on the GPU,
 2 ms on the CPU); 3 input sets are rotated when one set is small enough to stay in cache.
 Rates: TFLOP/s with FlashAttention-3's count (4 * B * Hq * Sq * Sk * D, half when causal),
-or, for decode, GB/s of KV-cache bytes read (2 * B * Sk * Hkv * D * itemsize / time).
+or, for decode, GB/s of KV-cache bytes read (2 * B * Sk * Hkv * D * itemsize / time). The
+decode suite on the GPU also runs FP8 (float8_e4m3fn) caches at pages 16 and 256, against
+ours over the same values in a bfloat16 cache (``jax_fmha_bf16_cache``): GB/s of FP8 bytes,
+and tokens/s (B / time) in every decode row.
 ``speedup`` is the best peer's time over ours (> 1: ours is faster).
 
 Importable (see attention.ipynb): ``run(...)`` returns the results dict written as JSON,
@@ -68,6 +71,7 @@ SIZES = {
     decode_batches=(1, 4, 16, 64, 256),
     decode_kv=(1024, 4096, 16384, 131072),
     decode_max_tokens=2**20,  # B * Sk cap: 4 GiB of bf16 K+V at 8 KV heads, d128
+    fp8_decode=((64, 4096), (8, 32768), (1, 131072)),  # (B, Sk), at pages 16 and 256
     varlen_tokens=16384,
     varlen_max=(512, 2048, 8192),
     varlen_heads=16,
@@ -85,6 +89,7 @@ SIZES = {
     decode_batches=(1, 8),
     decode_kv=(1024, 8192),
     decode_max_tokens=2**16,
+    fp8_decode=((8, 8192),),
     varlen_tokens=2048,
     varlen_max=(256, 1024),
     varlen_heads=4,
@@ -102,6 +107,7 @@ SIZES = {
     decode_batches=(1, 4),
     decode_kv=(256, 1024),
     decode_max_tokens=2**12,
+    fp8_decode=((4, 1024),),
     varlen_tokens=512,
     varlen_max=(128, 512),
     varlen_heads=2,
@@ -109,6 +115,8 @@ SIZES = {
 }
 PAGE_SIZES = (16, 64, 256)
 DECODE = dict(q_heads=32, kv_heads=8, head_dim=128, page=16)
+FP8_DECODE_PAGES = (16, 256)
+BF16_CACHE = "jax_fmha_bf16_cache"  # FP8 decode rows: ours over the same cache in bfloat16
 
 # Timing per implementation and case: timed samples until the budget is spent (at least
 # one, at most max_reps); a sample loops over calls until it lasts min_sample_s.
@@ -142,6 +150,7 @@ class Case:
   impls: dict  # name -> Impl, or a str: why that peer is skipped
   work: float  # FLOPs, or bytes for GB/s
   metric: str  # "TFLOP/s" or "GB/s"
+  tokens: int = 0  # decode: tokens one call generates (one a sequence), for tokens/s
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,6 +450,36 @@ def our_num_splits(*, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, page, de
   )
 
 
+def decode_shape(*, batch, seq_k, page, dtype, **extra) -> dict:
+  """The shape of a decode row (DECODE's heads and head dim)."""
+  return dict(
+    batch=batch,
+    seqlen_q=1,
+    seqlen_k=seq_k,
+    q_heads=DECODE["q_heads"],
+    kv_heads=DECODE["kv_heads"],
+    head_dim=DECODE["head_dim"],
+    page_size=page,
+    dtype=_name(dtype),
+    **extra,
+  )
+
+
+def decode_inputs(key, *, batch, seq_k, page, dtype) -> dict:
+  """A decode row's paged inputs (DECODE's heads and head dim)."""
+  return paged_inputs(
+    key,
+    batch=batch,
+    seq_q=1,
+    seq_k=seq_k,
+    q_heads=DECODE["q_heads"],
+    kv_heads=DECODE["kv_heads"],
+    head_dim=DECODE["head_dim"],
+    page=page,
+    dtype=dtype,
+  )
+
+
 def decode_case(peers, *, batch, seq_k, dtype) -> Case:
   q_heads, kv_heads, head_dim, page = (
     DECODE[n] for n in ("q_heads", "kv_heads", "head_dim", "page")
@@ -514,31 +553,60 @@ def decode_case(peers, *, batch, seq_k, dtype) -> Case:
     group=f"batch {batch} {_name(dtype)}",
     x=seq_k,
     label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {_name(dtype)}",
-    shape=dict(
-      batch=batch,
-      seqlen_q=1,
-      seqlen_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page_size=page,
-      dtype=_name(dtype),
-      num_splits=splits,
-    ),
-    make_inputs=lambda key: paged_inputs(
-      key,
-      batch=batch,
-      seq_q=1,
-      seq_k=seq_k,
-      q_heads=q_heads,
-      kv_heads=kv_heads,
-      head_dim=head_dim,
-      page=page,
-      dtype=dtype,
-    ),
+    shape=decode_shape(batch=batch, seq_k=seq_k, page=page, dtype=dtype, num_splits=splits),
+    make_inputs=lambda key: decode_inputs(key, batch=batch, seq_k=seq_k, page=page, dtype=dtype),
     impls=impls,
     work=kv_bytes,
     metric="GB/s",
+    tokens=batch,
+  )
+
+
+def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
+  """Paged decode over an FP8 cache (the bf16 rows' shape, jax_fmha.quantize_kv's scales),
+  against ours over the same values in a bfloat16 cache; GB/s of FP8 bytes read."""
+  q_heads, kv_heads, head_dim = (DECODE[n] for n in ("q_heads", "kv_heads", "head_dim"))
+
+  def make_inputs(key):
+    x = decode_inputs(key, batch=batch, seq_k=seq_k, page=page, dtype=dtype)
+    k, k_scale = jax_fmha.quantize_kv(x["k"], cache_dtype)
+    v, v_scale = jax_fmha.quantize_kv(x["v"], cache_dtype)
+    return dict(x, k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+
+  def ours(x):
+    return jax_fmha.attention(
+      x["q"],
+      x["k"],
+      x["v"],
+      block_table=x["block_table"],
+      seq_lens=x["seq_lens"],
+      k_scale=x["k_scale"],
+      v_scale=x["v_scale"],
+    )
+
+  def dequantize(x):  # untimed: the bfloat16 cache holding the same values
+    def bf16(cache, scale):
+      return (cache.astype(jnp.float32) * scale[:, None]).astype(dtype)
+
+    return dict(x, k=bf16(x["k"], x["k_scale"]), v=bf16(x["v"], x["v_scale"]))
+
+  def bf16_cache(x):
+    return jax_fmha.attention(
+      x["q"], x["k"], x["v"], block_table=x["block_table"], seq_lens=x["seq_lens"]
+    )
+
+  name = _name(cache_dtype)
+  return Case(
+    suite="decode",
+    group=f"{name} cache page {page}",
+    x=seq_k,
+    label=f"b{batch} sk{seq_k} h{q_heads}/{kv_heads} d{head_dim} page{page} {name}",
+    shape=decode_shape(batch=batch, seq_k=seq_k, page=page, dtype=dtype, cache_dtype=name),
+    make_inputs=make_inputs,
+    impls={OURS: Impl(ours), BF16_CACHE: Impl(bf16_cache, prepare=dequantize)},
+    work=2 * batch * seq_k * kv_heads * head_dim,  # one byte an element
+    metric="GB/s",
+    tokens=batch,
   )
 
 
@@ -730,6 +798,14 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
       for sk in c["decode_kv"]:
         if b * sk <= c["decode_max_tokens"]:
           cases.append(decode_case(peers, batch=b, seq_k=sk, dtype=dtype))
+    if peers.backend == "gpu":
+      for page in FP8_DECODE_PAGES:
+        for b, sk in c["fp8_decode"]:
+          cases.append(
+            fp8_decode_case(
+              batch=b, seq_k=sk, page=page, cache_dtype=jnp.float8_e4m3fn, dtype=dtype
+            )
+          )
   elif suite == "varlen":
     for i, m in enumerate(c["varlen_max"]):
       cases.append(
@@ -865,6 +941,8 @@ def measure(case: Case, backend: str, seed: int, timing: dict | None = None) -> 
     row["ms"][name] = ms
     row["rate"][name] = case.work / ms / scale
     row["calls"][name] = calls
+    if case.tokens:
+      row.setdefault("tokens_per_s", {})[name] = case.tokens / (ms / 1e3)
   peers = {
     n: t
     for n, t in row["ms"].items()  # a peer with a wrong output is not compared
@@ -894,6 +972,8 @@ def format_row(row: dict) -> str:
   tail = f"  x{row['speedup']:.2f} vs {row['best_peer']}" if row.get("speedup") else ""
   if "vs_dense" in row:
     tail += f"  paged/dense x{row['vs_dense']:.2f}"
+  if OURS in row.get("tokens_per_s", {}):
+    tail += f"  {row['tokens_per_s'][OURS]:.3g} tokens/s"
   return f"{row['label']:<44} {ours} | {others}{tail}"
 
 
@@ -1102,7 +1182,8 @@ def main(argv=None) -> None:
 
 
 def _name(dtype) -> str:
-  return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[jnp.dtype(dtype).name]
+  names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "e4m3fn"}
+  return names[jnp.dtype(dtype).name]
 
 
 def _tokens(n: int) -> str:

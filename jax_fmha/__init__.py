@@ -10,7 +10,7 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from jax_fmha import reference
 from jax_fmha._ffi import FFI_TARGETS, build_info
 from jax_fmha.attention import attention
-from jax_fmha.kv_cache import attention_with_kvcache, update_kv_cache
+from jax_fmha.kv_cache import attention_with_kvcache, quantize_kv, update_kv_cache
 from jax_fmha.merge import merge_attention_states
 from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
 
@@ -24,6 +24,7 @@ __all__ = [
   "build_info",
   "geglu",
   "merge_attention_states",
+  "quantize_kv",
   "reference",
   "rms_norm",
   "rms_norm_residual",

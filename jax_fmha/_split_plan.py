@@ -40,11 +40,12 @@ def num_splits(
   head_dim: int,
   page_size: int,
   device: jax.Device,
+  fp8_kv: bool = False,
 ) -> int:
   """Split-KV splits for a problem on `device`, from static information only (never device
   data, so CUDA graphs stay valid): the CPU's thread count, or the GPU's multiprocessor count
   and compute capability (which select the forward kernel). page_size is 0 when the keys are
-  not paged."""
+  not paged; fp8_kv says the keys and values are FP8 (the Hopper kernel does not take them)."""
   if device.platform == "cpu":
     platform, parallelism, cc_major = "cpu", os.cpu_count() or 1, 0
   else:
@@ -65,4 +66,5 @@ def num_splits(
     max_seqlen_k,
     head_dim,
     page_size,
+    fp8_kv,
   )

@@ -30,6 +30,8 @@ PackedLayout = Literal["concat", "interleaved"]  # the GLU layouts of one packed
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PACKED_LAYOUTS: tuple[str, ...] = get_args(PackedLayout)
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The storage formats of quantized (FP8) KV caches; the kernels dequantize them on load.
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,6 +58,62 @@ def rank(name: str, x, ranks: tuple[int, ...], meaning: str):
 def float_dtype(name: str, x):
   if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
     raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {x.dtype}")
+
+
+def is_fp8(x) -> bool:
+  return jnp.dtype(x.dtype) in FP8_DTYPES
+
+
+def kv_dtype(name: str, x):
+  """Keys or values: a float dtype, or an FP8 cache format."""
+  if jnp.dtype(x.dtype) not in FLOAT_DTYPES + FP8_DTYPES:
+    raise TypeError(
+      f"{name}: expected dtype float32, bfloat16 or float16 (q's), or an FP8 cache "
+      f"(float8_e4m3fn, float8_e5m2), got {x.dtype}"
+    )
+
+
+def fp8_dtype(name: str, dtype):
+  dtype = jnp.dtype(dtype)
+  if dtype not in FP8_DTYPES:
+    raise TypeError(f"{name}: expected float8_e4m3fn or float8_e5m2, got {dtype}")
+  return dtype
+
+
+def kv_scales(kv_names: tuple[str, str], kv, scales: dict, num_kv_heads: int):
+  """The dequantization scales of keys and values `kv` (named `kv_names`): float32
+  ``[Hkv]`` each for FP8 ``kv`` (``scales`` maps each scale's name to a Python number, a
+  float32 scalar or ``[Hkv]`` array, or None for 1.0), None each otherwise (where giving
+  one is an error)."""
+  if not is_fp8(kv):
+    for name, scale in scales.items():
+      if scale is not None:
+        raise ValueError(
+          f"{name}: dequantization scales are for FP8 {' and '.join(kv_names)} "
+          f"(float8_e4m3fn, float8_e5m2), got {kv_names[0]} of dtype {kv.dtype}: drop {name}"
+        )
+    return tuple(None for _ in scales)
+  return tuple(_scale_vector(name, scale, num_kv_heads) for name, scale in scales.items())
+
+
+def _scale_vector(name: str, scale, num_kv_heads: int):
+  if scale is None:
+    return jnp.ones((num_kv_heads,), jnp.float32)
+  if isinstance(scale, (bool, np.bool_)):
+    raise TypeError(f"{name}: expected a float scale, got {scale!r}")
+  if isinstance(scale, (int, float)):  # Python numbers: float32 (also under x64)
+    return jnp.full((num_kv_heads,), scale, jnp.float32)
+  scale = array(name, scale)
+  if jnp.dtype(scale.dtype) != jnp.dtype(jnp.float32):
+    raise TypeError(
+      f"{name}: expected float32 (a Python float or a float32 array), got {scale.dtype}"
+    )
+  if scale.shape not in ((), (num_kv_heads,)):
+    raise ValueError(
+      f"{name}: expected a scalar or shape [Hkv={num_kv_heads}] (one scale per KV head), "
+      f"got shape {tuple(scale.shape)}"
+    )
+  return jnp.broadcast_to(scale, (num_kv_heads,))
 
 
 def same_dtype(names: tuple[str, ...], *xs):
@@ -172,6 +230,8 @@ class AttentionProblem:
   cu_seqlens_k: jax.Array | None
   seq_lens: jax.Array | None
   block_table: jax.Array | None
+  k_scale: jax.Array | None  # FP8 k and v: float32 [Hkv] dequantization scales
+  v_scale: jax.Array | None
   scale: float
   softcap: float
   window: tuple[int, int]
@@ -193,6 +253,8 @@ class AttentionProblem:
       cu_seqlens_k=self.cu_seqlens_k,
       seq_lens=self.seq_lens,
       block_table=self.block_table,
+      k_scale=self.k_scale,
+      v_scale=self.v_scale,
     )
 
   def attributes(self) -> dict:
@@ -221,14 +283,19 @@ def attention(
   block_table,
   seq_lens,
   num_splits,
+  k_scale,
+  v_scale,
   backend,
 ) -> AttentionProblem:
   """Checks the arguments of ``jax_fmha.attention``; returns the canonical problem."""
   known_backend(backend)
   q, k, v = (array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    float_dtype(name, x)
-  same_dtype(("q", "k", "v"), q, k, v)
+  float_dtype("q", q)
+  kv_dtype("k", k)
+  kv_dtype("v", v)
+  same_dtype(("k", "v"), k, v)
+  if not is_fp8(k):
+    same_dtype(("q", "k", "v"), q, k, v)
   if v.shape != k.shape:
     raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
@@ -237,6 +304,7 @@ def attention(
     q, k, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, batch, max_seqlen_k
   )
   _heads(q, k, backend)
+  k_scale, v_scale = kv_scales(("k", "v"), k, {"k_scale": k_scale, "v_scale": v_scale}, k.shape[-2])
   window, scale, softcap, num_splits = _transform(
     q.shape[-1], causal, window, scale, softcap, num_splits, backend
   )
@@ -248,6 +316,8 @@ def attention(
     cu_seqlens_k=cu_seqlens_k,
     seq_lens=seq_lens,
     block_table=block_table,
+    k_scale=k_scale,
+    v_scale=v_scale,
     scale=scale,
     softcap=softcap,
     window=window,
@@ -393,10 +463,21 @@ class KvCacheUpdate(NamedTuple):
   cache_seqlens: jax.Array
   cu_seqlens_new: jax.Array | None
   kv_layout: KvLayout
+  k_scale: jax.Array | None  # FP8 caches: float32 [Hkv] quantization scales
+  v_scale: jax.Array | None
 
 
 def update_kv_cache(
-  k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, backend
+  k_cache,
+  v_cache,
+  k_new,
+  v_new,
+  block_table,
+  cache_seqlens,
+  cu_seqlens_new,
+  k_scale,
+  v_scale,
+  backend,
 ) -> KvCacheUpdate:
   """Checks the arguments of ``jax_fmha.update_kv_cache``."""
   known_backend(backend)
@@ -404,9 +485,14 @@ def update_kv_cache(
     array(n, x)
     for n, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
   )
-  for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-    float_dtype(name, x)
-  same_dtype(("k_cache", "v_cache", "k_new", "v_new"), k_cache, v_cache, k_new, v_new)
+  kv_dtype("k_cache", k_cache)
+  kv_dtype("v_cache", v_cache)
+  float_dtype("k_new", k_new)
+  float_dtype("v_new", v_new)
+  same_dtype(("k_cache", "v_cache"), k_cache, v_cache)
+  same_dtype(("k_new", "v_new"), k_new, v_new)
+  if not is_fp8(k_cache):
+    same_dtype(("k_cache", "v_cache", "k_new", "v_new"), k_cache, v_cache, k_new, v_new)
   rank(
     "k_cache",
     k_cache,
@@ -446,8 +532,20 @@ def update_kv_cache(
         f"the new tokens' batch {batch}"
       )
     kv_layout = "cache"
+  k_scale, v_scale = kv_scales(
+    ("k_cache", "v_cache"), k_cache, {"k_scale": k_scale, "v_scale": v_scale}, k_cache.shape[-2]
+  )
   return KvCacheUpdate(
-    k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, kv_layout
+    k_cache,
+    v_cache,
+    k_new,
+    v_new,
+    block_table,
+    cache_seqlens,
+    cu_seqlens_new,
+    kv_layout,
+    k_scale,
+    v_scale,
   )
 
 

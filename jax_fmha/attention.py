@@ -8,10 +8,11 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jax_fmha import _split_plan, _validation, reference
+from jax_fmha._partitioning import SplitRule
 from jax_fmha._primitives import (
   broadcast_batched,
   define_ffi_primitive,
-  derived_aval,
+  empty_f32,
   empty_i32,
   map_over_batch,
 )
@@ -35,6 +36,8 @@ def attention(
   block_table: ArrayLike | None = None,
   seq_lens: ArrayLike | None = None,
   num_splits: int | None = None,
+  k_scale: ArrayLike | None = None,
+  v_scale: ArrayLike | None = None,
   return_lse: bool = False,
   backend: Backend = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -68,6 +71,14 @@ def attention(
   on the GPU the kernel takes bfloat16/float16: cast (``q.astype(jnp.bfloat16)``, the
   same for k and v); float32 there raises a TypeError at trace time.
 
+  FP8 keys and values (a quantized KV cache, in any layout): k and v of one dtype,
+  ``float8_e4m3fn`` or ``float8_e5m2``, stand for ``k * k_scale[kv_head]`` and
+  ``v * v_scale[kv_head]``, with q of any of the dtypes above (the output's). The kernel
+  folds the scales into the scores and the output, so the result is attention over the
+  dequantized (float32) keys and values. ``jax_fmha.quantize_kv`` makes such a cache;
+  ``update_kv_cache`` appends to one. FP8 runs on the CPU and CUDA backends and the
+  reference; on the GPU q is bfloat16 or float16, as always there.
+
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
       ``Sk`` keys sees keys ``j <= i + Sk - Sq`` (the last query sees every key). Same as
@@ -84,6 +95,9 @@ def attention(
       device (more splits when batch x KV heads x query blocks cannot fill the device's
       multiprocessors or CPU threads); ``1`` disables; ``N`` forces N splits, merged with
       ``merge_attention_states``'s kernel.
+    k_scale, v_scale: dequantization scales of FP8 k and v: a Python float or a float32
+      scalar or ``[Hkv]`` array (one per KV head); default 1.0. Only for FP8 k and v (a
+      ValueError otherwise). Finite and positive (not checked: they are data).
     return_lse: also return the natural-log log-sum-exp of the scaled (softcapped) scores,
       float32 ``[B, Hq, Sq]`` (dense q) or ``[Hq, Tq]`` (packed q).
     backend: ``"auto"``: the jax_fmha kernel of the platform the computation is placed on
@@ -118,6 +132,8 @@ def attention(
     block_table=block_table,
     seq_lens=seq_lens,
     num_splits=num_splits,
+    k_scale=k_scale,
+    v_scale=v_scale,
     backend=backend,
   )
   if backend == "reference":
@@ -139,6 +155,7 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
       head_dim=p.q.shape[-1],
       page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
       device=_split_plan.target_device(p.q),
+      fp8_kv=_validation.is_fp8(p.k),
     )
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
@@ -151,44 +168,65 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------------------------------
 
 
-def _attention_abstract_eval(
-  q,
-  k,
-  v,
-  cu_seqlens_q,
-  cu_seqlens_k,
-  seq_lens,
-  block_table,
-  *,
-  scale,
-  softcap,
-  window_left,
-  window_right,
-  kv_layout,
-  num_splits,
-  max_seqlen_q,
-):
-  if q.ndim == 4:  # dense [B, Sq, Hq, D] -> lse [B, Hq, Sq]
-    lse_shape, lse_axes = (q.shape[0], q.shape[2], q.shape[1]), (0, 2, 1)
-  else:  # packed [Tq, Hq, D] -> lse [Hq, Tq]
-    lse_shape, lse_axes = (q.shape[1], q.shape[0]), (1, 0)
+def _attention_abstract_eval(q, *avals, num_splits, **params):
+  # Dense q [B, Sq, Hq, D] -> lse [B, Hq, Sq]; packed q [Tq, Hq, D] -> lse [Hq, Tq].
+  lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.ndim == 4 else (q.shape[1], q.shape[0])
   if num_splits == 1:
-    return (q.update(), derived_aval(q, lse_shape, jnp.float32, lse_axes))
+    return (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32))
   # Split-KV: float32 partial outputs and LSEs, one per split, on a new leading axis.
-  out = derived_aval(q, (num_splits,) + q.shape, jnp.float32, (None,) + tuple(range(q.ndim)))
-  lse = derived_aval(q, (num_splits,) + lse_shape, jnp.float32, (None,) + lse_axes)
-  return (out, lse)
+  splits = (int(num_splits),)
+  return (
+    jax.ShapeDtypeStruct(splits + q.shape, jnp.float32),
+    jax.ShapeDtypeStruct(splits + lse_shape, jnp.float32),
+  )
+
+
+# Each layout's keys and values. Page ids are global: a page pool splits on KV heads only.
+_KEYS = {
+  "uniform": "batch seq_k kv_heads head_dim",
+  "cache": "batch seq_k kv_heads head_dim",
+  "paged": "pages page_size kv_heads head_dim",
+  "packed": "tokens_k kv_heads head_dim",
+}
+
+
+def _attention_split_rule(q, k, *avals, kv_layout, num_splits, **params) -> SplitRule:
+  """Batch and heads split: query heads are (KV head, member of its group), KV head major,
+  as the kernel maps them, so a shard of query heads has its own KV heads. Sequences and
+  the head dimension are needed whole (splitting them is context parallelism). Absent
+  index operands and scales are placeholders (``_``); FP8 K/V scales split with their
+  heads."""
+  dense = q.ndim == 4
+  heads = "(kv_heads group)"
+  queries = f"batch seq_q {heads} head_dim" if dense else f"tokens_q {heads} head_dim"
+  lse = f"batch {heads} seq_q" if dense else f"{heads} tokens_q"
+  cu_seqlens_q = "_" if dense else "offsets_q"
+  cu_seqlens_k = "offsets_k" if kv_layout == "packed" else "_"
+  seq_lens = "batch" if kv_layout in ("cache", "paged") else "_"
+  block_table = "batch table_pages" if kv_layout == "paged" else "_ _"
+  scales = "kv_heads" if _validation.is_fp8(k) else "_"
+  splits = "" if num_splits == 1 else "_ "
+  return SplitRule(
+    f"{queries}, {_KEYS[kv_layout]}, {_KEYS[kv_layout]}, {cu_seqlens_q}, {cu_seqlens_k}, "
+    f"{seq_lens}, {block_table}, {scales}, {scales} -> {splits}{queries}, {splits}{lse}",
+    # Packed queries hold every sequence in one axis: nothing splits over the batch.
+    shardable={"batch", "kv_heads"} if dense else {"kv_heads"},
+    compound_sizes={"group": q.shape[-2] // k.shape[-2]},
+  )
 
 
 def _attention_batching(args, dims, **params):
   q = args[0]
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   dense_q = q.ndim - (dims[0] is not None) == 4
-  # Dense queries with dense / cached / paged keys: the vmapped axis folds into the batch.
-  # Packed (variable-length) forms run once per batch element.
-  if dense_q and params["kv_layout"] != "packed":
-    q, k, v, seq_lens, table = _fold_dense(args, dims, size, params["kv_layout"])
-    out, lse = attention_fwd_p.bind(q, k, v, args[3], args[4], seq_lens, table, **params)
+  scales_batched = dims[7] is not None or dims[8] is not None
+  # Dense queries with dense / cached / paged keys (and scales shared by the batch): the
+  # vmapped axis folds into the batch. Other forms run once per batch element.
+  if dense_q and params["kv_layout"] != "packed" and not scales_batched:
+    q, k, v, seq_lens, table = _fold_dense(args[:7], dims[:7], size, params["kv_layout"])
+    out, lse = attention_fwd_p.bind(
+      q, k, v, args[3], args[4], seq_lens, table, args[7], args[8], **params
+    )
     lead = 0 if params["num_splits"] == 1 else 1
     out = out.reshape(out.shape[:lead] + (size, -1) + out.shape[lead + 1 :])
     lse = lse.reshape(lse.shape[:lead] + (size, -1) + lse.shape[lead + 1 :])
@@ -232,6 +270,18 @@ attention_fwd_p = define_ffi_primitive(
   _attention_abstract_eval,
   _attention_batching,
   api_name="attention",
+  split_rule=_attention_split_rule,
+  operand_names=(
+    "q",
+    "k",
+    "v",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "seq_lens",
+    "block_table",
+    "k_scale",
+    "v_scale",
+  ),
   named_params={"kv_layout": "kv_layouts"},
   platform_check=_attention_platform_check,
 )
@@ -246,6 +296,8 @@ def attention_fwd(
   cu_seqlens_k=None,
   seq_lens=None,
   block_table=None,
+  k_scale=None,
+  v_scale=None,
   scale: float,
   softcap: float,
   window: tuple[int, int],
@@ -262,6 +314,8 @@ def attention_fwd(
     empty_i32() if cu_seqlens_k is None else cu_seqlens_k,
     empty_i32() if seq_lens is None else seq_lens,
     empty_i32(0, 0) if block_table is None else block_table,
+    empty_f32() if k_scale is None else k_scale,
+    empty_f32() if v_scale is None else v_scale,
     scale=np.float32(scale),
     softcap=np.float32(softcap),
     window_left=np.int32(window[0]),

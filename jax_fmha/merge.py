@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jax_fmha import _validation, reference
-from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, derived_aval
+from jax_fmha._partitioning import SplitRule, row_factors
+from jax_fmha._primitives import broadcast_batched, define_ffi_primitive
 from jax_fmha._validation import Backend
 
 
@@ -52,10 +53,19 @@ def merge_attention_states(
 
 
 def _merge_abstract_eval(partial_out, partial_lse, *, out_dtype):
-  rest = tuple(range(1, partial_out.ndim))
   return (
-    derived_aval(partial_out, partial_out.shape[1:], out_dtype, rest),
-    derived_aval(partial_lse, partial_lse.shape[1:], jnp.float32, rest[:-1]),
+    jax.ShapeDtypeStruct(partial_out.shape[1:], out_dtype),
+    jax.ShapeDtypeStruct(partial_lse.shape[1:], jnp.float32),
+  )
+
+
+def _merge_split_rule(partial_out, partial_lse, *, out_dtype) -> SplitRule:
+  """Row by row: every axis but the partial results' (merged) and the head dimension
+  splits."""
+  rows = row_factors(partial_lse.ndim - 1)
+  axes = " ".join(rows)
+  return SplitRule(
+    f"splits {axes} head_dim, splits {axes} -> {axes} head_dim, {axes}", shardable=set(rows)
   )
 
 
@@ -73,5 +83,7 @@ merge_states_p = define_ffi_primitive(
   _merge_abstract_eval,
   _merge_batching,
   api_name="merge_attention_states",
+  split_rule=_merge_split_rule,
+  operand_names=("outs", "lses"),
   static_params=("out_dtype",),
 )

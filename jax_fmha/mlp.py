@@ -13,12 +13,15 @@ layout of gate and up are attributes), ``jax_fmha_rms_norm`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
 from jax_fmha import _validation, reference
+from jax_fmha._partitioning import SplitRule, row_factors
 from jax_fmha._primitives import broadcast_batched, define_ffi_primitive, map_over_batch
 from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 
@@ -28,13 +31,15 @@ from jax_fmha._validation import Backend, GluActivation, GluLayout, PackedLayout
 
 
 def _define_rowwise_primitive(
-  target: str, abstract_eval, row_operands, api_name: str, **definition_args
+  target: str, abstract_eval, row_operands, split_rule, operand_names, api_name: str, **kwargs
 ):
   """A primitive whose first ``row_operands(params)`` operands are [..., hidden] arrays
   processed row by row; the others (a weight, an empty placeholder) are shared by all rows.
 
   vmap over row operands is one more leading axis (moved to the front; an unbatched row
   operand is broadcast). vmap over a shared operand falls back to one call per element.
+  Rows split over a mesh; `split_rule(rows, *avals, **params)` says how the hidden axis
+  does (``rows``: the leading axes' factors).
   """
 
   def batching(args, dims, **params):
@@ -45,39 +50,82 @@ def _define_rowwise_primitive(
     outs = primitive.bind(*broadcast_batched(args[:n], dims[:n], size), *args[n:], **params)
     return outs, [0] * len(outs)
 
+  def rows_split_rule(x, *avals, **params):
+    rows = row_factors(x.ndim - 1)
+    rule = split_rule(" ".join(rows), x, *avals, **params)
+    return dataclasses.replace(rule, shardable=rule.shardable | set(rows))
+
   primitive = define_ffi_primitive(
-    target, target, abstract_eval, batching, api_name, **definition_args
+    target,
+    target,
+    abstract_eval,
+    batching,
+    api_name,
+    split_rule=rows_split_rule,
+    operand_names=operand_names,
+    **kwargs,
   )
   return primitive
 
 
 def _glu_abstract_eval(gate, up, *, activation, layout):
   hidden = gate.shape[-1] if layout == "separate" else gate.shape[-1] // 2
-  return (gate.update(shape=gate.shape[:-1] + (hidden,)),)
+  return (jax.ShapeDtypeStruct(gate.shape[:-1] + (hidden,), gate.dtype),)
+
+
+def _glu_split_rule(rows, gate, up, *, activation, layout) -> SplitRule:
+  """Elementwise over the hidden axis, which splits, except in a packed ``[gate, up]``
+  concatenation (a shard would hold gates without their ups). Interleaved pairs split."""
+  if layout == "separate":
+    return SplitRule(f"{rows} hidden, {rows} hidden -> {rows} hidden", shardable={"hidden"})
+  if layout == "interleaved":
+    return SplitRule(
+      f"{rows} (hidden pair), _ -> {rows} hidden", shardable={"hidden"}, compound_sizes={"pair": 2}
+    )
+  return SplitRule(f"{rows} gate_up, _ -> {rows} hidden", shardable=frozenset())
 
 
 def _rms_norm_abstract_eval(x, weight, *, eps, weight_offset):
-  return (x.update(),)
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype),)
+
+
+def _rms_norm_split_rule(rows, x, weight, **params) -> SplitRule:
+  # The norm is a sum over the hidden axis: each call needs it whole.
+  return SplitRule(f"{rows} hidden, hidden -> {rows} hidden", shardable=frozenset())
 
 
 def _rms_norm_residual_abstract_eval(x, residual, weight, *, eps, weight_offset):
-  return (x.update(), x.update())
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype),) * 2
+
+
+def _rms_norm_residual_split_rule(rows, x, residual, weight, **params) -> SplitRule:
+  x_axes = f"{rows} hidden"
+  return SplitRule(f"{x_axes}, {x_axes}, hidden -> {x_axes}, {x_axes}", shardable=frozenset())
 
 
 glu_p = _define_rowwise_primitive(
   "jax_fmha_glu",
   _glu_abstract_eval,
   row_operands=lambda params: 2 if params["layout"] == "separate" else 1,
+  split_rule=_glu_split_rule,
+  operand_names=("gate", "up"),
   api_name="swiglu / jax_fmha.geglu",
   named_params={"activation": "glu_activations", "layout": "glu_layouts"},
 )
 rms_norm_p = _define_rowwise_primitive(
-  "jax_fmha_rms_norm", _rms_norm_abstract_eval, row_operands=lambda params: 1, api_name="rms_norm"
+  "jax_fmha_rms_norm",
+  _rms_norm_abstract_eval,
+  row_operands=lambda params: 1,
+  split_rule=_rms_norm_split_rule,
+  operand_names=("x", "weight"),
+  api_name="rms_norm",
 )
 rms_norm_residual_p = _define_rowwise_primitive(
   "jax_fmha_rms_norm_residual",
   _rms_norm_residual_abstract_eval,
   row_operands=lambda params: 2,
+  split_rule=_rms_norm_residual_split_rule,
+  operand_names=("x", "residual", "weight"),
   api_name="rms_norm_residual",
 )
 

@@ -11,6 +11,20 @@ from jax_fmha._validation import KvLayout
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def dequantize_fp8(x, scale):
+  """FP8 keys or values ``[..., Hkv, D]`` as float32: ``x * scale[kv_head]``."""
+  return x.astype(jnp.float32) * scale[:, None]
+
+
+def quantize_fp8(x, scale, dtype):
+  """Keys or values ``[..., Hkv, D]`` in FP8 ``dtype`` with scales ``[Hkv]``: ``x / scale``
+  computed as ``x * (1 / scale)`` in float32, rounded to nearest even; magnitudes past the
+  largest finite FP8 value (infinities too) saturate to it, NaN stays NaN."""
+  fp8_max = float(jnp.finfo(dtype).max)
+  scaled = x.astype(jnp.float32) * (1.0 / scale)[:, None]
+  return jnp.clip(scaled, -fp8_max, fp8_max).astype(dtype)
+
+
 def _segments(cu_seqlens, rows):
   """Per packed row: (sequence id or -1, position in the sequence, sequence length)."""
   idx = jnp.arange(rows)
@@ -86,18 +100,26 @@ def attention(
   seq_lens=None,
   block_table=None,
   max_seqlen_q=None,
+  k_scale=None,
+  v_scale=None,
 ):
   """Reference attention on validated, canonical arguments (see ``jax_fmha.attention``;
   ``causal`` is already folded into ``window[1] = 0``). ``kv_layout`` says which keys are
   given: ``"uniform"`` (dense), ``"packed"`` (with ``cu_seqlens_k``), ``"cache"`` (with
-  ``seq_lens``) or ``"paged"`` (with ``block_table`` and ``seq_lens``). Returns
-  ``(out, lse)``."""
+  ``seq_lens``) or ``"paged"`` (with ``block_table`` and ``seq_lens``). FP8 k and v come
+  with float32 ``[Hkv]`` scales ``k_scale``, ``v_scale``: the attention is over their
+  dequantized values. Returns ``(out, lse)``."""
+  if k_scale is not None:
+    k, v = dequantize_fp8(k, k_scale), dequantize_fp8(v, v_scale)
   kd, vd, k_len, kv_ok = _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table)
   group = q.shape[-2] // k.shape[-2]
   kd = jnp.repeat(kd.astype(jnp.float32), group, axis=2)  # [B, S, Hq, D]
   vd = jnp.repeat(vd.astype(jnp.float32), group, axis=2)
   qf = q.astype(jnp.float32)
   k_pos = jnp.arange(kd.shape[1])
+  # Values past a sequence's keys are never read (their probability is 0, but NaN * 0 is
+  # NaN): whatever the unused slots of a cache hold cannot reach the output.
+  vd = jnp.where((k_pos[None, :] < k_len[:, None])[:, :, None, None], vd, 0.0)
   transform = lambda s: softcap * jnp.tanh(s / softcap) if softcap > 0 else s
 
   if cu_seqlens_q is None:  # dense queries [B, Sq, Hq, D]
@@ -153,10 +175,23 @@ def merge_attention_states(outs, lses):
 
 
 def update_kv_cache(
-  k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new=None
+  k_cache,
+  v_cache,
+  k_new,
+  v_new,
+  block_table,
+  cache_seqlens,
+  cu_seqlens_new=None,
+  *,
+  k_scale=None,
+  v_scale=None,
 ):
-  """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter."""
+  """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter. FP8
+  caches come with float32 ``[Hkv]`` scales: the new tokens are quantized first."""
   k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # NumPy caches have no .at
+  if k_scale is not None:
+    k_new = quantize_fp8(k_new, k_scale, k_cache.dtype)
+    v_new = quantize_fp8(v_new, v_scale, v_cache.dtype)
   if cu_seqlens_new is None:  # dense [B, S_new, H, D] -> packed rows with uniform starts
     b, s_new = k_new.shape[:2]
     cu_seqlens_new = jnp.arange(b + 1, dtype=jnp.int32) * s_new

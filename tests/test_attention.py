@@ -334,7 +334,8 @@ def test_random_configs(device, rng, seed):
 
 
 def test_sharding_is_kept():
-  """Outputs inherit the inputs' sharding (abstract eval keeps the avals' sharding)."""
+  """Outputs are typed with the shardings of their inputs' batch and heads (one device;
+  tests/test_sharding.py splits over several)."""
   from jax.sharding import AxisType, PartitionSpec as P
 
   mesh = jax.make_mesh(

@@ -406,11 +406,10 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
   ],
 )
 def test_paged_prefill(rng, causal, page_size, d, num_splits):
-  """Many query rows on pages: the forward tile kernels (wgmma for pages of 16 keys or a
-  multiple: 16-key runs with their page ids staged in shared memory, or, for multiples of
-  64, 64-key runs looked up into registers a step ahead). The lengths end inside a run (700,
-  1000), one key into a block (129) and at the end of a run (304): the block's later runs
-  are never looked up."""
+  """Many query rows on pages: the forward tile kernels (on Hopper, pages of 16 keys or a
+  multiple copy by TMA in runs of gcd(page size, key block) rows, each run's page id looked
+  up one block ahead). The lengths end inside a run (700, 1000), one key into a block (129)
+  and at the end of a run (304): the block's later runs are never looked up."""
   lens = [700, 129, 0, 304, 1000]
   q, kp, vp, table, lens = paged_inputs(
     rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
@@ -634,6 +633,11 @@ def memcheck_cases():
   test_invalid_page_id_and_overfull_seq_lens_are_nan(rng, 4)
   test_packed_sequence_longer_than_max_seqlen_is_nan(rng)
   test_public_api_paged_decode_with_merge(rng, 7)  # + the CUDA merge kernel
+  import test_fp8_gpu  # FP8 K/V: the decode and portable kernels, the quantizing append
+
+  test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
+  test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
+  test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes

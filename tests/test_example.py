@@ -1,6 +1,8 @@
 """The user-facing programs: examples/llama_decode.py at a small size (jax_fmha's Llama and
 the plain-Flax one, with the same parameters, decode the same greedy tokens: float32, the
-example asserts it), and the command-line help of the ``python -m jax_fmha`` demo."""
+example asserts it), examples/tensor_parallel_decode.py on 2 and 4 virtual CPU devices (the
+model split over them decodes the tokens it decodes on one device), and the command-line
+help of the examples and of the ``python -m jax_fmha`` demo."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-EXAMPLE = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "llama_decode.py"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "llama_decode.py")
+TENSOR_PARALLEL_EXAMPLE = os.path.join(ROOT, "examples", "tensor_parallel_decode.py")
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +44,48 @@ def test_example_decodes_like_flax(llama_decode, on_cpu):  # float32: on the CPU
   assert fused.decode_tokens_per_second > 0 and flax.decode_tokens_per_second > 0
 
 
+def test_example_decodes_with_an_fp8_cache(llama_decode, on_cpu):
+  config = llama_decode.Config(
+    vocab_size=128, features=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_features=96
+  )
+  fused, flax = llama_decode.run(
+    config, prompt_lengths=[3, 9, 5], steps=6, page_size=4, cache_dtype=jnp.float8_e4m3fn
+  )
+  assert fused.tokens.shape == flax.tokens.shape == (3, 6)
+  assert fused.decode_tokens_per_second > 0
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_tensor_parallel_example_decodes_like_one_device(devices):
+  """The model split over `devices` virtual CPU devices chooses the tokens it chooses on one
+  device (float32: the example asserts identical tokens)."""
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),  # the source tree
+  )
+  options = ["--layers", "2", "--steps", "6", "--prompt-lengths", "3", "9", "5"]
+  result = subprocess.run(
+    [sys.executable, TENSOR_PARALLEL_EXAMPLE, *options, "--dtype", "float32"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert f"{devices} x cpu" in result.stdout.lower()
+  assert f"heads split over {devices} devices" in result.stdout
+  assert "check: identical tokens" in result.stdout
+
+
 def run_demo(*args: str) -> subprocess.CompletedProcess:
   """``python -m jax_fmha`` of the source tree (run from the repository root)."""
   return subprocess.run(
     [sys.executable, "-m", "jax_fmha", *args],
     capture_output=True,
     text=True,
-    cwd=os.path.dirname(os.path.dirname(EXAMPLE)),
+    cwd=ROOT,
   )
 
 
@@ -62,13 +99,19 @@ def test_demo_help_documents_every_option():
   assert "``" not in result.stdout and ":func:" not in result.stdout  # plain text, no reST
 
 
-def test_example_help_documents_every_option():
+@pytest.mark.parametrize(
+  "example", [EXAMPLE, TENSOR_PARALLEL_EXAMPLE], ids=["llama_decode", "tensor_parallel_decode"]
+)
+def test_example_help_documents_every_option(example):
   result = subprocess.run(
-    [sys.executable, EXAMPLE, "--help"], capture_output=True, text=True, check=True
+    [sys.executable, example, "--help"], capture_output=True, text=True, check=True
   )
-  for option in ("--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"):
+  options = ["--prompt-lengths", "--steps", "--layers", "--page-size", "--dtype"]
+  if example == EXAMPLE:
+    options.append("--cache-dtype")
+  for option in options:
     assert option in result.stdout
-  assert result.stdout.count("(default: ") == 5
+  assert result.stdout.count("(default: ") == len(options)
 
 
 @pytest.mark.parametrize(("option", "value", "minimum"), [("--seq", "0", 1), ("--steps", "1", 2)])

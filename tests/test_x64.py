@@ -174,6 +174,32 @@ def test_attention_with_kvcache(x64, rng, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_cache_python_float_scales(x64, rng, backend):
+  """FP8 caches with Python float scales (float64 under x64): converted to float32, the
+  same results as float32 scales, with int64 index arrays."""
+  fp8 = jnp.float8_e4m3fn
+  k_pages, v_pages = (np.asarray(randn(rng, (8, 4, 1, 32), F32) * 8, fp8) for _ in range(2))
+  q, k_new = randn(rng, (2, 1, 4, 32), F32), randn(rng, (2, 1, 1, 32), F32)
+  table, lens = np.array([[3, 1, 6, 0], [2, 7, 5, 4]], np.int32), np.array([6, 1], np.int32)
+  call = lambda table, lens, k_scale, v_scale: jax_fmha.attention_with_kvcache(
+    q,
+    k_pages,
+    v_pages,
+    k_new,
+    k_new,
+    cache_seqlens=lens,
+    block_table=table,
+    k_scale=k_scale,
+    v_scale=v_scale,
+    backend=backend,
+  )
+  float32 = call(table, lens, np.float32(0.25), np.float32(0.5))
+  assert float32[1].dtype == fp8
+  for t, n in as_int64(table, lens):
+    same(call(t, n, 0.25, 0.5), float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_attention_states(x64, rng, backend):
   """Attention over keys [0, 9) merged with attention over [9, 25), packed with list
   cu_seqlens, equals attention over all 25."""

@@ -1,7 +1,11 @@
 // Decoding of the attention forward custom call, shared by the CPU and CUDA handlers.
 //
-// The Python primitive always passes the same operands; absent ones are empty int32 arrays:
-//   q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table  ->  out, lse
+// The Python primitive always passes the same operands; absent ones are empty arrays:
+//   q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, k_scale, v_scale
+//     ->  out, lse
+// k and v have q's dtype, or are an FP8 cache (float8_e4m3fn or float8_e5m2) with float32
+// dequantization scales k_scale, v_scale [Hkv] (empty otherwise): key j of KV head h stands
+// for k[j, h] * k_scale[h]. Backends fold the scales into the scores and the output.
 // Python validates everything at trace time; the checks here guard against a custom call
 // emitted by something other than our lowering, so a mismatch can never index out of bounds.
 #pragma once
@@ -42,6 +46,8 @@ auto bind_attention(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_k
       .template Arg<ffi::Buffer<ffi::S32>>()  // seq_lens
       .template Arg<ffi::Buffer<ffi::S32>>()  // block_table
+      .template Arg<ffi::Buffer<ffi::F32>>()  // k_scale
+      .template Arg<ffi::Buffer<ffi::F32>>()  // v_scale
       .template Ret<ffi::AnyBuffer>()         // out
       .template Ret<ffi::Buffer<ffi::F32>>()  // lse
       .template Attr<float>("scale")
@@ -51,6 +57,23 @@ auto bind_attention(Binding binding) {
       .template Attr<int32_t>("kv_layout")
       .template Attr<int32_t>("num_splits")
       .template Attr<int32_t>("max_seqlen_q");
+}
+
+inline bool is_fp8(ffi::DataType dtype) {
+  return dtype == ffi::DataType::F8E4M3FN || dtype == ffi::DataType::F8E5M2;
+}
+
+// The dequantization scales of keys and values of `kv_dtype` with `num_kv_heads` heads:
+// [Hkv] each for FP8 keys and values, empty otherwise. `op` names the custom call in errors.
+inline ffi::Error decode_kv_scales(const char* op, ffi::DataType kv_dtype, int64_t num_kv_heads,
+                                   const ffi::Buffer<ffi::F32>& k_scale,
+                                   const ffi::Buffer<ffi::F32>& v_scale) {
+  const int64_t want = is_fp8(kv_dtype) ? num_kv_heads : 0;
+  if (int64_t(k_scale.element_count()) != want || int64_t(v_scale.element_count()) != want)
+    return invalid_argument(op, is_fp8(kv_dtype)
+                                    ? "FP8 k/v need k_scale and v_scale of [Hkv] elements"
+                                    : "k_scale/v_scale are only for FP8 k/v");
+  return ffi::Error::Success();
 }
 
 // Rows of B sequences: `x` is dense [B, S, H, D] (cu_seqlens empty) or packed [T, H, D].
@@ -125,20 +148,21 @@ inline ffi::Error decode_kv_view(const char* op, const ffi::AnyBuffer& x, KvLayo
 }
 
 // Fills `p` from the buffers and attributes, checking every size the kernels rely on.
-inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                                   const ffi::AnyBuffer& v,
-                                   const ffi::Buffer<ffi::S32>& cu_seqlens_q,
-                                   const ffi::Buffer<ffi::S32>& cu_seqlens_k,
-                                   const ffi::Buffer<ffi::S32>& seq_lens,
-                                   const ffi::Buffer<ffi::S32>& block_table,
-                                   const ffi::AnyBuffer& out, const ffi::Buffer<ffi::F32>& lse,
-                                   const AttentionAttrs& a, AttentionProblem& p) {
+inline ffi::Error decode_attention(
+    const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+    const ffi::Buffer<ffi::S32>& cu_seqlens_q, const ffi::Buffer<ffi::S32>& cu_seqlens_k,
+    const ffi::Buffer<ffi::S32>& seq_lens, const ffi::Buffer<ffi::S32>& block_table,
+    const ffi::Buffer<ffi::F32>& k_scale, const ffi::Buffer<ffi::F32>& v_scale,
+    const ffi::AnyBuffer& out, const ffi::Buffer<ffi::F32>& lse, const AttentionAttrs& a,
+    AttentionProblem& p) {
   constexpr const char* kOp = "attention";
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 3 && qd.size() != 4) return invalid_argument(kOp, "q must have rank 3 or 4");
-  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
-    return invalid_argument(kOp, "q, k and v must share one dtype");
+  if (is_fp8(q.element_type())) return invalid_argument(kOp, "q must not be FP8 (k and v may)");
+  if (v.element_type() != k.element_type() ||
+      (k.element_type() != q.element_type() && !is_fp8(k.element_type())))
+    return invalid_argument(kOp, "k and v must share one dtype: q's, or an FP8 format");
   if (k.dimensions().size() != v.dimensions().size())
     return invalid_argument(kOp, "k and v ranks differ");
   for (size_t i = 0; i < kd.size(); ++i)
@@ -153,6 +177,10 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
     return invalid_argument(kOp, "num_q_heads must be a multiple of num_kv_heads");
   if (p.head_dim > kMaxHeadDim)
     return invalid_argument(kOp, "head_dim must be at most " + std::to_string(kMaxHeadDim));
+  if (auto err = decode_kv_scales(kOp, k.element_type(), p.num_kv_heads, k_scale, v_scale);
+      !err.success())
+    return err;
+  if (is_fp8(k.element_type())) p.k_scale = k_scale.typed_data(), p.v_scale = v_scale.typed_data();
 
   if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
     return err;
@@ -186,7 +214,8 @@ inline ffi::Error decode_attention(const ffi::AnyBuffer& q, const ffi::AnyBuffer
 
 // Buffers of one attention call, after decoding.
 struct AttentionData {
-  ffi::DataType dtype;  // of q, k, v
+  ffi::DataType dtype;     // of q
+  ffi::DataType kv_dtype;  // of k and v: q's, or FP8
   const void* q;
   const void* k;
   const void* v;
@@ -201,6 +230,7 @@ template <typename Context,
 ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                              ffi::Buffer<ffi::S32> cu_seqlens_q, ffi::Buffer<ffi::S32> cu_seqlens_k,
                              ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> block_table,
+                             ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                              ffi::Result<ffi::AnyBuffer> out,
                              ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
                              int32_t window_left, int32_t window_right, int32_t kv_layout,
@@ -208,12 +238,13 @@ ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k
   AttentionProblem p;
   const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
                              kv_layout, num_splits, max_seqlen_q};
-  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, *out,
-                                  *lse, attrs, p);
+  if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
+                                  k_scale, v_scale, *out, *lse, attrs, p);
       !err.success())
     return err;
-  const AttentionData data{q.element_type(), q.untyped_data(),    k.untyped_data(),
-                           v.untyped_data(), out->untyped_data(), lse->typed_data()};
+  const AttentionData data{q.element_type(), k.element_type(), q.untyped_data(),
+                           k.untyped_data(), v.untyped_data(), out->untyped_data(),
+                           lse->typed_data()};
   return Run(context, p, data);
 }
 

@@ -109,6 +109,10 @@ struct AttentionProblem {
 
   int64_t num_splits = 1;  // split-KV: partial outputs and LSEs per split
 
+  // FP8 K/V: float32 [Hkv] dequantization scales (common/attention_ffi.h); else nullptr.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+
   FMHA_HOST_DEVICE int64_t group() const { return num_q_heads / num_kv_heads; }
   FMHA_HOST_DEVICE int64_t q_row_stride() const { return num_q_heads * head_dim; }
   FMHA_HOST_DEVICE int64_t kv_row_stride() const { return num_kv_heads * head_dim; }

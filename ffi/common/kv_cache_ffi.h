@@ -1,6 +1,11 @@
 // The KV-cache append custom call, shared by the CPU and CUDA handlers:
-//   k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new
-//     -> k_cache, v_cache   (results aliased to the cache operands: in place when donated)
+//   k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, cu_seqlens_new, k_scale,
+//   v_scale  -> k_cache, v_cache   (results aliased to the cache operands: in place when
+//   donated)
+// New tokens have the caches' dtype and are copied (k_scale, v_scale empty), or the caches
+// are FP8 and the float32/bfloat16/float16 new tokens are quantized: value / scale[head]
+// (as value * (1 / scale) in float32), rounded to nearest even, saturated to the largest
+// finite FP8 value (+-inf too); NaN stays NaN.
 // New token t of sequence b goes to cache position cache_seqlens[b] + t, through the block
 // table for pages. A write that falls outside the sequence's capacity, or onto an invalid
 // page id, or whose cache_seqlens[b] is negative, is dropped: never out of bounds.
@@ -23,6 +28,8 @@ auto bind_kv_cache_update(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()  // block_table
       .template Arg<ffi::Buffer<ffi::S32>>()  // cache_seqlens
       .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_new
+      .template Arg<ffi::Buffer<ffi::F32>>()  // k_scale
+      .template Arg<ffi::Buffer<ffi::F32>>()  // v_scale
       .template Ret<ffi::AnyBuffer>()         // k_cache (aliased)
       .template Ret<ffi::AnyBuffer>()         // v_cache (aliased)
       .template Attr<int32_t>("kv_layout");
@@ -30,8 +37,13 @@ auto bind_kv_cache_update(Binding binding) {
 
 struct KvCacheUpdate {
   int64_t batch = 0;
+  int64_t head_dim = 0;
   int64_t row_elements = 0;  // Hkv * D: one token of one cache
-  int64_t elem_bytes = 0;
+  int64_t elem_bytes = 0;    // of the caches
+  ffi::DataType cache_dtype = ffi::DataType::INVALID;
+  ffi::DataType new_dtype = ffi::DataType::INVALID;  // the caches', or a float for FP8 caches
+  const float* k_scale = nullptr;  // FP8 caches: quantization scales [Hkv]; else nullptr
+  const float* v_scale = nullptr;
   SeqRows new_tokens;  // rows of k_new / v_new
   KvView cache;        // seq_lens = cache_seqlens (lengths before the append)
 
@@ -50,14 +62,21 @@ inline ffi::Error decode_kv_cache_update(
     const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache, const ffi::AnyBuffer& k_new,
     const ffi::AnyBuffer& v_new, const ffi::Buffer<ffi::S32>& block_table,
     const ffi::Buffer<ffi::S32>& cache_seqlens, const ffi::Buffer<ffi::S32>& cu_seqlens_new,
+    const ffi::Buffer<ffi::F32>& k_scale, const ffi::Buffer<ffi::F32>& v_scale,
     const ffi::AnyBuffer& k_out, const ffi::AnyBuffer& v_out, int32_t kv_layout, KvCacheUpdate& u) {
   constexpr const char* kOp = "update_kv_cache";
   const auto cd = k_cache.dimensions();
   const auto nd = k_new.dimensions();
-  if (k_cache.element_type() != v_cache.element_type() ||
-      k_new.element_type() != k_cache.element_type() ||
-      v_new.element_type() != k_cache.element_type())
-    return invalid_argument(kOp, "caches and new tokens must share one dtype");
+  u.cache_dtype = k_cache.element_type();
+  u.new_dtype = k_new.element_type();
+  if (v_cache.element_type() != u.cache_dtype || v_new.element_type() != u.new_dtype)
+    return invalid_argument(kOp, "k and v dtypes differ");
+  const bool float_new = u.new_dtype == ffi::DataType::F32 || u.new_dtype == ffi::DataType::BF16 ||
+                         u.new_dtype == ffi::DataType::F16;
+  if (is_fp8(u.cache_dtype) ? !float_new : u.new_dtype != u.cache_dtype)
+    return invalid_argument(kOp,
+                            "new tokens must have the caches' dtype, or be float32, bfloat16 or "
+                            "float16 for FP8 caches (which quantize them)");
   if (k_cache.element_count() != v_cache.element_count() ||
       k_out.element_count() != k_cache.element_count() ||
       v_out.element_count() != v_cache.element_count() ||
@@ -65,9 +84,13 @@ inline ffi::Error decode_kv_cache_update(
     return invalid_argument(kOp, "k and v shapes differ");
   if (cd.size() != 4 || (nd.size() != 3 && nd.size() != 4))
     return invalid_argument(kOp, "unexpected ranks");
-  u.row_elements = cd[2] * cd[3];
-  if (nd[nd.size() - 2] * nd[nd.size() - 1] != u.row_elements)
+  if (nd[nd.size() - 2] != cd[2] || nd[nd.size() - 1] != cd[3])
     return invalid_argument(kOp, "new tokens' heads/head_dim differ from the cache's");
+  u.head_dim = cd[3];
+  u.row_elements = cd[2] * cd[3];
+  if (auto err = decode_kv_scales(kOp, u.cache_dtype, cd[2], k_scale, v_scale); !err.success())
+    return err;
+  if (is_fp8(u.cache_dtype)) u.k_scale = k_scale.typed_data(), u.v_scale = v_scale.typed_data();
   u.elem_bytes = int64_t(ffi::ByteWidth(k_cache.element_type()));
   u.batch = int64_t(cache_seqlens.element_count());
   if (auto err = decode_seq_rows(kOp, k_new, cu_seqlens_new, 0, "k_new", u.new_tokens);
@@ -84,8 +107,9 @@ inline ffi::Error decode_kv_cache_update(
                         u.cache);
 }
 
-// The handler of every backend: decodes and checks the call, then `Run` copies the new
-// tokens from `k_new`/`v_new` into `k_cache`/`v_cache` (the aliased results).
+// The handler of every backend: decodes and checks the call, then `Run` copies (or
+// quantizes) the new tokens from `k_new`/`v_new` into `k_cache`/`v_cache` (the aliased
+// results).
 template <typename Context, ffi::Error (*Run)(Context, const KvCacheUpdate&, const void* k_new,
                                               const void* v_new, void* k_cache, void* v_cache)>
 ffi::Error kv_cache_update_handler(Context context, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
@@ -93,11 +117,13 @@ ffi::Error kv_cache_update_handler(Context context, ffi::AnyBuffer k_cache, ffi:
                                    ffi::Buffer<ffi::S32> block_table,
                                    ffi::Buffer<ffi::S32> cache_seqlens,
                                    ffi::Buffer<ffi::S32> cu_seqlens_new,
+                                   ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                                    ffi::Result<ffi::AnyBuffer> k_out,
                                    ffi::Result<ffi::AnyBuffer> v_out, int32_t kv_layout) {
   KvCacheUpdate u;
-  if (auto err = decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                                        cu_seqlens_new, *k_out, *v_out, kv_layout, u);
+  if (auto err =
+          decode_kv_cache_update(k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                                 cu_seqlens_new, k_scale, v_scale, *k_out, *v_out, kv_layout, u);
       !err.success())
     return err;
   return Run(context, u, k_new.untyped_data(), v_new.untyped_data(), k_out->untyped_data(),

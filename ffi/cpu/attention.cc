@@ -8,6 +8,7 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "common/attention_ffi.h"
@@ -107,24 +108,31 @@ void run_for_output(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
   return run<T>(pool, args);
 }
 
+// The kernel's name of a storage type of the custom call.
+std::optional<Dtype> kernel_dtype(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F32: return Dtype::kF32;
+    case ffi::DataType::BF16: return Dtype::kBF16;
+    case ffi::DataType::F16: return Dtype::kF16;
+    case ffi::DataType::F8E4M3FN: return Dtype::kF8E4M3FN;
+    case ffi::DataType::F8E5M2: return Dtype::kF8E5M2;
+    default: return std::nullopt;
+  }
+}
+
 ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
                          const AttentionData& data) {
   if (!selected_isa().error.empty()) return invalid_argument("attention", selected_isa().error);
-  AttentionArgs args{&p, Dtype::kF32, p.num_splits > 1, data.q, data.k, data.v, data.out, data.lse};
-  switch (data.dtype) {
-    case ffi::DataType::F32:
-      args.dtype = Dtype::kF32;
-      run_for_output<float>(pool, args);
-      break;
-    case ffi::DataType::BF16:
-      args.dtype = Dtype::kBF16;
-      run_for_output<bf16>(pool, args);
-      break;
-    case ffi::DataType::F16:
-      args.dtype = Dtype::kF16;
-      run_for_output<f16>(pool, args);
-      break;
-    default: return invalid_argument("attention", "unsupported dtype (float32, bfloat16, float16)");
+  const std::optional<Dtype> dtype = kernel_dtype(data.dtype);
+  const std::optional<Dtype> kv_dtype = kernel_dtype(data.kv_dtype);
+  if (!dtype || !kv_dtype) return invalid_argument("attention", "unsupported dtype");
+  const AttentionArgs args{&p,     *dtype,    *kv_dtype, p.num_splits > 1, data.q,  data.k,
+                           data.v, p.k_scale, p.v_scale, data.out,         data.lse};
+  switch (*dtype) {
+    case Dtype::kF32: run_for_output<float>(pool, args); break;
+    case Dtype::kBF16: run_for_output<bf16>(pool, args); break;
+    case Dtype::kF16: run_for_output<f16>(pool, args); break;
+    default: return invalid_argument("attention", "q must be float32, bfloat16 or float16");
   }
   return ffi::Error::Success();
 }

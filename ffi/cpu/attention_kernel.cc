@@ -85,14 +85,19 @@ inline Vec exp_nonpositive(Vec x) {
   return x < -87.f ? Vec{} : poly * pow2n;
 }
 
-// n elements to float32 (n a multiple of 8): bf16 and fp16 are converted on load.
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else {
+// n elements (a multiple of 8) to float32, converted on load; or FP8 to bf16 (exact: FP8
+// values have at most 3 significant bits) for the bf16 pair dot product.
+template <typename T, typename Dst = float>
+inline void load_row(const T* src, Dst* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, Dst>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else if constexpr (std::is_same_v<Dst, float>) {
 #pragma omp simd
     for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
+  } else {
+    static_assert(std::is_same_v<Dst, bf16>);
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16{uint16_t(float_to_bits(to_float(src[d])) >> 16)};
   }
 }
 
@@ -183,11 +188,14 @@ inline void pv_block(const float* p, const float* const* value, int64_t d0, int6
 // run_tile's steps are forced inline: the tile stays one function, compiled as one hot loop.
 #define FMHA_TILE_STEP inline __attribute__((always_inline))
 
-// bf16 keys stay bf16 where the CPU multiplies bf16 pairs; other keys are read as float32.
+// With bf16 queries, keys are bf16 where the CPU multiplies bf16 pairs (FP8 keys converted
+// to bf16, exactly); otherwise keys are read as float32.
 template <typename T>
 constexpr bool kPairs = kBf16PairDot && std::is_same_v<T, bf16>;
 template <typename T>
 using KeyElement = std::conditional_t<kPairs<T>, bf16, float>;
+
+constexpr bool is_fp8(Dtype dtype) { return dtype == Dtype::kF8E4M3FN || dtype == Dtype::kF8E5M2; }
 
 // Sizes of a tile, computed once: rows are computed in whole vectors (the padding rows have
 // zero queries and no visible key, and are never stored).
@@ -288,71 +296,83 @@ FMHA_TILE_STEP int64_t kv_offset(const AttentionProblem& p, const Tile& t, const
   return p.kv.row(t.b, key) * g.kv_stride + t.kvh * g.D;
 }
 
-// Step 2: the key and value rows of the n keys from j0. float32 rows are read in place when
-// whole vectors cover them; otherwise they are converted (and zero-padded) into kb and vb.
-// Keys past n in the last QK register block repeat the first (their scores are unused).
-// Returns n rounded up to whole QK register blocks.
-template <typename T>
-FMHA_TILE_STEP int64_t gather_block(const AttentionArgs& args, const Tile& t, const TileShape& g,
-                                    int64_t j0, int64_t n, const TileScratch& sc,
-                                    const KeyElement<T>** key, const float** value) {
-  const T* k = static_cast<const T*>(args.k);
-  const T* v = static_cast<const T*>(args.v);
+// Step 2: the key and value rows of the n keys from j0, stored as KV (q's type T, or FP8).
+// float32 rows are read in place when whole vectors cover them, and so are bf16 keys for
+// the pair dot product; other rows are converted (and zero-padded) into kb and vb.
+template <typename T, typename KV>
+FMHA_TILE_STEP void gather_rows(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                                int64_t j0, int64_t n, const TileScratch& sc,
+                                const KeyElement<T>** key, const float** value) {
+  const KV* k = static_cast<const KV*>(args.k);
+  const KV* v = static_cast<const KV*>(args.v);
+  auto* const kb = reinterpret_cast<KeyElement<T>*>(sc.kb);
   const int64_t D = g.D, Dp = g.Dp;
-  const bool in_place = std::is_same_v<T, float> && D % kLanes == 0;
+  const bool rows_in_place = std::is_same_v<KV, float> && D % kLanes == 0;
+  const bool keys_in_place = rows_in_place || (kPairs<T> && std::is_same_v<KV, bf16>);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t offset = kv_offset(*args.p, t, g, j0 + j);
-    if constexpr (kPairs<T>) {
-      key[j] = k + offset;
-    } else if (in_place) {
-      key[j] = reinterpret_cast<const float*>(k + offset);
+    if (keys_in_place) {
+      key[j] = reinterpret_cast<const KeyElement<T>*>(k + offset);
     } else {
-      load_row(k + offset, sc.kb + j * D, D);
-      key[j] = sc.kb + j * D;
+      load_row(k + offset, kb + j * D, D);
+      key[j] = kb + j * D;
     }
-    if (in_place) {
+    if (rows_in_place) {
       value[j] = reinterpret_cast<const float*>(v + offset);
     } else {
       load_row(v + offset, sc.vb + j * Dp, D);
       value[j] = sc.vb + j * Dp;
     }
   }
+}
+
+// Keys past n in the last QK register block repeat the first (their scores are unused).
+// Returns n rounded up to whole QK register blocks.
+template <typename T>
+FMHA_TILE_STEP int64_t gather_block(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                                    int64_t j0, int64_t n, const TileScratch& sc,
+                                    const KeyElement<T>** key, const float** value) {
+  switch (args.kv_dtype) {
+    case Dtype::kF8E4M3FN: gather_rows<T, f8e4m3fn>(args, t, g, j0, n, sc, key, value); break;
+    case Dtype::kF8E5M2: gather_rows<T, f8e5m2>(args, t, g, j0, n, sc, key, value); break;
+    default: gather_rows<T, T>(args, t, g, j0, n, sc, key, value);
+  }
   const int64_t n_padded = (n + kQkKeys - 1) / kQkKeys * kQkKeys;
   for (int64_t j = n; j < n_padded; ++j) key[j] = key[0];
   return n_padded;
 }
 
-// Step 3: prefetch the block after j0's. Its key and value rows are short runs (D elements,
-// a KV-row stride apart, pages anywhere), which the hardware prefetchers do not follow.
-// When few query rows share the keys (decode) a block's arithmetic is short, and without it
-// the next block's loads would wait on memory latency, row after row.
-template <typename T>
+// Step 3: prefetch the block after j0's. Its key and value rows are short runs (D elements
+// of kv_bytes, a KV-row stride apart, pages anywhere), which the hardware prefetchers do not
+// follow. When few query rows share the keys (decode) a block's arithmetic is short, and
+// without it the next block's loads would wait on memory latency, row after row.
 FMHA_TILE_STEP void prefetch_next_block(const AttentionArgs& args, const Tile& t,
-                                        const TileShape& g, int64_t j0, int64_t hi) {
-  const T* k = static_cast<const T*>(args.k);
-  const T* v = static_cast<const T*>(args.v);
+                                        const TileShape& g, int64_t kv_bytes, int64_t j0,
+                                        int64_t hi) {
+  const char* k = static_cast<const char*>(args.k);
+  const char* v = static_cast<const char*>(args.v);
   for (int64_t j = j0 + kBlockKeys; j < std::min(j0 + 2 * kBlockKeys, hi); ++j) {
-    const char* key_row = reinterpret_cast<const char*>(k + kv_offset(*args.p, t, g, j));
-    const char* value_row = reinterpret_cast<const char*>(v + kv_offset(*args.p, t, g, j));
-    for (int64_t byte = 0; byte < g.D * int64_t(sizeof(T)); byte += 64) {
-      __builtin_prefetch(key_row + byte);
-      __builtin_prefetch(value_row + byte);
+    const int64_t offset = kv_offset(*args.p, t, g, j) * kv_bytes;
+    for (int64_t byte = 0; byte < g.D * kv_bytes; byte += 64) {
+      __builtin_prefetch(k + offset + byte);
+      __builtin_prefetch(v + offset + byte);
     }
   }
 }
 
-// Step 4: the scaled (and softcapped) scores of the block into s, in whole register blocks.
+// Step 4: the scores of the block times `scale` (and softcapped) into s, in whole register
+// blocks.
 template <typename Key>
-FMHA_TILE_STEP void score_block(const AttentionProblem& p, const TileShape& g,
+FMHA_TILE_STEP void score_block(const AttentionProblem& p, const TileShape& g, float scale,
                                 const Key* const* key, int64_t n, int64_t n_padded,
                                 const TileScratch& sc) {
   for (int64_t j = 0; j < n_padded; j += kQkKeys) {
     float* s_keys = sc.s + j * kTileRows;
     int64_t rv = 0;
     for (; rv + kQkRowVecs <= g.row_vecs; rv += kQkRowVecs)
-      qk_block<kQkRowVecs>(sc.qt + rv * kLanes, key + j, g.D, p.scale, s_keys + rv * kLanes);
+      qk_block<kQkRowVecs>(sc.qt + rv * kLanes, key + j, g.D, scale, s_keys + rv * kLanes);
     for (; rv < g.row_vecs; ++rv)
-      qk_block<1>(sc.qt + rv * kLanes, key + j, g.D, p.scale, s_keys + rv * kLanes);
+      qk_block<1>(sc.qt + rv * kLanes, key + j, g.D, scale, s_keys + rv * kLanes);
   }
   if (p.softcap > 0.f)
     for (int64_t j = 0; j < n; ++j)
@@ -412,18 +432,18 @@ FMHA_TILE_STEP void accumulate_block(const Tile& t, const TileShape& g, const fl
   }
 }
 
-// Step 7: normalize and store the rows and their LSE. A row that saw no key gets 0 and LSE
-// -inf.
+// Step 7: normalize (times `value_scale`) and store the rows and their LSE. A row that saw
+// no key gets 0 and LSE -inf.
 template <typename OutT>
 FMHA_TILE_STEP void store_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
-                               const TileScratch& sc) {
+                               float value_scale, const TileScratch& sc) {
   const AttentionProblem& p = *args.p;
   OutT* out = static_cast<OutT*>(args.out);
   const int64_t D = g.D, Dp = g.Dp;
   for (int64_t r = 0; r < t.rows; ++r) {
     const RowHead rh = row_head(t, r, g.group);
     const bool seen = sc.row_sum[r] > 0.f;
-    const float inv = seen ? 1.f / sc.row_sum[r] : 0.f;
+    const float inv = seen ? value_scale / sc.row_sum[r] : 0.f;
     OutT* o = out + (t.split * p.q.rows + p.q.begin(t.b) + rh.i) * p.q_row_stride() + rh.h * D;
     for (int64_t d = 0; d < D; ++d) o[d] = from_float<OutT>(sc.acc[r * Dp + d] * inv);
     args.lse[t.split * p.lse_size() + p.lse_index(t.b, rh.h, rh.i)] =
@@ -438,19 +458,23 @@ void run_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
   const TileScratch sc = carve_scratch(scratch, g);
   int32_t key_lo[kTileRows], key_hi[kTileRows];  // keys [lo, hi) visible to each row
   const TileKeys keys = begin_tile<T>(args, t, g, sc, key_lo, key_hi);
+  // FP8 keys and values: their scales fold into the scores and the output (one KV head).
+  const float score_scale = args.k_scale ? args.p->scale * args.k_scale[t.kvh] : args.p->scale;
+  const float value_scale = args.v_scale ? args.v_scale[t.kvh] : 1.f;
+  const int64_t kv_bytes = is_fp8(args.kv_dtype) ? 1 : int64_t(sizeof(T));
 
   const KeyElement<T>* key[kBlockKeys];
   const float* value[kBlockKeys];
   for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kBlockKeys) {
     const int64_t n = std::min(kBlockKeys, keys.hi - j0);
     const int64_t n_padded = gather_block<T>(args, t, g, j0, n, sc, key, value);
-    prefetch_next_block<T>(args, t, g, j0, keys.hi);
-    score_block(*args.p, g, key, n, n_padded, sc);
+    prefetch_next_block(args, t, g, kv_bytes, j0, keys.hi);
+    score_block(*args.p, g, score_scale, key, n, n_padded, sc);
     const bool masked = j0 < keys.all_lo || j0 + n > keys.all_hi || g.padded_rows > t.rows;
     softmax_block(g, j0, n, masked, key_lo, key_hi, sc);
     accumulate_block(t, g, value, n, sc);
   }
-  store_tile<OutT>(args, t, g, sc);
+  store_tile<OutT>(args, t, g, value_scale, sc);
 }
 
 #undef FMHA_TILE_STEP
@@ -468,6 +492,8 @@ void attention_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
     case Dtype::kF32: return run_tile_for_output<float>(args, t, scratch);
     case Dtype::kBF16: return run_tile_for_output<bf16>(args, t, scratch);
     case Dtype::kF16: return run_tile_for_output<f16>(args, t, scratch);
+    case Dtype::kF8E4M3FN:
+    case Dtype::kF8E5M2: return;  // FP8 is for keys and values only: the handler refuses q
   }
 }
 

@@ -27,15 +27,20 @@ inline SplitPolicy split_policy(int64_t threads) {
   return SplitPolicy{kTileRows, threads, /*waves=*/2, /*min_keys=*/256};
 }
 
-enum class Dtype { kF32, kBF16, kF16 };
+enum class Dtype { kF32, kBF16, kF16, kF8E4M3FN, kF8E5M2 };
 
 struct AttentionArgs {
   const AttentionProblem* p;
-  Dtype dtype;     // of q, k, v
+  Dtype dtype;     // of q (float32, bfloat16 or float16)
+  Dtype kv_dtype;  // of k and v: q's, or an FP8 format (a quantized cache)
   bool float_out;  // split-KV partial outputs are float32; otherwise out has q's dtype
   const void* q;
   const void* k;
   const void* v;
+  // FP8 k, v: dequantization scales [Hkv], folded into the tile's score scale and output
+  // (a tile is one KV head); nullptr otherwise.
+  const float* k_scale;
+  const float* v_scale;
   void* out;
   float* lse;
 };

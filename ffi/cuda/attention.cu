@@ -1,14 +1,16 @@
 // CUDA handler of jax_fmha_attention_fwd: decodes the custom call like the CPU handler
 // (common/attention_ffi.h), picks the kernel (forward_plan.h), the compiled head dim and the
-// dtypes, launches on the stream XLA gives us. Allocates nothing; every launch is checked.
-// The kernels' launches are compiled apart (forward_launch.h).
+// dtypes (K/V: q's, or FP8), launches on the stream XLA gives us. Allocates nothing; every launch
+// is checked. The kernels' launches are compiled apart (forward_launch.h).
 #include <cuda_runtime.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "common/attention_ffi.h"
 #include "common/errors.h"
 #include "cuda/common/epilogue.cuh"
+#include "cuda/common/fp8.cuh"
 #include "cuda/common/launch_check.h"
 #include "cuda/forward_launch.h"
 #include "cuda/forward_plan.h"
@@ -34,7 +36,7 @@ int compute_capability_major() {
   return major[device];
 }
 
-template <typename Element, int kHeadDim, typename OutT>
+template <typename Element, typename Kv, int kHeadDim, typename OutT>
 ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProblem& p,
                   const void* q, const void* k, const void* v, void* out, float* lse) {
   OutT* out_typed = static_cast<OutT*>(out);
@@ -48,40 +50,63 @@ ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProb
   }
   switch (kernel) {
     case ForwardKernel::kDecode:
-      return launch_forward<ForwardKernel::kDecode, Element, kHeadDim>(stream, p, q, k, v,
-                                                                       out_typed, lse);
+      return launch_forward<ForwardKernel::kDecode, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                           out_typed, lse);
     case ForwardKernel::kHopper:
-      return launch_forward<ForwardKernel::kHopper, Element, kHeadDim>(stream, p, q, k, v,
-                                                                       out_typed, lse);
+      if constexpr (std::is_same_v<Kv, Element>)
+        return launch_forward<ForwardKernel::kHopper, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                             out_typed, lse);
+      else  // forward_kernel never picks it for FP8
+        return invalid_argument(kOp, "the Hopper kernel takes no FP8 K/V");
     default:
-      return launch_forward<ForwardKernel::kPortable, Element, kHeadDim>(stream, p, q, k, v,
-                                                                         out_typed, lse);
+      return launch_forward<ForwardKernel::kPortable, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                             out_typed, lse);
   }
 }
 
 // Split-KV partial outputs are float32; otherwise the output has the input dtype.
-template <typename Element, int kHeadDim>
+template <typename Element, typename Kv, int kHeadDim>
 ffi::Error launch_for_output(cudaStream_t stream, ForwardKernel kernel, const AttentionProblem& p,
                              const void* q, const void* k, const void* v, void* out, float* lse) {
   if (p.num_splits > 1)
-    return launch<Element, kHeadDim, float>(stream, kernel, p, q, k, v, out, lse);
-  return launch<Element, kHeadDim, Element>(stream, kernel, p, q, k, v, out, lse);
+    return launch<Element, Kv, kHeadDim, float>(stream, kernel, p, q, k, v, out, lse);
+  return launch<Element, Kv, kHeadDim, Element>(stream, kernel, p, q, k, v, out, lse);
 }
 
-// Compiled head dims: 64, 96, 128, 192, 256. Any other multiple of 8 runs through the next
-// larger one, its extra columns zero-filled on load and never stored.
-template <typename Element>
+// Compiled head dims: 64, 96, 128, 192, 256; for FP8 K/V 64, 128, 256. Any other multiple of 8
+// runs through the next larger one, its extra columns zero-filled on load and never stored.
+template <typename Element, typename Kv>
 ffi::Error launch_for_head_dim(cudaStream_t stream, const AttentionProblem& p, const void* q,
                                const void* k, const void* v, void* out, float* lse) {
+  constexpr bool kFp8 = kIsFp8<Kv>;
   const ForwardKernel kernel =
       forward_kernel(compute_capability_major(), p.q.max_len * p.group(), p.head_dim,
-                     p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0);
+                     p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0, kFp8);
   const int64_t d = p.head_dim;
-  if (d <= 64) return launch_for_output<Element, 64>(stream, kernel, p, q, k, v, out, lse);
-  if (d <= 96) return launch_for_output<Element, 96>(stream, kernel, p, q, k, v, out, lse);
-  if (d <= 128) return launch_for_output<Element, 128>(stream, kernel, p, q, k, v, out, lse);
-  if (d <= 192) return launch_for_output<Element, 192>(stream, kernel, p, q, k, v, out, lse);
-  return launch_for_output<Element, 256>(stream, kernel, p, q, k, v, out, lse);
+  if (d <= 64) return launch_for_output<Element, Kv, 64>(stream, kernel, p, q, k, v, out, lse);
+  if constexpr (!kFp8)
+    if (d <= 96) return launch_for_output<Element, Kv, 96>(stream, kernel, p, q, k, v, out, lse);
+  if (d <= 128) return launch_for_output<Element, Kv, 128>(stream, kernel, p, q, k, v, out, lse);
+  if constexpr (!kFp8)
+    if (d <= 192) return launch_for_output<Element, Kv, 192>(stream, kernel, p, q, k, v, out, lse);
+  return launch_for_output<Element, Kv, 256>(stream, kernel, p, q, k, v, out, lse);
+}
+
+// K/V of q's dtype, or FP8 (float8_e4m3fn, float8_e5m2) with their scales.
+template <typename Element>
+ffi::Error launch_for_kv(cudaStream_t stream, const AttentionProblem& p,
+                         const AttentionData& data) {
+  switch (data.kv_dtype) {
+    case ffi::DataType::F8E4M3FN:
+      return launch_for_head_dim<Element, __nv_fp8_e4m3>(stream, p, data.q, data.k, data.v,
+                                                         data.out, data.lse);
+    case ffi::DataType::F8E5M2:
+      return launch_for_head_dim<Element, __nv_fp8_e5m2>(stream, p, data.q, data.k, data.v,
+                                                         data.out, data.lse);
+    default:
+      return launch_for_head_dim<Element, Element>(stream, p, data.q, data.k, data.v, data.out,
+                                                   data.lse);
+  }
 }
 
 ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
@@ -89,11 +114,8 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
   if (p.head_dim < 8 || p.head_dim % 8 != 0)
     return invalid_argument(kOp, "the CUDA kernel needs head_dim a multiple of 8 in [8, 256]");
   switch (data.dtype) {
-    case ffi::DataType::BF16:
-      return launch_for_head_dim<__nv_bfloat16>(stream, p, data.q, data.k, data.v, data.out,
-                                                data.lse);
-    case ffi::DataType::F16:
-      return launch_for_head_dim<__half>(stream, p, data.q, data.k, data.v, data.out, data.lse);
+    case ffi::DataType::BF16: return launch_for_kv<__nv_bfloat16>(stream, p, data);
+    case ffi::DataType::F16: return launch_for_kv<__half>(stream, p, data);
     case ffi::DataType::F32:
       return invalid_argument(
           kOp,

@@ -38,11 +38,11 @@ struct LaunchesItself : std::false_type {};
 template <class Kernel>
 struct LaunchesItself<Kernel, std::void_t<decltype(Kernel::kLaunchesItself)>> : std::true_type {};
 
-template <ForwardKernel kKernel, typename Element, int kHeadDim, typename OutT>
+template <ForwardKernel kKernel, typename Element, typename Kv, int kHeadDim, typename OutT>
 xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
                                const void* k, const void* v, OutT* out, float* lse) {
   using Kernel = ForwardKernelOf<kKernel>;
-  using Traits = typename Kernel::template TraitsOf<Element, kHeadDim>;
+  using Traits = typename Kernel::template TraitsOf<Element, kHeadDim, Kv>;
   constexpr auto kernel = Kernel::template kernel<Traits, OutT>;
   static_assert(Traits::kBlockM == kernel_shape(kKernel).block_m, "tile rows of the plan");
   constexpr const char* kOp = "attention (CUDA)";
@@ -62,8 +62,8 @@ xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, c
       return err;
   } else {
     kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-        p, static_cast<const Element*>(q), static_cast<const Element*>(k),
-        static_cast<const Element*>(v), out, lse);
+        p, static_cast<const Element*>(q), static_cast<const Kv*>(k), static_cast<const Kv*>(v),
+        out, lse);
   }
   return check_launch(kOp, "launching the attention kernel");
 }

@@ -1,7 +1,7 @@
-// The launch of one attention forward kernel (forward_plan.h) for one dtype, head dim and
-// output type. Defined in forward_launch.cuh and instantiated by one file per (kernel, head
-// dim) that CMake generates from forward_instance.cu.in, so that the kernels compile in
-// parallel; attention.cu sees only this declaration.
+// The launch of one attention forward kernel (forward_plan.h) for one query dtype, K/V storage
+// type, head dim and output type. Defined in forward_launch.cuh and instantiated by one file per
+// (kernel, head dim) that CMake generates from forward_instance.cu.in, so that the kernels compile
+// in parallel; attention.cu sees only this declaration.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,8 +13,9 @@
 namespace jax_fmha::cuda {
 
 // One launch over the grid (row tiles of the longest sequence, KV heads, batch x splits);
-// q, k and v hold Element, out holds OutT (float32 for split-KV partial outputs).
-template <ForwardKernel kKernel, typename Element, int kHeadDim, typename OutT>
+// q holds Element, k and v Kv (Element, or an FP8 format: p.k_scale and p.v_scale are then
+// set), out holds OutT (float32 for split-KV partial outputs).
+template <ForwardKernel kKernel, typename Element, typename Kv, int kHeadDim, typename OutT>
 xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
                                const void* k, const void* v, OutT* out, float* lse);
 

@@ -41,8 +41,8 @@ constexpr KernelShape kernel_shape(ForwardKernel kernel) {
 // KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
 // than it would re-read.
 inline constexpr int64_t kDecodeMaxRows = 64;
-// The Hopper kernel takes pages that are a multiple of 16 keys: its TMA copies move runs of
-// at least 16 rows (smaller ones would stall them).
+// The Hopper kernel takes pages that are a multiple of 16 keys, copied by TMA in runs of
+// gcd(page size, key block) rows; other pages take the portable kernel, which gathers rows.
 inline constexpr int64_t kHopperPageRunKeys = 16;
 
 // Whether this build holds the sm_90a kernel (90a among the CUDA architectures).
@@ -65,18 +65,20 @@ inline bool hopper_device(int compute_capability_major) {
 }
 
 // The kernel for a problem with `rows_per_kv_head` packed rows (max_seqlen_q x group) per
-// (sequence, KV head), head dim `head_dim`, and pages of `page_size` keys (0: not paged).
+// (sequence, KV head), head dim `head_dim`, pages of `page_size` keys (0: not paged), and
+// FP8 keys and values (`fp8_kv`), which the Hopper kernel does not take
+// (docs/design/fp8_kv_cache.md).
 inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_per_kv_head,
-                                    int64_t head_dim, int64_t page_size) {
+                                    int64_t head_dim, int64_t page_size, bool fp8_kv) {
   if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
-  if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0)
+  if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0 && !fp8_kv)
     return ForwardKernel::kHopper;
   return ForwardKernel::kPortable;
 }
 
 // The traits and the kernel template of each forward kernel, specialized next to the kernel
 // (sm80/forward_kernel.cuh, sm80/decode_kernel.cuh, sm90/forward_kernel.cuh): TraitsOf<Element,
-// head dim> and kernel<Traits, OutT>.
+// head dim, K/V storage type> and kernel<Traits, OutT>.
 template <ForwardKernel kKernel>
 struct ForwardKernelOf;
 

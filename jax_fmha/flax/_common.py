@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_fmha
+from jax_fmha import _validation
 from jax_fmha.flax._rope import apply_rope
 
 _KERNEL_MASKS = (
@@ -158,12 +159,23 @@ class PagedKVCache(NamedTuple):
   ``key_pages``/``value_pages [num_pages, page_size, Hkv, D]``; ``block_table`` int32
   ``[B, pages_per_seq]`` (sequence b's logical page p is physical page
   ``block_table[b, p]``); ``seq_lens`` int32 ``[B]``, the tokens cached per sequence.
+
+  FP8 pages (``float8_e4m3fn``, ``float8_e5m2``) hold keys and values quantized with the
+  float32 ``[Hkv]`` scales ``key_scale``/``value_scale`` (``jax_fmha.update_kv_cache``;
+  None for other dtypes). ``empty`` makes them 1.0, the usual choice without calibration:
+  e4m3fn then keeps 3 significant bits from 2^-6 to 448 (e5m2: 2 bits, 2^-14 to 57344),
+  a range that holds ordinary keys and values; larger magnitudes saturate. Calibrated
+  scales (e.g. ``jax_fmha.quantize_kv``'s of a representative prompt's keys and values)
+  replace them before the first cached token: tokens are quantized with the scales in
+  force when they are appended, and attended with the current ones.
   """
 
   key_pages: jnp.ndarray
   value_pages: jnp.ndarray
   block_table: jnp.ndarray
   seq_lens: jnp.ndarray
+  key_scale: jnp.ndarray | None = None
+  value_scale: jnp.ndarray | None = None
 
   @classmethod
   def empty(
@@ -178,19 +190,33 @@ class PagedKVCache(NamedTuple):
   ) -> PagedKVCache:
     """Room for ``max_length`` tokens per sequence; sequence b owns pages
     ``[b * pages_per_seq, (b + 1) * pages_per_seq)`` (a serving engine would hand pages out
-    on demand instead, by rewriting ``block_table``)."""
+    on demand instead, by rewriting ``block_table``). An FP8 ``dtype`` makes a quantized
+    cache with scales 1.0."""
     if page_size < 1 or max_length < 1:
       raise ValueError(f"page_size and max_length must be >= 1, got {page_size} and {max_length}")
     pages_per_seq = -(-max_length // page_size)
     num_pages = batch_size * pages_per_seq
     pages_shape = (num_pages, page_size, num_kv_heads, head_dim)
-    # Two buffers, not one shared: the caches are donated for an in-place update.
+    quantized = jnp.dtype(dtype) in _validation.FP8_DTYPES
+    scale = lambda: jnp.ones((num_kv_heads,), jnp.float32) if quantized else None
+    # Two buffers each, not one shared: the caches are donated for an in-place update.
     return cls(
       key_pages=jnp.zeros(pages_shape, dtype),
       value_pages=jnp.zeros(pages_shape, dtype),
       block_table=jnp.arange(num_pages, dtype=jnp.int32).reshape(batch_size, -1),
       seq_lens=jnp.zeros((batch_size,), jnp.int32),
+      key_scale=scale(),
+      value_scale=scale(),
     )
+
+  @property
+  def quantized(self) -> bool:
+    """Whether the pages are FP8 (with key_scale and value_scale)."""
+    return self.key_scale is not None
+
+  def variables(self) -> dict:
+    """The fields a layer keeps as cache variables: every one but absent scales."""
+    return {name: value for name, value in self._asdict().items() if value is not None}
 
   @property
   def capacity(self) -> int:
@@ -264,7 +290,9 @@ def attend(
     rope_theta: rotary position embeddings of query and key with this base, or None. A
       token's position is its index in the row, plus the tokens already cached.
     cache: a paged KV cache (decoding: one batch axis): the new keys and values are
-      appended to it and attended with it (``attention_with_kvcache``). A sequence
+      appended to it and attended with it (``attention_with_kvcache``), quantized into
+      FP8 pages with the cache's scales; with pages of another float dtype than the
+      inputs', queries, keys and values are cast to it (the output back). A sequence
       whose tokens outgrow ``cache.capacity`` (callers check what the shapes tell with
       ``PagedKVCache.check_fits``) follows ``jax_fmha.update_kv_cache`` and
       ``jax_fmha.attention``: the writes past capacity are dropped and its output rows
@@ -302,6 +330,9 @@ def attend(
       packed_kwargs.update(cu_seqlens_k=rows.cu_seqlens, max_seqlen_k=key_length)
     out = jax_fmha.attention(query, key, value, causal=causal, window=window, **packed_kwargs)
   else:
+    out_dtype = query.dtype
+    if not cache.quantized:
+      query, key, value = (x.astype(cache.key_pages.dtype) for x in (query, key, value))
     out, key_pages, value_pages = jax_fmha.attention_with_kvcache(
       query,
       cache.key_pages,
@@ -312,8 +343,11 @@ def attend(
       block_table=cache.block_table,
       causal=causal,
       window=window,
+      k_scale=cache.key_scale,
+      v_scale=cache.value_scale,
       **packed_kwargs,
     )
+    out = out.astype(out_dtype)
     new_tokens = query_length if lengths is None else rows.lengths
     cache = cache._replace(
       key_pages=key_pages, value_pages=value_pages, seq_lens=cache.seq_lens + new_tokens

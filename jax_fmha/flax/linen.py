@@ -57,6 +57,12 @@ class MultiHeadDotProductAttention(nn.Module):
       base, at each token's position (index in its row plus tokens already cached); None
       for none.
     page_size: tokens per page of the decode cache.
+    cache_dtype: dtype of the decode cache: None for the keys' (compute) dtype; another
+      float dtype casts queries, keys and values to it for the cached attention; an FP8
+      dtype (``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) stores the keys and values
+      quantized, with float32 per-KV-head scales in the cache variables ``key_scale`` and
+      ``value_scale``, 1.0 unless replaced before the first cached call (see
+      ``PagedKVCache``).
 
   ``decode=True``: as in Flax, the first call (``init``) sizes the cache from its inputs
   ``[batch, max_length, features]`` (attending over them without caching them); later
@@ -71,7 +77,7 @@ class MultiHeadDotProductAttention(nn.Module):
   document, the writes past capacity are dropped and that sequence's outputs are NaN from
   then on (the other sequences are unaffected). The collection
   ``cache`` holds ``PagedKVCache``'s fields: ``key_pages``, ``value_pages``,
-  ``block_table`` and ``seq_lens``.
+  ``block_table`` and ``seq_lens``, and ``key_scale``/``value_scale`` for an FP8 cache.
 
   Not supported (a ValueError says so): ``mask`` (use ``causal``/``window``/``lengths``),
   attention dropout when not deterministic, ``sow_weights``.
@@ -97,6 +103,7 @@ class MultiHeadDotProductAttention(nn.Module):
   window: tuple[int, int] = (-1, -1)
   rope_theta: float | None = None
   page_size: int = 16
+  cache_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(
@@ -188,14 +195,16 @@ class MultiHeadDotProductAttention(nn.Module):
         max_length=key.shape[1],
         num_kv_heads=key.shape[2],
         head_dim=key.shape[3],
-        dtype=key.dtype,
+        dtype=self.cache_dtype or key.dtype,
         page_size=self.page_size,
       )
-      for name, initial_value in empty._asdict().items():
+      for name, initial_value in empty.variables().items():
         self.put_variable("cache", name, initial_value)
       out, _ = attend(query, key, value, **mask_and_positions)
       return out
-    cache = PagedKVCache(*(self.get_variable("cache", name) for name in PagedKVCache._fields))
+    cache = PagedKVCache(
+      **{name: self.get_variable("cache", name) for name in PagedKVCache._fields}
+    )
     cache.check_fits(
       key.shape[-3],
       mask_and_positions["lengths"],
@@ -203,7 +212,7 @@ class MultiHeadDotProductAttention(nn.Module):
       "[batch, max_length, features]",
     )
     out, cache = attend(query, key, value, cache=cache, **mask_and_positions)
-    for name, updated in cache._asdict().items():
+    for name, updated in cache.variables().items():
       self.put_variable("cache", name, updated)
     return out
 

@@ -54,16 +54,17 @@ class MultiHeadAttention(nnx.Module):
       for none.
 
   Decoding: ``init_cache((batch, max_length, features))`` makes a paged KV cache
-  (``nnx.Cache`` variables ``key_pages``, ``value_pages``, ``block_table``, ``seq_lens``:
-  ``PagedKVCache``'s fields); then each call with ``decode=True`` takes self-attention
-  inputs ``[batch, length, features]``, appends their keys and values to the cache and
-  attends over everything cached so far: prefill a prompt, then one token per call. A call
-  with more tokens than the cache holds (inputs longer than it; with ``lengths`` only the
-  device knows the count) raises a ValueError at trace time. Only the device knows how
-  many tokens are cached, so a sequence that outgrows the cache over several calls (a
-  prefill, then too many decode steps) is not caught: as ``jax_fmha.update_kv_cache`` and
-  ``jax_fmha.attention`` document, the writes past capacity are dropped and that
-  sequence's outputs are NaN from then on (the other sequences are unaffected).
+  (``nnx.Cache`` variables ``key_pages``, ``value_pages``, ``block_table``, ``seq_lens``,
+  and ``key_scale``/``value_scale`` for an FP8 cache: ``PagedKVCache``'s fields); then
+  each call with ``decode=True`` takes self-attention inputs ``[batch, length, features]``,
+  appends their keys and values to the cache and attends over everything cached so far:
+  prefill a prompt, then one token per call. A call with more tokens than the cache holds
+  (inputs longer than it; with ``lengths`` only the device knows the count) raises a
+  ValueError at trace time. Only the device knows how many tokens are cached, so a
+  sequence that outgrows the cache over several calls (a prefill, then too many decode
+  steps) is not caught: as ``jax_fmha.update_kv_cache`` and ``jax_fmha.attention``
+  document, the writes past capacity are dropped and that sequence's outputs are NaN from
+  then on (the other sequences are unaffected).
 
   Not supported (a ValueError says so): ``mask`` (use ``causal``/``window``/``lengths``),
   attention dropout when not deterministic, ``sow_weights``.
@@ -150,7 +151,8 @@ class MultiHeadAttention(nnx.Module):
       precision=precision,
       rngs=rngs,
     )
-    self.key_pages = self.value_pages = self.block_table = self.seq_lens = nnx.data(None)
+    for name in PagedKVCache._fields:
+      setattr(self, name, nnx.data(None))
 
   def init_cache(
     self, input_shape: Sequence[int], dtype: Dtype | None = None, *, page_size: int = 16
@@ -158,8 +160,13 @@ class MultiHeadAttention(nnx.Module):
     """Makes an empty paged KV cache for inputs ``(batch, max_length, ...)`` (Flax's
     ``init_cache`` argument): room for ``max_length`` tokens per sequence (the prompt
     plus every token to decode; rounded up to whole pages), in pages of ``page_size``
-    tokens, of ``dtype`` (default: the layer's ``dtype`` or ``param_dtype``: the keys'
-    dtype)."""
+    tokens, of ``dtype`` (the cache dtype; default: the layer's ``dtype`` or
+    ``param_dtype``: the keys' dtype). Another float dtype than the keys' casts queries,
+    keys and values to it for the cached attention. An FP8 ``dtype``
+    (``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) stores keys and values quantized, with
+    float32 per-KV-head scales in ``key_scale``/``value_scale``: 1.0 unless replaced
+    (``layer.key_scale[...] = scales``) before the first cached call (see
+    ``PagedKVCache``)."""
     empty = PagedKVCache.empty(
       batch_size=input_shape[0],
       max_length=input_shape[1],
@@ -169,7 +176,7 @@ class MultiHeadAttention(nnx.Module):
       page_size=page_size,
     )
     for name, initial_value in empty._asdict().items():
-      setattr(self, name, nnx.Cache(initial_value))
+      setattr(self, name, nnx.data(None) if initial_value is None else nnx.Cache(initial_value))
 
   def __call__(
     self,
@@ -219,12 +226,13 @@ class MultiHeadAttention(nnx.Module):
           "decode=True: the KV cache is not initialized; call "
           "init_cache((batch, max_length, features)) first"
         )
-      cache = PagedKVCache(*(getattr(self, name)[...] for name in PagedKVCache._fields))
+      variables = {name: getattr(self, name) for name in PagedKVCache._fields}
+      cache = PagedKVCache(**{n: v[...] for n, v in variables.items() if v is not None})
       cache.check_fits(
         key.shape[-3], lengths, enlarge="make a longer cache: init_cache((batch, max_length, ...))"
       )
       out, cache = attend(query, key, value, cache=cache, **mask_and_positions)
-      for name, updated in cache._asdict().items():
+      for name, updated in cache.variables().items():
         getattr(self, name)[...] = updated
     else:
       out, _ = attend(query, key, value, **mask_and_positions)

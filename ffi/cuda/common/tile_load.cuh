@@ -43,9 +43,9 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
 // the sequence, i.e. query (row_begin + r) / group, head kv_head * group + (row_begin + r) %
 // group. Rows at or past `rows` and columns past head_dim are zero-filled. The caller's
 // kCopyThreads threads (this one is `tid`) copy kRows rows of the tile from row first_row on.
-template <class Traits, int kRows = Traits::kBlockM, int kCopyThreads = Traits::kThreads>
-__device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
-                                            const typename Traits::Element* q,
+template <class Traits, int kRows = Traits::kBlockM, int kCopyThreads = Traits::kThreads,
+          typename QElement>
+__device__ __forceinline__ void load_q_tile(QElement* smem_q, const QElement* q,
                                             const AttentionProblem& p, int64_t q_begin, int kv_head,
                                             int64_t row_begin, int rows, int first_row = 0,
                                             int tid = threadIdx.x) {
@@ -59,7 +59,7 @@ __device__ __forceinline__ void load_q_tile(typename Traits::Element* smem_q,
     const int r = first_row + c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
     const bool in_bounds = r < rows && col < p.head_dim;
-    const typename Traits::Element* src = q;
+    const QElement* src = q;
     if (in_bounds) {
       const int64_t packed_row = row_begin + r;
       const int64_t i = packed_row / group;
@@ -77,7 +77,8 @@ __device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b,
   return p.kv.pages.row(b, key);
 }
 
-// Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile, the copies
+// Keys [key_begin, key_begin + kRows) of sequence b into one K and one V tile (of the K/V
+// storage type: 16 bytes are 8 bfloat16/float16 or 16 FP8 elements of a row), the copies
 // shared by kCopyThreads threads (this one is `tid`): the whole CTA for the prefill tile, one
 // warp for a decode warp's own block. With `contiguous_rows`, the block's keys lie in
 // consecutive rows from first_row on (every layout but pages smaller than the block);
@@ -87,14 +88,14 @@ __device__ __forceinline__ int64_t key_row(const AttentionProblem& p, int64_t b,
 // key_end (the last key any row of the tile sees, at most the sequence length) are
 // zero-filled, so that masked probabilities (exact zeros) never meet garbage values.
 template <class Traits, int kRows, int kCopyThreads>
-__device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
-                                             typename Traits::Element* smem_v,
-                                             const typename Traits::Element* k,
-                                             const typename Traits::Element* v,
+__device__ __forceinline__ void load_kv_tile(typename Traits::KvElement* smem_k,
+                                             typename Traits::KvElement* smem_v,
+                                             const typename Traits::KvElement* k,
+                                             const typename Traits::KvElement* v,
                                              const AttentionProblem& p, int64_t b, int kv_head,
                                              int key_begin, int key_end, bool contiguous_rows,
                                              int64_t first_row, int tid) {
-  constexpr int kChunksPerRow = Traits::kChunksPerRow;
+  constexpr int kChunksPerRow = Traits::kKvChunksPerRow;
   constexpr int kCopies = kRows * kChunksPerRow / kCopyThreads;
   static_assert(kRows * kChunksPerRow % kCopyThreads == 0, "copies must split evenly");
   // This runs once per key block of the main loop with every register taken, so its
@@ -107,7 +108,7 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
   if constexpr (kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0) {
     if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
       const int r = tid / kChunksPerRow;
-      const int col = (tid % kChunksPerRow) * Traits::kChunk;
+      const int col = (tid % kChunksPerRow) * Traits::kKvChunk;
       const int64_t pass_stride = kRowsPerPass * row_stride;
       const bool col_in_bounds = col < head_dim;
       const int64_t offset = (first_row + r) * row_stride + head_offset + col;
@@ -125,14 +126,11 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::Element* smem_k,
   }
   // General case: rows gathered through the block table one by one (pages smaller than the
   // block), or head dims whose rows do not split evenly over the copy threads.
-  // (Fully unrolled, every copy's address is computed ahead and held: Traits::kGatherUnroll
-  // bounds that where registers are short.)
-  constexpr int kUnroll = Traits::kGatherUnroll < kCopies ? Traits::kGatherUnroll : kCopies;
-#pragma unroll kUnroll
+#pragma unroll kCopies
   for (int it = 0; it < kCopies; ++it) {
     const int c = tid + it * kCopyThreads;
     const int r = c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * Traits::kChunk;
+    const int col = (c % kChunksPerRow) * Traits::kKvChunk;
     const int key = key_begin + r;
     const bool in_bounds = key < key_end && col < head_dim;
     int64_t src = 0;

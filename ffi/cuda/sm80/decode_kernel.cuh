@@ -18,6 +18,7 @@
 #include "cuda/common/tile_load.cuh"
 #include "cuda/sm80/kernel_traits.cuh"
 #include "cuda/sm80/warp_mma.cuh"
+#include "cuda/sm80/warp_mma_fp8.cuh"
 
 namespace jax_fmha::cuda {
 
@@ -89,34 +90,37 @@ __device__ __forceinline__ void combine_and_store(float (&o)[1][Traits::kDimAtom
 template <class Traits, typename OutT>
 __global__ void __launch_bounds__(Traits::kThreads)
     attention_decode_kernel(const __grid_constant__ AttentionProblem p,
-                            const typename Traits::Element* __restrict__ q,
-                            const typename Traits::Element* __restrict__ k,
-                            const typename Traits::Element* __restrict__ v, OutT* __restrict__ out,
-                            float* __restrict__ lse) {
-  using Element = typename Traits::Element;
+                            const typename Traits::QElement* __restrict__ q,
+                            const typename Traits::KvElement* __restrict__ k,
+                            const typename Traits::KvElement* __restrict__ v,
+                            OutT* __restrict__ out, float* __restrict__ lse) {
+  using KvElement = typename Traits::KvElement;
   constexpr int kBlockN = Traits::kBlockN, kWarps = Traits::kWarps, kStages = Traits::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
-  Element* smem_q = reinterpret_cast<Element*>(smem);
-  unsigned char* smem_stages = smem + sizeof(Element) * Traits::kQElems;
+  auto* smem_q = reinterpret_cast<typename Traits::QElement*>(smem);
+  float* q_row_factor = reinterpret_cast<float*>(smem_q + Traits::kQElems);  // FP8 K/V
+  unsigned char* smem_stages = smem + Traits::kQBytes;
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
   const TileKeys& keys = t.keys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first_row = int(t.row_begin) + lane / 4;
-  const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+  // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
+  const ScoreTransform transform =
+      ScoreTransform::make(Traits::kFp8 ? p.scale * p.k_scale[t.kv_head] : p.scale, p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   // The warp's K/V stages: stage s holds K then V of one 16-key block.
-  Element* warp_stages =
-      reinterpret_cast<Element*>(smem_stages) + warp * kStages * 2 * Traits::kKvTileElems;
+  KvElement* warp_stages =
+      reinterpret_cast<KvElement*>(smem_stages) + warp * kStages * 2 * Traits::kKvTileElems;
   const auto stage_k = [&](int s) { return warp_stages + s * 2 * Traits::kKvTileElems; };
   const int first_block = keys.begin / kBlockN * kBlockN;
   const int num_blocks = keys.empty() ? 0 : (keys.end - first_block + kBlockN - 1) / kBlockN;
   const int warp_blocks = num_blocks > warp ? (num_blocks - warp + kWarps - 1) / kWarps : 0;
   const auto block_key = [&](int j) { return first_block + (warp + kWarps * j) * kBlockN; };
   const auto load_block = [&](int j) {
-    Element* dst_k = stage_k(j % kStages);
+    KvElement* dst_k = stage_k(j % kStages);
     const int key_begin = block_key(j);
     load_kv_tile<Traits, kBlockN, 32>(dst_k, dst_k + Traits::kKvTileElems, k, v, p, t.b, t.kv_head,
                                       key_begin, keys.end, contiguous_rows,
@@ -133,6 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cute::cp_async_wait<kStages - 1>();  // the Q group (the oldest) has landed ...
   __syncthreads();                     // ... for every thread
+  if constexpr (Traits::kFp8) prepare_q_fp8<Traits>(smem_q, q_row_factor);
+  const Fp8Scales<Traits> fp8(q_row_factor, 0, Traits::kFp8 ? p.v_scale[t.kv_head] : 1.f);
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll
@@ -146,17 +152,26 @@ __global__ void __launch_bounds__(Traits::kThreads)
     __syncwarp();  // ... for the whole warp, which is also done reading block j - 1's stage
     if (j + kStages - 1 < warp_blocks) load_block(j + kStages - 1);
     cute::cp_async_fence();
-    const Element* tile_k = stage_k(j % kStages);
+    const KvElement* tile_k = stage_k(j % kStages);
     float s[1][Traits::kKeyAtoms][4];
-    warp_qk<Traits>(smem_q, tile_k, s);
+    if constexpr (Traits::kFp8) {
+      warp_qk_fp8<Traits>(reinterpret_cast<const __half*>(smem_q), tile_k, s);
+      fp8.scale_scores(s);
+    } else {
+      warp_qk<Traits>(smem_q, tile_k, s);
+    }
     if (transform.explicit_pass()) transform.apply<Traits>(s);
     const int key_begin = block_key(j);
     if (keys.block_needs_mask(key_begin, kBlockN))
       mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
                           key_begin);
     softmax.update(s, o, transform.fold());
-    warp_pv<Traits>(s, tile_k + Traits::kKvTileElems, o);
+    if constexpr (Traits::kFp8)
+      warp_pv_fp8<Traits>(s, tile_k + Traits::kKvTileElems, o);
+    else
+      warp_pv<Traits>(s, tile_k + Traits::kKvTileElems, o);
   }
+  if constexpr (Traits::kFp8) fp8.finish_output(o);
   cute::cp_async_wait<0>();
   __syncthreads();  // every warp is done with its stages: they become the combine scratch
   combine_and_store<Traits, OutT>(o, softmax, reinterpret_cast<float*>(smem_stages), out, lse,
@@ -166,8 +181,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // The kernel of ForwardKernel::kDecode (forward_plan.h), for the launcher.
 template <>
 struct ForwardKernelOf<ForwardKernel::kDecode> {
-  template <typename Element, int kHeadDim>
-  using TraitsOf = DecodeTraits<Element, kHeadDim>;
+  template <typename Element, int kHeadDim, typename Kv>
+  using TraitsOf = DecodeTraits<Element, kHeadDim, Kv>;
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_decode_kernel<Traits, OutT>;
 };

@@ -18,22 +18,24 @@
 #include "cuda/common/tile_load.cuh"
 #include "cuda/sm80/kernel_traits.cuh"
 #include "cuda/sm80/warp_mma.cuh"
+#include "cuda/sm80/warp_mma_fp8.cuh"
 
 namespace jax_fmha::cuda {
 
 template <class Traits, typename OutT>
 __global__ void __launch_bounds__(Traits::kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionProblem p,
-                             const typename Traits::Element* __restrict__ q,
-                             const typename Traits::Element* __restrict__ k,
-                             const typename Traits::Element* __restrict__ v, OutT* __restrict__ out,
-                             float* __restrict__ lse) {
-  using Element = typename Traits::Element;
+                             const typename Traits::QElement* __restrict__ q,
+                             const typename Traits::KvElement* __restrict__ k,
+                             const typename Traits::KvElement* __restrict__ v,
+                             OutT* __restrict__ out, float* __restrict__ lse) {
+  using KvElement = typename Traits::KvElement;
   constexpr int kBlockN = Traits::kBlockN;
   extern __shared__ __align__(16) unsigned char smem[];
-  Element* smem_q = reinterpret_cast<Element*>(smem);
-  Element* smem_k = smem_q + Traits::kQElems;                         // [stages]
-  Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElems;  // [stages]
+  auto* smem_q = reinterpret_cast<typename Traits::QElement*>(smem);
+  float* q_row_factor = reinterpret_cast<float*>(smem_q + Traits::kQElems);  // FP8 K/V
+  KvElement* smem_k = reinterpret_cast<KvElement*>(smem + Traits::kQBytes);  // [stages]
+  KvElement* smem_v = smem_k + Traits::kStages * Traits::kKvTileElems;       // [stages]
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -43,7 +45,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const bool warp_has_rows = warp_row < t.rows;
   // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
-  const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+  // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
+  const ScoreTransform transform =
+      ScoreTransform::make(Traits::kFp8 ? p.scale * p.k_scale[t.kv_head] : p.scale, p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   float o[Traits::kMmaM][Traits::kDimAtoms][4];
@@ -56,6 +60,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   OnlineSoftmax<Traits> softmax;
 
   load_q_tile<Traits>(smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows);
+  if constexpr (Traits::kFp8) {  // the query tile is rewritten before the first product
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();
+    prepare_q_fp8<Traits>(smem_q, q_row_factor);
+  }
+  const Fp8Scales<Traits> fp8(q_row_factor, warp_row, Traits::kFp8 ? p.v_scale[t.kv_head] : 1.f);
   if (!keys.empty()) {
     constexpr int kStages = Traits::kStages;
     // Blocks start at multiples of kBlockN (split ranges and whole pages align with them).
@@ -84,17 +95,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const int stage = block % kStages;
       if (warp_has_rows) {
         float s[Traits::kMmaM][Traits::kKeyAtoms][4];
-        warp_qk<Traits>(smem_q + warp_row * Traits::kRowPitch,
-                        smem_k + stage * Traits::kKvTileElems, s);
+        if constexpr (Traits::kFp8) {
+          warp_qk_fp8<Traits>(
+              reinterpret_cast<const __half*>(smem_q) + warp_row * Traits::kRowPitch,
+              smem_k + stage * Traits::kKvTileElems, s);
+          fp8.scale_scores(s);
+        } else {
+          warp_qk<Traits>(smem_q + warp_row * Traits::kRowPitch,
+                          smem_k + stage * Traits::kKvTileElems, s);
+        }
         if (transform.explicit_pass()) transform.apply<Traits>(s);
         if (keys.block_needs_mask(key_begin, kBlockN))
           mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
                               key_begin);
         softmax.update(s, o, transform.fold());
-        warp_pv<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
+        if constexpr (Traits::kFp8)
+          warp_pv_fp8<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
+        else
+          warp_pv<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);
       }
     }
   }
+  if constexpr (Traits::kFp8) fp8.finish_output(o);
   cute::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused for the output tile
   store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
@@ -104,8 +126,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.
 template <>
 struct ForwardKernelOf<ForwardKernel::kPortable> {
-  template <typename Element, int kHeadDim>
-  using TraitsOf = KernelTraits<Element, kHeadDim>;
+  template <typename Element, int kHeadDim, typename Kv>
+  using TraitsOf = KernelTraits<Element, kHeadDim, Kv>;
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_forward_kernel<Traits, OutT>;
 };

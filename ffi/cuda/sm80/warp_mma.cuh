@@ -71,8 +71,23 @@ __device__ __forceinline__ void warp_qk(const typename Traits::Element* smem_q,
   }
 }
 
-// O += P V. The probabilities sit in S's accumulator layout, which is exactly the A layout
-// of the next product once two adjacent n8 key tiles are packed into one k16 step.
+// The A fragments of k16 step kk of P V: the probabilities sit in S's accumulator layout,
+// which is exactly the A layout once two adjacent n8 key tiles are packed into one k16 step.
+template <class Traits>
+__device__ __forceinline__ void pack_probabilities(
+    const float (&p)[Traits::kMmaM][Traits::kKeyAtoms][4], int kk,
+    uint32_t (&a)[Traits::kMmaM][4]) {
+  using Element = typename Traits::Element;
+#pragma unroll
+  for (int m = 0; m < Traits::kMmaM; ++m) {
+    a[m][0] = pack2<Element>(p[m][2 * kk][0], p[m][2 * kk][1]);
+    a[m][1] = pack2<Element>(p[m][2 * kk][2], p[m][2 * kk][3]);
+    a[m][2] = pack2<Element>(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
+    a[m][3] = pack2<Element>(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
+  }
+}
+
+// O += P V.
 template <class Traits>
 __device__ __forceinline__ void warp_pv(const float (&p)[Traits::kMmaM][Traits::kKeyAtoms][4],
                                         const typename Traits::Element* smem_v,
@@ -86,13 +101,7 @@ __device__ __forceinline__ void warp_pv(const float (&p)[Traits::kMmaM][Traits::
 #pragma unroll
   for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
     uint32_t a[Traits::kMmaM][4];
-#pragma unroll
-    for (int m = 0; m < Traits::kMmaM; ++m) {
-      a[m][0] = pack2<Element>(p[m][2 * kk][0], p[m][2 * kk][1]);
-      a[m][1] = pack2<Element>(p[m][2 * kk][2], p[m][2 * kk][3]);
-      a[m][2] = pack2<Element>(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
-      a[m][3] = pack2<Element>(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
-    }
+    pack_probabilities<Traits>(p, kk, a);
 #pragma unroll
     for (int n = 0; n < Traits::kDimAtoms; n += 2) {
       uint32_t b[4];

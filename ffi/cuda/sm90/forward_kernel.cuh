@@ -277,6 +277,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                             key_begin);
       return softmax.update_scores(s, transform.fold(), correction);
     };
+    bool rescale = false;    // O must be rescaled before its next product
     if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
                              // between the issue and the wait of the loop's products)
       float s[1][Traits::kKeyAtoms][4];
@@ -299,24 +300,27 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       take_turn();
       issue_qk<Traits>(smem_q, k_tile(block), s, thread);
       fence_registers(o_regs);
+      if (rescale) softmax.rescale(o, correction);  // while S runs
+      fence_registers(o_regs);
       fence_registers(probs);
       issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
       pass_turn();
       wait_products<1>();  // S; P V of the last block still runs
       if (leader) k_ring.release(use0 + block);
       fence_registers(s_regs);
-      const bool rescale = softmax_of(s, block);
+      rescale = softmax_of(s, block);
       wait_products<0>();
       if (leader) v_ring.release(use0 + block - 1);
       fence_registers(o_regs);
       fence_registers(probs);
-      if (rescale) softmax.rescale(o, correction);
       pack_probabilities<Traits>(s, probs);
     }
     if (blocks.count > 0) {  // P V of the last block
       const int last = blocks.count - 1;
       v_ring.wait(use0 + last);
       take_turn();
+      fence_registers(o_regs);
+      if (rescale) softmax.rescale(o, correction);
       fence_registers(o_regs);
       fence_registers(probs);
       issue_pv<Traits>(probs, v_tile(last), o, thread);
@@ -352,8 +356,8 @@ inline int multiprocessor_count() {
 // tensor maps instead of the K and V pointers, and runs a persistent grid.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
-  template <typename Element, int kHeadDim>
-  using TraitsOf = HopperTraits<Element, kHeadDim>;
+  template <typename Element, int kHeadDim, typename Kv>
+  using TraitsOf = HopperTraits<Element, kHeadDim>;  // Kv: Element (forward_kernel)
   template <class Traits, typename OutT>
   static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
 
