@@ -50,10 +50,11 @@ import numpy as np
 
 import jax_fmha
 
-SUITES = ("prefill", "gqa", "paged", "decode", "varlen")
+SUITES = ("prefill", "gqa", "paged", "decode", "varlen", "fp8")
 OURS = "jax_fmha"
 DENSE = "jax_fmha_dense"  # paged suite: our dense prefill on the gathered keys (not a peer)
-NOT_PEERS = (OURS, DENSE)
+DEQUANTIZED = "jax_fmha_dequantized"  # fp8 suite: ours on the same values in 16 bits (not a peer)
+NOT_PEERS = (OURS, DENSE, DEQUANTIZED)
 
 # Shapes per size: "full" for the GPU, "cpu" for a CPU run (about a minute per suite on
 # 2 cores), "small" (--small) for a quick check on either.
@@ -72,6 +73,13 @@ SIZES = {
     decode_kv=(1024, 4096, 16384, 131072),
     decode_max_tokens=2**20,  # B * Sk cap: 4 GiB of bf16 K+V at 8 KV heads, d128
     fp8_decode=((64, 4096), (8, 32768), (1, 131072)),  # (B, Sk), at pages 16 and 256
+    # FP8 prefill (B, S, heads, D, causal): 16k tokens, heads x D = 2048
+    fp8_prefill=(
+      (1, 16384, 16, 128, False),
+      (1, 16384, 16, 128, True),
+      (4, 4096, 16, 128, False),
+      (2, 8192, 8, 256, False),
+    ),
     varlen_tokens=16384,
     varlen_max=(512, 2048, 8192),
     varlen_heads=16,
@@ -90,6 +98,7 @@ SIZES = {
     decode_kv=(1024, 8192),
     decode_max_tokens=2**16,
     fp8_decode=((8, 8192),),
+    fp8_prefill=((1, 1024, 4, 128, False), (1, 1024, 4, 128, True)),
     varlen_tokens=2048,
     varlen_max=(256, 1024),
     varlen_heads=4,
@@ -108,6 +117,7 @@ SIZES = {
     decode_kv=(256, 1024),
     decode_max_tokens=2**12,
     fp8_decode=((4, 1024),),
+    fp8_prefill=((1, 256, 2, 64, True),),
     varlen_tokens=512,
     varlen_max=(128, 512),
     varlen_heads=2,
@@ -610,6 +620,98 @@ def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
   )
 
 
+def per_tensor_e4m3(x):
+  """x -> (x in float8_e4m3fn, its float32 scalar scale): one amax scale for the whole
+  tensor, the only form cuDNN's FP8 attention takes, so that every implementation of the
+  fp8 suite computes on the same values."""
+  scale = jnp.max(jnp.abs(x.astype(jnp.float32))) / float(jnp.finfo(jnp.float8_e4m3fn).max)
+  return (x.astype(jnp.float32) / scale).astype(jnp.float8_e4m3fn), scale
+
+
+def cudnn_fp8_fn(causal, scale):
+  """cuDNN's FP8 attention (e4m3 q, k, v; FP8 P; e4m3 output with scale 1), through JAX's
+  private entry point, which takes per-tensor descales as [1, 1, 1, 1] arrays."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
+  except Exception as e:
+    raise Skip(f"not importable: {_short(e)}") from e
+  one = jnp.ones((1, 1, 1, 1), jnp.float32)
+  mask = cudnn_sdpa.MaskType.CAUSAL if causal else cudnn_sdpa.MaskType.NO_MASK
+
+  def fn(x):
+    params = dict.fromkeys(cudnn_sdpa.fp8_params_keys, one)
+    for n in ("q", "k", "v"):
+      params[f"descale_{n}"] = jnp.reshape(x[f"{n}_scale"], (1, 1, 1, 1))
+    out, _, _ = cudnn_sdpa.dot_product_attention(
+      x["q"], x["k"], x["v"], fp8_params=params, scale=scale, mask_type=mask, use_fp8=True
+    )
+    return out
+
+  return fn
+
+
+def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Case:
+  """FP8 self-attention prefill: e4m3 q, k, v with per-tensor scales; ours, cuDNN's FP8
+  attention, and ours on the same values dequantized to the run's dtype. TFLOP/s count
+  the FLOPs as for 16-bit inputs."""
+  shape = (batch, seq, heads, head_dim)
+  scale = 1.0 / math.sqrt(head_dim)
+
+  def make_inputs(key):
+    x = random_qkv(key, shape, shape, dtype)
+    out = {}
+    for n in ("q", "k", "v"):
+      out[n], out[f"{n}_scale"] = per_tensor_e4m3(x[n])
+    return out
+
+  def ours(x):
+    return jax_fmha.attention(
+      x["q"],
+      x["k"],
+      x["v"],
+      q_scale=x["q_scale"],
+      k_scale=x["k_scale"],
+      v_scale=x["v_scale"],
+      causal=causal,
+    )
+
+  def dequantize(x):  # untimed: the bfloat16 inputs holding the same values
+    return {n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in "qkv"}
+
+  impls = guarded(
+    gpu_peers(
+      peers,
+      {
+        OURS: lambda: Impl(ours),
+        DEQUANTIZED: lambda: Impl(
+          lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dequantize
+        ),
+        "cudnn_fp8": lambda: Impl(cudnn_fp8_fn(causal, scale)),
+      },
+    )
+  )
+  return Case(
+    suite="fp8",
+    group=f"d{head_dim} e4m3fn{' causal' if causal else ''}",
+    x=seq,
+    label=f"b{batch} s{seq} h{heads} d{head_dim} e4m3fn{' causal' if causal else ''}",
+    shape=dict(
+      batch=batch,
+      seqlen_q=seq,
+      seqlen_k=seq,
+      q_heads=heads,
+      kv_heads=heads,
+      head_dim=head_dim,
+      causal=causal,
+      dtype="float8_e4m3fn",
+    ),
+    make_inputs=make_inputs,
+    impls=impls,
+    work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
+    metric="TFLOP/s",
+  )
+
+
 def random_lengths(rng, tokens, max_len) -> list[int]:
   """Random sequence lengths in [1, max_len] that add up to exactly `tokens`."""
   lengths = []
@@ -806,6 +908,13 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
               batch=b, seq_k=sk, page=page, cache_dtype=jnp.float8_e4m3fn, dtype=dtype
             )
           )
+  elif suite == "fp8":
+    for b, seq, heads, d, causal in c["fp8_prefill"]:
+      cases.append(
+        fp8_prefill_case(
+          peers, batch=b, seq=seq, heads=heads, head_dim=d, causal=causal, dtype=dtype
+        )
+      )
   elif suite == "varlen":
     for i, m in enumerate(c["varlen_max"]):
       cases.append(

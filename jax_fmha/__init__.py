@@ -10,9 +10,10 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from jax_fmha import reference
 from jax_fmha._ffi import FFI_TARGETS, build_info
 from jax_fmha.attention import attention
-from jax_fmha.kv_cache import attention_with_kvcache, quantize_kv, update_kv_cache
+from jax_fmha.kv_cache import attention_with_kvcache, update_kv_cache
 from jax_fmha.merge import merge_attention_states
 from jax_fmha.mlp import geglu, rms_norm, rms_norm_residual, swiglu
+from jax_fmha.quantize import quantize_fp8, quantize_kv
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
   "build_info",
   "geglu",
   "merge_attention_states",
+  "quantize_fp8",
   "quantize_kv",
   "reference",
   "rms_norm",

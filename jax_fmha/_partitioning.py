@@ -44,6 +44,12 @@ class SplitRule:
   compound_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
+def fp8_scale_axes(scale) -> str:
+  """The axes of an FP8 scale operand: ``[B, Hkv]``, splitting with the batch and the KV
+  heads; an absent scale's placeholder (rank 1, empty) is an axis of its own."""
+  return "batch kv_heads" if scale.ndim == 2 else "_"
+
+
 def row_factors(count: int) -> list[str]:
   """Factors for `count` leading row axes of a row-by-row op, each splittable on its own."""
   return [f"rows{i}" for i in range(count)]

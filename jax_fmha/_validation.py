@@ -30,8 +30,10 @@ PackedLayout = Literal["concat", "interleaved"]  # the GLU layouts of one packed
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PACKED_LAYOUTS: tuple[str, ...] = get_args(PackedLayout)
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# The storage formats of quantized (FP8) KV caches; the kernels dequantize them on load.
+# The FP8 storage formats (quantized KV caches and attention inputs); the kernels
+# dequantize them on load.
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,40 +82,85 @@ def fp8_dtype(name: str, dtype):
   return dtype
 
 
-def kv_scales(kv_names: tuple[str, str], kv, scales: dict, num_kv_heads: int):
-  """The dequantization scales of keys and values `kv` (named `kv_names`): float32
-  ``[Hkv]`` each for FP8 ``kv`` (``scales`` maps each scale's name to a Python number, a
-  float32 scalar or ``[Hkv]`` array, or None for 1.0), None each otherwise (where giving
-  one is an error)."""
-  if not is_fp8(kv):
-    for name, scale in scales.items():
-      if scale is not None:
-        raise ValueError(
-          f"{name}: dequantization scales are for FP8 {' and '.join(kv_names)} "
-          f"(float8_e4m3fn, float8_e5m2), got {kv_names[0]} of dtype {kv.dtype}: drop {name}"
-        )
-    return tuple(None for _ in scales)
-  return tuple(_scale_vector(name, scale, num_kv_heads) for name, scale in scales.items())
-
-
-def _scale_vector(name: str, scale, num_kv_heads: int):
+def fp8_scale(name: str, operand: str, x, scale, batch: int, num_kv_heads: int, required: bool):
+  """The dequantization scales (``scale``, the argument `name`) of the operand `operand`
+  ``x``: float32 ``[B, Hkv]`` for FP8 ``x``, None otherwise (where giving one is an error).
+  ``scale`` is a Python number, or a float32 scalar, ``[Hkv]`` or ``[B, Hkv]`` array,
+  broadcast to ``[B, Hkv]``; None stands for 1.0 unless `required`."""
+  if not is_fp8(x):
+    if scale is not None:
+      raise ValueError(
+        f"{name}: dequantization scales are for FP8 {operand} (float8_e4m3fn, float8_e5m2), "
+        f"got {operand} of dtype {x.dtype}: drop {name}"
+      )
+    return None
+  shape = (batch, num_kv_heads)
   if scale is None:
-    return jnp.ones((num_kv_heads,), jnp.float32)
+    if required:
+      raise TypeError(
+        f"{name}: FP8 {operand} ({x.dtype}) needs its dequantization scale (a float32 "
+        f"scalar, [Hkv] or [B, Hkv]: quantize_fp8's scale, FlashAttention-3's descale), got None"
+      )
+    return jnp.ones(shape, jnp.float32)
   if isinstance(scale, (bool, np.bool_)):
     raise TypeError(f"{name}: expected a float scale, got {scale!r}")
   if isinstance(scale, (int, float)):  # Python numbers: float32 (also under x64)
-    return jnp.full((num_kv_heads,), scale, jnp.float32)
+    return jnp.full(shape, scale, jnp.float32)
   scale = array(name, scale)
   if jnp.dtype(scale.dtype) != jnp.dtype(jnp.float32):
     raise TypeError(
       f"{name}: expected float32 (a Python float or a float32 array), got {scale.dtype}"
     )
-  if scale.shape not in ((), (num_kv_heads,)):
+  if scale.shape not in ((), (num_kv_heads,), shape):
     raise ValueError(
-      f"{name}: expected a scalar or shape [Hkv={num_kv_heads}] (one scale per KV head), "
-      f"got shape {tuple(scale.shape)}"
+      f"{name}: expected a scalar, shape [Hkv={num_kv_heads}] (one scale per KV head) or "
+      f"[B={batch}, Hkv={num_kv_heads}] (per sequence and KV head), got shape "
+      f"{tuple(scale.shape)}"
     )
-  return jnp.broadcast_to(scale, (num_kv_heads,))
+  return jnp.broadcast_to(scale, shape)
+
+
+def query_dtypes(q, k, v):
+  """The dtypes of q, k and v: one float dtype; or 16-bit/float32 q over an FP8 cache (k
+  and v of one FP8 format); or FP8 q with k of q's format and v of k's or 16-bit."""
+  if jnp.dtype(q.dtype) not in FLOAT_DTYPES + FP8_DTYPES:
+    raise TypeError(
+      f"q: expected dtype float32, bfloat16, float16 or an FP8 format (float8_e4m3fn, "
+      f"float8_e5m2), got {q.dtype}"
+    )
+  kv_dtype("k", k)
+  kv_dtype("v", v)
+  if not is_fp8(q):
+    same_dtype(("k", "v"), k, v)
+    if not is_fp8(k):
+      same_dtype(("q", "k", "v"), q, k, v)
+    return
+  if jnp.dtype(k.dtype) != jnp.dtype(q.dtype):
+    raise TypeError(f"k: FP8 q ({q.dtype}) needs k of the same FP8 format, got {k.dtype}")
+  if jnp.dtype(v.dtype) not in (jnp.dtype(k.dtype),) + HALF_DTYPES:
+    raise TypeError(
+      f"v: with FP8 q and k ({k.dtype}) expected v of dtype {k.dtype}, bfloat16 or float16 "
+      f"(P V in that dtype), got {v.dtype}"
+    )
+
+
+def output_dtype(q, value):
+  """The output dtype: ``value`` (default bfloat16) for FP8 q, q's otherwise."""
+  if not is_fp8(q):
+    if value is not None and jnp.dtype(value) != jnp.dtype(q.dtype):
+      raise TypeError(
+        f"out_dtype: only for FP8 q (the output has q's dtype otherwise): expected None or "
+        f"{q.dtype}, got {jnp.dtype(value)}"
+      )
+    return jnp.dtype(q.dtype)
+  if value is None:
+    return jnp.dtype(jnp.bfloat16)
+  if jnp.dtype(value) not in FLOAT_DTYPES:
+    raise TypeError(
+      f"out_dtype: expected bfloat16 (the default for FP8 q), float16 or float32, got "
+      f"{jnp.dtype(value)}"
+    )
+  return jnp.dtype(value)
 
 
 def same_dtype(names: tuple[str, ...], *xs):
@@ -230,8 +277,10 @@ class AttentionProblem:
   cu_seqlens_k: jax.Array | None
   seq_lens: jax.Array | None
   block_table: jax.Array | None
-  k_scale: jax.Array | None  # FP8 k and v: float32 [Hkv] dequantization scales
+  q_scale: jax.Array | None  # FP8 q, k, v: float32 [B, Hkv] dequantization scales
+  k_scale: jax.Array | None
   v_scale: jax.Array | None
+  out_dtype: np.dtype
   scale: float
   softcap: float
   window: tuple[int, int]
@@ -253,12 +302,14 @@ class AttentionProblem:
       cu_seqlens_k=self.cu_seqlens_k,
       seq_lens=self.seq_lens,
       block_table=self.block_table,
+      q_scale=self.q_scale,
       k_scale=self.k_scale,
       v_scale=self.v_scale,
     )
 
   def attributes(self) -> dict:
     return dict(
+      out_dtype=self.out_dtype,
       scale=self.scale,
       softcap=self.softcap,
       window=self.window,
@@ -283,19 +334,17 @@ def attention(
   block_table,
   seq_lens,
   num_splits,
+  q_scale,
   k_scale,
   v_scale,
+  out_dtype: jax.typing.DTypeLike | None,
   backend,
 ) -> AttentionProblem:
   """Checks the arguments of ``jax_fmha.attention``; returns the canonical problem."""
   known_backend(backend)
   q, k, v = (array(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-  float_dtype("q", q)
-  kv_dtype("k", k)
-  kv_dtype("v", v)
-  same_dtype(("k", "v"), k, v)
-  if not is_fp8(k):
-    same_dtype(("q", "k", "v"), q, k, v)
+  query_dtypes(q, k, v)
+  out_dtype = output_dtype(q, out_dtype)
   if v.shape != k.shape:
     raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
@@ -304,7 +353,14 @@ def attention(
     q, k, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, batch, max_seqlen_k
   )
   _heads(q, k, backend)
-  k_scale, v_scale = kv_scales(("k", "v"), k, {"k_scale": k_scale, "v_scale": v_scale}, k.shape[-2])
+  q_scale, k_scale, v_scale = (
+    fp8_scale(name, operand, x, value, batch, k.shape[-2], required=operand == "q")
+    for name, operand, x, value in (
+      ("q_scale", "q", q, q_scale),
+      ("k_scale", "k", k, k_scale),
+      ("v_scale", "v", v, v_scale),
+    )
+  )
   window, scale, softcap, num_splits = _transform(
     q.shape[-1], causal, window, scale, softcap, num_splits, backend
   )
@@ -316,8 +372,10 @@ def attention(
     cu_seqlens_k=cu_seqlens_k,
     seq_lens=seq_lens,
     block_table=block_table,
+    q_scale=q_scale,
     k_scale=k_scale,
     v_scale=v_scale,
+    out_dtype=out_dtype,
     scale=scale,
     softcap=softcap,
     window=window,
@@ -463,7 +521,7 @@ class KvCacheUpdate(NamedTuple):
   cache_seqlens: jax.Array
   cu_seqlens_new: jax.Array | None
   kv_layout: KvLayout
-  k_scale: jax.Array | None  # FP8 caches: float32 [Hkv] quantization scales
+  k_scale: jax.Array | None  # FP8 caches: float32 [B, Hkv] quantization scales
   v_scale: jax.Array | None
 
 
@@ -532,8 +590,12 @@ def update_kv_cache(
         f"the new tokens' batch {batch}"
       )
     kv_layout = "cache"
-  k_scale, v_scale = kv_scales(
-    ("k_cache", "v_cache"), k_cache, {"k_scale": k_scale, "v_scale": v_scale}, k_cache.shape[-2]
+  k_scale, v_scale = (
+    fp8_scale(name, operand, cache, value, batch, k_cache.shape[-2], required=False)
+    for name, operand, cache, value in (
+      ("k_scale", "k_cache", k_cache, k_scale),
+      ("v_scale", "v_cache", v_cache, v_scale),
+    )
   )
   return KvCacheUpdate(
     k_cache,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jax_fmha import _split_plan, _validation, reference
-from jax_fmha._partitioning import SplitRule
+from jax_fmha._partitioning import SplitRule, fp8_scale_axes
 from jax_fmha._primitives import (
   broadcast_batched,
   define_ffi_primitive,
@@ -36,8 +36,10 @@ def attention(
   block_table: ArrayLike | None = None,
   seq_lens: ArrayLike | None = None,
   num_splits: int | None = None,
+  q_scale: ArrayLike | None = None,
   k_scale: ArrayLike | None = None,
   v_scale: ArrayLike | None = None,
+  out_dtype: DTypeLike | None = None,
   return_lse: bool = False,
   backend: Backend = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -72,12 +74,20 @@ def attention(
   same for k and v); float32 there raises a TypeError at trace time.
 
   FP8 keys and values (a quantized KV cache, in any layout): k and v of one dtype,
-  ``float8_e4m3fn`` or ``float8_e5m2``, stand for ``k * k_scale[kv_head]`` and
-  ``v * v_scale[kv_head]``, with q of any of the dtypes above (the output's). The kernel
+  ``float8_e4m3fn`` or ``float8_e5m2``, stand for ``k * k_scale[b, kv_head]`` and
+  ``v * v_scale[b, kv_head]``, with q of any of the dtypes above (the output's). The kernel
   folds the scales into the scores and the output, so the result is attention over the
   dequantized (float32) keys and values. ``jax_fmha.quantize_kv`` makes such a cache;
-  ``update_kv_cache`` appends to one. FP8 runs on the CPU and CUDA backends and the
+  ``update_kv_cache`` appends to one. FP8 K/V run on the CPU and CUDA backends and the
   reference; on the GPU q is bfloat16 or float16, as always there.
+
+  FP8 queries (FlashAttention-3's FP8 forward; docs/design/fp8_attention.md): q in
+  ``float8_e4m3fn`` or ``float8_e5m2`` with ``q_scale`` (required), k of the same format,
+  v of that format too or bfloat16/float16 (then ``P @ V`` runs in v's dtype: "FP8 Q K^T,
+  16-bit P V"). Scores are ``scale * q_scale * k_scale * (q8 @ k8.T)``, the output
+  ``v_scale * (P @ v8)``, in ``out_dtype``. ``jax_fmha.quantize_fp8`` quantizes q (and k,
+  v) with amax scales per sequence and KV head. FP8 queries run on the CPU backend and the
+  reference; on the GPU they raise a TypeError at trace time for now.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -95,9 +105,16 @@ def attention(
       device (more splits when batch x KV heads x query blocks cannot fill the device's
       multiprocessors or CPU threads); ``1`` disables; ``N`` forces N splits, merged with
       ``merge_attention_states``'s kernel.
-    k_scale, v_scale: dequantization scales of FP8 k and v: a Python float or a float32
-      scalar or ``[Hkv]`` array (one per KV head); default 1.0. Only for FP8 k and v (a
+    q_scale, k_scale, v_scale: dequantization scales of FP8 q, k and v: the float32 factor
+      that turns a stored FP8 value into the real one (exactly FlashAttention-3's
+      ``q_descale``, ``k_descale``, ``v_descale``: pass those). A Python float, or a float32
+      scalar, ``[Hkv]`` (one per KV head) or ``[B, Hkv]`` (per sequence and KV head; B is
+      the batch, or the number of sequences of packed q) array. ``q_scale`` is required
+      with FP8 q; ``k_scale`` and ``v_scale`` default to 1.0. Only for FP8 operands (a
       ValueError otherwise). Finite and positive (not checked: they are data).
+    out_dtype: the output dtype with FP8 q: bfloat16 (default), float16, or float32 (CPU
+      backend and reference). Otherwise the output has q's dtype, and ``out_dtype`` must be
+      None or q's dtype (a TypeError otherwise).
     return_lse: also return the natural-log log-sum-exp of the scaled (softcapped) scores,
       float32 ``[B, Hq, Sq]`` (dense q) or ``[Hq, Tq]`` (packed q).
     backend: ``"auto"``: the jax_fmha kernel of the platform the computation is placed on
@@ -115,7 +132,8 @@ def attention(
   Forward only: ``jax.grad`` through the kernel raises.
 
   Returns:
-    ``out`` with q's shape and dtype, or ``(out, lse)`` when ``return_lse``.
+    ``out`` with q's shape and dtype (``out_dtype`` for FP8 q), or ``(out, lse)`` when
+    ``return_lse``.
   """
   problem = _validation.attention(
     q,
@@ -132,8 +150,10 @@ def attention(
     block_table=block_table,
     seq_lens=seq_lens,
     num_splits=num_splits,
+    q_scale=q_scale,
     k_scale=k_scale,
     v_scale=v_scale,
+    out_dtype=out_dtype,
     backend=backend,
   )
   if backend == "reference":
@@ -160,7 +180,7 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
     return out, lse
-  return merge_attention_states(out, lse, out_dtype=p.q.dtype)
+  return merge_attention_states(out, lse, out_dtype=p.out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,11 +188,14 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------------------------------
 
 
-def _attention_abstract_eval(q, *avals, num_splits, **params):
+def _attention_abstract_eval(q, *avals, num_splits, out_dtype, **params):
   # Dense q [B, Sq, Hq, D] -> lse [B, Hq, Sq]; packed q [Tq, Hq, D] -> lse [Hq, Tq].
   lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.ndim == 4 else (q.shape[1], q.shape[0])
   if num_splits == 1:
-    return (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32))
+    return (
+      jax.ShapeDtypeStruct(q.shape, out_dtype),
+      jax.ShapeDtypeStruct(lse_shape, jnp.float32),
+    )
   # Split-KV: float32 partial outputs and LSEs, one per split, on a new leading axis.
   splits = (int(num_splits),)
   return (
@@ -194,8 +217,8 @@ def _attention_split_rule(q, k, *avals, kv_layout, num_splits, **params) -> Spli
   """Batch and heads split: query heads are (KV head, member of its group), KV head major,
   as the kernel maps them, so a shard of query heads has its own KV heads. Sequences and
   the head dimension are needed whole (splitting them is context parallelism). Absent
-  index operands and scales are placeholders (``_``); FP8 K/V scales split with their
-  heads."""
+  index operands and scales are placeholders (``_``); the FP8 scales ``[B, Hkv]`` split
+  with the batch and the KV heads."""
   dense = q.ndim == 4
   heads = "(kv_heads group)"
   queries = f"batch seq_q {heads} head_dim" if dense else f"tokens_q {heads} head_dim"
@@ -204,11 +227,11 @@ def _attention_split_rule(q, k, *avals, kv_layout, num_splits, **params) -> Spli
   cu_seqlens_k = "offsets_k" if kv_layout == "packed" else "_"
   seq_lens = "batch" if kv_layout in ("cache", "paged") else "_"
   block_table = "batch table_pages" if kv_layout == "paged" else "_ _"
-  scales = "kv_heads" if _validation.is_fp8(k) else "_"
+  scales = ", ".join(fp8_scale_axes(scale) for scale in avals[-3:])
   splits = "" if num_splits == 1 else "_ "
   return SplitRule(
     f"{queries}, {_KEYS[kv_layout]}, {_KEYS[kv_layout]}, {cu_seqlens_q}, {cu_seqlens_k}, "
-    f"{seq_lens}, {block_table}, {scales}, {scales} -> {splits}{queries}, {splits}{lse}",
+    f"{seq_lens}, {block_table}, {scales} -> {splits}{queries}, {splits}{lse}",
     # Packed queries hold every sequence in one axis: nothing splits over the batch.
     shardable={"batch", "kv_heads"} if dense else {"kv_heads"},
     compound_sizes={"group": q.shape[-2] // k.shape[-2]},
@@ -219,14 +242,12 @@ def _attention_batching(args, dims, **params):
   q = args[0]
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   dense_q = q.ndim - (dims[0] is not None) == 4
-  scales_batched = dims[7] is not None or dims[8] is not None
-  # Dense queries with dense / cached / paged keys (and scales shared by the batch): the
-  # vmapped axis folds into the batch. Other forms run once per batch element.
-  if dense_q and params["kv_layout"] != "packed" and not scales_batched:
+  # Dense queries with dense / cached / paged keys: the vmapped axis folds into the batch
+  # (the FP8 scales [B, Hkv] with it). Other forms run once per batch element.
+  if dense_q and params["kv_layout"] != "packed":
     q, k, v, seq_lens, table = _fold_dense(args[:7], dims[:7], size, params["kv_layout"])
-    out, lse = attention_fwd_p.bind(
-      q, k, v, args[3], args[4], seq_lens, table, args[7], args[8], **params
-    )
+    scales = [_fold_scale(x, d, size) for x, d in zip(args[7:], dims[7:])]
+    out, lse = attention_fwd_p.bind(q, k, v, args[3], args[4], seq_lens, table, *scales, **params)
     lead = 0 if params["num_splits"] == 1 else 1
     out = out.reshape(out.shape[:lead] + (size, -1) + out.shape[lead + 1 :])
     lse = lse.reshape(lse.shape[:lead] + (size, -1) + lse.shape[lead + 1 :])
@@ -254,7 +275,22 @@ def _fold_dense(args, dims, size, kv_layout: KvLayout):
   return q, k, v, seq_lens, table
 
 
+def _fold_scale(scale, dim, size):
+  """FP8 scales [B, Hkv] (or batched [size, B, Hkv]) as [size * B, Hkv]; an absent scale's
+  placeholder (unbatched) as it is."""
+  if dim is None and scale.ndim == 1:
+    return scale
+  scale = broadcast_batched([scale], [dim], size)[0]
+  return scale.reshape((-1,) + scale.shape[2:])
+
+
 def _attention_platform_check(platform, avals_in):
+  if platform == "cuda" and _validation.is_fp8(avals_in[0]):
+    raise TypeError(
+      f"q: FP8 queries run on the CPU backend for now; the Hopper FP8 kernel is not built "
+      f"yet (got q of dtype {avals_in[0].dtype} on the GPU): use backend='reference', run "
+      f"on the CPU, or dequantize q (FP8 K/V with bfloat16/float16 q run on the GPU)"
+    )
   # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
   if platform == "cuda" and avals_in[0].dtype == jnp.float32:
     raise TypeError(
@@ -279,9 +315,11 @@ attention_fwd_p = define_ffi_primitive(
     "cu_seqlens_k",
     "seq_lens",
     "block_table",
+    "q_scale",
     "k_scale",
     "v_scale",
   ),
+  static_params=("out_dtype",),
   named_params={"kv_layout": "kv_layouts"},
   platform_check=_attention_platform_check,
 )
@@ -296,8 +334,10 @@ def attention_fwd(
   cu_seqlens_k=None,
   seq_lens=None,
   block_table=None,
+  q_scale=None,
   k_scale=None,
   v_scale=None,
+  out_dtype=None,
   scale: float,
   softcap: float,
   window: tuple[int, int],
@@ -305,7 +345,8 @@ def attention_fwd(
   num_splits: int,
   max_seqlen_q: int,
 ):
-  """Binds the attention forward primitive; arguments are already validated."""
+  """Binds the attention forward primitive; arguments are already validated (FP8 scales
+  float32 [B, Hkv]). ``out_dtype`` defaults to q's dtype."""
   return attention_fwd_p.bind(
     q,
     k,
@@ -314,8 +355,10 @@ def attention_fwd(
     empty_i32() if cu_seqlens_k is None else cu_seqlens_k,
     empty_i32() if seq_lens is None else seq_lens,
     empty_i32(0, 0) if block_table is None else block_table,
+    empty_f32() if q_scale is None else q_scale,
     empty_f32() if k_scale is None else k_scale,
     empty_f32() if v_scale is None else v_scale,
+    out_dtype=np.dtype(q.dtype if out_dtype is None else out_dtype),
     scale=np.float32(scale),
     softcap=np.float32(softcap),
     window_left=np.int32(window[0]),

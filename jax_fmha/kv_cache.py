@@ -1,6 +1,5 @@
-"""KV-cache append (``update_kv_cache``, with its primitive), the one-call
-append-then-attend used for decoding (``attention_with_kvcache``), and FP8 quantization
-of a cache (``quantize_kv``)."""
+"""KV-cache append (``update_kv_cache``, with its primitive) and the one-call
+append-then-attend used for decoding (``attention_with_kvcache``)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jax_fmha import _validation, reference
-from jax_fmha._partitioning import SplitRule
+from jax_fmha._partitioning import SplitRule, fp8_scale_axes
 from jax_fmha._primitives import define_ffi_primitive, empty_f32, empty_i32, map_over_batch
 from jax_fmha._validation import Backend
 from jax_fmha.attention import attention
@@ -41,12 +40,13 @@ def update_kv_cache(
       of sequence ``b`` goes to position ``cache_seqlens[b] + t``.
     cu_seqlens_new: prefix sums of the packed new tokens, or None (dense).
     k_scale, v_scale: FP8 caches only (a ValueError otherwise): the scales the new tokens
-      are quantized with, a Python float or a float32 scalar or ``[Hkv]`` array; default
+      are quantized with, a Python float, or a float32 scalar, ``[Hkv]`` or ``[B, Hkv]``
+      (per sequence: sequence b's tokens of KV head h use ``scale[b, h]``) array; default
       1.0. The cache's dequantization scales: pass the same ones to ``attention``.
     backend: ``"auto"`` (kernel) or ``"reference"`` (pure JAX scatter, same semantics).
 
   FP8 caches (``float8_e4m3fn``, ``float8_e5m2``) store each new value as
-  ``value / scale[kv_head]`` (computed as ``value * (1 / scale)`` in float32) rounded to
+  ``value / scale[b, kv_head]`` (computed as ``value * (1 / scale)`` in float32) rounded to
   the nearest FP8 value, ties to even. Magnitudes past the largest finite FP8 value (448
   for e4m3fn, 57344 for e5m2), infinities included, saturate to it with their sign; NaN
   stays NaN. The CPU and CUDA kernels store the same bytes.
@@ -116,8 +116,10 @@ def attention_with_kvcache(
   window: tuple[int, int] = (-1, -1),
   softcap: float = 0.0,
   num_splits: int | None = None,
+  q_scale: ArrayLike | None = None,
   k_scale: ArrayLike | None = None,
   v_scale: ArrayLike | None = None,
+  out_dtype: DTypeLike | None = None,
   return_lse: bool = False,
   backend: Backend = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -135,7 +137,10 @@ def attention_with_kvcache(
   backend and the reference; on the GPU the kernel takes bfloat16/float16: cast q, the
   caches and the new tokens (``.astype(jnp.bfloat16)``); float32 there raises a TypeError
   at trace time. FP8 caches (with ``k_scale``, ``v_scale``) quantize the new tokens as
-  ``update_kv_cache`` does and dequantize in the attention as ``attention`` does.
+  ``update_kv_cache`` does and dequantize in the attention as ``attention`` does. FP8 q
+  (with ``q_scale``, and ``out_dtype``) takes an FP8 cache of its format, as ``attention``
+  does; the new tokens are 16-bit or float32 and quantized into the cache. B in the scales'
+  ``[B, Hkv]`` shape is ``cache_seqlens``' length.
 
   Returns ``(out, k_cache, v_cache)`` (``(out, lse, k_cache, v_cache)`` with
   ``return_lse``). Donate the caches under ``jax.jit`` for an in-place update.
@@ -176,55 +181,16 @@ def attention_with_kvcache(
     block_table=block_table,
     seq_lens=seq_lens,
     num_splits=num_splits,
+    q_scale=q_scale,
     k_scale=k_scale,
     v_scale=v_scale,
+    out_dtype=out_dtype,
     return_lse=return_lse,
     backend=backend,
   )
   if return_lse:
     return result[0], result[1], k_cache, v_cache
   return result, k_cache, v_cache
-
-
-def quantize_kv(
-  cache: ArrayLike, dtype: DTypeLike = jnp.float8_e4m3fn
-) -> tuple[jax.Array, jax.Array]:
-  """Quantizes keys or values to FP8 with one scale per KV head: ``(cache_fp8, scale)``.
-
-  Args:
-    cache: float32, bfloat16 or float16 ``[..., Hkv, D]``: any layout of ``attention``'s
-      keys or values (pages, a contiguous cache, dense, packed). Quantize K and V apart.
-    dtype: ``float8_e4m3fn`` (default; 3 mantissa bits, largest value 448) or
-      ``float8_e5m2`` (2 mantissa bits, largest value 57344).
-
-  Returns:
-    ``scale`` float32 ``[Hkv]``: ``amax[h] / fp8_max``, ``amax[h]`` the largest finite
-    magnitude of KV head h over the whole array (unused cache slots included); a head
-    whose scale would be 0 or below float32's smallest normal (all zeros) gets 1.
-    ``cache_fp8``: the values quantized with it as ``update_kv_cache`` does (nearest even,
-    saturating: +-inf becomes +-amax; NaN stays NaN). Pass ``scale`` as ``k_scale`` (or
-    ``v_scale``) to ``attention``, ``attention_with_kvcache`` and ``update_kv_cache``.
-
-  Error model: a finite value ``x`` of head h comes back as ``x' = cache_fp8 * scale``
-  with ``|x' - x| <= 2^-(M+1) |x|`` (``M`` mantissa bits: 6.25% for e4m3fn, 12.5% for
-  e5m2) down to the smallest normal FP8 value times the scale (``amax / 28672`` for
-  e4m3fn, ``amax / 939524096`` for e5m2), and below it ``|x' - x|`` at most half the
-  subnormal step times the scale (``amax / 458752`` for e4m3fn, ``amax / 7516192768``
-  for e5m2), up to float32 rounding. The largest value maps to the largest FP8 value, so
-  nothing saturates but infinities. Pure JAX: runs on any device.
-  """
-  cache = _validation.array("cache", cache)
-  _validation.float_dtype("cache", cache)
-  if cache.ndim < 2:
-    raise ValueError(f"cache: expected rank >= 2 ([..., Hkv, D]), got shape {tuple(cache.shape)}")
-  dtype = _validation.fp8_dtype("dtype", dtype)
-  x = cache.astype(jnp.float32)
-  heads_axis = cache.ndim - 2
-  others = tuple(a for a in range(cache.ndim) if a != heads_axis)
-  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=others, initial=0.0)
-  scale = amax / float(jnp.finfo(dtype).max)
-  scale = jnp.where(scale >= jnp.finfo(jnp.float32).tiny, scale, 1.0)
-  return reference.quantize_fp8(x, scale, dtype), scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,21 +202,21 @@ def _update_abstract_eval(k_cache, v_cache, *avals, kv_layout):
   return (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),) * 2
 
 
-def _update_split_rule(k_cache, v_cache, k_new, *avals, kv_layout) -> SplitRule:
+def _update_split_rule(k_cache, v_cache, k_new, v_new, *avals, kv_layout) -> SplitRule:
   """KV heads split; so does the batch of a contiguous cache with dense new tokens. A paged
   update never splits the batch: page ids are global, so every copy of the pool must take
-  every sequence's writes, or the copies would diverge. FP8 caches' scales split with
-  their heads."""
+  every sequence's writes, or the copies would diverge. FP8 caches' scales ``[B, Hkv]``
+  split with the batch and the heads."""
   cache = "pages page_size" if kv_layout == "paged" else "batch seq"
   new = "batch seq_new" if k_new.ndim == 4 else "tokens_new"
   block_table = "batch table_pages" if kv_layout == "paged" else "_ _"
   cu_seqlens_new = "offsets_new" if k_new.ndim == 3 else "_"
-  scales = "kv_heads" if _validation.is_fp8(k_cache) else "_"
+  scales = ", ".join(fp8_scale_axes(scale) for scale in avals[-2:])
   caches = f"{cache} kv_heads head_dim"
   news = f"{new} kv_heads head_dim"
   return SplitRule(
-    f"{caches}, {caches}, {news}, {news}, {block_table}, batch, {cu_seqlens_new}, {scales}, "
-    f"{scales} -> {caches}, {caches}",
+    f"{caches}, {caches}, {news}, {news}, {block_table}, batch, {cu_seqlens_new}, {scales} "
+    f"-> {caches}, {caches}",
     shardable={"kv_heads", "batch"} if kv_layout == "cache" and k_new.ndim == 4 else {"kv_heads"},
   )
 

@@ -12,16 +12,19 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def dequantize_fp8(x, scale):
-  """FP8 keys or values ``[..., Hkv, D]`` as float32: ``x * scale[kv_head]``."""
-  return x.astype(jnp.float32) * scale[:, None]
+  """FP8 ``x [..., Hkv, D]`` as float32: ``x * scale``, with ``scale`` broadcasting against
+  ``x``'s axes before D (``[Hkv]``: one per KV head; ``[B, 1, Hkv]`` for dense
+  ``[B, S, Hkv, D]``: per sequence and KV head)."""
+  return x.astype(jnp.float32) * scale[..., None]
 
 
 def quantize_fp8(x, scale, dtype):
-  """Keys or values ``[..., Hkv, D]`` in FP8 ``dtype`` with scales ``[Hkv]``: ``x / scale``
-  computed as ``x * (1 / scale)`` in float32, rounded to nearest even; magnitudes past the
-  largest finite FP8 value (infinities too) saturate to it, NaN stays NaN."""
+  """``x [..., Hkv, D]`` in FP8 ``dtype`` with scales broadcasting against its axes before
+  D (as ``dequantize_fp8``'s): ``x / scale`` computed as ``x * (1 / scale)`` in float32,
+  rounded to nearest even; magnitudes past the largest finite FP8 value (infinities too)
+  saturate to it, NaN stays NaN."""
   fp8_max = float(jnp.finfo(dtype).max)
-  scaled = x.astype(jnp.float32) * (1.0 / scale)[:, None]
+  scaled = x.astype(jnp.float32) * (1.0 / scale)[..., None]
   return jnp.clip(scaled, -fp8_max, fp8_max).astype(dtype)
 
 
@@ -34,6 +37,13 @@ def _segments(cu_seqlens, rows):
   pos = idx - cu_seqlens[seg_c]
   length = cu_seqlens[seg_c + 1] - cu_seqlens[seg_c]
   return jnp.where(inside, seg_c, -1), pos, length
+
+
+def _row_scales(scale, seg):
+  """Per packed row (sequence ids `seg`, -1 outside every sequence) its sequence's scales
+  ``scale[seg]`` from ``[B, ...]``; 1 for rows outside every sequence."""
+  ones = jnp.ones((1,) + scale.shape[1:], scale.dtype)
+  return jnp.concatenate([scale, ones])[jnp.where(seg >= 0, seg, scale.shape[0])]
 
 
 def _rows_valid(cu_seqlens, rows, max_len):
@@ -100,22 +110,34 @@ def attention(
   seq_lens=None,
   block_table=None,
   max_seqlen_q=None,
+  q_scale=None,
   k_scale=None,
   v_scale=None,
+  out_dtype=None,
 ):
   """Reference attention on validated, canonical arguments (see ``jax_fmha.attention``;
   ``causal`` is already folded into ``window[1] = 0``). ``kv_layout`` says which keys are
   given: ``"uniform"`` (dense), ``"packed"`` (with ``cu_seqlens_k``), ``"cache"`` (with
-  ``seq_lens``) or ``"paged"`` (with ``block_table`` and ``seq_lens``). FP8 k and v come
-  with float32 ``[Hkv]`` scales ``k_scale``, ``v_scale``: the attention is over their
-  dequantized values. Returns ``(out, lse)``."""
-  if k_scale is not None:
-    k, v = dequantize_fp8(k, k_scale), dequantize_fp8(v, v_scale)
+  ``seq_lens``) or ``"paged"`` (with ``block_table`` and ``seq_lens``). FP8 q, k and v come
+  with float32 ``[B, Hkv]`` scales ``q_scale``, ``k_scale``, ``v_scale``: the attention is
+  over their dequantized values. The output has ``out_dtype`` (default q's dtype).
+  Returns ``(out, lse)``."""
+  out_dtype = q.dtype if out_dtype is None else out_dtype
   kd, vd, k_len, kv_ok = _padded_kv(k, v, kv_layout, cu_seqlens_k, seq_lens, block_table)
+  if k_scale is not None:  # kd, vd: [B, S, Hkv, D]
+    kd = dequantize_fp8(kd, k_scale[:, None])
+  if v_scale is not None:
+    vd = dequantize_fp8(vd, v_scale[:, None])
   group = q.shape[-2] // k.shape[-2]
   kd = jnp.repeat(kd.astype(jnp.float32), group, axis=2)  # [B, S, Hq, D]
   vd = jnp.repeat(vd.astype(jnp.float32), group, axis=2)
   qf = q.astype(jnp.float32)
+  if q_scale is not None:  # query head h has the scale of KV head h // group
+    q_scale = jnp.repeat(q_scale, group, axis=1)  # [B, Hq]
+    if cu_seqlens_q is None:
+      qf = dequantize_fp8(q, q_scale[:, None])
+    else:
+      qf = dequantize_fp8(q, _row_scales(q_scale, _segments(cu_seqlens_q, q.shape[0])[0]))
   k_pos = jnp.arange(kd.shape[1])
   # Values past a sequence's keys are never read (their probability is 0, but NaN * 0 is
   # NaN): whatever the unused slots of a cache hold cannot reach the output.
@@ -137,7 +159,7 @@ def attention(
     bad = ~kv_ok
     out = jnp.where(bad[:, None, None, None], jnp.nan, out)
     lse = jnp.where(bad[:, None, None], jnp.nan, lse)
-    return out.astype(q.dtype), lse
+    return out.astype(out_dtype), lse
 
   # Packed queries [Tq, Hq, D]: every row against every sequence's keys, masked to its own.
   seg, q_pos, q_len = _segments(cu_seqlens_q, q.shape[0])
@@ -159,7 +181,7 @@ def attention(
   bad = (seg >= 0) & ~(q_ok & kv_ok)[jnp.clip(seg, 0)]
   out = jnp.where(bad[:, None, None], jnp.nan, out)
   lse = jnp.where(bad[None, :], jnp.nan, lse)
-  return out.astype(q.dtype), lse
+  return out.astype(out_dtype), lse
 
 
 def merge_attention_states(outs, lses):
@@ -187,16 +209,17 @@ def update_kv_cache(
   v_scale=None,
 ):
   """Reference cache append (see ``jax_fmha.update_kv_cache``): a masked scatter. FP8
-  caches come with float32 ``[Hkv]`` scales: the new tokens are quantized first."""
+  caches come with float32 ``[B, Hkv]`` scales: the new tokens are quantized first, each
+  with its sequence's."""
   k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # NumPy caches have no .at
-  if k_scale is not None:
-    k_new = quantize_fp8(k_new, k_scale, k_cache.dtype)
-    v_new = quantize_fp8(v_new, v_scale, v_cache.dtype)
   if cu_seqlens_new is None:  # dense [B, S_new, H, D] -> packed rows with uniform starts
     b, s_new = k_new.shape[:2]
     cu_seqlens_new = jnp.arange(b + 1, dtype=jnp.int32) * s_new
     k_new, v_new = (x.reshape((-1,) + x.shape[2:]) for x in (k_new, v_new))
   seg, pos, _ = _segments(cu_seqlens_new, k_new.shape[0])
+  if k_scale is not None:
+    k_new = quantize_fp8(k_new, _row_scales(k_scale, seg), k_cache.dtype)
+    v_new = quantize_fp8(v_new, _row_scales(v_scale, seg), v_cache.dtype)
   seg_c = jnp.clip(seg, 0)
   dest = cache_seqlens[seg_c] + pos
   ok = (seg >= 0) & (cache_seqlens[seg_c] >= 0)

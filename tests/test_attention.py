@@ -979,7 +979,8 @@ BAD_INPUTS = {
   "float64": (
     _dense(dtypes=(np.float64,) * 3),
     TypeError,
-    r"^q: expected dtype float32, bfloat16 or float16, got float64",
+    r"^q: expected dtype float32, bfloat16, float16 or an FP8 format \(float8_e4m3fn, "
+    r"float8_e5m2\), got float64",
   ),
   "int32": (_dense(dtypes=(np.int32,) * 3), TypeError, r"^q: expected dtype .* got int32"),
   "k-float64": (

@@ -289,8 +289,8 @@ def test_fp8_nan_in_a_sequence_stays_in_its_rows(rng):
 
 
 def test_vmap(rng):
-  """vmap over queries with shared pages and scales folds into one call; per-element
-  scales run one call per element; both match the unbatched calls."""
+  """vmap over queries with shared pages folds into one call, with shared or per-element
+  scales (they join the batch: [B, Hkv]); both match the unbatched calls."""
   fmt = "float8_e5m2"
   k, v, table, seq_lens, k_scale, v_scale, _, _ = paged_fp8(rng, [50, 20], 16, 2, 32, fmt)
   q = randn(rng, (3, 2, 1, 4, 32), np.float32)
@@ -312,7 +312,10 @@ def test_vmap(rng):
   jaxpr = str(jax.make_jaxpr(shared)(q, k_scale, v_scale))
   assert jaxpr.count("jax_fmha_attention_fwd") == 1 and "while" not in jaxpr
   k_scales = np.stack([k_scale, 2 * k_scale, 0.5 * k_scale])
-  per_element = jax.vmap(attend, in_axes=(0, 0, None))(q, k_scales, v_scale)
+  per_element = jax.vmap(attend, in_axes=(0, 0, None))
+  jaxpr = str(jax.make_jaxpr(per_element)(q, k_scales, v_scale))
+  assert jaxpr.count("jax_fmha_attention_fwd") == 1 and "while" not in jaxpr
+  per_element = per_element(q, k_scales, v_scale)
   for n in range(3):
     np.testing.assert_array_equal(out[n], attend(q[n], k_scale, v_scale))
     np.testing.assert_array_equal(per_element[n], attend(q[n], k_scales[n], v_scale))
@@ -538,9 +541,10 @@ def _fp8_paged_args(**change):
   "change, error, match",
   [
     (
-      dict(q=jnp.zeros((2, 1, 4, 64), jnp.float8_e4m3fn)),
+      dict(q=jnp.zeros((2, 1, 4, 64), jnp.int8)),
       TypeError,
-      r"^q: expected dtype float32, bfloat16 or float16, got float8_e4m3fn",
+      r"^q: expected dtype float32, bfloat16, float16 or an FP8 format \(float8_e4m3fn, "
+      r"float8_e5m2\), got int8",
     ),
     (
       dict(v=jnp.zeros((10, 16, 2, 64), jnp.float8_e5m2)),
@@ -556,12 +560,13 @@ def _fp8_paged_args(**change):
     (
       dict(k_scale=jnp.ones((3,), jnp.float32)),
       ValueError,
-      r"^k_scale: expected a scalar or shape \[Hkv=2\] \(one scale per KV head\), got shape \(3,\)",
+      r"^k_scale: expected a scalar, shape \[Hkv=2\] \(one scale per KV head\) or \[B=2, "
+      r"Hkv=2\] \(per sequence and KV head\), got shape \(3,\)",
     ),
     (
       dict(v_scale=jnp.ones((1, 2), jnp.float32)),
       ValueError,
-      r"^v_scale: expected a scalar or shape \[Hkv=2\].*got shape \(1, 2\)",
+      r"^v_scale: expected a scalar, shape \[Hkv=2\].*got shape \(1, 2\)",
     ),
     (
       dict(k_scale=jnp.ones((2,), jnp.bfloat16)),
@@ -575,7 +580,7 @@ def _fp8_paged_args(**change):
         v=jnp.zeros((10, 16, 2, 64), jnp.bfloat16),
       ),
       ValueError,
-      r"^k_scale: dequantization scales are for FP8 k and v \(float8_e4m3fn, float8_e5m2\), "
+      r"^k_scale: dequantization scales are for FP8 k \(float8_e4m3fn, float8_e5m2\), "
       r"got k of dtype bfloat16: drop k_scale",
     ),
     (
@@ -594,7 +599,7 @@ def test_scales_without_fp8_name_the_scale_given():
   args = _fp8_paged_args(k=jnp.zeros((10, 16, 2, 64)), v=jnp.zeros((10, 16, 2, 64)))
   args["q"] = jnp.zeros((2, 1, 4, 64))
   del args["k_scale"]
-  with pytest.raises(ValueError, match=r"^v_scale: dequantization scales are for FP8 k and v"):
+  with pytest.raises(ValueError, match=r"^v_scale: dequantization scales are for FP8 v"):
     jax_fmha.attention(**args)
 
 
@@ -619,7 +624,7 @@ def test_scales_without_fp8_name_the_scale_given():
     (
       dict(v_scale=np.ones((4,), np.float32)),
       ValueError,
-      r"^v_scale: expected a scalar or shape \[Hkv=2\]",
+      r"^v_scale: expected a scalar, shape \[Hkv=2\]",
     ),
     (
       dict(k_scale=np.ones((2,), np.float64)),
@@ -632,8 +637,7 @@ def test_scales_without_fp8_name_the_scale_given():
         v_cache=jnp.zeros((10, 16, 2, 64), jnp.bfloat16),
       ),
       ValueError,
-      r"^k_scale: dequantization scales are for FP8 k_cache and v_cache .*got k_cache of "
-      r"dtype bfloat16",
+      r"^k_scale: dequantization scales are for FP8 k_cache .*got k_cache of dtype bfloat16",
     ),
   ],
 )
@@ -678,7 +682,8 @@ def test_quantize_kv_bad_input(args, error, match):
 
 def test_handlers_check_what_python_checks():
   """A custom call made without the Python checks: the handlers refuse FP8 K/V without
-  scales, scales with float K/V, FP8 queries and FP8 new tokens (ffi/common)."""
+  scales, scales with float K/V, FP8 queries without q_scale or with float keys, and FP8
+  new tokens (ffi/common)."""
   from jax_fmha.attention import attention_fwd
   from jax_fmha.kv_cache import update_kv_cache_p
 
@@ -687,9 +692,20 @@ def test_handlers_check_what_python_checks():
   attrs = dict(scale=1.0, softcap=0.0, window=(-1, -1), kv_layout="uniform", num_splits=1)
   attend = lambda q, k, **kw: attention_fwd(q, k, k, max_seqlen_q=1, **attrs, **kw)
   cases = [
-    (lambda: attend(q, fp8), "FP8 k/v need k_scale and v_scale of \\[Hkv\\] elements"),
-    (lambda: attend(q, q, k_scale=scales, v_scale=scales), "k_scale/v_scale are only for FP8"),
-    (lambda: attend(fp8[:, :1], fp8, k_scale=scales, v_scale=scales), "q must not be FP8"),
+    (lambda: attend(q, fp8), "an FP8 operand needs k_scale of \\[B, Hkv\\] elements"),
+    (lambda: attend(q, q, k_scale=scales, v_scale=scales), "k_scale is only for an FP8 operand"),
+    (
+      lambda: attend(fp8[:, :1], fp8, k_scale=scales, v_scale=scales, out_dtype=jnp.bfloat16),
+      "an FP8 operand needs q_scale of \\[B, Hkv\\] elements",
+    ),
+    (
+      lambda: attend(fp8[:, :1], q, q_scale=scales, out_dtype=jnp.bfloat16),
+      "FP8 q needs k of q's FP8 format",
+    ),
+    (
+      lambda: attend(fp8[:, :1], fp8, q_scale=scales, k_scale=scales, v_scale=scales),
+      "with FP8 q, out must be float32, bfloat16 or float16",
+    ),
     (
       lambda: update_kv_cache_p.bind(
         fp8,

@@ -67,14 +67,16 @@ def gpu_device():
 
 
 def run_fp8(q, k, v, k_scale, v_scale, *, kv_layout, window=(-1, -1), num_splits=1, **arrays):
-  """The forward primitive on the GPU over FP8 k/v; NumPy (out, lse)."""
+  """The forward primitive on the GPU over FP8 k/v (dense q) with per-head scales [Hkv],
+  passed as the custom call takes them: [B, Hkv]; NumPy (out, lse)."""
   poison_device_memory()
+  per_sequence = lambda scale: gpu(np.broadcast_to(scale, (q.shape[0],) + scale.shape).copy())
   out, lse = attention_fwd(
     gpu(q),
     gpu(k),
     gpu(v),
-    k_scale=gpu(k_scale),
-    v_scale=gpu(v_scale),
+    k_scale=per_sequence(k_scale),
+    v_scale=per_sequence(v_scale),
     scale=1.0 / math.sqrt(q.shape[-1]),
     softcap=0.0,
     window=window,
@@ -273,10 +275,12 @@ def quantizer_inputs(rng, fmt, n):
 @pytest.mark.parametrize("paged", [True, False])
 def test_update_quantizes_like_the_cpu(rng, fmt, new_dtype, paged):
   """Bytes written on the GPU equal the CPU kernel's (NaN codes included) and ml_dtypes'
-  rounding of the same float32 products (saturating; NaN matches any NaN)."""
+  rounding of the same float32 products (saturating; NaN matches any NaN). k's scales are
+  per KV head, v's per sequence and KV head."""
   hkv, d, b, t = 4, 64, 3, 50
   new_dtype = np.dtype(jnp.dtype(new_dtype))
   scale = np.array([1.0, 0.37, 3.0e-3, 250.0], np.float32)
+  v_scale = rng.uniform(0.01, 10.0, (b, hkv)).astype(np.float32)
   values = quantizer_inputs(rng, fmt, 2 * b * t * hkv * d)
   with np.errstate(over="ignore"):
     k_new = (values[: b * t * hkv * d].reshape(b, t, hkv, d) * scale[:, None]).astype(new_dtype)
@@ -301,17 +305,16 @@ def test_update_quantizes_like_the_cpu(rng, fmt, new_dtype, paged):
       put(table),
       put(lens),
       k_scale=put(scale),
-      v_scale=put(scale),
+      v_scale=put(v_scale),
     )
     return np.asarray(kc), np.asarray(vc)
 
   k_gpu, v_gpu = update(gpu_device())
   k_cpu, v_cpu = update(jax.devices("cpu")[0])
+  scales = {"k": np.broadcast_to(scale, (b, hkv)), "v": v_scale}
   for new, got, cpu, what in ((k_new, k_gpu, k_cpu, "k"), (v_new, v_gpu, v_cpu, "v")):
     np.testing.assert_array_equal(got.view(np.uint8), cpu.view(np.uint8), err_msg=what)
-    rows = []
     for s in range(b):
-      for j in range(t):
-        pos = lens[s] + j
-        rows.append(got[table[s, pos // page], pos % page] if paged else got[s, pos])
-    assert_same_fp8(np.stack(rows), quantize_np(new.reshape(-1, hkv, d), scale, fmt), what)
+      pos = lens[s] + np.arange(t)
+      rows = got[table[s, pos // page], pos % page] if paged else got[s, pos]
+      assert_same_fp8(rows, quantize_np(new[s], scales[what][s], fmt), f"{what}, sequence {s}")

@@ -599,40 +599,54 @@ def decode_step_on_8_devices():
 
 def fp8_cache_decode_step():
   """A decode step over FP8 caches (append, then attend) on a 2 x 2 mesh, batch x KV
-  heads: the per-head scales split with the heads; in place, no collective."""
+  heads: the per-head scales split with the heads, per-sequence scales [B, Hkv] (FP8
+  queries' too) with the batch and the heads; in place, no collective."""
   rng, randn = rng_and_randn(8)
   mesh = auto_mesh((2, 2), ("data", "model"))
   both = P("data", None, "model")
   q, k_new, v_new = randn(4, 1, 8, 64), randn(4, 1, 4, 64), randn(4, 1, 4, 64)
-  k_cache, v_cache = (np.asarray(randn(4, 40, 4, 64), jnp.float8_e4m3fn) for _ in range(2))
-  k_scale, v_scale = (np.asarray(rng.uniform(0.5, 2, 4), np.float32) for _ in range(2))
-
-  def step(k_cache, v_cache, q, k_new, v_new, lens, k_scale, v_scale):
-    out, k_cache, v_cache = jax_fmha.attention_with_kvcache(
-      q,
-      k_cache,
-      v_cache,
-      k_new,
-      v_new,
-      cache_seqlens=lens,
-      k_scale=k_scale,
-      v_scale=v_scale,
-      causal=True,
-      num_splits=1,
-    )
-    return k_cache, v_cache, out
-
-  placed, hlo = check_split(
-    "FP8 decode step",
-    step,
-    (k_cache, v_cache, q, k_new, v_new, np.array([5, 0, 39, 20], np.int32), k_scale, v_scale),
-    [both] * 5 + [P("data"), P("model"), P("model")],
-    mesh,
-    [both] * 3,
-    [(2, 40, 2, 64)] * 2 + [(2, 1, 4, 64), (2, 4, 1)],
-    donate=(0, 1),
+  q8, q_scale = jax_fmha.quantize_fp8(q, num_kv_heads=4)
+  per_head, per_sequence = (
+    [np.asarray(rng.uniform(0.5, 2, shape), np.float32) for _ in range(2)] for shape in (4, (4, 4))
   )
-  check_in_place("FP8 decode step", placed, hlo, (2, 40, 2, 64))
+  cases = [  # name, queries, scales by name, the scales' shardings
+    ("FP8 decode step", q, dict(zip(("k_scale", "v_scale"), per_head)), P("model")),
+    (
+      "FP8 queries, per-sequence scales",
+      q8,
+      dict(q_scale=q_scale, **dict(zip(("k_scale", "v_scale"), per_sequence))),
+      P("data", "model"),
+    ),
+  ]
+  for name, queries, scales, scale_spec in cases:
+
+    def step(k_cache, v_cache, q, k_new, v_new, lens, *values, names=tuple(scales)):
+      out, k_cache, v_cache = jax_fmha.attention_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens=lens,
+        causal=True,
+        num_splits=1,
+        **dict(zip(names, values)),
+      )
+      return k_cache, v_cache, out
+
+    k_cache, v_cache = (np.asarray(randn(4, 40, 4, 64), jnp.float8_e4m3fn) for _ in range(2))
+    lens = np.array([5, 0, 39, 20], np.int32)
+    placed, hlo = check_split(
+      name,
+      step,
+      (k_cache, v_cache, queries, k_new, v_new, lens, *scales.values()),
+      [both] * 5 + [P("data")] + [scale_spec] * len(scales),
+      mesh,
+      [both] * 3,
+      [(2, 40, 2, 64)] * 2 + [(2, 1, 4, 64), (2, 4, 1)],
+      donate=(0, 1),
+    )
+    check_in_place(name, placed, hlo, (2, 40, 2, 64))
 
 
 def two_gpus():

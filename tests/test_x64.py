@@ -244,7 +244,9 @@ def test_float64_is_still_refused(x64):
   """x64 turns Python floats into float64: the float dtype check still names it."""
   q = jnp.ones((1, 2, 1, 8))
   assert q.dtype == jnp.float64
-  with pytest.raises(TypeError, match="q: expected dtype float32, bfloat16 or float16"):
+  with pytest.raises(
+    TypeError, match="q: expected dtype float32, bfloat16, float16 or an FP8 format"
+  ):
     jax_fmha.attention(q, q, q)
 
 

@@ -12,8 +12,9 @@
 #                    JAX_FMHA_CUDA_ARCHITECTURES, default 90a-real) in build/device, reused by a
 #                    warm machine; print the build time and build_info() (with the forward
 #                    kernel of each device).
-#   tests            every GPU test: tests/test_attention_gpu.py and the -k gpu cases of the
-#                    shared suites (attention, paged, MLP).
+#   tests            every GPU test: tests/test_attention_gpu.py, tests/test_fp8_gpu.py, the
+#                    2-GPU case of tests/test_sharding.py and the -k gpu cases of the shared
+#                    suites (attention, paged, MLP).
 #   memcheck, racecheck, synccheck
 #                    compute-sanitizer with that tool on the attention subset
 #                    (tests/test_attention_gpu.py --memcheck: both forward kernels); the
@@ -103,8 +104,10 @@ pytest_summary() {  # pytest args...; prints failures and the summary line
 
 step_tests() {
   local rc=0
-  echo "== pytest test_attention_gpu.py (both forward kernels)"
-  pytest_summary test_attention_gpu.py || rc=1
+  echo "== pytest test_attention_gpu.py test_fp8_gpu.py (both forward kernels)"
+  pytest_summary test_attention_gpu.py test_fp8_gpu.py || rc=1
+  echo "== pytest test_sharding.py -k gpus (skipped with fewer than 2 GPUs)"
+  pytest_summary -k gpus test_sharding.py || rc=1
   # The shared suites run each case on every device kind (the `device` fixture); -k gpu
   # keeps their GPU cases. float32 attention cases skip there (the GPU kernels take
   # bf16/fp16). The other test files run on the CPU only.

@@ -23,6 +23,7 @@ SUITE_TITLES = {
   "paged": "Paged prefill",
   "decode": "Paged decode",
   "varlen": "Variable-length (packed) prefill",
+  "fp8": "FP8 prefill (e4m3 q, k, v)",
 }
 
 

@@ -1,11 +1,13 @@
 // Decoding of the attention forward custom call, shared by the CPU and CUDA handlers.
 //
 // The Python primitive always passes the same operands; absent ones are empty arrays:
-//   q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, k_scale, v_scale
+//   q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table, q_scale, k_scale, v_scale
 //     ->  out, lse
-// k and v have q's dtype, or are an FP8 cache (float8_e4m3fn or float8_e5m2) with float32
-// dequantization scales k_scale, v_scale [Hkv] (empty otherwise): key j of KV head h stands
-// for k[j, h] * k_scale[h]. Backends fold the scales into the scores and the output.
+// Dtypes (docs/design/fp8_kv_cache.md, fp8_attention.md): k and v have q's dtype, or are an
+// FP8 cache (float8_e4m3fn or float8_e5m2) with 16-bit or float32 q; or q is FP8, k is of
+// q's format, v of k's or bfloat16/float16. Each FP8 operand comes with float32
+// dequantization scales [B, Hkv] (empty for the others): key j of sequence b and KV head h
+// stands for k[j, h] * k_scale[b, h]. Backends fold the scales into the scores and the output.
 // Python validates everything at trace time; the checks here guard against a custom call
 // emitted by something other than our lowering, so a mismatch can never index out of bounds.
 #pragma once
@@ -46,6 +48,7 @@ auto bind_attention(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_k
       .template Arg<ffi::Buffer<ffi::S32>>()  // seq_lens
       .template Arg<ffi::Buffer<ffi::S32>>()  // block_table
+      .template Arg<ffi::Buffer<ffi::F32>>()  // q_scale
       .template Arg<ffi::Buffer<ffi::F32>>()  // k_scale
       .template Arg<ffi::Buffer<ffi::F32>>()  // v_scale
       .template Ret<ffi::AnyBuffer>()         // out
@@ -63,16 +66,55 @@ inline bool is_fp8(ffi::DataType dtype) {
   return dtype == ffi::DataType::F8E4M3FN || dtype == ffi::DataType::F8E5M2;
 }
 
-// The dequantization scales of keys and values of `kv_dtype` with `num_kv_heads` heads:
-// [Hkv] each for FP8 keys and values, empty otherwise. `op` names the custom call in errors.
-inline ffi::Error decode_kv_scales(const char* op, ffi::DataType kv_dtype, int64_t num_kv_heads,
-                                   const ffi::Buffer<ffi::F32>& k_scale,
-                                   const ffi::Buffer<ffi::F32>& v_scale) {
-  const int64_t want = is_fp8(kv_dtype) ? num_kv_heads : 0;
-  if (int64_t(k_scale.element_count()) != want || int64_t(v_scale.element_count()) != want)
-    return invalid_argument(op, is_fp8(kv_dtype)
-                                    ? "FP8 k/v need k_scale and v_scale of [Hkv] elements"
-                                    : "k_scale/v_scale are only for FP8 k/v");
+inline bool is_16bit_float(ffi::DataType dtype) {
+  return dtype == ffi::DataType::BF16 || dtype == ffi::DataType::F16;
+}
+
+// The dequantization scales `scale` (named `name`) of an operand of `dtype`: [B, Hkv]
+// (`count` elements) for FP8, empty otherwise; `data` is set to them, or nullptr. `op`
+// names the custom call in errors.
+inline ffi::Error decode_scale(const char* op, const char* name, ffi::DataType dtype, int64_t count,
+                               const ffi::Buffer<ffi::F32>& scale, const float*& data) {
+  const int64_t want = is_fp8(dtype) ? count : 0;
+  if (int64_t(scale.element_count()) != want)
+    return invalid_argument(
+        op, is_fp8(dtype) ? std::string("an FP8 operand needs ") + name + " of [B, Hkv] elements"
+                          : std::string(name) + " is only for an FP8 operand");
+  data = is_fp8(dtype) ? scale.typed_data() : nullptr;
+  return ffi::Error::Success();
+}
+
+// The scales of q, k and v (decode_scale), [B, Hkv] each.
+inline ffi::Error decode_scales(const char* op, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                const ffi::AnyBuffer& v, const ffi::Buffer<ffi::F32>& q_scale,
+                                const ffi::Buffer<ffi::F32>& k_scale,
+                                const ffi::Buffer<ffi::F32>& v_scale, AttentionProblem& p) {
+  const int64_t count = p.batch * p.num_kv_heads;
+  if (auto err = decode_scale(op, "q_scale", q.element_type(), count, q_scale, p.q_scale);
+      !err.success())
+    return err;
+  if (auto err = decode_scale(op, "k_scale", k.element_type(), count, k_scale, p.k_scale);
+      !err.success())
+    return err;
+  return decode_scale(op, "v_scale", v.element_type(), count, v_scale, p.v_scale);
+}
+
+// The dtypes of q, k, v and out (see the top of this file). `split` outputs are float32.
+inline ffi::Error check_attention_dtypes(const char* op, ffi::DataType q, ffi::DataType k,
+                                         ffi::DataType v, ffi::DataType out, bool split) {
+  if (is_fp8(q)) {
+    if (k != q) return invalid_argument(op, "FP8 q needs k of q's FP8 format");
+    if (v != k && !is_16bit_float(v))
+      return invalid_argument(op, "with FP8 q, v must have k's dtype or be bfloat16/float16");
+    if (!split && out != ffi::DataType::F32 && !is_16bit_float(out))
+      return invalid_argument(op, "with FP8 q, out must be float32, bfloat16 or float16");
+  } else {
+    if (v != k || (k != q && !is_fp8(k)))
+      return invalid_argument(op, "k and v must share one dtype: q's, or an FP8 format");
+    if (!split && out != q) return invalid_argument(op, "out must have q's dtype");
+  }
+  if (split && out != ffi::DataType::F32)
+    return invalid_argument(op, "split outputs must be float32 [num_splits, ...q.shape]");
   return ffi::Error::Success();
 }
 
@@ -152,17 +194,17 @@ inline ffi::Error decode_attention(
     const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
     const ffi::Buffer<ffi::S32>& cu_seqlens_q, const ffi::Buffer<ffi::S32>& cu_seqlens_k,
     const ffi::Buffer<ffi::S32>& seq_lens, const ffi::Buffer<ffi::S32>& block_table,
-    const ffi::Buffer<ffi::F32>& k_scale, const ffi::Buffer<ffi::F32>& v_scale,
-    const ffi::AnyBuffer& out, const ffi::Buffer<ffi::F32>& lse, const AttentionAttrs& a,
-    AttentionProblem& p) {
+    const ffi::Buffer<ffi::F32>& q_scale, const ffi::Buffer<ffi::F32>& k_scale,
+    const ffi::Buffer<ffi::F32>& v_scale, const ffi::AnyBuffer& out,
+    const ffi::Buffer<ffi::F32>& lse, const AttentionAttrs& a, AttentionProblem& p) {
   constexpr const char* kOp = "attention";
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 3 && qd.size() != 4) return invalid_argument(kOp, "q must have rank 3 or 4");
-  if (is_fp8(q.element_type())) return invalid_argument(kOp, "q must not be FP8 (k and v may)");
-  if (v.element_type() != k.element_type() ||
-      (k.element_type() != q.element_type() && !is_fp8(k.element_type())))
-    return invalid_argument(kOp, "k and v must share one dtype: q's, or an FP8 format");
+  if (auto err = check_attention_dtypes(kOp, q.element_type(), k.element_type(), v.element_type(),
+                                        out.element_type(), a.num_splits > 1);
+      !err.success())
+    return err;
   if (k.dimensions().size() != v.dimensions().size())
     return invalid_argument(kOp, "k and v ranks differ");
   for (size_t i = 0; i < kd.size(); ++i)
@@ -177,17 +219,14 @@ inline ffi::Error decode_attention(
     return invalid_argument(kOp, "num_q_heads must be a multiple of num_kv_heads");
   if (p.head_dim > kMaxHeadDim)
     return invalid_argument(kOp, "head_dim must be at most " + std::to_string(kMaxHeadDim));
-  if (auto err = decode_kv_scales(kOp, k.element_type(), p.num_kv_heads, k_scale, v_scale);
-      !err.success())
-    return err;
-  if (is_fp8(k.element_type())) p.k_scale = k_scale.typed_data(), p.v_scale = v_scale.typed_data();
-
   if (auto err = decode_seq_rows(kOp, q, cu_seqlens_q, a.max_seqlen_q, "q", p.q); !err.success())
     return err;
   p.batch = p.q.packed ? int64_t(cu_seqlens_q.element_count()) - 1 : qd[0];
   if (auto err = decode_kv_view(kOp, k, static_cast<KvLayout>(a.kv_layout), p.batch, cu_seqlens_k,
                                 seq_lens, block_table, p.kv);
       !err.success())
+    return err;
+  if (auto err = decode_scales(kOp, q, k, v, q_scale, k_scale, v_scale, p); !err.success())
     return err;
 
   p.scale = a.scale;
@@ -197,14 +236,12 @@ inline ffi::Error decode_attention(
   p.num_splits = a.num_splits;
   if (p.num_splits < 1) return invalid_argument(kOp, "num_splits must be at least 1");
 
-  // Results: out is q's shape (q's dtype), or float32 [num_splits, ...q] partials.
+  // Results: out is q's shape (dtype checked above), or float32 [num_splits, ...q] partials.
   const auto od = out.dimensions();
   const size_t lead = p.num_splits > 1 ? 1 : 0;
   if (od.size() != qd.size() + lead) return invalid_argument(kOp, "out has an unexpected rank");
-  if (lead && (od[0] != p.num_splits || out.element_type() != ffi::DataType::F32))
+  if (lead && od[0] != p.num_splits)
     return invalid_argument(kOp, "split outputs must be float32 [num_splits, ...q.shape]");
-  if (!lead && out.element_type() != q.element_type())
-    return invalid_argument(kOp, "out must have q's dtype");
   for (size_t i = 0; i < qd.size(); ++i)
     if (od[i + lead] != qd[i]) return invalid_argument(kOp, "out shape differs from q's");
   if (int64_t(lse.element_count()) != p.num_splits * p.lse_size())
@@ -214,12 +251,14 @@ inline ffi::Error decode_attention(
 
 // Buffers of one attention call, after decoding.
 struct AttentionData {
-  ffi::DataType dtype;     // of q
-  ffi::DataType kv_dtype;  // of k and v: q's, or FP8
+  ffi::DataType dtype;      // of q
+  ffi::DataType kv_dtype;   // of k: q's, or FP8
+  ffi::DataType v_dtype;    // k's, or bfloat16/float16 with FP8 q
+  ffi::DataType out_dtype;  // q's (not FP8), a float type with FP8 q; float32 for splits
   const void* q;
   const void* k;
   const void* v;
-  void* out;  // q's dtype, or float32 split-KV partials
+  void* out;
   float* lse;
 };
 
@@ -230,8 +269,8 @@ template <typename Context,
 ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                              ffi::Buffer<ffi::S32> cu_seqlens_q, ffi::Buffer<ffi::S32> cu_seqlens_k,
                              ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> block_table,
-                             ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
-                             ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Buffer<ffi::F32> q_scale, ffi::Buffer<ffi::F32> k_scale,
+                             ffi::Buffer<ffi::F32> v_scale, ffi::Result<ffi::AnyBuffer> out,
                              ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap,
                              int32_t window_left, int32_t window_right, int32_t kv_layout,
                              int32_t num_splits, int32_t max_seqlen_q) {
@@ -239,12 +278,12 @@ ffi::Error attention_handler(Context context, ffi::AnyBuffer q, ffi::AnyBuffer k
   const AttentionAttrs attrs{scale,     softcap,    window_left, window_right,
                              kv_layout, num_splits, max_seqlen_q};
   if (auto err = decode_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_lens, block_table,
-                                  k_scale, v_scale, *out, *lse, attrs, p);
+                                  q_scale, k_scale, v_scale, *out, *lse, attrs, p);
       !err.success())
     return err;
-  const AttentionData data{q.element_type(), k.element_type(), q.untyped_data(),
-                           k.untyped_data(), v.untyped_data(), out->untyped_data(),
-                           lse->typed_data()};
+  const AttentionData data{q.element_type(),    k.element_type(),    v.element_type(),
+                           out->element_type(), q.untyped_data(),    k.untyped_data(),
+                           v.untyped_data(),    out->untyped_data(), lse->typed_data()};
   return Run(context, p, data);
 }
 

@@ -109,11 +109,25 @@ struct AttentionProblem {
 
   int64_t num_splits = 1;  // split-KV: partial outputs and LSEs per split
 
-  // FP8 K/V: float32 [Hkv] dequantization scales (common/attention_ffi.h); else nullptr.
+  // FP8 q, k, v: float32 [B, Hkv] dequantization scales (common/attention_ffi.h); nullptr
+  // for an operand that is not FP8. A tile is one sequence and KV head: one scale each.
+  const float* q_scale = nullptr;
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
 
   FMHA_HOST_DEVICE int64_t group() const { return num_q_heads / num_kv_heads; }
+  // The score scale of sequence b and KV head h: scale times the FP8 scales of q and k
+  // (docs/design/fp8_attention.md).
+  FMHA_HOST_DEVICE float score_scale(int64_t b, int64_t h) const {
+    float s = scale;
+    if (q_scale != nullptr) s *= q_scale[b * num_kv_heads + h];
+    if (k_scale != nullptr) s *= k_scale[b * num_kv_heads + h];
+    return s;
+  }
+  // The factor of the output of sequence b and KV head h: FP8 v's scale, else 1.
+  FMHA_HOST_DEVICE float value_scale(int64_t b, int64_t h) const {
+    return v_scale != nullptr ? v_scale[b * num_kv_heads + h] : 1.f;
+  }
   FMHA_HOST_DEVICE int64_t q_row_stride() const { return num_q_heads * head_dim; }
   FMHA_HOST_DEVICE int64_t kv_row_stride() const { return num_kv_heads * head_dim; }
 

@@ -3,12 +3,12 @@
 //   v_scale  -> k_cache, v_cache   (results aliased to the cache operands: in place when
 //   donated)
 // New tokens have the caches' dtype and are copied (k_scale, v_scale empty), or the caches
-// are FP8 and the float32/bfloat16/float16 new tokens are quantized: value / scale[head]
-// (as value * (1 / scale) in float32), rounded to nearest even, saturated to the largest
-// finite FP8 value (+-inf too); NaN stays NaN.
-// New token t of sequence b goes to cache position cache_seqlens[b] + t, through the block
-// table for pages. A write that falls outside the sequence's capacity, or onto an invalid
-// page id, or whose cache_seqlens[b] is negative, is dropped: never out of bounds.
+// are FP8 and the float32/bfloat16/float16 new tokens are quantized: a value of sequence b
+// and KV head h becomes value / scale[b, h] (as value * (1 / scale) in float32), rounded to nearest
+// even, saturated to the largest finite FP8 value (+-inf too); NaN stays NaN. New token t of
+// sequence b goes to cache position cache_seqlens[b] + t, through the block table for pages. A
+// write that falls outside the sequence's capacity, or onto an invalid page id, or whose
+// cache_seqlens[b] is negative, is dropped: never out of bounds.
 #pragma once
 
 #include <utility>
@@ -37,15 +37,19 @@ auto bind_kv_cache_update(Binding binding) {
 
 struct KvCacheUpdate {
   int64_t batch = 0;
+  int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t row_elements = 0;  // Hkv * D: one token of one cache
   int64_t elem_bytes = 0;    // of the caches
   ffi::DataType cache_dtype = ffi::DataType::INVALID;
   ffi::DataType new_dtype = ffi::DataType::INVALID;  // the caches', or a float for FP8 caches
-  const float* k_scale = nullptr;  // FP8 caches: quantization scales [Hkv]; else nullptr
+  const float* k_scale = nullptr;  // FP8 caches: quantization scales [B, Hkv]; else nullptr
   const float* v_scale = nullptr;
   SeqRows new_tokens;  // rows of k_new / v_new
   KvView cache;        // seq_lens = cache_seqlens (lengths before the append)
+
+  // Index of sequence b's scale of KV head h in k_scale, v_scale.
+  FMHA_HOST_DEVICE int64_t scale_index(int64_t b, int64_t h) const { return b * num_kv_heads + h; }
 
   // Cache row of new token t of sequence b, or -1 when the write must be dropped.
   FMHA_HOST_DEVICE int64_t target_row(int64_t b, int64_t t) const {
@@ -86,13 +90,17 @@ inline ffi::Error decode_kv_cache_update(
     return invalid_argument(kOp, "unexpected ranks");
   if (nd[nd.size() - 2] != cd[2] || nd[nd.size() - 1] != cd[3])
     return invalid_argument(kOp, "new tokens' heads/head_dim differ from the cache's");
+  u.num_kv_heads = cd[2];
   u.head_dim = cd[3];
   u.row_elements = cd[2] * cd[3];
-  if (auto err = decode_kv_scales(kOp, u.cache_dtype, cd[2], k_scale, v_scale); !err.success())
-    return err;
-  if (is_fp8(u.cache_dtype)) u.k_scale = k_scale.typed_data(), u.v_scale = v_scale.typed_data();
   u.elem_bytes = int64_t(ffi::ByteWidth(k_cache.element_type()));
   u.batch = int64_t(cache_seqlens.element_count());
+  if (auto err = decode_scale(kOp, "k_scale", u.cache_dtype, u.batch * cd[2], k_scale, u.k_scale);
+      !err.success())
+    return err;
+  if (auto err = decode_scale(kOp, "v_scale", u.cache_dtype, u.batch * cd[2], v_scale, u.v_scale);
+      !err.success())
+    return err;
   if (auto err = decode_seq_rows(kOp, k_new, cu_seqlens_new, 0, "k_new", u.new_tokens);
       !err.success())
     return err;

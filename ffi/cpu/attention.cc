@@ -101,13 +101,6 @@ void run(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
   parallel_for(pool, tiles.items(), tiles);
 }
 
-// Split-KV partial outputs are float32; otherwise the output has the input dtype.
-template <typename T>
-void run_for_output(xla::ffi::ThreadPool& pool, const AttentionArgs& args) {
-  if (args.float_out) return run<float>(pool, args);
-  return run<T>(pool, args);
-}
-
 // The kernel's name of a storage type of the custom call.
 std::optional<Dtype> kernel_dtype(ffi::DataType dtype) {
   switch (dtype) {
@@ -123,16 +116,24 @@ std::optional<Dtype> kernel_dtype(ffi::DataType dtype) {
 ffi::Error run_attention(xla::ffi::ThreadPool pool, const AttentionProblem& p,
                          const AttentionData& data) {
   if (!selected_isa().error.empty()) return invalid_argument("attention", selected_isa().error);
-  const std::optional<Dtype> dtype = kernel_dtype(data.dtype);
-  const std::optional<Dtype> kv_dtype = kernel_dtype(data.kv_dtype);
-  if (!dtype || !kv_dtype) return invalid_argument("attention", "unsupported dtype");
-  const AttentionArgs args{&p,     *dtype,    *kv_dtype, p.num_splits > 1, data.q,  data.k,
-                           data.v, p.k_scale, p.v_scale, data.out,         data.lse};
-  switch (*dtype) {
-    case Dtype::kF32: run_for_output<float>(pool, args); break;
-    case Dtype::kBF16: run_for_output<bf16>(pool, args); break;
-    case Dtype::kF16: run_for_output<f16>(pool, args); break;
-    default: return invalid_argument("attention", "q must be float32, bfloat16 or float16");
+  const std::optional<Dtype> q_dtype = kernel_dtype(data.dtype);
+  const std::optional<Dtype> k_dtype = kernel_dtype(data.kv_dtype);
+  const std::optional<Dtype> v_dtype = kernel_dtype(data.v_dtype);
+  const std::optional<Dtype> out_dtype = kernel_dtype(data.out_dtype);
+  if (!q_dtype || !k_dtype || !v_dtype || !out_dtype)
+    return invalid_argument("attention", "unsupported dtype");
+  // The tile's compute type (attention_kernel.h): FP8 q computes in bfloat16 (FP8 values
+  // convert exactly), or in v's type when v is 16-bit, so that every operand is stored as
+  // the compute type or as FP8.
+  Dtype dtype = *q_dtype;
+  if (is_fp8(data.dtype)) dtype = *v_dtype == Dtype::kF16 ? Dtype::kF16 : Dtype::kBF16;
+  const AttentionArgs args{&p,     dtype,  *q_dtype, *k_dtype, *v_dtype, *out_dtype,
+                           data.q, data.k, data.v,   data.out, data.lse};
+  switch (*out_dtype) {
+    case Dtype::kF32: run<float>(pool, args); break;
+    case Dtype::kBF16: run<bf16>(pool, args); break;
+    case Dtype::kF16: run<f16>(pool, args); break;
+    default: return invalid_argument("attention", "out must be float32, bfloat16 or float16");
   }
   return ffi::Error::Success();
 }

@@ -147,19 +147,16 @@ inline void qk_block(const float* qt, const bf16* const* key, int64_t D, float s
 constexpr bool kBf16PairDot = false;
 #endif
 
-// Column r of the transposed query tile from a query row (nullptr: a padding row of
-// zeros): float32 qt[d][r], or bf16 pairs for the pair dot product.
-template <typename T, bool Pairs>
-inline void set_query_column(float* qt, int64_t r, const T* src, int64_t D) {
-  if constexpr (Pairs) {
-    for (int64_t pair = 0; pair < D / 2; ++pair) {
-      uint16_t two[2] = {0, 0};
-      if (src) std::memcpy(two, src + 2 * pair, sizeof two);
-      std::memcpy(qt + pair * kTileRows + r, two, sizeof two);
-    }
+// Column r of the transposed query tile from a query row stored as Q (nullptr: a padding
+// row of zeros): float32 qt[d][r], or bf16 pairs (Elem bf16) for the pair dot product.
+template <typename Q, typename Elem>
+inline void set_query_column(float* qt, int64_t r, const Q* src, int64_t D) {
+  Elem q_row[kMaxHeadDim] = {};
+  if (src) load_row(src, q_row, D);
+  if constexpr (std::is_same_v<Elem, bf16>) {
+    for (int64_t pair = 0; pair < D / 2; ++pair)
+      std::memcpy(qt + pair * kTileRows + r, q_row + 2 * pair, 2 * sizeof(bf16));
   } else {
-    float q_row[kMaxHeadDim] = {};
-    if (src) load_row(src, q_row, D);
     for (int64_t d = 0; d < D; ++d) qt[d * kTileRows + r] = q_row[d];
   }
 }
@@ -188,14 +185,29 @@ inline void pv_block(const float* p, const float* const* value, int64_t d0, int6
 // run_tile's steps are forced inline: the tile stays one function, compiled as one hot loop.
 #define FMHA_TILE_STEP inline __attribute__((always_inline))
 
-// With bf16 queries, keys are bf16 where the CPU multiplies bf16 pairs (FP8 keys converted
-// to bf16, exactly); otherwise keys are read as float32.
+// With the compute type bf16, queries and keys are bf16 where the CPU multiplies bf16 pairs
+// (FP8 ones converted to bf16, exactly); otherwise they are read as float32.
 template <typename T>
 constexpr bool kPairs = kBf16PairDot && std::is_same_v<T, bf16>;
 template <typename T>
 using KeyElement = std::conditional_t<kPairs<T>, bf16, float>;
 
-constexpr bool is_fp8(Dtype dtype) { return dtype == Dtype::kF8E4M3FN || dtype == Dtype::kF8E5M2; }
+// Calls f(Element{}) with the storage type of an operand of `dtype`: the compute type T, or
+// an FP8 format. The element type is a run-time switch of the loads, not a template
+// parameter of the tile (docs/design/fp8_kv_cache.md, "The CPU kernel").
+template <typename T, typename F>
+FMHA_TILE_STEP void with_storage(Dtype dtype, const F& f) {
+  switch (dtype) {
+    case Dtype::kF8E4M3FN: return f(f8e4m3fn{});
+    case Dtype::kF8E5M2: return f(f8e5m2{});
+    default: return f(T{});
+  }
+}
+
+template <typename T>
+constexpr int64_t storage_bytes(Dtype dtype) {
+  return dtype == Dtype::kF8E4M3FN || dtype == Dtype::kF8E5M2 ? 1 : int64_t(sizeof(T));
+}
 
 // Sizes of a tile, computed once: rows are computed in whole vectors (the padding rows have
 // zero queries and no visible key, and are never stored).
@@ -258,7 +270,6 @@ template <typename T>
 FMHA_TILE_STEP TileKeys begin_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
                                    const TileScratch& sc, int32_t* key_lo, int32_t* key_hi) {
   const AttentionProblem& p = *args.p;
-  const T* q = static_cast<const T*>(args.q);
   const int64_t D = g.D, Dp = g.Dp;
   const int64_t sq = p.q.len(t.b), sk = p.kv.len(t.b);
   const KeyRange split_range = split_keys(sk, t.split, p.num_splits, kBlockKeys);
@@ -267,8 +278,11 @@ FMHA_TILE_STEP TileKeys begin_tile(const AttentionArgs& args, const Tile& t, con
     KeyRange row_keys{0, 0};
     if (r < t.rows) {
       const RowHead rh = row_head(t, r, g.group);
-      const T* q_row = q + (p.q.begin(t.b) + rh.i) * p.q_row_stride() + rh.h * D;
-      set_query_column<T, kPairs<T>>(sc.qt, r, q_row, D);
+      const int64_t q_row = (p.q.begin(t.b) + rh.i) * p.q_row_stride() + rh.h * D;
+      with_storage<T>(args.q_dtype, [&](auto q_element) {
+        using Q = decltype(q_element);
+        set_query_column<Q, KeyElement<T>>(sc.qt, r, static_cast<const Q*>(args.q) + q_row, D);
+      });
       row_keys = visible_keys(p, rh.i, sq, sk);
       row_keys.lo = std::max(row_keys.lo, split_range.lo);
       row_keys.hi = std::min(row_keys.hi, split_range.hi);
@@ -277,7 +291,7 @@ FMHA_TILE_STEP TileKeys begin_tile(const AttentionArgs& args, const Tile& t, con
       keys.all_lo = std::max(keys.all_lo, row_keys.lo);
       keys.all_hi = std::min(keys.all_hi, row_keys.hi);
     } else {
-      set_query_column<T, kPairs<T>>(sc.qt, r, nullptr, D);
+      set_query_column<T, KeyElement<T>>(sc.qt, r, nullptr, D);
     }
     key_lo[r] = int32_t(row_keys.lo);
     key_hi[r] = int32_t(row_keys.hi);
@@ -296,47 +310,40 @@ FMHA_TILE_STEP int64_t kv_offset(const AttentionProblem& p, const Tile& t, const
   return p.kv.row(t.b, key) * g.kv_stride + t.kvh * g.D;
 }
 
-// Step 2: the key and value rows of the n keys from j0, stored as KV (q's type T, or FP8).
-// float32 rows are read in place when whole vectors cover them, and so are bf16 keys for
-// the pair dot product; other rows are converted (and zero-padded) into kb and vb.
-template <typename T, typename KV>
+// Step 2: the rows of the n keys from j0 in `x` (keys or values, stored as X: the compute
+// type or FP8), as Elem. Rows are read in place where they already are Elem (whole vectors
+// of float32, or bf16 keys for the pair dot product); others are converted into `block`
+// (row stride `stride`, its padding columns left as they are).
+template <typename X, typename Elem>
 FMHA_TILE_STEP void gather_rows(const AttentionArgs& args, const Tile& t, const TileShape& g,
-                                int64_t j0, int64_t n, const TileScratch& sc,
-                                const KeyElement<T>** key, const float** value) {
-  const KV* k = static_cast<const KV*>(args.k);
-  const KV* v = static_cast<const KV*>(args.v);
-  auto* const kb = reinterpret_cast<KeyElement<T>*>(sc.kb);
-  const int64_t D = g.D, Dp = g.Dp;
-  const bool rows_in_place = std::is_same_v<KV, float> && D % kLanes == 0;
-  const bool keys_in_place = rows_in_place || (kPairs<T> && std::is_same_v<KV, bf16>);
+                                int64_t j0, int64_t n, const void* x, Elem* block, int64_t stride,
+                                const Elem** rows) {
+  const X* stored = static_cast<const X*>(x);
+  const bool in_place = std::is_same_v<X, Elem> && (!std::is_same_v<X, float> || g.D % kLanes == 0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t offset = kv_offset(*args.p, t, g, j0 + j);
-    if (keys_in_place) {
-      key[j] = reinterpret_cast<const KeyElement<T>*>(k + offset);
+    if (in_place) {
+      rows[j] = reinterpret_cast<const Elem*>(stored + offset);
     } else {
-      load_row(k + offset, kb + j * D, D);
-      key[j] = kb + j * D;
-    }
-    if (rows_in_place) {
-      value[j] = reinterpret_cast<const float*>(v + offset);
-    } else {
-      load_row(v + offset, sc.vb + j * Dp, D);
-      value[j] = sc.vb + j * Dp;
+      load_row(stored + offset, block + j * stride, g.D);
+      rows[j] = block + j * stride;
     }
   }
 }
 
-// Keys past n in the last QK register block repeat the first (their scores are unused).
-// Returns n rounded up to whole QK register blocks.
+// The key and value rows of the block. Keys past n in the last QK register block repeat the
+// first (their scores are unused). Returns n rounded up to whole QK register blocks.
 template <typename T>
 FMHA_TILE_STEP int64_t gather_block(const AttentionArgs& args, const Tile& t, const TileShape& g,
                                     int64_t j0, int64_t n, const TileScratch& sc,
                                     const KeyElement<T>** key, const float** value) {
-  switch (args.kv_dtype) {
-    case Dtype::kF8E4M3FN: gather_rows<T, f8e4m3fn>(args, t, g, j0, n, sc, key, value); break;
-    case Dtype::kF8E5M2: gather_rows<T, f8e5m2>(args, t, g, j0, n, sc, key, value); break;
-    default: gather_rows<T, T>(args, t, g, j0, n, sc, key, value);
-  }
+  with_storage<T>(args.k_dtype, [&](auto k_element) {
+    gather_rows<decltype(k_element)>(args, t, g, j0, n, args.k,
+                                     reinterpret_cast<KeyElement<T>*>(sc.kb), g.D, key);
+  });
+  with_storage<T>(args.v_dtype, [&](auto v_element) {
+    gather_rows<decltype(v_element)>(args, t, g, j0, n, args.v, sc.vb, g.Dp, value);
+  });
   const int64_t n_padded = (n + kQkKeys - 1) / kQkKeys * kQkKeys;
   for (int64_t j = n; j < n_padded; ++j) key[j] = key[0];
   return n_padded;
@@ -347,16 +354,16 @@ FMHA_TILE_STEP int64_t gather_block(const AttentionArgs& args, const Tile& t, co
 // follow. When few query rows share the keys (decode) a block's arithmetic is short, and
 // without it the next block's loads would wait on memory latency, row after row.
 FMHA_TILE_STEP void prefetch_next_block(const AttentionArgs& args, const Tile& t,
-                                        const TileShape& g, int64_t kv_bytes, int64_t j0,
-                                        int64_t hi) {
+                                        const TileShape& g, int64_t k_bytes, int64_t v_bytes,
+                                        int64_t j0, int64_t hi) {
   const char* k = static_cast<const char*>(args.k);
   const char* v = static_cast<const char*>(args.v);
   for (int64_t j = j0 + kBlockKeys; j < std::min(j0 + 2 * kBlockKeys, hi); ++j) {
-    const int64_t offset = kv_offset(*args.p, t, g, j) * kv_bytes;
-    for (int64_t byte = 0; byte < g.D * kv_bytes; byte += 64) {
-      __builtin_prefetch(k + offset + byte);
-      __builtin_prefetch(v + offset + byte);
-    }
+    const int64_t offset = kv_offset(*args.p, t, g, j);
+    for (int64_t byte = 0; byte < g.D * k_bytes; byte += 64)
+      __builtin_prefetch(k + offset * k_bytes + byte);
+    for (int64_t byte = 0; byte < g.D * v_bytes; byte += 64)
+      __builtin_prefetch(v + offset * v_bytes + byte);
   }
 }
 
@@ -432,10 +439,10 @@ FMHA_TILE_STEP void accumulate_block(const Tile& t, const TileShape& g, const fl
   }
 }
 
-// Step 7: normalize (times `value_scale`) and store the rows and their LSE. A row that saw
-// no key gets 0 and LSE -inf.
+// Step 7: normalize (times `value_scale`) and store the rows as OutT, and their LSE. A row
+// that saw no key gets 0 and LSE -inf.
 template <typename OutT>
-FMHA_TILE_STEP void store_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
+FMHA_TILE_STEP void store_rows(const AttentionArgs& args, const Tile& t, const TileShape& g,
                                float value_scale, const TileScratch& sc) {
   const AttentionProblem& p = *args.p;
   OutT* out = static_cast<OutT*>(args.out);
@@ -451,49 +458,54 @@ FMHA_TILE_STEP void store_tile(const AttentionArgs& args, const Tile& t, const T
   }
 }
 
+// The output type is a run-time switch too: the store runs once per tile.
+FMHA_TILE_STEP void store_tile(const AttentionArgs& args, const Tile& t, const TileShape& g,
+                               float value_scale, const TileScratch& sc) {
+  switch (args.out_dtype) {
+    case Dtype::kBF16: return store_rows<bf16>(args, t, g, value_scale, sc);
+    case Dtype::kF16: return store_rows<f16>(args, t, g, value_scale, sc);
+    default: return store_rows<float>(args, t, g, value_scale, sc);
+  }
+}
+
 // One tile: the online softmax over its keys, kBlockKeys at a time.
-template <typename T, typename OutT>
+template <typename T>
 void run_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
   const TileShape g = tile_shape(*args.p, t);
   const TileScratch sc = carve_scratch(scratch, g);
   int32_t key_lo[kTileRows], key_hi[kTileRows];  // keys [lo, hi) visible to each row
   const TileKeys keys = begin_tile<T>(args, t, g, sc, key_lo, key_hi);
-  // FP8 keys and values: their scales fold into the scores and the output (one KV head).
-  const float score_scale = args.k_scale ? args.p->scale * args.k_scale[t.kvh] : args.p->scale;
-  const float value_scale = args.v_scale ? args.v_scale[t.kvh] : 1.f;
-  const int64_t kv_bytes = is_fp8(args.kv_dtype) ? 1 : int64_t(sizeof(T));
+  // FP8 operands: their scales fold into the scores and the output (a tile is one sequence
+  // and KV head).
+  const float score_scale = args.p->score_scale(t.b, t.kvh);
+  const float value_scale = args.p->value_scale(t.b, t.kvh);
+  const int64_t k_bytes = storage_bytes<T>(args.k_dtype), v_bytes = storage_bytes<T>(args.v_dtype);
 
   const KeyElement<T>* key[kBlockKeys];
   const float* value[kBlockKeys];
   for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kBlockKeys) {
     const int64_t n = std::min(kBlockKeys, keys.hi - j0);
     const int64_t n_padded = gather_block<T>(args, t, g, j0, n, sc, key, value);
-    prefetch_next_block(args, t, g, kv_bytes, j0, keys.hi);
+    prefetch_next_block(args, t, g, k_bytes, v_bytes, j0, keys.hi);
     score_block(*args.p, g, score_scale, key, n, n_padded, sc);
     const bool masked = j0 < keys.all_lo || j0 + n > keys.all_hi || g.padded_rows > t.rows;
     softmax_block(g, j0, n, masked, key_lo, key_hi, sc);
     accumulate_block(t, g, value, n, sc);
   }
-  store_tile<OutT>(args, t, g, value_scale, sc);
+  store_tile(args, t, g, value_scale, sc);
 }
 
 #undef FMHA_TILE_STEP
-
-template <typename T>
-void run_tile_for_output(const AttentionArgs& args, const Tile& t, float* scratch) {
-  if (args.float_out) return run_tile<T, float>(args, t, scratch);
-  return run_tile<T, T>(args, t, scratch);
-}
 
 }  // namespace
 
 void attention_tile(const AttentionArgs& args, const Tile& t, float* scratch) {
   switch (args.dtype) {
-    case Dtype::kF32: return run_tile_for_output<float>(args, t, scratch);
-    case Dtype::kBF16: return run_tile_for_output<bf16>(args, t, scratch);
-    case Dtype::kF16: return run_tile_for_output<f16>(args, t, scratch);
+    case Dtype::kF32: return run_tile<float>(args, t, scratch);
+    case Dtype::kBF16: return run_tile<bf16>(args, t, scratch);
+    case Dtype::kF16: return run_tile<f16>(args, t, scratch);
     case Dtype::kF8E4M3FN:
-    case Dtype::kF8E5M2: return;  // FP8 is for keys and values only: the handler refuses q
+    case Dtype::kF8E5M2: return;  // never a compute type (attention.cc)
   }
 }
 

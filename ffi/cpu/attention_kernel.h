@@ -29,18 +29,18 @@ inline SplitPolicy split_policy(int64_t threads) {
 
 enum class Dtype { kF32, kBF16, kF16, kF8E4M3FN, kF8E5M2 };
 
+// q, k and v are each stored as the tile's compute type `dtype` or as FP8, converted on load;
+// FP8 operands' scales are the problem's (AttentionProblem::score_scale, value_scale).
 struct AttentionArgs {
   const AttentionProblem* p;
-  Dtype dtype;     // of q (float32, bfloat16 or float16)
-  Dtype kv_dtype;  // of k and v: q's, or an FP8 format (a quantized cache)
-  bool float_out;  // split-KV partial outputs are float32; otherwise out has q's dtype
+  Dtype dtype;      // the compute type: q's, or with FP8 q v's 16-bit type, else bfloat16
+  Dtype q_dtype;    // dtype, or an FP8 format
+  Dtype k_dtype;    // dtype, or an FP8 format (a quantized cache)
+  Dtype v_dtype;    // dtype, or an FP8 format
+  Dtype out_dtype;  // float32, bfloat16 or float16 (float32 for split-KV partial outputs)
   const void* q;
   const void* k;
   const void* v;
-  // FP8 k, v: dequantization scales [Hkv], folded into the tile's score scale and output
-  // (a tile is one KV head); nullptr otherwise.
-  const float* k_scale;
-  const float* v_scale;
   void* out;
   float* lse;
 };

@@ -11,7 +11,8 @@
 namespace jax_fmha::cpu {
 namespace {
 
-// Calls write(src_row, dst_row) for every new token whose write is not dropped.
+// Calls write(b, src_row, dst_row) for every new token of sequence b whose write is not
+// dropped.
 template <typename Write>
 void for_each_new_token(xla::ffi::ThreadPool& pool, const KvCacheUpdate& u, const Write& write) {
   parallel_for(pool, u.batch, [&](int64_t b) {
@@ -19,16 +20,18 @@ void for_each_new_token(xla::ffi::ThreadPool& pool, const KvCacheUpdate& u, cons
     for (int64_t t = 0; t < u.new_tokens.len(b); ++t) {
       const int64_t dst = u.target_row(b, t);
       if (dst < 0) continue;  // outside the sequence's capacity or pages: dropped
-      write(u.new_tokens.begin(b) + t, dst);
+      write(b, u.new_tokens.begin(b) + t, dst);
     }
   });
 }
 
-// One token's row [Hkv, D] into an FP8 cache: value * (1 / scale[head]), saturating.
+// One token's row [Hkv, D] of sequence b into an FP8 cache: value * (1 / scale[b, head]),
+// saturating.
 template <typename New, typename Cache>
-void quantize_row(const New* src, Cache* dst, const float* scale, const KvCacheUpdate& u) {
-  for (int64_t h = 0; h < u.row_elements / u.head_dim; ++h) {
-    const float inv_scale = 1.f / scale[h];
+void quantize_row(const New* src, Cache* dst, const float* scale, int64_t b,
+                  const KvCacheUpdate& u) {
+  for (int64_t h = 0; h < u.num_kv_heads; ++h) {
+    const float inv_scale = 1.f / scale[u.scale_index(b, h)];
     for (int64_t d = h * u.head_dim; d < (h + 1) * u.head_dim; ++d)
       dst[d] = from_float<Cache>(to_float(src[d]) * inv_scale);
   }
@@ -38,11 +41,11 @@ template <typename New, typename Cache>
 void quantize_update(xla::ffi::ThreadPool& pool, const KvCacheUpdate& u, const void* k_new,
                      const void* v_new, void* k_cache, void* v_cache) {
   const int64_t n = u.row_elements;
-  for_each_new_token(pool, u, [&](int64_t src, int64_t dst) {
+  for_each_new_token(pool, u, [&](int64_t b, int64_t src, int64_t dst) {
     quantize_row(static_cast<const New*>(k_new) + src * n, static_cast<Cache*>(k_cache) + dst * n,
-                 u.k_scale, u);
+                 u.k_scale, b, u);
     quantize_row(static_cast<const New*>(v_new) + src * n, static_cast<Cache*>(v_cache) + dst * n,
-                 u.v_scale, u);
+                 u.v_scale, b, u);
   });
 }
 
@@ -78,7 +81,7 @@ ffi::Error run_update(xla::ffi::ThreadPool pool, const KvCacheUpdate& u, const v
   auto* k_dst = static_cast<char*>(k_cache);
   auto* v_dst = static_cast<char*>(v_cache);
   const int64_t row_bytes = u.row_elements * u.elem_bytes;
-  for_each_new_token(pool, u, [&](int64_t src, int64_t dst) {
+  for_each_new_token(pool, u, [&](int64_t, int64_t src, int64_t dst) {
     std::memcpy(k_dst + dst * row_bytes, k_src + src * row_bytes, row_bytes);
     std::memcpy(v_dst + dst * row_bytes, v_src + src * row_bytes, row_bytes);
   });

@@ -121,6 +121,11 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
           kOp,
           "the CUDA attention kernel runs bfloat16 and float16 (tensor cores); cast q, k and v "
           "with .astype(jnp.bfloat16), or use backend='reference' for float32");
+    case ffi::DataType::F8E4M3FN:
+    case ffi::DataType::F8E5M2:  // the Python lowering refuses them first
+      return invalid_argument(kOp,
+                              "FP8 queries run on the CPU backend for now; the Hopper FP8 kernel "
+                              "is not built yet");
     default: return invalid_argument(kOp, "unsupported dtype (bfloat16, float16)");
   }
 }

@@ -43,7 +43,8 @@ __global__ void update_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
 }
 
 // Grid as above. FP8 caches: each lane quantizes groups of 8 elements of one head (the
-// head dim is a multiple of 8) as value * (1 / scale[head]) (quantize_fp8), 8 bytes a store.
+// head dim is a multiple of 8) as value * (1 / scale[b, head]) (quantize_fp8), 8 bytes a
+// store.
 template <typename New, typename Cache>
 __global__ void quantize_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u,
                                          const New* __restrict__ k_new,
@@ -63,8 +64,9 @@ __global__ void quantize_kv_cache_kernel(const __grid_constant__ KvCacheUpdate u
   for (int64_t g = threadIdx.x % 32; g < groups; g += 32) {
     const int64_t head = g * 8 / u.head_dim;
     const int64_t element = src * u.row_elements + g * 8;
-    k_cache[dst * groups + g] = quantize(k_new + element, u.k_scale[head]);
-    v_cache[dst * groups + g] = quantize(v_new + element, u.v_scale[head]);
+    const int64_t scale = u.scale_index(blockIdx.y, head);  // grid y: the sequence
+    k_cache[dst * groups + g] = quantize(k_new + element, u.k_scale[scale]);
+    v_cache[dst * groups + g] = quantize(v_new + element, u.v_scale[scale]);
   }
 }
 

@@ -107,8 +107,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first_row = int(t.row_begin) + lane / 4;
   // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
-  const ScoreTransform transform =
-      ScoreTransform::make(Traits::kFp8 ? p.scale * p.k_scale[t.kv_head] : p.scale, p.softcap);
+  const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   // The warp's K/V stages: stage s holds K then V of one 16-key block.
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cute::cp_async_wait<kStages - 1>();  // the Q group (the oldest) has landed ...
   __syncthreads();                     // ... for every thread
   if constexpr (Traits::kFp8) prepare_q_fp8<Traits>(smem_q, q_row_factor);
-  const Fp8Scales<Traits> fp8(q_row_factor, 0, Traits::kFp8 ? p.v_scale[t.kv_head] : 1.f);
+  const Fp8Scales<Traits> fp8(q_row_factor, 0, p.value_scale(t.b, t.kv_head));
 
   float o[1][Traits::kDimAtoms][4];
 #pragma unroll

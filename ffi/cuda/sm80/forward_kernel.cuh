@@ -46,8 +46,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
   // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
-  const ScoreTransform transform =
-      ScoreTransform::make(Traits::kFp8 ? p.scale * p.k_scale[t.kv_head] : p.scale, p.softcap);
+  const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
 
   float o[Traits::kMmaM][Traits::kDimAtoms][4];
@@ -66,7 +65,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     __syncthreads();
     prepare_q_fp8<Traits>(smem_q, q_row_factor);
   }
-  const Fp8Scales<Traits> fp8(q_row_factor, warp_row, Traits::kFp8 ? p.v_scale[t.kv_head] : 1.f);
+  const Fp8Scales<Traits> fp8(q_row_factor, warp_row, p.value_scale(t.b, t.kv_head));
   if (!keys.empty()) {
     constexpr int kStages = Traits::kStages;
     // Blocks start at multiples of kBlockN (split ranges and whole pages align with them).
