@@ -40,35 +40,45 @@ __device__ __forceinline__ TileKeys tile_keys(const AttentionProblem& p, const K
   return {int(first.lo), int(last.hi), int(last.lo), int(first.hi)};
 }
 
-// Sets the scores of keys a row does not see to -inf. Called only for the blocks that
-// need it (TileKeys::block_needs_mask), so the rows' intervals are computed here rather
-// than held in registers across the loop. s is one key block in the mma accumulator
-// layout: element (m, n, e) is packed row first_row + 16 m + 8 (e / 2) (first_row: the
-// thread's first row, lane / 4 into its warp's rows), key key_begin + 8 n + 2 t + e % 2.
-// Rows at or past rows_in_seq see nothing.
+// The keys each of a thread's rows sees, [lo, hi), found once per tile: the integer
+// division and 64-bit arithmetic of visible_keys stay out of the key loop, where they
+// raised the register pressure of every kernel (docs/design/cuda_attention.md). Rows in the
+// mma accumulator layout: element (m, n, e) of a key block is packed row first_row + 16 m +
+// 8 (e / 2) (first_row: the thread's first row, lane / 4 into its warp's rows), key
+// key_begin + 8 n + 2 t + e % 2. Rows at or past rows_in_seq see nothing.
 template <class Traits>
-__device__ __forceinline__ void mask_scores(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
-                                            const AttentionProblem& p, const KeyRange& split,
-                                            int first_row, int rows_in_seq, int64_t sq, int64_t sk,
-                                            int key_begin) {
-  const int key0 = key_begin + 2 * (threadIdx.x % 4);
-  const int group = int(p.group());
+struct RowKeyLimits {
+  int lo[Traits::kMmaM][2], hi[Traits::kMmaM][2];
+
+  __device__ __forceinline__ RowKeyLimits(const AttentionProblem& p, const KeyRange& split,
+                                          int first_row, int rows_in_seq, int64_t sq, int64_t sk) {
+    const int group = int(p.group());
 #pragma unroll
-  for (int m = 0; m < Traits::kMmaM; ++m)
+    for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int packed_row = first_row + 16 * m + 8 * half;
-      KeyRange keys{0, 0};
-      if (packed_row < rows_in_seq) keys = row_keys(p, split, packed_row / group, sq, sk);
-      const int lo = int(keys.lo), hi = int(keys.hi);
+      for (int half = 0; half < 2; ++half) {
+        const int packed_row = first_row + 16 * m + 8 * half;
+        KeyRange keys{0, 0};
+        if (packed_row < rows_in_seq) keys = row_keys(p, split, packed_row / group, sq, sk);
+        lo[m][half] = int(keys.lo), hi[m][half] = int(keys.hi);
+      }
+  }
+
+  // Sets the scores of keys a row does not see to -inf; for the blocks that need it
+  // (TileKeys::block_needs_mask).
+  __device__ __forceinline__ void mask(float (&s)[Traits::kMmaM][Traits::kKeyAtoms][4],
+                                       int key_begin) const {
+    const int key0 = key_begin + 2 * (threadIdx.x % 4);
+#pragma unroll
+    for (int m = 0; m < Traits::kMmaM; ++m)
 #pragma unroll
       for (int n = 0; n < Traits::kKeyAtoms; ++n)
 #pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        for (int e = 0; e < 4; ++e) {
           const int key = key0 + 8 * n + e % 2;
-          if (key < lo || key >= hi) s[m][n][e] = -INFINITY;
+          if (key < lo[m][e / 2] || key >= hi[m][e / 2]) s[m][n][e] = -INFINITY;
         }
-    }
-}
+  }
+};
 
 }  // namespace jax_fmha::cuda

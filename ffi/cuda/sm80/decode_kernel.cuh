@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
   const TileKeys& keys = t.keys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first_row = int(t.row_begin) + lane / 4;
+  const RowKeyLimits<Traits> row_limits(p, t.split_range, int(t.row_begin) + lane / 4,
+                                        int(t.rows_in_seq), t.sq, t.sk);
   // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
   const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
@@ -161,9 +162,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     if (transform.explicit_pass()) transform.apply<Traits>(s);
     const int key_begin = block_key(j);
-    if (keys.block_needs_mask(key_begin, kBlockN))
-      mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                          key_begin);
+    if (keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
     softmax.update(s, o, transform.fold());
     if constexpr (Traits::kFp8)
       warp_pv_fp8<Traits>(s, tile_k + Traits::kKvTileElems, o);

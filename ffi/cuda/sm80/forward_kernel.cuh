@@ -43,8 +43,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp_row = (threadIdx.x / 32) * Traits::kWarpRows;
   // Warps whose rows are all past the sequence (few queries) skip the arithmetic.
   const bool warp_has_rows = warp_row < t.rows;
-  // The thread's first packed row (mask_scores): 32-bit, the grid keeps rows under 2^31.
+  // The thread's first packed row: 32-bit, the grid keeps rows under 2^31.
   const int first_row = int(t.row_begin) + warp_row + (threadIdx.x % 32) / 4;
+  const RowKeyLimits<Traits> row_limits(p, t.split_range, first_row, int(t.rows_in_seq), t.sq,
+                                        t.sk);
   // FP8 K/V: k_scale joins the score scale (docs/design/fp8_kv_cache.md).
   const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
   const bool contiguous_rows = p.kv.runs_contiguous(kBlockN);
@@ -104,9 +106,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                           smem_k + stage * Traits::kKvTileElems, s);
         }
         if (transform.explicit_pass()) transform.apply<Traits>(s);
-        if (keys.block_needs_mask(key_begin, kBlockN))
-          mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                              key_begin);
+        if (keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
         softmax.update(s, o, transform.fold());
         if constexpr (Traits::kFp8)
           warp_pv_fp8<Traits>(s, smem_v + stage * Traits::kKvTileElems, o);

@@ -244,7 +244,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       continue;
     }
     const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
-    const int first_row = int(t.row_begin) + warp_row + (thread % 32) / 4;
+    const RowKeyLimits<Traits> row_limits(p, t.split_range,
+                                          int(t.row_begin) + warp_row + thread % 32 / 4,
+                                          int(t.rows_in_seq), t.sq, t.sk);
     float o[1][Traits::kDimAtoms][4];
 #pragma unroll
     for (int d = 0; d < Traits::kDimAtoms; ++d)
@@ -272,9 +274,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
       const int key_begin = blocks.key_begin<kBlockN>(block);
       if (transform.explicit_pass()) transform.apply<Traits>(s);
-      if (t.keys.block_needs_mask(key_begin, kBlockN))
-        mask_scores<Traits>(s, p, t.split_range, first_row, int(t.rows_in_seq), t.sq, t.sk,
-                            key_begin);
+      if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
       return softmax.update_scores(s, transform.fold(), correction);
     };
     bool rescale = false;    // O must be rescaled before its next product
