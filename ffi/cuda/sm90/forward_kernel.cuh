@@ -329,7 +329,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (leader) v_ring.release(use0 + last);
       fence_registers(o_regs);
     }
-    store_rows<Traits, OutT>(o, softmax, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
+    // The tile located again: its output addressing, which only the stores use, is not held
+    // in registers through the key loop.
+    CtaTile te;
+    walk.locate<Traits::kBlockM, kBlockN>(p, i, te);
+    store_rows<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
                              thread % 32);
     use0 += blocks.count;
   }
