@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <mutex>
 #include <type_traits>
 
 #include "common/errors.h"
@@ -12,24 +11,6 @@
 #include "cuda/forward_launch.h"
 
 namespace jax_fmha::cuda {
-
-// Shared memory above 48 KB must be granted per kernel and per device; once each. (The
-// statics belong to one instantiation: each kernel has its own.)
-template <auto kKernel, size_t kSmemBytes>
-cudaError_t allow_shared_memory() {
-  const auto set = [] {
-    return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                int(kSmemBytes));
-  };
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static cudaError_t result[kMaxDevices];
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (device >= kMaxDevices) return set();
-  std::call_once(once[device], [&] { result[device] = set(); });
-  return result[device];
-}
 
 // Whether a kernel launches itself (ForwardKernelOf<...>::launch: kernels that take more than
 // the arrays, such as tensor maps); the others take (problem, q, k, v, out, lse).
@@ -43,7 +24,6 @@ xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, c
                                const void* k, const void* v, OutT* out, float* lse) {
   using Kernel = ForwardKernelOf<kKernel>;
   using Traits = typename Kernel::template TraitsOf<Element, kHeadDim, Kv>;
-  constexpr auto kernel = Kernel::template kernel<Traits, OutT>;
   static_assert(Traits::kBlockM == kernel_shape(kKernel).block_m, "tile rows of the plan");
   constexpr const char* kOp = "attention (CUDA)";
   const int64_t row_tiles = (p.q.max_len * p.group() + Traits::kBlockM - 1) / Traits::kBlockM;
@@ -53,14 +33,15 @@ xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, c
     return invalid_argument(kOp,
                             "grid too large (max_seqlen_q * group / 128 < 2^31, KV heads <= "
                             "65535, batch * num_splits <= 65535)");
-  if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
-    return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
   const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
-  if constexpr (LaunchesItself<Kernel>::value) {
+  if constexpr (LaunchesItself<Kernel>::value) {  // (which also grants its shared memory)
     if (xla::ffi::Error err = Kernel::template launch<Traits>(grid, stream, p, q, k, v, out, lse);
         !err.success())
       return err;
   } else {
+    constexpr auto kernel = Kernel::template kernel<Traits, OutT>;
+    if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
+      return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
     kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
         p, static_cast<const Element*>(q), static_cast<const Kv*>(k), static_cast<const Kv*>(v),
         out, lse);

@@ -37,7 +37,7 @@ struct ScoreTransform {
   }
   // Whether apply() must run before the softmax: softcap, or a scale whose sign would turn
   // the max of raw scores into the min of scaled ones (or, at 0, make -inf * 0 a NaN).
-  __device__ __forceinline__ bool explicit_pass() const { return softcap || !(scale_log2 > 0.f); }
+  __host__ __device__ bool explicit_pass() const { return softcap || !(scale_log2 > 0.f); }
   // The multiplier the softmax applies to the scores it is given.
   __device__ __forceinline__ float fold() const { return explicit_pass() ? 1.f : scale_log2; }
   template <class Traits>

@@ -34,6 +34,7 @@
 #include "common/errors.h"
 #include "cuda/common/cta_tile.cuh"
 #include "cuda/common/epilogue.cuh"
+#include "cuda/common/launch_check.h"
 #include "cuda/common/mask.cuh"
 #include "cuda/common/softmax.cuh"
 #include "cuda/common/tile_load.cuh"
@@ -169,7 +170,10 @@ __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTe
   if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(use0 + last));
 }
 
-template <class Traits, typename OutT>
+// kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
+// positive); a kernel without it holds no code for it (its registers are the 128-key tile's
+// limit, docs/design/cuda_attention.md).
+template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
                                   const typename Traits::Element* __restrict__ q,
@@ -273,9 +277,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     float correction[1][2];
     const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
       const int key_begin = blocks.key_begin<kBlockN>(block);
-      if (transform.explicit_pass()) transform.apply<Traits>(s);
+      if constexpr (kScorePass) transform.apply<Traits>(s);
       if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
-      return softmax.update_scores(s, transform.fold(), correction);
+      return softmax.update_scores(s, kScorePass ? 1.f : transform.scale_log2, correction);
     };
     bool rescale = false;    // O must be rescaled before its next product
     if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
@@ -357,13 +361,12 @@ inline int multiprocessor_count() {
 }
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
-// tensor maps instead of the K and V pointers, and runs a persistent grid.
+// tensor maps instead of the K and V pointers, runs a persistent grid, and comes with and
+// without the score pass.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim, typename Kv>
   using TraitsOf = HopperTraits<Element, kHeadDim>;  // Kv: Element (forward_kernel)
-  template <class Traits, typename OutT>
-  static constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT>;
 
   static constexpr bool kLaunchesItself = true;
   template <class Traits, typename OutT>
@@ -385,9 +388,16 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
     const int sms = multiprocessor_count();
     const unsigned ctas = unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles);
-    kernel<Traits, OutT><<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-        p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
-    return xla::ffi::Error::Success();
+    const auto run = [&](auto score_pass) {
+      constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
+      if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
+        return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
+      kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
+      return xla::ffi::Error::Success();
+    };
+    if (ScoreTransform::make(p.scale, p.softcap).explicit_pass()) return run(std::true_type{});
+    return run(std::false_type{});
   }
 };
 
