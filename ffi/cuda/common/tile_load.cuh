@@ -61,9 +61,10 @@ __device__ __forceinline__ void load_q_tile(QElement* smem_q, const QElement* q,
     const bool in_bounds = r < rows && col < p.head_dim;
     const QElement* src = q;
     if (in_bounds) {
-      const int64_t packed_row = row_begin + r;
-      const int64_t i = packed_row / group;
-      const int64_t head = int64_t(kv_head) * group + packed_row % group;
+      // 32-bit division: packed rows stay under 2^31 (the grid's rows).
+      const int packed_row = int(row_begin) + r;
+      const int i = packed_row / group;
+      const int head = kv_head * group + packed_row % group;
       src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
     }
     copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
