@@ -22,16 +22,18 @@ __device__ __forceinline__ void store_pair(OutT* dst, float a, float b) {
 }
 
 // Where the outputs of a sequence's packed rows go (split partials are q.rows rows apart).
+// Packed rows stay under 2^31 (launch_forward checks): their query and head come from
+// 32-bit divisions.
 struct OutputRows {
   const AttentionProblem& p;
   int64_t split, b, q_begin;
   int kv_head;
 
   __device__ __forceinline__ int64_t query(int64_t packed_row) const {
-    return packed_row / p.group();
+    return int(packed_row) / int(p.group());
   }
   __device__ __forceinline__ int64_t head(int64_t packed_row) const {
-    return int64_t(kv_head) * p.group() + packed_row % p.group();
+    return kv_head * int(p.group()) + int(packed_row) % int(p.group());
   }
   __device__ __forceinline__ int64_t out_offset(int64_t packed_row) const {
     return ((split * p.q.rows + q_begin + query(packed_row)) * p.num_q_heads + head(packed_row)) *

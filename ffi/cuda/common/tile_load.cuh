@@ -61,7 +61,7 @@ __device__ __forceinline__ void load_q_tile(QElement* smem_q, const QElement* q,
     const bool in_bounds = r < rows && col < p.head_dim;
     const QElement* src = q;
     if (in_bounds) {
-      // 32-bit division: packed rows stay under 2^31 (the grid's rows).
+      // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
       const int packed_row = int(row_begin) + r;
       const int i = packed_row / group;
       const int head = kv_head * group + packed_row % group;
