@@ -48,22 +48,23 @@ namespace jax_fmha::cuda {
 // Named barriers (0 is __syncthreads): each consumer warpgroup's Q and the consumers' turns.
 enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3 };
 
-// The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first.
+// The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first. In 32
+// bits: the launcher refuses grids of 2^32 tiles or more.
 struct TileWalk {
-  int64_t row_tiles, per_row_tile;  // per_row_tile: KV heads x batch x splits
+  uint32_t row_tiles, per_row_tile;  // per_row_tile: KV heads x batch x splits
 
   template <int kBlockM>
   __device__ __forceinline__ static TileWalk of(const AttentionProblem& p) {
-    return {(p.q.max_len * p.group() + kBlockM - 1) / kBlockM,
-            p.num_kv_heads * p.batch * p.num_splits};
+    return {uint32_t((p.q.max_len * p.group() + kBlockM - 1) / kBlockM),
+            uint32_t(p.num_kv_heads * p.batch * p.num_splits)};
   }
-  __device__ __forceinline__ int64_t count() const { return row_tiles * per_row_tile; }
+  __device__ __forceinline__ uint32_t count() const { return row_tiles * per_row_tile; }
   template <int kBlockM, int kBlockN>
-  __device__ __forceinline__ bool locate(const AttentionProblem& p, int64_t t,
+  __device__ __forceinline__ bool locate(const AttentionProblem& p, uint32_t t,
                                          CtaTile& tile) const {
-    const int64_t rest = t % per_row_tile;
-    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - t / per_row_tile,
-                                         int(rest % p.num_kv_heads), rest / p.num_kv_heads, tile);
+    const uint32_t rest = t % per_row_tile, heads = uint32_t(p.num_kv_heads);
+    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - t / per_row_tile, int(rest % heads),
+                                         rest / heads, tile);
   }
 };
 
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       prefetch_tensor_map(maps.v);
     }
     int use0 = 0, landings = 0;  // the rings' uses of the tile's block 0; last_v_landed's
-    for (int64_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+    for (uint32_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
       CtaTile t;
       if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t) || !tile_keys_valid(p, t)) continue;
       const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (group == 1) pass_turn();  // consumer 0 goes first
 
   int use0 = 0;  // the rings' use of the tile's block 0
-  for (int64_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+  for (uint32_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
     CtaTile t;
     if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t)) continue;
     if (!tile_keys_valid(p, t)) {
@@ -386,6 +387,8 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
       return internal_error(kOp, "building the K/V tensor maps", error);
     // Persistent: one CTA an SM, at most one a tile.
     const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
+    if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
+      return invalid_argument(kOp, "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
     const int sms = multiprocessor_count();
     const unsigned ctas = unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles);
     const auto run = [&](auto score_pass) {
