@@ -131,7 +131,7 @@ struct HopperTraits {
 
   // Element offset of (row, column) in the shared tiles; column a multiple of kChunk (the
   // swizzle permutes 16-byte chunks, so a chunk stays contiguous).
-  __host__ __device__ __forceinline__ static int q_offset(int row, int col) {
+  __host__ __device__ __forceinline__ static constexpr int q_offset(int row, int col) {
     constexpr SmemLayoutQ layout{};
     const int bytes = int(layout.layout_b()(row, col)) * int(sizeof(Element));
     return int(layout.layout_a()(bytes)) / int(sizeof(Element));
