@@ -50,8 +50,8 @@ template <class Traits, typename OutT>
 constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
 
 // The thread's share of a finished tile: its rows' LSE (natural log; one thread of each quad
-// writes it), and its normalized output pairs, given to store(r, col, a, b) for columns col
-// and col + 1 of tile row r (r = warp_row + 16 m + 8 h + lane / 4, every row of the tile).
+// writes it), and its normalized output pairs, given to store(m, h, r, col, a, b) for columns
+// col and col + 1 of tile row r (r = warp_row + 16 m + 8 h + lane / 4, every row of the tile).
 template <class Traits, class Store>
 __device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
                                             const OnlineSoftmax<Traits>& softmax, float* lse,
@@ -67,7 +67,7 @@ __device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kD
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key stays 0
 #pragma unroll
       for (int d = 0; d < Traits::kDimAtoms; ++d)
-        store(r, 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv, o[m][d][2 * h + 1] * inv);
+        store(m, h, r, 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv, o[m][d][2 * h + 1] * inv);
       if (lane % 4 == 0 && r < rows)
         lse[dst.lse_offset(row_begin + r)] =
             sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
@@ -87,9 +87,10 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
   static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
                 "output tile exceeds shared memory");
   OutT* tile = static_cast<OutT*>(smem);
-  finish_rows<Traits>(
-      o, softmax, lse, dst, row_begin, rows, warp_row, tid % 32,
-      [&](int r, int col, float a, float b) { store_pair(tile + r * kPitch + col, a, b); });
+  finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, tid % 32,
+                      [&](int, int, int r, int col, float a, float b) {
+                        store_pair(tile + r * kPitch + col, a, b);
+                      });
   sync();
   constexpr int kChunk = 16 / sizeof(OutT);
   constexpr int kChunksPerRow = Traits::kHeadDim / kChunk;
@@ -110,10 +111,16 @@ __device__ __forceinline__ void store_rows(float (&o)[Traits::kMmaM][Traits::kDi
                                            float* lse, const OutputRows& dst, int64_t row_begin,
                                            int rows, int warp_row, int lane) {
   const int head_dim = int(dst.p.head_dim);
+  // The thread's rows' outputs, located once (not once per pair).
+  OutT* row_out[Traits::kMmaM][2];
+#pragma unroll
+  for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      row_out[m][h] = out + dst.out_offset(row_begin + warp_row + 16 * m + 8 * h + lane / 4);
   finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, lane,
-                      [&](int r, int col, float a, float b) {
-                        if (r < rows && col < head_dim)
-                          store_pair(out + dst.out_offset(row_begin + r) + col, a, b);
+                      [&](int m, int h, int r, int col, float a, float b) {
+                        if (r < rows && col < head_dim) store_pair(row_out[m][h] + col, a, b);
                       });
 }
 
