@@ -75,65 +75,63 @@ __device__ __forceinline__ void load_q_tile(QElement* smem_q, const QElement* q,
   constexpr int kCopies = (kChunks + kCopyThreads - 1) / kCopyThreads;
   const int group = int(p.group());
   constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
-  if constexpr (kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0) {
+  constexpr bool kWholeRows = kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
+  if constexpr (kWholeRows && q_offset_period<Traits, kRowsPerPass, kCopies>() > 0) {
     // A pass of the copy threads covers kRowsPerPass whole rows, and this thread copies the
     // same column of a row kRowsPerPass rows further each pass: its shared-memory offsets are
     // kPeriod bases plus a compile-time step, and its source is one pointer moved a packed
     // row step at a time (no division or 64-bit product per copy).
     constexpr int kPeriod = q_offset_period<Traits, kRowsPerPass, kCopies>();
-    if constexpr (kPeriod > 0) {
-      constexpr int kStep = Traits::q_offset(kRowsPerPass * kPeriod, 0) - Traits::q_offset(0, 0);
-      const int r = first_row + tid / kChunksPerRow;
-      const int col = (tid % kChunksPerRow) * Traits::kChunk;
-      QElement* dst[kPeriod];
+    constexpr int kStep = Traits::q_offset(kRowsPerPass * kPeriod, 0) - Traits::q_offset(0, 0);
+    const int r = first_row + tid / kChunksPerRow;
+    const int col = (tid % kChunksPerRow) * Traits::kChunk;
+    QElement* dst[kPeriod];
 #pragma unroll
-      for (int j = 0; j < kPeriod; ++j)
-        dst[j] = smem_q + Traits::q_offset(r + j * kRowsPerPass, col);
-      // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
-      const int packed_row = int(row_begin) + r;
-      int head = packed_row % group;  // within the group
-      const int64_t head_stride = p.head_dim, query_stride = p.num_q_heads * p.head_dim;
-      const QElement* src =
-          q +
-          ((q_begin + packed_row / group) * p.num_q_heads + kv_head * group + head) * head_stride +
-          col;
-      // A pass moves kRowsPerPass packed rows on: pass_queries queries and pass_heads heads,
-      // one query more (and group heads fewer) where the heads wrap.
-      const int pass_queries = kRowsPerPass / group, pass_heads = kRowsPerPass % group;
-      const int64_t pass_step = pass_queries * query_stride + pass_heads * head_stride;
-      const int64_t wrap_step = query_stride - group * head_stride;
-      const bool col_in_bounds = col < p.head_dim;
+    for (int j = 0; j < kPeriod; ++j) dst[j] = smem_q + Traits::q_offset(r + j * kRowsPerPass, col);
+    // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
+    const int packed_row = int(row_begin) + r;
+    int head = packed_row % group;  // within the group
+    const int64_t head_stride = p.head_dim, query_stride = p.num_q_heads * p.head_dim;
+    const QElement* src =
+        q +
+        ((q_begin + packed_row / group) * p.num_q_heads + kv_head * group + head) * head_stride +
+        col;
+    // A pass moves kRowsPerPass packed rows on: pass_queries queries and pass_heads heads,
+    // one query more (and group heads fewer) where the heads wrap.
+    const int pass_queries = kRowsPerPass / group, pass_heads = kRowsPerPass % group;
+    const int64_t pass_step = pass_queries * query_stride + pass_heads * head_stride;
+    const int64_t wrap_step = query_stride - group * head_stride;
+    const bool col_in_bounds = col < p.head_dim;
 #pragma unroll
-      for (int it = 0; it < kCopies; ++it) {
-        const bool in_bounds = col_in_bounds && r + it * kRowsPerPass < rows;
-        // Out of bounds nothing is read (zero fill); the address stays the array's start.
-        copy_chunk(dst[it % kPeriod] + it / kPeriod * kStep, in_bounds ? src : q, in_bounds);
-        src += pass_step;
-        head += pass_heads;
-        if (head >= group) {
-          head -= group;
-          src += wrap_step;
-        }
+    for (int it = 0; it < kCopies; ++it) {
+      const bool in_bounds = col_in_bounds && r + it * kRowsPerPass < rows;
+      // Out of bounds nothing is read (zero fill); the address stays the array's start.
+      copy_chunk(dst[it % kPeriod] + it / kPeriod * kStep, in_bounds ? src : q, in_bounds);
+      src += pass_step;
+      head += pass_heads;
+      if (head >= group) {
+        head -= group;
+        src += wrap_step;
       }
-      return;
     }
-  }
+  } else {
 #pragma unroll
-  for (int it = 0; it < kCopies; ++it) {
-    const int c = tid + it * kCopyThreads;
-    if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (decode tile at d96)
-    const int r = first_row + c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * Traits::kChunk;
-    const bool in_bounds = r < rows && col < p.head_dim;
-    const QElement* src = q;
-    if (in_bounds) {
-      // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
-      const int packed_row = int(row_begin) + r;
-      const int i = packed_row / group;
-      const int head = kv_head * group + packed_row % group;
-      src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
+    for (int it = 0; it < kCopies; ++it) {
+      const int c = tid + it * kCopyThreads;
+      if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (decode tile at d96)
+      const int r = first_row + c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * Traits::kChunk;
+      const bool in_bounds = r < rows && col < p.head_dim;
+      const QElement* src = q;
+      if (in_bounds) {
+        // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
+        const int packed_row = int(row_begin) + r;
+        const int i = packed_row / group;
+        const int head = kv_head * group + packed_row % group;
+        src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
+      }
+      copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
     }
-    copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
   }
 }
 
@@ -172,7 +170,8 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::KvElement* smem_k,
   const int64_t row_stride = p.kv_row_stride();
   const int64_t head_offset = int64_t(kv_head) * head_dim;
   constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
-  if constexpr (kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0) {
+  constexpr bool kWholeRows = kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
+  if constexpr (kWholeRows && q_offset_period<Traits, kRowsPerPass, kCopies>() > 0) {
     if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
       const int r = tid / kChunksPerRow;
       const int col = (tid % kChunksPerRow) * Traits::kKvChunk;
