@@ -72,3 +72,10 @@ FP8_FORWARD_KERNELS = {
     "sm80_fp8": ["kPortable", "cuda/sm80/forward_kernel.cuh"],
 }
 FP8_FORWARD_HEAD_DIMS = [64, 128, 256]
+
+# FP8 queries: one file (from FP8Q_FORWARD_INSTANCE_TEMPLATE) per head dim of
+# FP8_FORWARD_HEAD_DIMS, Hopper kernel only.
+FP8Q_FORWARD_INSTANCE_TEMPLATE = "ffi/cuda/forward_fp8q_instance.cu.in"
+FP8Q_FORWARD_KERNELS = {
+    "sm90_fp8q": ["kHopper", "cuda/sm90/forward_kernel.cuh"],
+}

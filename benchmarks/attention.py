@@ -54,7 +54,8 @@ SUITES = ("prefill", "gqa", "paged", "decode", "varlen", "fp8")
 OURS = "jax_fmha"
 DENSE = "jax_fmha_dense"  # paged suite: our dense prefill on the gathered keys (not a peer)
 DEQUANTIZED = "jax_fmha_dequantized"  # fp8 suite: ours on the same values in 16 bits (not a peer)
-NOT_PEERS = (OURS, DENSE, DEQUANTIZED)
+FP8_QK = "jax_fmha_fp8_qk"  # fp8 suite: ours on e4m3 q and k, v in 16 bits (not a peer)
+NOT_PEERS = (OURS, DENSE, DEQUANTIZED, FP8_QK)
 
 # Shapes per size: "full" for the GPU, "cpu" for a CPU run (about a minute per suite on
 # 2 cores), "small" (--small) for a quick check on either.
@@ -596,7 +597,7 @@ def fp8_decode_case(*, batch, seq_k, page, cache_dtype, dtype) -> Case:
 
   def dequantize(x):  # untimed: the bfloat16 cache holding the same values
     def bf16(cache, scale):
-      return (cache.astype(jnp.float32) * scale[:, None]).astype(dtype)
+      return jax_fmha.reference.dequantize_fp8(cache, scale).astype(dtype)
 
     return dict(x, k=bf16(x["k"], x["k_scale"]), v=bf16(x["v"], x["v_scale"]))
 
@@ -625,7 +626,7 @@ def per_tensor_e4m3(x):
   tensor, the only form cuDNN's FP8 attention takes, so that every implementation of the
   fp8 suite computes on the same values."""
   scale = jnp.max(jnp.abs(x.astype(jnp.float32))) / float(jnp.finfo(jnp.float8_e4m3fn).max)
-  return (x.astype(jnp.float32) / scale).astype(jnp.float8_e4m3fn), scale
+  return jax_fmha.reference.quantize_fp8(x, scale, jnp.float8_e4m3fn), scale
 
 
 def cudnn_fp8_fn(causal, scale):
@@ -675,8 +676,16 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
       causal=causal,
     )
 
-  def dequantize(x):  # untimed: the bfloat16 inputs holding the same values
-    return {n: (x[n].astype(jnp.float32) * x[f"{n}_scale"]).astype(dtype) for n in "qkv"}
+  def dequantize(x, names="qkv", to=dtype):  # untimed: the inputs holding the same values
+    return {
+      **x,
+      **{n: jax_fmha.reference.dequantize_fp8(x[n], x[f"{n}_scale"]).astype(to) for n in names},
+    }
+
+  def fp8_qk(x):  # FP8 Q K^T, P V in the run's dtype (the Hopper kernel's mixed variant)
+    return jax_fmha.attention(
+      x["q"], x["k"], x["v"], q_scale=x["q_scale"], k_scale=x["k_scale"], causal=causal
+    )
 
   impls = guarded(
     gpu_peers(
@@ -685,6 +694,13 @@ def fp8_prefill_case(peers, *, batch, seq, heads, head_dim, causal, dtype) -> Ca
         OURS: lambda: Impl(ours),
         DEQUANTIZED: lambda: Impl(
           lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dequantize
+        ),
+        # (v 16-bit: bfloat16 when the run's dtype is float32, on the CPU)
+        FP8_QK: lambda: Impl(
+          fp8_qk,
+          prepare=lambda x: dequantize(
+            x, "v", jnp.bfloat16 if jnp.dtype(dtype).itemsize == 4 else dtype
+          ),
         ),
         "cudnn_fp8": lambda: Impl(cudnn_fp8_fn(causal, scale)),
       },
@@ -999,6 +1015,8 @@ def mismatch(out, ref, ref_name) -> str | None:
   if out.shape != ref.shape:
     return f"output shape {tuple(out.shape)} differs from {ref_name}'s {tuple(ref.shape)}"
   tol = 1e-3 if ref.dtype == out.dtype == jnp.float32 else 2e-2
+  if out.dtype.itemsize == 1:  # FP8 outputs (cuDNN's): half a step of 3 mantissa bits
+    tol += 2.0**-4
   out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
   err = float(jnp.max(jnp.abs(out - ref)))
   tol *= max(1.0, float(jnp.max(jnp.abs(ref))))

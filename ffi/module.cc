@@ -139,21 +139,21 @@ struct PlannedKernel {
 
 PlannedKernel plan_kernel(const std::string& platform, int64_t parallelism,
                           int compute_capability_major, int64_t rows_per_kv_head, int64_t head_dim,
-                          int64_t page_size, bool fp8_kv) {
+                          int64_t page_size, bool fp8_kv, bool fp8_q) {
   if (parallelism < 1) throw nb::value_error("parallelism must be at least 1");
   if (platform == "cpu") return {"cpu", jax_fmha::cpu::split_policy(parallelism)};
   if (platform != "cuda") throw nb::value_error(("unknown platform '" + platform + "'").c_str());
   namespace cuda = jax_fmha::cuda;
-  const cuda::ForwardKernel kernel =
-      cuda::forward_kernel(compute_capability_major, rows_per_kv_head, head_dim, page_size, fp8_kv);
+  const cuda::ForwardKernel kernel = cuda::forward_kernel(
+      compute_capability_major, rows_per_kv_head, head_dim, page_size, fp8_kv, fp8_q);
   return {kernel_name(kernel), cuda::split_policy(kernel, parallelism)};
 }
 
 nb::dict split_policy(const std::string& platform, int64_t parallelism,
                       int compute_capability_major, int64_t rows_per_kv_head, int64_t head_dim,
-                      int64_t page_size, bool fp8_kv) {
+                      int64_t page_size, bool fp8_kv, bool fp8_q) {
   const PlannedKernel plan = plan_kernel(platform, parallelism, compute_capability_major,
-                                         rows_per_kv_head, head_dim, page_size, fp8_kv);
+                                         rows_per_kv_head, head_dim, page_size, fp8_kv, fp8_q);
   nb::dict result;
   result["kernel"] = plan.kernel;
   result["rows_per_unit"] = plan.policy.rows_per_unit;
@@ -166,9 +166,9 @@ nb::dict split_policy(const std::string& platform, int64_t parallelism,
 int64_t plan_num_splits(const std::string& platform, int64_t parallelism,
                         int compute_capability_major, int64_t batch, int64_t num_kv_heads,
                         int64_t group, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t head_dim,
-                        int64_t page_size, bool fp8_kv) {
+                        int64_t page_size, bool fp8_kv, bool fp8_q) {
   const PlannedKernel plan = plan_kernel(platform, parallelism, compute_capability_major,
-                                         max_seqlen_q * group, head_dim, page_size, fp8_kv);
+                                         max_seqlen_q * group, head_dim, page_size, fp8_kv, fp8_q);
   return jax_fmha::choose_num_splits(batch, num_kv_heads, group, max_seqlen_q, max_seqlen_k,
                                      plan.policy);
 }
@@ -200,17 +200,17 @@ NB_MODULE(_jax_fmha_ext, m) {
         "platform names (JAX lowering -> register_ffi_target)");
   m.def("split_policy", &split_policy, nb::arg("platform"), nb::arg("parallelism"),
         nb::arg("compute_capability_major"), nb::arg("rows_per_kv_head"), nb::arg("head_dim"),
-        nb::arg("page_size"), nb::arg("fp8_kv") = false,
+        nb::arg("page_size"), nb::arg("fp8_kv") = false, nb::arg("fp8_q") = false,
         "The forward kernel ('cpu', 'decode', 'portable' or 'hopper') that would run a problem "
         "and its split-KV policy (rows_per_unit, slots, waves, min_keys); fp8_kv: FP8 keys and "
-        "values");
+        "values; fp8_q: FP8 queries and keys");
   m.def("plan_num_splits", &plan_num_splits, nb::arg("platform"), nb::arg("parallelism"),
         nb::arg("compute_capability_major"), nb::arg("batch"), nb::arg("num_kv_heads"),
         nb::arg("group"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("head_dim"),
-        nb::arg("page_size"), nb::arg("fp8_kv") = false,
+        nb::arg("page_size"), nb::arg("fp8_kv") = false, nb::arg("fp8_q") = false,
         "Split-KV splits for a problem on a device: platform 'cpu' (parallelism: threads) or "
         "'cuda' (parallelism: SMs); page_size 0 when the keys are not paged; fp8_kv: FP8 keys "
-        "and values");
+        "and values; fp8_q: FP8 queries and keys");
   m.def("choose_num_splits", &choose_num_splits, nb::arg("batch"), nb::arg("num_kv_heads"),
         nb::arg("group"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"),
         nb::arg("rows_per_unit"), nb::arg("slots"), nb::arg("waves"), nb::arg("min_keys"),

@@ -68,6 +68,12 @@ def constants() -> dict:
   return _ext.constants()
 
 
+def hopper_kernel_built() -> bool:
+  """Whether the extension holds the sm_90a forward kernel (``build_info()["hopper_kernel"]``,
+  without looking at the devices)."""
+  return _ext is not None and bool(_ext.build_info()["hopper_kernel"])
+
+
 def build_info() -> dict:
   """What the installed extension holds.
 

@@ -77,7 +77,7 @@ def define_ffi_primitive(
   abstract evaluation only). A parameter in `named_params` holds a name (e.g. ``"paged"``)
   that the lowering converts to an int32 through the table ``_ffi.constants()[table]``
   (``named_params = {param: table}``). `lowering_args` go to the custom call (for example
-  ``operand_output_aliases``). `platform_check(platform, avals_in)` may raise for inputs
+  ``operand_output_aliases``). `platform_check(platform, avals_in, params)` may raise for inputs
   a platform's kernel does not take (at trace time, instead of a runtime error).
   """
 
@@ -123,7 +123,7 @@ def define_ffi_primitive(
       if not _ffi.has_target(target, platform):
         raise _ffi.missing_kernel_error(target, platform)
       if platform_check is not None:
-        platform_check(platform, ctx.avals_in)
+        platform_check(platform, ctx.avals_in, params)
     factors = Factors(split_rule(*ctx.avals_in, **params), [a.shape for a in ctx.avals_in])
     partitioned = _partitioned(local, factors, params)
     return mlir.lower_fun(partitioned, multiple_results=True)(ctx, *args)

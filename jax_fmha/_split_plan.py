@@ -41,11 +41,13 @@ def num_splits(
   page_size: int,
   device: jax.Device,
   fp8_kv: bool = False,
+  fp8_q: bool = False,
 ) -> int:
   """Split-KV splits for a problem on `device`, from static information only (never device
   data, so CUDA graphs stay valid): the CPU's thread count, or the GPU's multiprocessor count
   and compute capability (which select the forward kernel). page_size is 0 when the keys are
-  not paged; fp8_kv says the keys and values are FP8 (the Hopper kernel does not take them)."""
+  not paged; fp8_kv says the keys and values are FP8 (the Hopper kernel does not take them),
+  fp8_q that the queries (and keys) are (the Hopper kernel alone takes them)."""
   if device.platform == "cpu":
     platform, parallelism, cc_major = "cpu", os.cpu_count() or 1, 0
   else:
@@ -67,4 +69,5 @@ def num_splits(
     head_dim,
     page_size,
     fp8_kv,
+    fp8_q,
   )

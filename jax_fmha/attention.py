@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jax_fmha import _split_plan, _validation, reference
+from jax_fmha import _ffi, _split_plan, _validation, reference
 from jax_fmha._partitioning import SplitRule, fp8_scale_axes
 from jax_fmha._primitives import (
   broadcast_batched,
@@ -87,7 +87,8 @@ def attention(
   16-bit P V"). Scores are ``scale * q_scale * k_scale * (q8 @ k8.T)``, the output
   ``v_scale * (P @ v8)``, in ``out_dtype``. ``jax_fmha.quantize_fp8`` quantizes q (and k,
   v) with amax scales per sequence and KV head. FP8 queries run on the CPU backend and the
-  reference; on the GPU they raise a TypeError at trace time for now.
+  reference, and on Hopper GPUs (builds with the sm_90a kernel) as float8_e4m3fn q and k
+  with bfloat16/float16 v; other FP8 queries raise a TypeError at trace time on the GPU.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -112,8 +113,8 @@ def attention(
       the batch, or the number of sequences of packed q) array. ``q_scale`` is required
       with FP8 q; ``k_scale`` and ``v_scale`` default to 1.0. Only for FP8 operands (a
       ValueError otherwise). Finite and positive (not checked: they are data).
-    out_dtype: the output dtype with FP8 q: bfloat16 (default), float16, or float32 (CPU
-      backend and reference). Otherwise the output has q's dtype, and ``out_dtype`` must be
+    out_dtype: the output dtype with FP8 q: bfloat16 (default), float16, or float32.
+      Otherwise the output has q's dtype, and ``out_dtype`` must be
       None or q's dtype (a TypeError otherwise).
     return_lse: also return the natural-log log-sum-exp of the scaled (softcapped) scores,
       float32 ``[B, Hq, Sq]`` (dense q) or ``[Hq, Tq]`` (packed q).
@@ -176,6 +177,7 @@ def _run_kernel(p: AttentionProblem) -> tuple[jax.Array, jax.Array]:
       page_size=p.k.shape[1] if p.kv_layout == "paged" else 0,
       device=_split_plan.target_device(p.q),
       fp8_kv=_validation.is_fp8(p.k),
+      fp8_q=_validation.is_fp8(p.q),
     )
   out, lse = attention_fwd(**p.operands(), **p.attributes(), num_splits=splits)
   if splits == 1:
@@ -284,19 +286,44 @@ def _fold_scale(scale, dim, size):
   return scale.reshape((-1,) + scale.shape[2:])
 
 
-def _attention_platform_check(platform, avals_in):
+def _attention_platform_check(platform, avals_in, params):
   if platform == "cuda" and _validation.is_fp8(avals_in[0]):
-    raise TypeError(
-      f"q: FP8 queries run on the CPU backend for now; the Hopper FP8 kernel is not built "
-      f"yet (got q of dtype {avals_in[0].dtype} on the GPU): use backend='reference', run "
-      f"on the CPU, or dequantize q (FP8 K/V with bfloat16/float16 q run on the GPU)"
-    )
+    _fp8_queries_cuda_check(avals_in, params)
   # The CUDA kernel runs on tensor cores: bfloat16 and float16 only.
   if platform == "cuda" and avals_in[0].dtype == jnp.float32:
     raise TypeError(
       "q, k, v: jax_fmha.attention (and attention_with_kvcache) on the GPU expected dtype "
       "bfloat16 or float16, got float32: cast them, e.g. q.astype(jnp.bfloat16) (the "
       "caches too with attention_with_kvcache), or use backend='reference' for float32"
+    )
+
+
+def _fp8_queries_cuda_check(avals_in, params):
+  """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T with 16-bit P V
+  (docs/design/fp8_attention.md); the CUDA handler checks the device and repeats these."""
+  q, k, v = avals_in[:3]
+  got = f"got q of dtype {q.dtype} on the GPU"
+  if not _ffi.hopper_kernel_built():
+    raise TypeError(
+      f"q: FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a): this build "
+      f"has no sm_90a kernel ({got}): use backend='reference', run on the CPU, or dequantize "
+      f"q (FP8 K/V with bfloat16/float16 q run on the GPU)"
+    )
+  if jnp.dtype(q.dtype) != jnp.dtype(jnp.float8_e4m3fn):
+    raise TypeError(
+      f"q: FP8 queries on the GPU are float8_e4m3fn ({got}): quantize with "
+      f"jax_fmha.quantize_fp8's default dtype, or run on the CPU"
+    )
+  if _validation.is_fp8(v):
+    raise TypeError(
+      f"v: FP8 queries on the GPU take bfloat16 or float16 v for now (FP8 P V is not built "
+      f"yet), got v of dtype {v.dtype}: pass v unquantized, or run on the CPU"
+    )
+  if q.shape[-1] % 16:
+    raise ValueError(f"q: FP8 queries on the GPU need head_dim a multiple of 16, got {q.shape[-1]}")
+  if params.get("kv_layout") == "paged" and k.shape[1] % 16:
+    raise ValueError(
+      f"k: FP8 queries on the GPU need pages of a multiple of 16 keys, got {k.shape[1]}"
     )
 
 

@@ -224,6 +224,24 @@ def test_odd_lengths_every_head_dim(rng, d, sq, sk):
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("sq", [1, 300])
+def test_huge_scores(rng, d, sq):
+  """bfloat16 queries of magnitude 1e30 (scores near 2^100 in the softmax's log2 units,
+  where one rounding of scale * score exceeds 2^7): finite outputs, each row the value of
+  its top key, beside a row of ordinary magnitude."""
+  q, k, v = (
+    randn(rng, (2, sq, 8, d), BF16) * np.asarray(1e30, BF16),
+    randn(rng, (2, 333, 2, d), BF16),
+    randn(rng, (2, 333, 2, d), BF16),
+  )
+  q[:, :, 1] *= np.asarray(1e-30, BF16)
+  for window in [(-1, -1), (-1, 0)]:
+    out, lse = run(q, k, v, kv_layout="uniform", window=window)
+    ro, rl = ref.dense(q, k, v, window=window)
+    check(out, lse, ro, rl, BF16, f"d{d} sq{sq} window {window}")
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("layout", ["cache", "packed", "paged"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_keys_past_the_end_are_never_read(rng, d, layout, num_splits):
@@ -638,6 +656,10 @@ def memcheck_cases():
   test_fp8_gpu.test_decode_paged(rng, "float8_e4m3fn", BF16, 128, 32, 8, 16)
   test_fp8_gpu.test_chunked_prefill_paged(rng, "float8_e5m2", F16, 64, 16, 3)
   test_fp8_gpu.test_update_quantizes_like_the_cpu(rng, "float8_e4m3fn", "bfloat16", True)
+  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
+    import test_fp8_attention_gpu
+
+    test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence(rng, BF16, 3)
   import jax_fmha
 
   for d in (7, 160):  # the merge's one-column and two-pass paths, more splits than lanes

@@ -100,3 +100,15 @@ def test_fp8_cuda_instances(cmake, bazel):
   assert bazel["FP8_FORWARD_KERNELS"] == {
     name: [kernel, header] for kernel, header, name in kernels
   }
+
+
+def test_fp8_query_cuda_instances(cmake, bazel):
+  assert [bazel["FP8Q_FORWARD_INSTANCE_TEMPLATE"]] == cmake_words(
+    cmake, r"configure_file\((\S+) \"\$\{_fp8q_instance\}\""
+  )
+  kernels = [
+    entry.strip('"').split(":") for entry in cmake_words(cmake, r"set\(_fmha_fp8q_kernels([^)]*)\)")
+  ]
+  assert bazel["FP8Q_FORWARD_KERNELS"] == {
+    name: [kernel, header] for kernel, header, name in kernels
+  }

@@ -418,23 +418,77 @@ def test_grad_raises(rng):
     jax.grad(loss)(jnp.asarray(x.v))
 
 
-def test_fp8_queries_refused_on_the_gpu(monkeypatch):
-  """Lowering FP8 queries for CUDA (CUDA handlers pretended present, so a CPU-only build
-  checks it) raises a clear TypeError at trace time; FP8 K/V with bfloat16 q still lower."""
+def _export_for_cuda(monkeypatch, fn, *args):
+  """Lowers fn for CUDA (CUDA handlers pretended present, so that a CPU-only build checks
+  the trace-time rules); returns the module's text."""
   monkeypatch.setattr(jax_fmha._ffi, "has_target", lambda target, platform: True)
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in jax_fmha.FFI_TARGETS]
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+  return exported.mlir_module()
+
+
+def test_fp8_queries_refused_without_the_hopper_kernel(monkeypatch):
+  """FP8 queries for CUDA from a build without the sm_90a kernel: a clear TypeError at trace
+  time; FP8 K/V with bfloat16 q still lower."""
+  monkeypatch.setattr(jax_fmha._ffi, "hopper_kernel_built", lambda: False)
   q8 = jnp.zeros((1, 1, 2, 64), jnp.float8_e4m3fn)
   k8 = jnp.zeros((1, 8, 2, 64), jnp.float8_e4m3fn)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in jax_fmha.FFI_TARGETS]
-  export = lambda fn, *args: jax.export.export(
-    jax.jit(fn), platforms=["cuda"], disabled_checks=checks
-  )(*args)
   with pytest.raises(
     TypeError,
-    match=r"^q: FP8 queries run on the CPU backend for now; the Hopper FP8 kernel is not built yet",
+    match=r"^q: FP8 queries need the sm_90a kernel \(a Hopper GPU and a build with 90a\)",
   ):
-    export(lambda q, k: jax_fmha.attention(q, k, k, q_scale=1.0), q8, k8)
-  text = export(lambda q, k: jax_fmha.attention(q, k, k), q8.astype(jnp.bfloat16), k8).mlir_module()
+    _export_for_cuda(monkeypatch, lambda q, k: jax_fmha.attention(q, k, k, q_scale=1.0), q8, k8)
+  text = _export_for_cuda(
+    monkeypatch, lambda q, k: jax_fmha.attention(q, k, k), q8.astype(jnp.bfloat16), k8
+  )
   assert "jax_fmha_attention_fwd" in text
+
+
+def test_fp8_queries_lower_for_the_hopper_kernel(monkeypatch):
+  """With the sm_90a kernel built: e4m3fn q and k with 16-bit v lower to the custom call (in
+  every output dtype, split too); e5m2 q, FP8 v, head dims that are not a multiple of 16 and
+  pages that are not a multiple of 16 keys are refused at trace time."""
+  monkeypatch.setattr(jax_fmha._ffi, "hopper_kernel_built", lambda: True)
+  q8 = jnp.zeros((1, 4, 2, 64), jnp.float8_e4m3fn)
+  k8 = jnp.zeros((1, 8, 2, 64), jnp.float8_e4m3fn)
+  v = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  for out_dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    for splits in (1, 2):
+      text = _export_for_cuda(
+        monkeypatch,
+        lambda q, k, v, out_dtype=out_dtype, splits=splits: jax_fmha.attention(
+          q, k, v, q_scale=0.5, k_scale=2.0, out_dtype=out_dtype, num_splits=splits
+        ),
+        q8,
+        k8,
+        v,
+      )
+      assert "jax_fmha_attention_fwd" in text
+  attend = lambda q, k, v: jax_fmha.attention(q, k, v, q_scale=1.0)
+  with pytest.raises(TypeError, match=r"^q: FP8 queries on the GPU are float8_e4m3fn"):
+    e5 = lambda x: x.astype(jnp.float8_e5m2)
+    _export_for_cuda(monkeypatch, attend, e5(q8), e5(k8), v)
+  with pytest.raises(TypeError, match=r"^v: FP8 queries on the GPU take bfloat16 or float16 v"):
+    _export_for_cuda(monkeypatch, attend, q8, k8, k8)
+  with pytest.raises(ValueError, match=r"^q: FP8 queries on the GPU need head_dim a multiple"):
+    _export_for_cuda(monkeypatch, attend, q8[..., :40], k8[..., :40], v[..., :40])
+  pages_k = jnp.zeros((4, 8, 2, 64), jnp.float8_e4m3fn)
+  pages_v = jnp.zeros((4, 8, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"^k: FP8 queries on the GPU need pages of a multiple"):
+    _export_for_cuda(
+      monkeypatch,
+      lambda q, k, v: jax_fmha.attention_with_kvcache(
+        q,
+        k,
+        v,
+        cache_seqlens=jnp.array([8], jnp.int32),
+        block_table=jnp.array([[0, 1]]),
+        q_scale=1.0,
+      ),
+      q8,
+      pages_k,
+      pages_v,
+    )
 
 
 # ---------------------------------------------------------------------------------------

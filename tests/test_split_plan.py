@@ -110,6 +110,18 @@ def test_cuda_fp8_prefill_takes_the_portable_kernel(monkeypatch):
   assert _split_plan.num_splits(**_PREFILL_SHAPE, device=_FakeGpu(), fp8_kv=True) == 8
 
 
+def test_cuda_fp8_queries_take_the_hopper_kernel(monkeypatch):
+  """FP8 queries run on the Hopper kernel alone: at every row count (decode too), whatever
+  JAX_FMHA_CUDA_FORWARD says; one CTA an SM."""
+  monkeypatch.setenv("JAX_FMHA_CUDA_FORWARD", "portable")
+  for rows in (8, 512):
+    policy = _ext.split_policy(
+      "cuda", 132, 9, rows_per_kv_head=rows, head_dim=128, page_size=0, fp8_kv=True, fp8_q=True
+    )
+    assert policy == _policy("hopper", 128, 132, 1, 1024)
+  assert _split_plan.num_splits(**_PREFILL_SHAPE, device=_FakeGpu(), fp8_kv=True, fp8_q=True) == 4
+
+
 @pytest.mark.parametrize("compute_capability_major", [8, 9])
 def test_cuda_decode_policy(compute_capability_major):
   for rows in (1, 4, 64):  # packed query rows per KV head: decode, GQA, short chunks

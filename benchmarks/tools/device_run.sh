@@ -24,9 +24,11 @@
 #   mlp              benchmarks/mlp.py --backend gpu -> $OUT/mlp.json.
 #   ab[=ARGS]        benchmarks/tools/kernel_ab.py ARGS (e.g. ab=--no-decode): our kernels A/B.
 #   ncu-mlp          benchmarks/tools/mlp_device_time.py under Nsight Compute (needs cupy).
-#   ncu-attention    one d128 prefill launch of our forward kernel under Nsight Compute
-#                    (benchmarks/tools/ncu_targets.py prefill): throughput, tensor-pipe use,
-#                    warp stall reasons, scheduler statistics.
+#   ncu-attention[=TARGET]
+#                    one launch of our attention kernel under Nsight Compute
+#                    (benchmarks/tools/ncu_targets.py TARGET: prefill, the default, d128;
+#                    decode or decode_fp8, paged decode over a bf16 or FP8 cache): throughput,
+#                    tensor-pipe and memory use, warp stall reasons, scheduler statistics.
 #   sweep            build and run benchmarks/tools/rms_norm_sweep.cu against ffi/cuda/mlp.cu.
 #
 # Everything printed goes to stdout and to $OUT/device_run.log (OUT defaults to
@@ -151,11 +153,11 @@ step_ncu_mlp() {
   python3 "$REPO/benchmarks/tools/mlp_device_time.py" --parse /tmp/ncu_mlp.csv
 }
 
-step_ncu_attention() {
-  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k regex:attention_forward_kernel -c 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats \
-    python3 "$REPO/benchmarks/tools/ncu_targets.py" prefill 2>&1 | grep -v "^==PROF==")
+step_ncu_attention() {  # $1: an ncu_targets.py target (prefill, decode, decode_fp8)
+  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats \
+    python3 "$REPO/benchmarks/tools/ncu_targets.py" "${1:-prefill}" 2>&1 | grep -v "^==PROF==")
 }
 
 step_sweep() {
@@ -175,7 +177,7 @@ run_step() {  # step name, value
     mlp) step_mlp ;;
     ab) step_ab "$2" ;;
     ncu-mlp) step_ncu_mlp ;;
-    ncu-attention) step_ncu_attention ;;
+    ncu-attention) step_ncu_attention "$value" ;;
     sweep) step_sweep ;;
     *) echo "unknown step $1 (see the head of benchmarks/tools/device_run.sh)"; return 2 ;;
   esac

@@ -2,7 +2,8 @@
 
   python benchmarks/tools/results_md.py benchmarks/results/h200 [benchmarks/results/cpu-2core ...]
 
-Reads attention.json (benchmarks/attention.py), mlp.json (benchmarks/mlp.py) and memory.txt
+Reads attention.json (benchmarks/attention.py) and any attention_<suites>.json (a later run of
+some suites alone, its rows left out of attention.json), mlp.json (benchmarks/mlp.py) and memory.txt
 (benchmarks/memory_cpu.py) where present, and overwrites <dir>/RESULTS.md: for each suite
 one row per workload with our time and rate, each peer's rate, the best peer and the ratio
 (best peer's time / ours: > 1 means jax_fmha is faster), and where each file came from (the
@@ -69,8 +70,15 @@ def short_note(note: str) -> str:
   return note if len(note) <= 110 else note[:107] + "..."
 
 
-def attention_section(record, directory) -> list[str]:
-  out = ["## Attention (`benchmarks/attention.py`)", ""]
+def attention_json(name) -> bool:
+  return name == "attention.json" or (name.startswith("attention_") and name.endswith(".json"))
+
+
+def attention_section(record, directory, name="attention.json") -> list[str]:
+  title = "Attention (`benchmarks/attention.py`)"
+  if name != "attention.json":
+    title += f", suites {', '.join(record.get('suites', []))} (`{name}`)"
+  out = [f"## {title}", ""]
   build = record.get("jax_fmha_build")
   if isinstance(build, dict):
     build = f"jax_fmha {build.get('version')}, backends {', '.join(build.get('backends', []))}" + (
@@ -249,10 +257,10 @@ def render(directory: str) -> str:
     "below to overwrite them, then this file.",
     "",
   ]
-  path = os.path.join(directory, "attention.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      parts += attention_section(json.load(f), directory)
+  # attention.json, then any later run of some suites alone (attention_<suites>.json).
+  for name in sorted(n for n in os.listdir(directory) if attention_json(n)):
+    with open(os.path.join(directory, name)) as f:
+      parts += attention_section(json.load(f), directory, name)
   path = os.path.join(directory, "mlp.json")
   if os.path.exists(path):
     with open(path) as f:

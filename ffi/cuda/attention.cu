@@ -48,20 +48,63 @@ ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProb
         !err.success())
       return err;
   }
-  switch (kernel) {
-    case ForwardKernel::kDecode:
-      return launch_forward<ForwardKernel::kDecode, Element, Kv, kHeadDim>(stream, p, q, k, v,
-                                                                           out_typed, lse);
-    case ForwardKernel::kHopper:
-      if constexpr (std::is_same_v<Kv, Element>)
-        return launch_forward<ForwardKernel::kHopper, Element, Kv, kHeadDim>(stream, p, q, k, v,
+  if constexpr (kIsFp8<Element>) {  // FP8 queries: the Hopper kernel only (forward_kernel)
+    return launch_forward<ForwardKernel::kHopper, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                         out_typed, lse);
+  } else {
+    switch (kernel) {
+      case ForwardKernel::kDecode:
+        return launch_forward<ForwardKernel::kDecode, Element, Kv, kHeadDim>(stream, p, q, k, v,
                                                                              out_typed, lse);
-      else  // forward_kernel never picks it for FP8
-        return invalid_argument(kOp, "the Hopper kernel takes no FP8 K/V");
-    default:
-      return launch_forward<ForwardKernel::kPortable, Element, Kv, kHeadDim>(stream, p, q, k, v,
-                                                                             out_typed, lse);
+      case ForwardKernel::kHopper:
+        if constexpr (std::is_same_v<Kv, Element>)
+          return launch_forward<ForwardKernel::kHopper, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                               out_typed, lse);
+        else  // forward_kernel never picks it for FP8
+          return invalid_argument(kOp, "the Hopper kernel takes no FP8 K/V");
+      default:
+        return launch_forward<ForwardKernel::kPortable, Element, Kv, kHeadDim>(stream, p, q, k, v,
+                                                                               out_typed, lse);
+    }
   }
+}
+
+// FP8 queries (float8_e4m3fn q and k, v of type V: docs/design/fp8_attention.md) at one
+// compiled head dim, in the output's type (out_dtype; float32 for split partials too).
+template <typename V, int kHeadDim>
+ffi::Error launch_fp8_queries_for_output(cudaStream_t stream, const AttentionProblem& p,
+                                         const AttentionData& data) {
+  const auto run = [&](auto out) {
+    return launch<__nv_fp8_e4m3, V, kHeadDim, decltype(out)>(
+        stream, ForwardKernel::kHopper, p, data.q, data.k, data.v, data.out, data.lse);
+  };
+  switch (data.out_dtype) {
+    case ffi::DataType::BF16: return run(__nv_bfloat16{});
+    case ffi::DataType::F16: return run(__half{});
+    default: return run(float{});
+  }
+}
+
+// FP8 queries: the Hopper kernel at head dims 64, 128, 256 (others zero-padded to the next).
+template <typename V>
+ffi::Error launch_fp8_queries_for_head_dim(cudaStream_t stream, const AttentionProblem& p,
+                                           const AttentionData& data) {
+  if (p.head_dim <= 64) return launch_fp8_queries_for_output<V, 64>(stream, p, data);
+  if (p.head_dim <= 128) return launch_fp8_queries_for_output<V, 128>(stream, p, data);
+  return launch_fp8_queries_for_output<V, 256>(stream, p, data);
+}
+
+ffi::Error launch_fp8_queries(cudaStream_t stream, const AttentionProblem& p,
+                              const AttentionData& data) {
+  const bool fp8_v = is_fp8(data.v_dtype);
+  if (const char* refusal =
+          fp8_query_refusal(compute_capability_major(), p.head_dim,
+                            p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0,
+                            data.dtype == ffi::DataType::F8E4M3FN, fp8_v))
+    return invalid_argument(kOp, refusal);
+  if (data.v_dtype == ffi::DataType::F16)
+    return launch_fp8_queries_for_head_dim<__half>(stream, p, data);
+  return launch_fp8_queries_for_head_dim<__nv_bfloat16>(stream, p, data);
 }
 
 // Split-KV partial outputs are float32; otherwise the output has the input dtype.
@@ -122,10 +165,7 @@ ffi::Error run_attention(cudaStream_t stream, const AttentionProblem& p,
           "the CUDA attention kernel runs bfloat16 and float16 (tensor cores); cast q, k and v "
           "with .astype(jnp.bfloat16), or use backend='reference' for float32");
     case ffi::DataType::F8E4M3FN:
-    case ffi::DataType::F8E5M2:  // the Python lowering refuses them first
-      return invalid_argument(kOp,
-                              "FP8 queries run on the CPU backend for now; the Hopper FP8 kernel "
-                              "is not built yet");
+    case ffi::DataType::F8E5M2: return launch_fp8_queries(stream, p, data);
     default: return invalid_argument(kOp, "unsupported dtype (bfloat16, float16)");
   }
 }

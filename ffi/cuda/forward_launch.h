@@ -14,7 +14,8 @@ namespace jax_fmha::cuda {
 
 // One launch over the grid (row tiles of the longest sequence, KV heads, batch x splits);
 // q holds Element, k and v Kv (Element, or an FP8 format: p.k_scale and p.v_scale are then
-// set), out holds OutT (float32 for split-KV partial outputs).
+// set), out holds OutT (float32 for split-KV partial outputs). FP8 queries (kHopper only):
+// Element is float8_e4m3fn, k holds it too, and Kv is v's 16-bit type.
 template <ForwardKernel kKernel, typename Element, typename Kv, int kHeadDim, typename OutT>
 xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, const void* q,
                                const void* k, const void* v, OutT* out, float* lse);

@@ -66,14 +66,33 @@ inline bool hopper_device(int compute_capability_major) {
 
 // The kernel for a problem with `rows_per_kv_head` packed rows (max_seqlen_q x group) per
 // (sequence, KV head), head dim `head_dim`, pages of `page_size` keys (0: not paged), and
-// FP8 keys and values (`fp8_kv`), which the Hopper kernel does not take
-// (docs/design/fp8_kv_cache.md).
+// FP8 keys and values under 16-bit queries (`fp8_kv`), which the Hopper kernel does not take
+// (docs/design/fp8_kv_cache.md). FP8 queries (`fp8_q`: FP8 q and k) run on the Hopper kernel
+// alone, at any row count (docs/design/fp8_attention.md); the launcher refuses them where it
+// cannot run.
 inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_per_kv_head,
-                                    int64_t head_dim, int64_t page_size, bool fp8_kv) {
+                                    int64_t head_dim, int64_t page_size, bool fp8_kv,
+                                    bool fp8_q = false) {
+  if (fp8_q) return ForwardKernel::kHopper;
   if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
   if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0 && !fp8_kv)
     return ForwardKernel::kHopper;
   return ForwardKernel::kPortable;
+}
+
+// Why FP8 queries cannot run here: nullptr if the Hopper kernel takes them (FP8 Q K^T with
+// 16-bit P V). `fp8_v`: FP8 values; `e4m3`: q and k are float8_e4m3fn. (No other kernel takes
+// them: JAX_FMHA_CUDA_FORWARD=portable does not apply.)
+inline const char* fp8_query_refusal(int compute_capability_major, int64_t head_dim,
+                                     int64_t page_size, bool e4m3, bool fp8_v) {
+  if (!kHopperBuilt || compute_capability_major != 9)
+    return "FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a)";
+  if (!e4m3) return "FP8 queries on the GPU are float8_e4m3fn (not float8_e5m2)";
+  if (fp8_v) return "FP8 queries on the GPU take bfloat16 or float16 v (FP8 P V is not built yet)";
+  if (head_dim % 16 != 0) return "FP8 queries on the GPU need head_dim a multiple of 16";
+  if (page_size % kHopperPageRunKeys != 0)
+    return "FP8 queries on the GPU need pages of a multiple of 16 keys";
+  return nullptr;
 }
 
 // The traits and the kernel template of each forward kernel, specialized next to the kernel

@@ -44,8 +44,13 @@ struct OutputRows {
   }
 };
 
-// The epilogue stages the output tile through the kernel's shared memory, in the output
-// type, rows padded by 16 bytes.
+// The epilogue: the threads that hold the accumulators normalize O by the row sums and
+// write it, in the output type, into a shared-memory staging tile (`stage(row, col)`: the
+// element offset of (row, col) for col a multiple of 8 or a 16-byte chunk's first column; a
+// chunk stays contiguous), then copy 16-byte chunks of whole rows out; LSE (natural log) per
+// row.
+
+// The portable kernels' staging tile: rows padded by 16 bytes.
 template <class Traits, typename OutT>
 constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
 
@@ -74,42 +79,38 @@ __device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kD
     }
 }
 
-// The kStoreThreads threads that hold the tile's accumulators (this one is `tid`, its warp's
-// rows from warp_row on) call this after the main loop; the shared memory must be free (no
-// copy in flight, every warp done reading it). sync(): a barrier of those threads.
-template <class Traits, typename OutT, int kStoreThreads = Traits::kThreads, class Sync>
-__device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
-                                           const OnlineSoftmax<Traits>& softmax, void* smem,
-                                           OutT* out, float* lse, const OutputRows& dst,
-                                           int64_t row_begin, int rows, int warp_row, int tid,
-                                           Sync sync) {
-  constexpr int kPitch = kOutPitch<Traits, OutT>;
-  static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
-                "output tile exceeds shared memory");
-  OutT* tile = static_cast<OutT*>(smem);
+// Rows [first_row, first_row + kRows) of the tile, held by kStoreThreads threads (this one is
+// `tid`; its warp's rows from warp_row on), through a staging tile. The staging tile's rows
+// must be free (no copy in flight, no reader left) before the call. sync(): a barrier of
+// those threads.
+template <class Traits, typename OutT, int kRows, int kStoreThreads, class Stage, class Sync>
+__device__ __forceinline__ void store_staged(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                             const OnlineSoftmax<Traits>& softmax, OutT* tile,
+                                             Stage stage, OutT* out, float* lse,
+                                             const OutputRows& dst, int64_t row_begin, int rows,
+                                             int first_row, int warp_row, int tid, Sync sync) {
   finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, tid % 32,
                       [&](int, int, int r, int col, float a, float b) {
-                        store_pair(tile + r * kPitch + col, a, b);
+                        store_pair(tile + stage(r, col & ~7) + (col & 7), a, b);
                       });
   sync();
   constexpr int kChunk = 16 / sizeof(OutT);
   constexpr int kChunksPerRow = Traits::kHeadDim / kChunk;
-  for (int c = tid; c < Traits::kBlockM * kChunksPerRow; c += kStoreThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
+  for (int c = tid; c < kRows * kChunksPerRow; c += kStoreThreads) {
+    const int r = first_row + c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
     if (r < rows && col < dst.p.head_dim)
       *reinterpret_cast<uint4*>(out + dst.out_offset(row_begin + r) + col) =
-          *reinterpret_cast<const uint4*>(tile + r * kPitch + col);
+          *reinterpret_cast<const uint4*>(tile + stage(r, col));
   }
 }
 
-// The same without shared memory: each thread stores its pairs straight to global memory
-// (a quad writes 4 pairs of a row side by side), for kernels whose shared memory is still
-// being filled for the next tile.
+// The thread's rows straight from registers to global memory (a quad writes 4 pairs of a row
+// side by side), where no staging tile is free.
 template <class Traits, typename OutT>
-__device__ __forceinline__ void store_rows(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
-                                           const OnlineSoftmax<Traits>& softmax, OutT* out,
-                                           float* lse, const OutputRows& dst, int64_t row_begin,
-                                           int rows, int warp_row, int lane) {
+__device__ __forceinline__ void store_direct(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                             const OnlineSoftmax<Traits>& softmax, OutT* out,
+                                             float* lse, const OutputRows& dst, int64_t row_begin,
+                                             int rows, int warp_row, int lane) {
   const int head_dim = int(dst.p.head_dim);
   // The thread's rows' outputs, located once (not once per pair).
   OutT* row_out[Traits::kMmaM][2];
@@ -122,6 +123,20 @@ __device__ __forceinline__ void store_rows(float (&o)[Traits::kMmaM][Traits::kDi
                       [&](int m, int h, int r, int col, float a, float b) {
                         if (r < rows && col < head_dim) store_pair(row_out[m][h] + col, a, b);
                       });
+}
+
+// The whole tile through a padded staging tile at `smem`, by every thread of the CTA.
+template <class Traits, typename OutT, class Sync>
+__device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
+                                           const OnlineSoftmax<Traits>& softmax, void* smem,
+                                           OutT* out, float* lse, const OutputRows& dst,
+                                           int64_t row_begin, int rows, int warp_row, Sync sync) {
+  constexpr int kPitch = kOutPitch<Traits, OutT>;
+  static_assert(size_t(Traits::kBlockM) * kPitch * sizeof(OutT) <= Traits::kSmemBytes,
+                "output tile exceeds shared memory");
+  store_staged<Traits, OutT, Traits::kBlockM, Traits::kThreads>(
+      o, softmax, static_cast<OutT*>(smem), [](int r, int col) { return r * kPitch + col; }, out,
+      lse, dst, row_begin, rows, 0, warp_row, threadIdx.x, sync);
 }
 
 // The rows of a tile whose sequence has invalid K/V data (out-of-range page id, seq_lens

@@ -97,7 +97,10 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int n = 0; n < Traits::kKeyAtoms; ++n)
           block_max = fmaxf(block_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
-        block_max = quad_max(block_max) * fold;
+        // Rounded up, so fmaf(s, fold, -base) below, exact before its rounding, is never
+        // positive at the max: a rounded-to-nearest max leaves up to half an ulp of fold * s,
+        // which beyond 2^31 (huge queries) is > 128 and makes exp2 inf.
+        block_max = __fmul_ru(quad_max(block_max), fold);
         const bool grows = block_max > row_max[m][h] + kRescaleThreshold;
         const float new_max = grows ? block_max : row_max[m][h];
         // A row that has seen nothing keeps max -inf; subtracting 0 then keeps every

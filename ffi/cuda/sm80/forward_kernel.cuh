@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cute::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused for the output tile
   store_tile<Traits, OutT>(o, softmax, smem, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
-                           threadIdx.x, [] { __syncthreads(); });
+                           [] { __syncthreads(); });
 }
 
 // The kernel of ForwardKernel::kPortable (forward_plan.h), for the launcher.

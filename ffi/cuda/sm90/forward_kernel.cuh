@@ -1,10 +1,11 @@
 // The Hopper (sm_90a) attention forward kernel: the tile and problem of the portable kernel
-// (cuda/sm80/forward_kernel.cuh: same grid, tile placement, masks, softmax and epilogue),
+// (cuda/sm80/forward_kernel.cuh: same tiles, tile placement, masks, softmax and epilogue),
 // warp-specialized. Why it is built so: docs/design/cuda_attention.md.
 //
 // Persistent: about one CTA per SM walks the tiles (row tile, KV head, split x sequence), the
 // last row tiles first (under a causal mask they see the most keys), so that one tile's
-// loads start while the last one's products and stores finish.
+// loads start while the last one's products and stores finish. (FP8 queries: one CTA per
+// tile, see kHopperPersistent.)
 //
 // One CTA = three warpgroups. The producer (warpgroup 0; one warp works, with few registers)
 // copies K and V key blocks by TMA into rings of kStages stages (sm90/pipeline.cuh), in the
@@ -13,9 +14,9 @@
 // gave up) each load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and
 // O += P_{n-1} V_{n-1} asynchronously, wait for S_n only, and compute the softmax of block n
 // while P V still runs; then wait for it, rescale O if a row maximum moved, and keep P_n in
-// registers. Each stores its rows straight from registers (the shared memory already holds
-// the next tile's keys). Both consumers run every tile, also one of at most 64 rows: the
-// rings and the turns count on both.
+// registers. Each then stores its rows through its own rows of the Q tile (the K/V stages
+// already hold the next tile's keys). Both consumers run every tile, also one of at most 64
+// rows: the rings and the turns count on both.
 //
 // The two consumers take turns issuing their products (named barriers, "ping-pong"): while
 // one warpgroup's products occupy the tensor cores, the other computes its softmax.
@@ -45,8 +46,9 @@
 
 namespace jax_fmha::cuda {
 
-// Named barriers (0 is __syncthreads): each consumer warpgroup's Q and the consumers' turns.
-enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3 };
+// Named barriers (0 is __syncthreads), one of each per consumer warpgroup: its Q, its turn,
+// its staged output rows; and, FP8 queries only, the epilogue of both consumers.
+enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kOutputStaged = 5, kConsumersDone = 7 };
 
 // The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first. In 32
 // bits: the launcher refuses grids of 2^32 tiles or more.
@@ -75,6 +77,14 @@ __device__ __forceinline__ bool tile_keys_valid(const AttentionProblem& p, const
                        [](bool bad) { return __any_sync(0xffffffffu, bad); });
 }
 
+// Whether Traits' kernel runs persistent (one CTA per SM, at most one per tile) or one CTA per
+// tile. FP8 queries take one CTA per tile: their 16-bit output does not fit in their FP8 Q
+// rows, so their epilogue stages the whole output tile over all the shared memory once both
+// consumers are done, which a persistent CTA's producer is already refilling with the next
+// tile's keys.
+template <class Traits>
+inline constexpr bool kHopperPersistent = !Traits::kFp8Qk;
+
 // The key blocks of a tile, as the producer and the consumers walk them.
 struct KeyBlocks {
   int first;  // the first block's first key: blocks start at multiples of kBlockN
@@ -93,17 +103,17 @@ struct KeyBlocks {
 };
 
 // The producer warp: every K and V block of the tile, each as runs of maps.run_rows rows
-// (one per lane) of kColumnBoxes boxes. Block n is use use0 + n of both rings; `landings`
-// counts the uses of last_v_landed.
+// (one per lane) of its tile's column boxes (K's and V's differ with FP8 K). Block n is use
+// use0 + n of both rings; `landings` counts the uses of last_v_landed.
 template <class Traits>
 __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTensorMaps& maps,
                                            const CtaTile& t, const KeyBlocks& blocks, int use0,
                                            const StageRing<Traits::kStages>& k_ring,
                                            const StageRing<Traits::kStages>& v_ring,
                                            uint64_t* last_v_landed, int& landings,
-                                           typename Traits::Element* smem_k,
+                                           typename Traits::QkElement* smem_k,
                                            typename Traits::Element* smem_v) {
-  using Element = typename Traits::Element;
+  using VTile = typename Traits::VTile;
   constexpr int kBlockN = Traits::kBlockN;
   const int lane = threadIdx.x % 32;
   const int run_rows = maps.run_rows;
@@ -114,24 +124,25 @@ __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTe
     const int key = blocks.key_begin<kBlockN>(block) + lane * run_rows;
     return lane < runs && key < blocks.end ? int(p.kv.row(t.b, key)) : -1;
   };
-  const auto copy_block = [&](const CUtensorMap& map, Element* tile, uint64_t* bar, int row,
+  const auto copy_block = [&](const CUtensorMap& map, auto* tile, uint64_t* bar, int row,
                               int block) {
+    using Tile = SwizzledTile<std::remove_pointer_t<decltype(tile)>, kBlockN, Traits::kHeadDim>;
     const int keys_in = min(kBlockN, blocks.end - blocks.key_begin<kBlockN>(block));
-    const int bytes =
-        (keys_in + run_rows - 1) / run_rows * run_rows * Traits::kHeadDim * int(sizeof(Element));
+    const int bytes = (keys_in + run_rows - 1) / run_rows * run_rows * Traits::kHeadDim *
+                      int(sizeof(typename Tile::Element));
     if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, bytes);
     __syncwarp();
     if (row >= 0)
 #pragma unroll
-      for (int box = 0; box < Traits::kColumnBoxes; ++box)
-        tma_load(map, bar, tile + Traits::kv_box_row(box, lane * run_rows),
-                 box * Traits::kBoxColumns, t.kv_head, row);
+      for (int box = 0; box < Tile::kColumnBoxes; ++box)
+        tma_load(map, bar, tile + Tile::box_row(box, lane * run_rows), box * Tile::kBoxColumns,
+                 t.kv_head, row);
   };
   const auto k_tile = [&](int block) {
-    return smem_k + k_ring.stage(use0 + block) * Traits::kKvTileElems;
+    return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
   };
   const auto v_tile = [&](int block) {
-    return smem_v + v_ring.stage(use0 + block) * Traits::kKvTileElems;
+    return smem_v + v_ring.stage(use0 + block) * VTile::kElems;
   };
 
   int k_row = run_row(0), v_row = -1;
@@ -155,15 +166,15 @@ __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTe
     return;
   }
   // The last V block ends inside: copy it, wait, zero its rows past the keys, then release it.
-  Element* tile = v_tile(last);
+  typename Traits::Element* tile = v_tile(last);
   copy_block(maps.v, tile, last_v_landed, v_row, last);
   cutlass::arch::ClusterBarrier::wait(last_v_landed, landings++ % 2);
-  constexpr int kChunksPerSpan = Traits::kSwizzleBytes / 16;
-  const int chunks = (kBlockN - valid_rows) * Traits::kColumnBoxes * kChunksPerSpan;
+  constexpr int kChunksPerSpan = VTile::kSwizzleBytes / 16;
+  const int chunks = (kBlockN - valid_rows) * VTile::kColumnBoxes * kChunksPerSpan;
   for (int c = lane; c < chunks; c += 32) {
     const int span = c / kChunksPerSpan;
-    const int box = span % Traits::kColumnBoxes, row = valid_rows + span / Traits::kColumnBoxes;
-    reinterpret_cast<uint4*>(tile + Traits::kv_box_row(box, row))[c % kChunksPerSpan] =
+    const int box = span % VTile::kColumnBoxes, row = valid_rows + span / VTile::kColumnBoxes;
+    reinterpret_cast<uint4*>(tile + VTile::box_row(box, row))[c % kChunksPerSpan] =
         make_uint4(0, 0, 0, 0);
   }
   fence_shared_for_wgmma();
@@ -177,19 +188,19 @@ __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTe
 template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
-                                  const typename Traits::Element* __restrict__ q,
+                                  const typename Traits::QkElement* __restrict__ q,
                                   OutT* __restrict__ out, float* __restrict__ lse,
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
   using Element = typename Traits::Element;
+  using QkElement = typename Traits::QkElement;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages;
-  constexpr int kTile = Traits::kKvTileElems;
   constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
-  Element* smem_q = reinterpret_cast<Element*>(sm90_smem);
-  Element* smem_k = smem_q + Traits::kQElems;  // [kStages]
-  Element* smem_v = smem_k + kStages * kTile;  // [kStages]
+  QkElement* smem_q = reinterpret_cast<QkElement*>(sm90_smem);
+  QkElement* smem_k = reinterpret_cast<QkElement*>(sm90_smem + Traits::kKOffset);  // [kStages]
+  Element* smem_v = reinterpret_cast<Element*>(sm90_smem + Traits::kVOffset);      // [kStages]
   uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
   const StageRing<kStages> k_ring{barriers, barriers + kStages};
   const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
@@ -227,7 +238,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int group = thread / kGroupThreads;
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
-  const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
   // Turns: each consumer issues its products after the other's.
   const auto take_turn = [&] {
     cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kTurn + group);
@@ -252,6 +262,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const RowKeyLimits<Traits> row_limits(p, t.split_range,
                                           int(t.row_begin) + warp_row + thread % 32 / 4,
                                           int(t.rows_in_seq), t.sq, t.sk);
+    // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V
+    // is 16-bit here: it has no scale (value_scale is 1).
+    const ScoreTransform transform =
+        ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
     float o[1][Traits::kDimAtoms][4];
 #pragma unroll
     for (int d = 0; d < Traits::kDimAtoms; ++d)
@@ -262,7 +276,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
     if (blocks.count > 0) {
-      // (Q's last reader, this group's last product of the previous tile, has completed.)
+      // (This group's Q rows are free: its last product of the previous tile, their last
+      // reader, has completed, and so have the reads of the output it staged there.)
       load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
           smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
           thread % kGroupThreads);
@@ -270,17 +285,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_shared_for_wgmma();
       cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
     }
-    const auto k_tile = [&](int block) { return smem_k + k_ring.stage(use0 + block) * kTile; };
-    const auto v_tile = [&](int block) { return smem_v + v_ring.stage(use0 + block) * kTile; };
+    const auto k_tile = [&](int block) {
+      return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
+    };
+    const auto v_tile = [&](int block) {
+      return smem_v + v_ring.stage(use0 + block) * Traits::VTile::kElems;
+    };
 
     // The softmax of block n's scores: masked, then probabilities and the factor O must be
     // rescaled by; returns whether any row of the warp needs it.
     float correction[1][2];
     const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
       const int key_begin = blocks.key_begin<kBlockN>(block);
-      if constexpr (kScorePass) transform.apply<Traits>(s);
+      if constexpr (kScorePass) {
+        transform.apply<Traits>(s);
+      } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
+        if (transform.explicit_pass()) transform.apply<Traits>(s);
+      }
       if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
-      return softmax.update_scores(s, kScorePass ? 1.f : transform.scale_log2, correction);
+      const float fold = kScorePass       ? 1.f
+                         : Traits::kFp8Qk ? transform.fold()
+                                          : transform.scale_log2;
+      return softmax.update_scores(s, fold, correction);
     };
     bool rescale = false;    // O must be rescaled before its next product
     if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
@@ -335,11 +361,53 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_registers(o_regs);
     }
     // The tile located again: its output addressing, which only the stores use, is not held
-    // in registers through the key loop.
+    // in registers through the key loop. The tile index and the thread's rows pass through an
+    // empty asm: otherwise the compiler reuses the first locate's values, and hoists the
+    // staging tile's offsets (invariant across tiles) out of the tile loop, and spills both
+    // across the key loop (ptxas, d128 bf16 without / with the score pass: 152/160 /
+    // 280/320 bytes of spill stores/loads, 24/40 / 96/104 with the asm).
+    uint32_t tile = i;
+    int tile_warp_row = warp_row, tile_thread = thread;
+    asm volatile("" : "+r"(tile), "+r"(tile_warp_row), "+r"(tile_thread));
     CtaTile te;
-    walk.locate<Traits::kBlockM, kBlockN>(p, i, te);
-    store_rows<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
-                             thread % 32);
+    walk.locate<Traits::kBlockM, kBlockN>(p, tile, te);
+    if constexpr (Traits::kFp8Qk && sizeof(OutT) == sizeof(Element)) {
+      // FP8 queries: the 16-bit rows do not fit in the FP8 Q tile. One tile per CTA
+      // (kHopperPersistent): once both consumers are done, every copy has landed and been
+      // read, and the whole output tile is staged over the shared memory.
+      static_assert(!kHopperPersistent<Traits>, "the whole-tile epilogue needs a CTA per tile");
+      constexpr int kPitch = kOutPitch<Traits, OutT>;
+      static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
+                    "the output tile must not overlap the mbarriers");
+      const auto consumers_sync = [] {
+        cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
+      };
+      consumers_sync();
+      store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
+          o, softmax, reinterpret_cast<OutT*>(sm90_smem),
+          [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
+          te.rows, 0, warp_row, thread, consumers_sync);
+    } else if constexpr (sizeof(OutT) == sizeof(Element)) {
+      // Each consumer writes its own rows through its own rows of the Q tile, the only shared
+      // memory free to it (the K/V stages already hold the next tile's keys; the other
+      // consumer never reads these rows). They are free from the completion of this group's
+      // last S product of the tile (its P V products read only V) until its next tile's Q is
+      // loaded into them: so the output is staged and stored out first, and the next Q is
+      // loaded only after the group's barrier below, once every thread has read its staged
+      // chunks. (Loading the next Q first would leave no room to stage the output in.)
+      const auto staged_sync = [&] {
+        cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group);
+      };
+      store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
+          o, softmax, reinterpret_cast<OutT*>(smem_q),
+          [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
+          te.row_begin, te.rows, group * Traits::kMmaGroupRows, tile_warp_row,
+          tile_thread % kGroupThreads, staged_sync);
+      staged_sync();
+    } else {  // float32 partials (split-KV) do not fit in the Q rows: straight out
+      store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows,
+                                 warp_row, thread % 32);
+    }
     use0 += blocks.count;
   }
   if (group == 0) take_turn();  // consumer 1's last pass (it passed first)
@@ -362,12 +430,14 @@ inline int multiprocessor_count() {
 }
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
-// tensor maps instead of the K and V pointers, runs a persistent grid, and comes with and
-// without the score pass.
+// tensor maps instead of the K and V pointers, runs a persistent grid (16-bit queries), and
+// comes with and without the score pass.
+// With FP8 q (Element), Kv is v's 16-bit type (forward_launch.h); otherwise it is Element.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
   template <typename Element, int kHeadDim, typename Kv>
-  using TraitsOf = HopperTraits<Element, kHeadDim>;  // Kv: Element (forward_kernel)
+  using TraitsOf = std::conditional_t<sizeof(Element) == 1, HopperTraits<Kv, kHeadDim, Element>,
+                                      HopperTraits<Element, kHeadDim>>;
 
   static constexpr bool kLaunchesItself = true;
   template <class Traits, typename OutT>
@@ -382,23 +452,26 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     KvTensorMaps maps;
     maps.run_rows = tma_run_rows(p.kv, Traits::kBlockN);
     const char* error = nullptr;
-    if (!make_kv_tensor_map<Traits>(p, k, maps.run_rows, &maps.k, &error) ||
-        !make_kv_tensor_map<Traits>(p, v, maps.run_rows, &maps.v, &error))
+    if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
+        !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
-    // Persistent: one CTA an SM, at most one a tile.
+    // Persistent: one CTA an SM, at most one a tile; otherwise one CTA a tile
+    // (kHopperPersistent). Either way the CTAs walk the tiles in TileWalk's order.
     const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
     if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
       return invalid_argument(kOp, "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
-    const int sms = multiprocessor_count();
+    const int sms = kHopperPersistent<Traits> ? multiprocessor_count() : 0;
     const unsigned ctas = unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles);
     const auto run = [&](auto score_pass) {
       constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
       if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
         return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
       kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
-          p, static_cast<const typename Traits::Element*>(q), out, lse, maps);
+          p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
       return xla::ffi::Error::Success();
     };
+    // (FP8 queries too: from p.scale alone; a tile whose q_scale * k_scale is not positive
+    // takes the pass at run time in the kernel without it.)
     if (ScoreTransform::make(p.scale, p.softcap).explicit_pass()) return run(std::true_type{});
     return run(std::false_type{});
   }

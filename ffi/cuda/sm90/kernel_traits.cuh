@@ -15,8 +15,12 @@
 // width, in order. Q K^T reads Q and K from there (both operands K-major: the reduction runs
 // over d); P V reads V through a transposed view (d x keys, "MN-major"), P from registers.
 // Then the pipeline's mbarriers. The epilogue reuses the whole buffer for the output tile.
+// With FP8 queries, Q and K are e4m3 tiles (their own swizzle span and boxes) and V keeps its
+// 16-bit type: docs/design/fp8_attention.md, "The Hopper kernel".
 #pragma once
 
+#include <cuda_fp8.h>
+#include <cutlass/float8.h>
 #include <cutlass/numeric_types.h>
 
 #include <cute/arch/mma_sm90.hpp>
@@ -38,6 +42,10 @@ template <>
 struct CuteElement<__half> {
   using type = cutlass::half_t;
 };
+template <>
+struct CuteElement<__nv_fp8_e4m3> {
+  using type = cutlass::float_e4m3_t;
+};
 
 // The widest swizzle (128, 64 or 32 bytes of a row) whose atom tiles a d-wide row: its width
 // in bytes is also the TMA box's row and swizzle mode (sm90/tma.cuh).
@@ -52,24 +60,63 @@ using KMajorAtom =
                        std::conditional_t<kSwizzle == 64, cute::GMMA::Layout_K_SW64_Atom<T>,
                                           cute::GMMA::Layout_K_SW32_Atom<T>>>;
 
-// Key-block size and K/V stages per head dim. 128 keys up to d128; above, 64: two stages of
-// 128-key K and V tiles would not fit the shared memory at d192-d256, and the O accumulator
-// (up to 128 registers) leaves less room for S.
-template <int kHeadDim>
-struct HopperTile {
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kStages = 2;
+// One kRows x d tile of T in shared memory, K-major and swizzled, as TMA writes it: cut into
+// kColumnBoxes column boxes of one swizzle span (kBoxColumns columns) each, kRows rows a box.
+template <typename T, int kRows, int kHeadDim>
+struct SwizzledTile {
+  using Element = T;
+  using MmaElement = typename CuteElement<T>::type;
+  static constexpr int kSwizzleBytes = jax_fmha::cuda::kSwizzleBytes<kHeadDim, sizeof(T)>;
+  static constexpr int kBoxColumns = kSwizzleBytes / int(sizeof(T));
+  static constexpr int kColumnBoxes = kHeadDim / kBoxColumns;
+  using Layout =
+      decltype(cute::tile_to_shape(KMajorAtom<MmaElement, kSwizzleBytes>{},
+                                   cute::Shape<cute::Int<kRows>, cute::Int<kHeadDim>>{}));
+  static constexpr int kElems = int(cute::cosize_v<Layout>);
+  static constexpr int kBytes = kElems * int(sizeof(T));
+
+  // Element offset of (row, column); column a multiple of 16 bytes (the swizzle permutes
+  // 16-byte chunks, so a chunk stays contiguous).
+  __host__ __device__ __forceinline__ static constexpr int offset(int row, int col) {
+    constexpr Layout layout{};
+    const int bytes = int(layout.layout_b()(row, col)) * int(sizeof(T));
+    return int(layout.layout_a()(bytes)) / int(sizeof(T));
+  }
+  // Element offset of row `row` of column box `box` (rows are swizzled within themselves: a
+  // row's span stays whole).
+  __host__ __device__ __forceinline__ static constexpr int box_row(int box, int row) {
+    return (box * kRows + row) * kBoxColumns;
+  }
+
+  static_assert(kElems == kRows * kHeadDim, "swizzled tiles are dense");
+  static_assert(kHeadDim % kBoxColumns == 0, "column boxes must tile the head dim");
 };
 
-template <typename Element_, int kHeadDim_>
+// Key-block size and K/V stages per head dim. 128 keys up to d128; above, 64: two stages of
+// 128-key K and V tiles would not fit the shared memory at d192-d256, and the O accumulator
+// (up to 128 registers) leaves less room for S. With FP8 Q and K (kQkBytes 1) the Q and K
+// tiles take half the bytes: d256 takes a third stage, which also makes room for the float32
+// output tile of split-KV partials (docs/design/fp8_attention.md).
+template <int kHeadDim, int kQkBytes = 2>
+struct HopperTile {
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kStages = kQkBytes == 1 && kHeadDim > 128 ? 3 : 2;
+};
+
+// Element: the type of V and of P in P V (bfloat16, float16); QkElement: that of Q and K,
+// Element or float8_e4m3fn (FP8 Q K^T with 16-bit P V: docs/design/fp8_attention.md).
+template <typename Element_, int kHeadDim_, typename QkElement_ = Element_>
 struct HopperTraits {
   using Element = Element_;
+  using QkElement = QkElement_;
   using MmaElement = typename CuteElement<Element>::type;
+  using MmaQkElement = typename CuteElement<QkElement>::type;
+  static constexpr bool kFp8Qk = sizeof(QkElement) == 1;
 
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = int(kHopperShape.block_m);
-  static constexpr int kBlockN = HopperTile<kHeadDim>::kBlockN;
-  static constexpr int kStages = HopperTile<kHeadDim>::kStages;
+  static constexpr int kBlockN = HopperTile<kHeadDim, int(sizeof(QkElement))>::kBlockN;
+  static constexpr int kStages = HopperTile<kHeadDim, int(sizeof(QkElement))>::kStages;
   static constexpr int kConsumerGroups = 2;
   static constexpr int kGroupThreads = 128;
   static constexpr int kConsumerThreads = kConsumerGroups * kGroupThreads;
@@ -84,22 +131,22 @@ struct HopperTraits {
   static constexpr int kKeyAtoms = kBlockN / 8;
   static constexpr int kDimAtoms = kHeadDim / 8;
 
-  // The TMA boxes of a tile: kColumnBoxes boxes of kBoxColumns columns; each row of a box is
-  // one swizzle span.
-  static constexpr int kSwizzleBytes = jax_fmha::cuda::kSwizzleBytes<kHeadDim, sizeof(Element)>;
-  static constexpr int kBoxColumns = kSwizzleBytes / int(sizeof(Element));
-  static constexpr int kColumnBoxes = kHeadDim / kBoxColumns;
+  // The shared tiles (K and V: TMA boxes).
+  using QTile = SwizzledTile<QkElement, kBlockM, kHeadDim>;
+  using KTile = SwizzledTile<QkElement, kBlockN, kHeadDim>;
+  using VTile = SwizzledTile<Element, kBlockN, kHeadDim>;
 
-  static constexpr int kChunk = 16 / sizeof(Element);
+  // The Q loader's 16-byte copies (common/tile_load.cuh).
+  static constexpr int kChunk = 16 / sizeof(QkElement);
   static constexpr int kChunksPerRow = kHeadDim / kChunk;
 
   using BlockM = cute::Int<kBlockM>;
   using BlockN = cute::Int<kBlockN>;
   using HeadDim = cute::Int<kHeadDim>;
   using Warpgroups = cute::Layout<cute::Shape<cute::Int<kBlockM / 64>, cute::_1, cute::_1>>;
-  // S = Q K^T: M = rows, N = keys, K = d; both operands from shared memory.
+  // S = Q K^T: M = rows, N = keys, K = d; both operands from shared memory (FP8: k32 steps).
   using MmaQK = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<MmaElement, MmaElement, float,
+      cute::GMMA::ss_op_selector<MmaQkElement, MmaQkElement, float,
                                  cute::Shape<BlockM, BlockN, HeadDim>>(),
       Warpgroups{}));
   // O += P V: M = rows, N = d, K = keys; P from registers, V^T from shared memory.
@@ -109,45 +156,34 @@ struct HopperTraits {
                                  cute::GMMA::Major::MN>(),
       Warpgroups{}));
 
-  using Atom = KMajorAtom<MmaElement, kSwizzleBytes>;
-  using SmemLayoutQ = decltype(cute::tile_to_shape(Atom{}, cute::Shape<BlockM, HeadDim>{}));
-  using SmemLayoutKV = decltype(cute::tile_to_shape(Atom{}, cute::Shape<BlockN, HeadDim>{}));
+  using SmemLayoutQ = typename QTile::Layout;
+  using SmemLayoutK = typename KTile::Layout;
+  using SmemLayoutV = typename VTile::Layout;
   // The V tile seen as (d, key): element (c, r) is element (r, c) of the K-major tile.
   using SmemLayoutVt = decltype(cute::composition(
-      SmemLayoutKV{},
+      SmemLayoutV{},
       cute::make_ordered_layout(cute::Shape<HeadDim, BlockN>{}, cute::Step<cute::_2, cute::_1>{})));
 
-  static constexpr int kQElems = int(cute::cosize_v<SmemLayoutQ>);
-  static constexpr int kKvTileElems = int(cute::cosize_v<SmemLayoutKV>);
-  static constexpr int kKvTileBytes = kKvTileElems * int(sizeof(Element));
-  // Q, then K stages, then V stages; then the mbarriers (8 bytes each): full and empty of each
-  // K and V stage, and one for the last V block (forward_kernel.cuh).
-  static constexpr size_t kBarriersOffset =
-      sizeof(Element) * (size_t(kQElems) + 2 * size_t(kStages) * kKvTileElems);
+  // Q, then K stages, then V stages (bytes); then the mbarriers (8 bytes each): full and
+  // empty of each K and V stage, and one for the last V block (forward_kernel.cuh).
+  static constexpr size_t kKOffset = size_t(QTile::kBytes);
+  static constexpr size_t kVOffset = kKOffset + size_t(kStages) * KTile::kBytes;
+  static constexpr size_t kBarriersOffset = kVOffset + size_t(kStages) * VTile::kBytes;
   static constexpr int kBarriers = 4 * kStages + 1;
   static constexpr size_t kSmemBytes = kBarriersOffset + 8 * kBarriers;
   // Every tile starts on a swizzle-pattern boundary (the wgmma descriptors and TMA assume it).
   static constexpr size_t kSmemAlign = 1024;
 
-  // Element offset of (row, column) in the shared tiles; column a multiple of kChunk (the
-  // swizzle permutes 16-byte chunks, so a chunk stays contiguous).
+  // Element offset of (row, column) in the Q tile (the Q loader's chunks; constexpr for its
+  // compile-time checks, common/tile_load.cuh).
   __host__ __device__ __forceinline__ static constexpr int q_offset(int row, int col) {
-    constexpr SmemLayoutQ layout{};
-    const int bytes = int(layout.layout_b()(row, col)) * int(sizeof(Element));
-    return int(layout.layout_a()(bytes)) / int(sizeof(Element));
-  }
-  // Element offset of row `row` of column box `box` in a K or V tile (rows are swizzled
-  // within themselves: a row's span stays whole).
-  __host__ __device__ __forceinline__ static constexpr int kv_box_row(int box, int row) {
-    return (box * kBlockN + row) * kBoxColumns;
+    return QTile::offset(row, col);
   }
 
-  static_assert(kQElems == kBlockM * kHeadDim && kKvTileElems == kBlockN * kHeadDim,
-                "swizzled tiles are dense");
-  static_assert((kQElems * sizeof(Element)) % kSmemAlign == 0 && kKvTileBytes % kSmemAlign == 0,
+  static_assert(QTile::kBytes % kSmemAlign == 0 && KTile::kBytes % kSmemAlign == 0 &&
+                    VTile::kBytes % kSmemAlign == 0,
                 "tiles must keep the swizzle alignment");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of an sm_90 CTA");
-  static_assert(kHeadDim % kBoxColumns == 0, "column boxes must tile the head dim");
   static_assert(kBlockN % kHopperPageRunKeys == 0, "page runs must split the key block");
   static_assert(kProducerRegisters * kGroupThreads + kConsumerRegisters * kConsumerThreads <=
                     64 * 1024,

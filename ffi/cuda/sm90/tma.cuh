@@ -53,9 +53,10 @@ inline cudaError_t encode_tensor_map_fn(EncodeTiledFn* fn) {
   return result;
 }
 
-// The tensor map of K or V (`base`: the array) for Traits' boxes of run_rows rows. Returns
-// false with a reason in `error` if the driver refuses it.
-template <class Traits>
+// The tensor map of K or V (`base`: the array) for the boxes of run_rows rows of Tile (a
+// SwizzledTile of sm90/kernel_traits.cuh: its element type and swizzle span). Returns false
+// with a reason in `error` if the driver refuses it.
+template <class Tile>
 bool make_kv_tensor_map(const AttentionProblem& p, const void* base, int run_rows, CUtensorMap* map,
                         const char** error) {
   EncodeTiledFn encode = nullptr;
@@ -63,17 +64,20 @@ bool make_kv_tensor_map(const AttentionProblem& p, const void* base, int run_row
     *error = "cuTensorMapEncodeTiled is not available from the CUDA driver";
     return false;
   }
-  constexpr cuuint64_t kBytes = sizeof(typename Traits::Element);
+  using Element = typename Tile::Element;
+  constexpr cuuint64_t kBytes = sizeof(Element);
   const cuuint64_t dims[3] = {cuuint64_t(p.head_dim), cuuint64_t(p.num_kv_heads),
                               cuuint64_t(p.kv.rows)};
   const cuuint64_t strides[2] = {cuuint64_t(p.head_dim) * kBytes,
                                  cuuint64_t(p.kv_row_stride()) * kBytes};
-  const cuuint32_t box[3] = {cuuint32_t(Traits::kBoxColumns), 1, cuuint32_t(run_rows)};
+  const cuuint32_t box[3] = {cuuint32_t(Tile::kBoxColumns), 1, cuuint32_t(run_rows)};
   const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUtensorMapSwizzle swizzle = Traits::kSwizzleBytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
-                                     : Traits::kSwizzleBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
-                                                                   : CU_TENSOR_MAP_SWIZZLE_32B;
-  const CUtensorMapDataType type = std::is_same_v<typename Traits::Element, __half>
+  const CUtensorMapSwizzle swizzle = Tile::kSwizzleBytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : Tile::kSwizzleBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                                 : CU_TENSOR_MAP_SWIZZLE_32B;
+  // (FP8 is copied as bytes: TMA does not convert.)
+  const CUtensorMapDataType type = sizeof(Element) == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : std::is_same_v<Element, __half>
                                        ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUresult result =

@@ -2,10 +2,10 @@
 // registers, laid out like the mma.sync accumulators of cuda/sm80/warp_mma.cuh:
 //   S[1][kKeyAtoms]  = Q (warpgroup's 64 rows, shared) x K^T (key tile, shared)
 //   O[1][kDimAtoms] += P (probabilities, registers)    x V   (value tile, shared)
-// Each product is issued as one batch of k16 wgmma steps (issue_qk, issue_pv) and runs
-// asynchronously: the caller waits with wait_products<N>() (N = batches left in flight),
-// and until then reads nor writes neither the accumulators nor the P registers. CuTe builds
-// the shared-memory descriptors from the layouts of HopperTraits.
+// Each product is issued as one batch of wgmma k-steps (k16; k32 for FP8 Q K^T) (issue_qk,
+// issue_pv) and runs asynchronously: the caller waits with wait_products<N>() (N = batches left in
+// flight), and until then reads nor writes neither the accumulators nor the P registers. CuTe
+// builds the shared-memory descriptors from the layouts of HopperTraits.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -63,17 +63,18 @@ __device__ __forceinline__ auto accumulator_view(float* regs) {
 
 // S = Q K^T for the warpgroup's rows. smem_q, smem_k: the tiles in HopperTraits' layouts;
 // thread: the caller's index among the consumer threads (its warpgroup picks the rows).
+// FP8 Q and K give S in the same accumulator layout as 16-bit ones.
 template <class Traits>
-__device__ __forceinline__ void issue_qk(const typename Traits::Element* smem_q,
-                                         const typename Traits::Element* smem_k,
+__device__ __forceinline__ void issue_qk(const typename Traits::QkElement* smem_q,
+                                         const typename Traits::QkElement* smem_k,
                                          float (&s)[1][Traits::kKeyAtoms][4], int thread) {
-  using T = typename Traits::MmaElement;
+  using T = typename Traits::MmaQkElement;
   typename Traits::MmaQK mma;
   const auto thread_mma = mma.get_thread_slice(thread);
   const auto q = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_q)),
                                    typename Traits::SmemLayoutQ{});
   const auto k = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_k)),
-                                   typename Traits::SmemLayoutKV{});
+                                   typename Traits::SmemLayoutK{});
   auto acc =
       accumulator_view<typename Traits::MmaQK, Traits::kBlockM, Traits::kBlockN>(&s[0][0][0]);
   issue_gemm(mma, thread_mma.partition_fragment_A(q), thread_mma.partition_fragment_B(k), acc,
