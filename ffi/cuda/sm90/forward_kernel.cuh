@@ -182,9 +182,138 @@ __device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTe
   if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(use0 + last));
 }
 
+// One consumer's key blocks of a tile (block n is use use0 + n of both rings): per block,
+// S = Q K^T and the P V of the block before, issued in its turn, the softmax of S while P V
+// runs. O (zeroed) and softmax accumulate the tile.
+template <class Traits, bool kScorePass, class TakeTurn, class PassTurn>
+__device__ __forceinline__ void consume_key_blocks(
+    const typename Traits::QkElement* smem_q, const typename Traits::QkElement* smem_k,
+    const typename Traits::Element* smem_v, const StageRing<Traits::kStages>& k_ring,
+    const StageRing<Traits::kStages>& v_ring, int use0, const KeyBlocks& blocks,
+    const TileKeys& keys, const RowKeyLimits<Traits>& row_limits, const ScoreTransform& transform,
+    float (&o)[1][Traits::kDimAtoms][4], OnlineSoftmax<Traits>& softmax, int thread, bool leader,
+    TakeTurn take_turn, PassTurn pass_turn) {
+  constexpr int kBlockN = Traits::kBlockN;
+  auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
+  ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
+  const auto k_tile = [&](int block) {
+    return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
+  };
+  const auto v_tile = [&](int block) {
+    return smem_v + v_ring.stage(use0 + block) * Traits::VTile::kElems;
+  };
+
+  // The softmax of block n's scores: masked, then probabilities and the factor O must be
+  // rescaled by; returns whether any row of the warp needs it.
+  float correction[1][2];
+  const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
+    const int key_begin = blocks.key_begin<kBlockN>(block);
+    if constexpr (kScorePass) {
+      transform.apply<Traits>(s);
+    } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
+      if (transform.explicit_pass()) transform.apply<Traits>(s);
+    }
+    if (keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
+    const float fold = kScorePass ? 1.f : Traits::kFp8Qk ? transform.fold() : transform.scale_log2;
+    return softmax.update_scores(s, fold, correction);
+  };
+  bool rescale = false;    // O must be rescaled before its next product
+  if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
+                           // between the issue and the wait of the loop's products)
+    float s[1][Traits::kKeyAtoms][4];
+    auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+    k_ring.wait(use0);
+    take_turn();
+    issue_qk<Traits>(smem_q, k_tile(0), s, thread);
+    pass_turn();
+    wait_products<0>();
+    if (leader) k_ring.release(use0);
+    fence_registers(s_regs);
+    softmax_of(s, 0);  // (O is still 0: nothing to rescale)
+    pack_probabilities<Traits>(s, probs);
+  }
+  for (int block = 1; block < blocks.count; ++block) {
+    float s[1][Traits::kKeyAtoms][4];
+    auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+    k_ring.wait(use0 + block);
+    v_ring.wait(use0 + block - 1);
+    take_turn();
+    issue_qk<Traits>(smem_q, k_tile(block), s, thread);
+    fence_registers(o_regs);
+    if (rescale) softmax.rescale(o, correction);  // while S runs
+    fence_registers(o_regs);
+    fence_registers(probs);
+    issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
+    pass_turn();
+    wait_products<1>();  // S; P V of the last block still runs
+    if (leader) k_ring.release(use0 + block);
+    fence_registers(s_regs);
+    rescale = softmax_of(s, block);
+    wait_products<0>();
+    if (leader) v_ring.release(use0 + block - 1);
+    fence_registers(o_regs);
+    fence_registers(probs);
+    pack_probabilities<Traits>(s, probs);
+  }
+  if (blocks.count > 0) {  // P V of the last block
+    const int last = blocks.count - 1;
+    v_ring.wait(use0 + last);
+    take_turn();
+    fence_registers(o_regs);
+    if (rescale) softmax.rescale(o, correction);
+    fence_registers(o_regs);
+    fence_registers(probs);
+    issue_pv<Traits>(probs, v_tile(last), o, thread);
+    pass_turn();
+    wait_products<0>();
+    if (leader) v_ring.release(use0 + last);
+    fence_registers(o_regs);
+  }
+}
+
+// The shared-memory layout of both kernels: Q, the K and V rings, their barriers.
+template <class Traits>
+struct HopperSmem {
+  typename Traits::QkElement* q;
+  typename Traits::QkElement* k;  // [kStages]
+  typename Traits::Element* v;    // [kStages]
+  StageRing<Traits::kStages> k_ring, v_ring;
+  uint64_t* last_v_landed;
+
+  __device__ __forceinline__ explicit HopperSmem(unsigned char* smem)
+      : q(reinterpret_cast<typename Traits::QkElement*>(smem)),
+        k(reinterpret_cast<typename Traits::QkElement*>(smem + Traits::kKOffset)),
+        v(reinterpret_cast<typename Traits::Element*>(smem + Traits::kVOffset)),
+        k_ring{barriers(smem), barriers(smem) + Traits::kStages},
+        v_ring{barriers(smem) + 2 * Traits::kStages, barriers(smem) + 3 * Traits::kStages},
+        last_v_landed(barriers(smem) + 4 * Traits::kStages) {}
+  __device__ __forceinline__ static uint64_t* barriers(unsigned char* smem) {
+    return reinterpret_cast<uint64_t*>(smem + Traits::kBarriersOffset);
+  }
+  // (One thread, then every thread of the CTA passes a __syncthreads.)
+  __device__ __forceinline__ void init(int consumer_groups) const {
+    k_ring.init(consumer_groups);
+    v_ring.init(consumer_groups);
+    cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+};
+
+// O of a consumer's tile before its first key block.
+template <class Traits>
+__device__ __forceinline__ void zero_output(float (&o)[1][Traits::kDimAtoms][4]) {
+#pragma unroll
+  for (int d = 0; d < Traits::kDimAtoms; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
+}
+
 // kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
 // positive); a kernel without it holds no code for it (its registers are the 128-key tile's
 // limit, docs/design/cuda_attention.md).
+//
+// One CTA per tile (grid x: row tile, y: KV head, z: split x sequence): the kernel of
+// Traits without kHopperPersistent (FP8 queries).
 template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
@@ -193,24 +322,125 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
   using Element = typename Traits::Element;
-  using QkElement = typename Traits::QkElement;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kStages = Traits::kStages;
   constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
-  QkElement* smem_q = reinterpret_cast<QkElement*>(sm90_smem);
-  QkElement* smem_k = reinterpret_cast<QkElement*>(sm90_smem + Traits::kKOffset);  // [kStages]
-  Element* smem_v = reinterpret_cast<Element*>(sm90_smem + Traits::kVOffset);      // [kStages]
-  uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
-  const StageRing<kStages> k_ring{barriers, barriers + kStages};
-  const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
-  uint64_t* last_v_landed = barriers + 4 * kStages;
-  if (threadIdx.x == 0) {
-    k_ring.init(Traits::kConsumerGroups);
-    v_ring.init(Traits::kConsumerGroups);
-    cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
-    cutlass::arch::fence_barrier_init();
+  const HopperSmem<Traits> smem(sm90_smem);
+
+  CtaTile t;
+  if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
+  // A tile of at most 64 rows leaves the second consumer idle: it neither computes nor
+  // releases stages, nor takes turns.
+  const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
+  const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+  if (threadIdx.x == 0) smem.init(consumer_groups);
+  __syncthreads();
+
+  if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (threadIdx.x < 32 && blocks.count > 0) {
+      if (threadIdx.x == 0) {
+        prefetch_tensor_map(maps.k);
+        prefetch_tensor_map(maps.v);
+      }
+      int landings = 0;
+      produce_kv<Traits>(p, maps, t, blocks, 0, smem.k_ring, smem.v_ring, smem.last_v_landed,
+                         landings, smem.k, smem.v);
+    }
+    return;
   }
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+  const int thread = threadIdx.x - kGroupThreads;  // among the consumers
+  const int group = thread / kGroupThreads;
+  const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
+  const int warp_row = (thread / 32) * Traits::kWarpRows;
+  const RowKeyLimits<Traits> row_limits(p, t.split_range,
+                                        int(t.row_begin) + warp_row + thread % 32 / 4,
+                                        int(t.rows_in_seq), t.sq, t.sk);
+  // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V is
+  // 16-bit here: it has no scale (value_scale is 1).
+  const ScoreTransform transform =
+      ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
+
+  float o[1][Traits::kDimAtoms][4];
+  zero_output<Traits>(o);
+  OnlineSoftmax<Traits> softmax;
+
+  if (group < consumer_groups) {
+    load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
+        smem.q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+        thread % kGroupThreads);
+    cute::cp_async_wait<0>();
+    fence_shared_for_wgmma();
+    cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
+
+    // Turns: each consumer issues its products after the other's (one consumer: after its
+    // own, which orders nothing but keeps the code free of branches between the products'
+    // issue and wait, where ptxas would serialize them).
+    // (A lone consumer's barrier counts its own 128 threads: each arrive or sync completes.)
+    const int next_group = (group + 1) % consumer_groups;
+    const int turn_threads = consumer_groups * kGroupThreads;
+    const auto take_turn = [&] { cutlass::arch::NamedBarrier::sync(turn_threads, kTurn + group); };
+    const auto pass_turn = [&] {
+      cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
+    };
+    if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
+    consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, 0,
+                                           blocks, t.keys, row_limits, transform, o, softmax,
+                                           thread, leader, take_turn, pass_turn);
+    if (group == 0 && blocks.count > 0) take_turn();  // the last consumer's last pass
+  }
+  // The tile located again for its output addressing (no page-id check: place_tile passed),
+  // so that it is not held in registers through the key loop (ptxas, FP8-query d128: 8/24
+  // bytes of spill stores/loads without it).
+  CtaTile te;
+  locate_tile<Traits::kBlockM, kBlockN>(p, blockIdx.x, blockIdx.y, blockIdx.z, te);
+  // Each consumer writes its own rows, through its own rows of the Q tile (its products, Q's
+  // only readers, have completed; the other consumer never reads them), so neither waits
+  // for the other. Float32 partials (split-KV) do not fit there and go straight out. FP8
+  // queries: the 16-bit rows do not fit in the FP8 Q tile; once both consumers are done
+  // (every copy landed and read), the whole output tile is staged over the shared memory.
+  if constexpr (Traits::kFp8Qk && sizeof(OutT) == sizeof(Element)) {
+    constexpr int kPitch = kOutPitch<Traits, OutT>;
+    static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
+                  "the output tile must not overlap the mbarriers");
+    const auto consumers_sync = [] {
+      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
+    };
+    consumers_sync();
+    store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
+        o, softmax, reinterpret_cast<OutT*>(sm90_smem),
+        [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
+        te.rows, 0, warp_row, thread, consumers_sync);
+  } else if constexpr (sizeof(OutT) == sizeof(Element)) {
+    store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
+        o, softmax, reinterpret_cast<OutT*>(smem.q),
+        [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
+        te.row_begin, te.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
+        [&] { cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group); });
+  } else {
+    store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
+                               thread % 32);
+  }
+#endif
+}
+
+// The persistent kernel of Traits with kHopperPersistent (16-bit queries): about one CTA per
+// SM walks the tiles in TileWalk's order.
+template <class Traits, typename OutT, bool kScorePass>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attention_forward_kernel_sm90_persistent(const __grid_constant__ AttentionProblem p,
+                                             const typename Traits::QkElement* __restrict__ q,
+                                             OutT* __restrict__ out, float* __restrict__ lse,
+                                             const __grid_constant__ KvTensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
+  static_assert(!Traits::kFp8Qk, "FP8 queries stage their output over the whole shared memory");
+  using Element = typename Traits::Element;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kGroupThreads = Traits::kGroupThreads;
+  extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
+  const HopperSmem<Traits> smem(sm90_smem);
+  if (threadIdx.x == 0) smem.init(Traits::kConsumerGroups);
   __syncthreads();
   const TileWalk walk = TileWalk::of<Traits::kBlockM>(p);
 
@@ -227,8 +457,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t) || !tile_keys_valid(p, t)) continue;
       const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
       if (blocks.count == 0) continue;
-      produce_kv<Traits>(p, maps, t, blocks, use0, k_ring, v_ring, last_v_landed, landings, smem_k,
-                         smem_v);
+      produce_kv<Traits>(p, maps, t, blocks, use0, smem.k_ring, smem.v_ring, smem.last_v_landed,
+                         landings, smem.k, smem.v);
       use0 += blocks.count;
     }
     return;
@@ -262,104 +492,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const RowKeyLimits<Traits> row_limits(p, t.split_range,
                                           int(t.row_begin) + warp_row + thread % 32 / 4,
                                           int(t.rows_in_seq), t.sq, t.sk);
-    // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). V
-    // is 16-bit here: it has no scale (value_scale is 1).
-    const ScoreTransform transform =
-        ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
+    const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
     float o[1][Traits::kDimAtoms][4];
-#pragma unroll
-    for (int d = 0; d < Traits::kDimAtoms; ++d)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-    auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
+    zero_output<Traits>(o);
     OnlineSoftmax<Traits> softmax;
-    ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
     if (blocks.count > 0) {
       // (This group's Q rows are free: its last product of the previous tile, their last
       // reader, has completed, and so have the reads of the output it staged there.)
       load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
-          smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+          smem.q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
           thread % kGroupThreads);
       cute::cp_async_wait<0>();
       fence_shared_for_wgmma();
       cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
     }
-    const auto k_tile = [&](int block) {
-      return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
-    };
-    const auto v_tile = [&](int block) {
-      return smem_v + v_ring.stage(use0 + block) * Traits::VTile::kElems;
-    };
-
-    // The softmax of block n's scores: masked, then probabilities and the factor O must be
-    // rescaled by; returns whether any row of the warp needs it.
-    float correction[1][2];
-    const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
-      const int key_begin = blocks.key_begin<kBlockN>(block);
-      if constexpr (kScorePass) {
-        transform.apply<Traits>(s);
-      } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
-        if (transform.explicit_pass()) transform.apply<Traits>(s);
-      }
-      if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
-      const float fold = kScorePass       ? 1.f
-                         : Traits::kFp8Qk ? transform.fold()
-                                          : transform.scale_log2;
-      return softmax.update_scores(s, fold, correction);
-    };
-    bool rescale = false;    // O must be rescaled before its next product
-    if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
-                             // between the issue and the wait of the loop's products)
-      float s[1][Traits::kKeyAtoms][4];
-      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(use0);
-      take_turn();
-      issue_qk<Traits>(smem_q, k_tile(0), s, thread);
-      pass_turn();
-      wait_products<0>();
-      if (leader) k_ring.release(use0);
-      fence_registers(s_regs);
-      softmax_of(s, 0);  // (O is still 0: nothing to rescale)
-      pack_probabilities<Traits>(s, probs);
-    }
-    for (int block = 1; block < blocks.count; ++block) {
-      float s[1][Traits::kKeyAtoms][4];
-      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(use0 + block);
-      v_ring.wait(use0 + block - 1);
-      take_turn();
-      issue_qk<Traits>(smem_q, k_tile(block), s, thread);
-      fence_registers(o_regs);
-      if (rescale) softmax.rescale(o, correction);  // while S runs
-      fence_registers(o_regs);
-      fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
-      pass_turn();
-      wait_products<1>();  // S; P V of the last block still runs
-      if (leader) k_ring.release(use0 + block);
-      fence_registers(s_regs);
-      rescale = softmax_of(s, block);
-      wait_products<0>();
-      if (leader) v_ring.release(use0 + block - 1);
-      fence_registers(o_regs);
-      fence_registers(probs);
-      pack_probabilities<Traits>(s, probs);
-    }
-    if (blocks.count > 0) {  // P V of the last block
-      const int last = blocks.count - 1;
-      v_ring.wait(use0 + last);
-      take_turn();
-      fence_registers(o_regs);
-      if (rescale) softmax.rescale(o, correction);
-      fence_registers(o_regs);
-      fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(last), o, thread);
-      pass_turn();
-      wait_products<0>();
-      if (leader) v_ring.release(use0 + last);
-      fence_registers(o_regs);
-    }
+    consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, use0,
+                                           blocks, t.keys, row_limits, transform, o, softmax,
+                                           thread, leader, take_turn, pass_turn);
     // The tile located again: its output addressing, which only the stores use, is not held
     // in registers through the key loop. The tile index and the thread's rows pass through an
     // empty asm: otherwise the compiler reuses the first locate's values, and hoists the
@@ -371,23 +521,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     asm volatile("" : "+r"(tile), "+r"(tile_warp_row), "+r"(tile_thread));
     CtaTile te;
     walk.locate<Traits::kBlockM, kBlockN>(p, tile, te);
-    if constexpr (Traits::kFp8Qk && sizeof(OutT) == sizeof(Element)) {
-      // FP8 queries: the 16-bit rows do not fit in the FP8 Q tile. One tile per CTA
-      // (kHopperPersistent): once both consumers are done, every copy has landed and been
-      // read, and the whole output tile is staged over the shared memory.
-      static_assert(!kHopperPersistent<Traits>, "the whole-tile epilogue needs a CTA per tile");
-      constexpr int kPitch = kOutPitch<Traits, OutT>;
-      static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
-                    "the output tile must not overlap the mbarriers");
-      const auto consumers_sync = [] {
-        cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
-      };
-      consumers_sync();
-      store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
-          o, softmax, reinterpret_cast<OutT*>(sm90_smem),
-          [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
-          te.rows, 0, warp_row, thread, consumers_sync);
-    } else if constexpr (sizeof(OutT) == sizeof(Element)) {
+    if constexpr (sizeof(OutT) == sizeof(Element)) {
       // Each consumer writes its own rows through its own rows of the Q tile, the only shared
       // memory free to it (the K/V stages already hold the next tile's keys; the other
       // consumer never reads these rows). They are free from the completion of this group's
@@ -399,7 +533,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group);
       };
       store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
-          o, softmax, reinterpret_cast<OutT*>(smem_q),
+          o, softmax, reinterpret_cast<OutT*>(smem.q),
           [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
           te.row_begin, te.rows, group * Traits::kMmaGroupRows, tile_warp_row,
           tile_thread % kGroupThreads, staged_sync);
@@ -429,6 +563,15 @@ inline int multiprocessor_count() {
   return count[device];
 }
 
+// The kernel of Traits (kHopperPersistent: the persistent one).
+template <class Traits, typename OutT, bool kScorePass>
+constexpr auto hopper_forward_kernel() {
+  if constexpr (kHopperPersistent<Traits>)
+    return attention_forward_kernel_sm90_persistent<Traits, OutT, kScorePass>;
+  else
+    return attention_forward_kernel_sm90<Traits, OutT, kScorePass>;
+}
+
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
 // tensor maps instead of the K and V pointers, runs a persistent grid (16-bit queries), and
 // comes with and without the score pass.
@@ -455,17 +598,22 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
     if (!make_kv_tensor_map<typename Traits::KTile>(p, k, maps.run_rows, &maps.k, &error) ||
         !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
-    // Persistent: one CTA an SM, at most one a tile; otherwise one CTA a tile
-    // (kHopperPersistent). Either way the CTAs walk the tiles in TileWalk's order.
-    const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
-    if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
-      return invalid_argument(kOp, "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
-    const int sms = kHopperPersistent<Traits> ? multiprocessor_count() : 0;
-    const unsigned ctas = unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles);
     const auto run = [&](auto score_pass) {
-      constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
+      // Persistent: one CTA an SM, at most one a tile, walking TileWalk's order; otherwise
+      // the grid's CTA a tile (kHopperPersistent).
+      constexpr bool kPersistent = kHopperPersistent<Traits>;
+      constexpr auto kernel = hopper_forward_kernel<Traits, OutT, score_pass.value>();
       if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
         return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
+      dim3 ctas = grid;
+      if constexpr (kPersistent) {
+        const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
+        if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
+          return invalid_argument(kOp,
+                                  "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
+        const int sms = multiprocessor_count();
+        ctas = dim3(unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles));
+      }
       kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
           p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
       return xla::ffi::Error::Success();
