@@ -191,9 +191,13 @@ __device__ __forceinline__ void consume_key_blocks(
     const typename Traits::Element* smem_v, const StageRing<Traits::kStages>& k_ring,
     const StageRing<Traits::kStages>& v_ring, int use0, const KeyBlocks& blocks,
     const TileKeys& keys, const RowKeyLimits<Traits>& row_limits, const ScoreTransform& transform,
-    float (&o)[1][Traits::kDimAtoms][4], OnlineSoftmax<Traits>& softmax, int thread, bool leader,
+    float (&o)[1][Traits::kDimAtoms][4], OnlineSoftmax<Traits>& softmax, int group, bool leader,
     TakeTurn take_turn, PassTurn pass_turn) {
   constexpr int kBlockN = Traits::kBlockN;
+  // The loop's count and the rings' first use read from lane 0, as `group`: the block index,
+  // and with it each stage's addresses and the wgmma descriptors, stay in uniform registers.
+  const int block_count = __shfl_sync(0xffffffffu, blocks.count, 0);
+  use0 = __shfl_sync(0xffffffffu, use0, 0);
   auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
   ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
   const auto k_tile = [&](int block) {
@@ -224,7 +228,7 @@ __device__ __forceinline__ void consume_key_blocks(
     auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
     k_ring.wait(use0);
     take_turn();
-    issue_qk<Traits>(smem_q, k_tile(0), s, thread);
+    issue_qk<Traits>(smem_q, k_tile(0), s, group);
     pass_turn();
     wait_products<0>();
     if (leader) k_ring.release(use0);
@@ -232,18 +236,18 @@ __device__ __forceinline__ void consume_key_blocks(
     softmax_of(s, 0);  // (O is still 0: nothing to rescale)
     pack_probabilities<Traits>(s, probs);
   }
-  for (int block = 1; block < blocks.count; ++block) {
+  for (int block = 1; block < block_count; ++block) {
     float s[1][Traits::kKeyAtoms][4];
     auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
     k_ring.wait(use0 + block);
     v_ring.wait(use0 + block - 1);
     take_turn();
-    issue_qk<Traits>(smem_q, k_tile(block), s, thread);
+    issue_qk<Traits>(smem_q, k_tile(block), s, group);
     fence_registers(o_regs);
     if (rescale) softmax.rescale(o, correction);  // while S runs
     fence_registers(o_regs);
     fence_registers(probs);
-    issue_pv<Traits>(probs, v_tile(block - 1), o, thread);
+    issue_pv<Traits>(probs, v_tile(block - 1), o, group);
     pass_turn();
     wait_products<1>();  // S; P V of the last block still runs
     if (leader) k_ring.release(use0 + block);
@@ -263,7 +267,7 @@ __device__ __forceinline__ void consume_key_blocks(
     if (rescale) softmax.rescale(o, correction);
     fence_registers(o_regs);
     fence_registers(probs);
-    issue_pv<Traits>(probs, v_tile(last), o, thread);
+    issue_pv<Traits>(probs, v_tile(last), o, group);
     pass_turn();
     wait_products<0>();
     if (leader) v_ring.release(use0 + last);
@@ -351,7 +355,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int thread = threadIdx.x - kGroupThreads;  // among the consumers
-  const int group = thread / kGroupThreads;
+  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
+  // built from it stay in uniform registers (warpgroup_mma.cuh).
+  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
   const RowKeyLimits<Traits> row_limits(p, t.split_range,
@@ -386,8 +392,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     };
     if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
     consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, 0,
-                                           blocks, t.keys, row_limits, transform, o, softmax,
-                                           thread, leader, take_turn, pass_turn);
+                                           blocks, t.keys, row_limits, transform, o, softmax, group,
+                                           leader, take_turn, pass_turn);
     if (group == 0 && blocks.count > 0) take_turn();  // the last consumer's last pass
   }
   // The tile located again for its output addressing (no page-id check: place_tile passed),
@@ -465,7 +471,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int thread = threadIdx.x - kGroupThreads;  // among the consumers
-  const int group = thread / kGroupThreads;
+  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
+  // built from it stay in uniform registers (warpgroup_mma.cuh).
+  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
   // Turns: each consumer issues its products after the other's.
@@ -508,8 +516,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
     }
     consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, use0,
-                                           blocks, t.keys, row_limits, transform, o, softmax,
-                                           thread, leader, take_turn, pass_turn);
+                                           blocks, t.keys, row_limits, transform, o, softmax, group,
+                                           leader, take_turn, pass_turn);
     // The tile located again: its output addressing, which only the stores use, is not held
     // in registers through the key loop. The tile index and the thread's rows pass through an
     // empty asm: otherwise the compiler reuses the first locate's values, and hoists the

@@ -62,15 +62,16 @@ __device__ __forceinline__ auto accumulator_view(float* regs) {
 }
 
 // S = Q K^T for the warpgroup's rows. smem_q, smem_k: the tiles in HopperTraits' layouts;
-// thread: the caller's index among the consumer threads (its warpgroup picks the rows).
+// group: the caller's consumer warpgroup (it picks the rows), warp-uniform to the compiler
+// (consumer_group) so that the shared-memory descriptors are built on the uniform datapath.
 // FP8 Q and K give S in the same accumulator layout as 16-bit ones.
 template <class Traits>
 __device__ __forceinline__ void issue_qk(const typename Traits::QkElement* smem_q,
                                          const typename Traits::QkElement* smem_k,
-                                         float (&s)[1][Traits::kKeyAtoms][4], int thread) {
+                                         float (&s)[1][Traits::kKeyAtoms][4], int group) {
   using T = typename Traits::MmaQkElement;
   typename Traits::MmaQK mma;
-  const auto thread_mma = mma.get_thread_slice(thread);
+  const auto thread_mma = mma.get_thread_slice(group * Traits::kGroupThreads);
   const auto q = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_q)),
                                    typename Traits::SmemLayoutQ{});
   const auto k = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_k)),
@@ -100,14 +101,15 @@ __device__ __forceinline__ void pack_probabilities(const float (&p)[1][Traits::k
     }
 }
 
-// O += P V for the warpgroup's rows; smem_v: the value tile in HopperTraits' layout.
+// O += P V for the warpgroup's rows; smem_v: the value tile in HopperTraits' layout; group:
+// as for issue_qk.
 template <class Traits>
 __device__ __forceinline__ void issue_pv(const ProbabilityRegs<Traits>& p,
                                          const typename Traits::Element* smem_v,
-                                         float (&o)[1][Traits::kDimAtoms][4], int thread) {
+                                         float (&o)[1][Traits::kDimAtoms][4], int group) {
   using T = typename Traits::MmaElement;
   typename Traits::MmaPV mma;
-  const auto thread_mma = mma.get_thread_slice(thread);
+  const auto thread_mma = mma.get_thread_slice(group * Traits::kGroupThreads);
   const auto vt = cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<const T*>(smem_v)),
                                     typename Traits::SmemLayoutVt{});
   const auto a =
