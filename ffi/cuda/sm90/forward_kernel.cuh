@@ -1,14 +1,22 @@
 // The Hopper (sm_90a) attention forward kernel: the tile and problem of the portable kernel
-// (cuda/sm80/forward_kernel.cuh: same grid, tile placement, masks, softmax and epilogue),
+// (cuda/sm80/forward_kernel.cuh: same tiles, tile placement, masks, softmax and epilogue),
 // warp-specialized. Why it is built so: docs/design/cuda_attention.md.
+//
+// Persistent: about one CTA per SM walks the tiles (row tile, KV head, split x sequence), the
+// last row tiles first (under a causal mask they see the most keys), so that one tile's
+// loads start while the last one's products and stores finish. (FP8 queries: one CTA per
+// tile, see kHopperPersistent.)
 //
 // One CTA = three warpgroups. The producer (warpgroup 0; one warp works, with few registers)
 // copies K and V key blocks by TMA into rings of kStages stages (sm90/pipeline.cuh), in the
-// order the consumers use them: K of block 0, then K of block n and V of block n - 1, then V
-// of the last block. The two consumer warpgroups (the registers the producer gave up) each
-// load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and O += P_{n-1} V_{n-1}
-// asynchronously, wait for S_n only, and compute the softmax of block n while P V still runs;
-// then wait for it, rescale O if a row maximum moved, and keep P_n in registers.
+// order the consumers use them: per tile, K of block 0, then K of block n and V of block
+// n - 1, then V of the last block. The two consumer warpgroups (the registers the producer
+// gave up) each load their 64 rows of Q, then per key block n issue S_n = Q K_n^T and
+// O += P_{n-1} V_{n-1} asynchronously, wait for S_n only, and compute the softmax of block n
+// while P V still runs; then wait for it, rescale O if a row maximum moved, and keep P_n in
+// registers. Each then stores its rows through its own rows of the Q tile (the K/V stages
+// already hold the next tile's keys). Both consumers run every tile, also one of at most 64
+// rows: the rings and the turns count on both.
 //
 // The two consumers take turns issuing their products (named barriers, "ping-pong"): while
 // one warpgroup's products occupy the tensor cores, the other computes its softmax.
@@ -20,6 +28,8 @@
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+
+#include <mutex>
 
 #include "common/attention_problem.h"
 #include "common/errors.h"
@@ -40,6 +50,41 @@ namespace jax_fmha::cuda {
 // its staged output rows; and, FP8 queries only, the epilogue of both consumers.
 enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kOutputStaged = 5, kConsumersDone = 7 };
 
+// The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first. In 32
+// bits: the launcher refuses grids of 2^32 tiles or more.
+struct TileWalk {
+  uint32_t row_tiles, per_row_tile;  // per_row_tile: KV heads x batch x splits
+
+  template <int kBlockM>
+  __device__ __forceinline__ static TileWalk of(const AttentionProblem& p) {
+    return {uint32_t((p.q.max_len * p.group() + kBlockM - 1) / kBlockM),
+            uint32_t(p.num_kv_heads * p.batch * p.num_splits)};
+  }
+  __device__ __forceinline__ uint32_t count() const { return row_tiles * per_row_tile; }
+  template <int kBlockM, int kBlockN>
+  __device__ __forceinline__ bool locate(const AttentionProblem& p, uint32_t t,
+                                         CtaTile& tile) const {
+    const uint32_t rest = t % per_row_tile, heads = uint32_t(p.num_kv_heads);
+    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - t / per_row_tile, int(rest % heads),
+                                         rest / heads, tile);
+  }
+};
+
+// Whether a tile's keys lie inside the K/V arrays, decided by one warp (every warp that
+// needs it decides alone, with no barrier between the roles).
+__device__ __forceinline__ bool tile_keys_valid(const AttentionProblem& p, const CtaTile& t) {
+  return kv_keys_valid(p.kv, t.b, t.split_range, int(threadIdx.x % 32), 32,
+                       [](bool bad) { return __any_sync(0xffffffffu, bad); });
+}
+
+// Whether Traits' kernel runs persistent (one CTA per SM, at most one per tile) or one CTA per
+// tile. FP8 queries take one CTA per tile: their 16-bit output does not fit in their FP8 Q
+// rows, so their epilogue stages the whole output tile over all the shared memory once both
+// consumers are done, which a persistent CTA's producer is already refilling with the next
+// tile's keys.
+template <class Traits>
+inline constexpr bool kHopperPersistent = !Traits::kFp8Qk;
+
 // The key blocks of a tile, as the producer and the consumers walk them.
 struct KeyBlocks {
   int first;  // the first block's first key: blocks start at multiples of kBlockN
@@ -58,21 +103,21 @@ struct KeyBlocks {
 };
 
 // The producer warp: every K and V block of the tile, each as runs of maps.run_rows rows
-// (one per lane) of its tile's column boxes (K's and V's differ with FP8 K).
+// (one per lane) of its tile's column boxes (K's and V's differ with FP8 K). Block n is use
+// use0 + n of both rings; `landings` counts the uses of last_v_landed.
 template <class Traits>
-__device__ __forceinline__ void produce_kv(
-    const AttentionProblem& p, const KvTensorMaps& maps, const CtaTile& t, const KeyBlocks& blocks,
-    const StageRing<Traits::kStages>& k_ring, const StageRing<Traits::kStages>& v_ring,
-    uint64_t* last_v_landed, typename Traits::QkElement* smem_k, typename Traits::Element* smem_v) {
+__device__ __forceinline__ void produce_kv(const AttentionProblem& p, const KvTensorMaps& maps,
+                                           const CtaTile& t, const KeyBlocks& blocks, int use0,
+                                           const StageRing<Traits::kStages>& k_ring,
+                                           const StageRing<Traits::kStages>& v_ring,
+                                           uint64_t* last_v_landed, int& landings,
+                                           typename Traits::QkElement* smem_k,
+                                           typename Traits::Element* smem_v) {
   using VTile = typename Traits::VTile;
   constexpr int kBlockN = Traits::kBlockN;
   const int lane = threadIdx.x % 32;
   const int run_rows = maps.run_rows;
   const int runs = kBlockN / run_rows;
-  if (lane == 0) {
-    prefetch_tensor_map(maps.k);
-    prefetch_tensor_map(maps.v);
-  }
   // The row of this lane's run of a block; -1 for lanes past the block's runs and runs past
   // the tile's keys (their page ids are never read).
   const auto run_row = [&](int block) {
@@ -94,33 +139,36 @@ __device__ __forceinline__ void produce_kv(
                  t.kv_head, row);
   };
   const auto k_tile = [&](int block) {
-    return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
+    return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
   };
-  const auto v_tile = [&](int block) { return smem_v + v_ring.stage(block) * VTile::kElems; };
+  const auto v_tile = [&](int block) {
+    return smem_v + v_ring.stage(use0 + block) * VTile::kElems;
+  };
 
   int k_row = run_row(0), v_row = -1;
   for (int block = 0; block < blocks.count; ++block) {
-    k_ring.acquire(block);
-    copy_block(maps.k, k_tile(block), k_ring.full_barrier(block), k_row, block);
+    k_ring.acquire(use0 + block);
+    copy_block(maps.k, k_tile(block), k_ring.full_barrier(use0 + block), k_row, block);
     const int next_row = block + 1 < blocks.count ? run_row(block + 1) : -1;  // read ahead
     if (block > 0) {
-      v_ring.acquire(block - 1);
-      copy_block(maps.v, v_tile(block - 1), v_ring.full_barrier(block - 1), v_row, block - 1);
+      v_ring.acquire(use0 + block - 1);
+      copy_block(maps.v, v_tile(block - 1), v_ring.full_barrier(use0 + block - 1), v_row,
+                 block - 1);
     }
     v_row = k_row;
     k_row = next_row;
   }
   const int last = blocks.count - 1;
   const int valid_rows = blocks.end - blocks.key_begin<kBlockN>(last);
-  v_ring.acquire(last);
+  v_ring.acquire(use0 + last);
   if (valid_rows == kBlockN) {
-    copy_block(maps.v, v_tile(last), v_ring.full_barrier(last), v_row, last);
+    copy_block(maps.v, v_tile(last), v_ring.full_barrier(use0 + last), v_row, last);
     return;
   }
   // The last V block ends inside: copy it, wait, zero its rows past the keys, then release it.
   typename Traits::Element* tile = v_tile(last);
   copy_block(maps.v, tile, last_v_landed, v_row, last);
-  cutlass::arch::ClusterBarrier::wait(last_v_landed, 0);
+  cutlass::arch::ClusterBarrier::wait(last_v_landed, landings++ % 2);
   constexpr int kChunksPerSpan = VTile::kSwizzleBytes / 16;
   const int chunks = (kBlockN - valid_rows) * VTile::kColumnBoxes * kChunksPerSpan;
   for (int c = lane; c < chunks; c += 32) {
@@ -131,12 +179,145 @@ __device__ __forceinline__ void produce_kv(
   }
   fence_shared_for_wgmma();
   __syncwarp();
-  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(last));
+  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(v_ring.full_barrier(use0 + last));
+}
+
+// One consumer's key blocks of a tile (block n is use use0 + n of both rings): per block,
+// S = Q K^T and the P V of the block before, issued in its turn, the softmax of S while P V
+// runs. O (zeroed) and softmax accumulate the tile.
+template <class Traits, bool kScorePass, class TakeTurn, class PassTurn>
+__device__ __forceinline__ void consume_key_blocks(
+    const typename Traits::QkElement* smem_q, const typename Traits::QkElement* smem_k,
+    const typename Traits::Element* smem_v, const StageRing<Traits::kStages>& k_ring,
+    const StageRing<Traits::kStages>& v_ring, int use0, const KeyBlocks& blocks,
+    const TileKeys& keys, const RowKeyLimits<Traits>& row_limits, const ScoreTransform& transform,
+    float (&o)[1][Traits::kDimAtoms][4], OnlineSoftmax<Traits>& softmax, int group, bool leader,
+    TakeTurn take_turn, PassTurn pass_turn) {
+  constexpr int kBlockN = Traits::kBlockN;
+  // The loop's count and the rings' first use read from lane 0, as `group`: the block index,
+  // and with it each stage's addresses and the wgmma descriptors, stay in uniform registers.
+  const int block_count = __shfl_sync(0xffffffffu, blocks.count, 0);
+  use0 = __shfl_sync(0xffffffffu, use0, 0);
+  auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
+  ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
+  const auto k_tile = [&](int block) {
+    return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
+  };
+  const auto v_tile = [&](int block) {
+    return smem_v + v_ring.stage(use0 + block) * Traits::VTile::kElems;
+  };
+
+  // The softmax of block n's scores: masked, then probabilities and the factor O must be
+  // rescaled by; returns whether any row of the warp needs it.
+  float correction[1][2];
+  const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
+    const int key_begin = blocks.key_begin<kBlockN>(block);
+    if constexpr (kScorePass) {
+      transform.apply<Traits>(s);
+    } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
+      if (transform.explicit_pass()) transform.apply<Traits>(s);
+    }
+    if (keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
+    const float fold = kScorePass ? 1.f : Traits::kFp8Qk ? transform.fold() : transform.scale_log2;
+    return softmax.update_scores(s, fold, correction);
+  };
+  bool rescale = false;    // O must be rescaled before its next product
+  if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
+                           // between the issue and the wait of the loop's products)
+    float s[1][Traits::kKeyAtoms][4];
+    auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+    k_ring.wait(use0);
+    take_turn();
+    issue_qk<Traits>(smem_q, k_tile(0), s, group);
+    pass_turn();
+    wait_products<0>();
+    if (leader) k_ring.release(use0);
+    fence_registers(s_regs);
+    softmax_of(s, 0);  // (O is still 0: nothing to rescale)
+    pack_probabilities<Traits>(s, probs);
+  }
+  for (int block = 1; block < block_count; ++block) {
+    float s[1][Traits::kKeyAtoms][4];
+    auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
+    k_ring.wait(use0 + block);
+    v_ring.wait(use0 + block - 1);
+    take_turn();
+    issue_qk<Traits>(smem_q, k_tile(block), s, group);
+    fence_registers(o_regs);
+    if (rescale) softmax.rescale(o, correction);  // while S runs
+    fence_registers(o_regs);
+    fence_registers(probs);
+    issue_pv<Traits>(probs, v_tile(block - 1), o, group);
+    pass_turn();
+    wait_products<1>();  // S; P V of the last block still runs
+    if (leader) k_ring.release(use0 + block);
+    fence_registers(s_regs);
+    rescale = softmax_of(s, block);
+    wait_products<0>();
+    if (leader) v_ring.release(use0 + block - 1);
+    fence_registers(o_regs);
+    fence_registers(probs);
+    pack_probabilities<Traits>(s, probs);
+  }
+  if (blocks.count > 0) {  // P V of the last block
+    const int last = blocks.count - 1;
+    v_ring.wait(use0 + last);
+    take_turn();
+    fence_registers(o_regs);
+    if (rescale) softmax.rescale(o, correction);
+    fence_registers(o_regs);
+    fence_registers(probs);
+    issue_pv<Traits>(probs, v_tile(last), o, group);
+    pass_turn();
+    wait_products<0>();
+    if (leader) v_ring.release(use0 + last);
+    fence_registers(o_regs);
+  }
+}
+
+// The shared-memory layout of both kernels: Q, the K and V rings, their barriers.
+template <class Traits>
+struct HopperSmem {
+  typename Traits::QkElement* q;
+  typename Traits::QkElement* k;  // [kStages]
+  typename Traits::Element* v;    // [kStages]
+  StageRing<Traits::kStages> k_ring, v_ring;
+  uint64_t* last_v_landed;
+
+  __device__ __forceinline__ explicit HopperSmem(unsigned char* smem)
+      : q(reinterpret_cast<typename Traits::QkElement*>(smem)),
+        k(reinterpret_cast<typename Traits::QkElement*>(smem + Traits::kKOffset)),
+        v(reinterpret_cast<typename Traits::Element*>(smem + Traits::kVOffset)),
+        k_ring{barriers(smem), barriers(smem) + Traits::kStages},
+        v_ring{barriers(smem) + 2 * Traits::kStages, barriers(smem) + 3 * Traits::kStages},
+        last_v_landed(barriers(smem) + 4 * Traits::kStages) {}
+  __device__ __forceinline__ static uint64_t* barriers(unsigned char* smem) {
+    return reinterpret_cast<uint64_t*>(smem + Traits::kBarriersOffset);
+  }
+  // (One thread, then every thread of the CTA passes a __syncthreads.)
+  __device__ __forceinline__ void init(int consumer_groups) const {
+    k_ring.init(consumer_groups);
+    v_ring.init(consumer_groups);
+    cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+};
+
+// O of a consumer's tile before its first key block.
+template <class Traits>
+__device__ __forceinline__ void zero_output(float (&o)[1][Traits::kDimAtoms][4]) {
+#pragma unroll
+  for (int d = 0; d < Traits::kDimAtoms; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
 }
 
 // kScorePass: the scores take ScoreTransform's explicit pass (softcap, or a scale that is not
 // positive); a kernel without it holds no code for it (its registers are the 128-key tile's
 // limit, docs/design/cuda_attention.md).
+//
+// One CTA per tile (grid x: row tile, y: KV head, z: split x sequence): the kernel of
+// Traits without kHopperPersistent (FP8 queries).
 template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
@@ -145,18 +326,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
   using Element = typename Traits::Element;
-  using QkElement = typename Traits::QkElement;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kStages = Traits::kStages;
   constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
-  QkElement* smem_q = reinterpret_cast<QkElement*>(sm90_smem);
-  QkElement* smem_k = reinterpret_cast<QkElement*>(sm90_smem + Traits::kKOffset);  // [kStages]
-  Element* smem_v = reinterpret_cast<Element*>(sm90_smem + Traits::kVOffset);      // [kStages]
-  uint64_t* barriers = reinterpret_cast<uint64_t*>(sm90_smem + Traits::kBarriersOffset);
-  const StageRing<kStages> k_ring{barriers, barriers + kStages};
-  const StageRing<kStages> v_ring{barriers + 2 * kStages, barriers + 3 * kStages};
-  uint64_t* last_v_landed = barriers + 4 * kStages;
+  const HopperSmem<Traits> smem(sm90_smem);
 
   CtaTile t;
   if (!place_tile<Traits::kBlockM, kBlockN>(p, out, lse, t)) return;
@@ -164,25 +337,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // releases stages, nor takes turns.
   const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
   const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
-  if (threadIdx.x == 0) {
-    k_ring.init(consumer_groups);
-    v_ring.init(consumer_groups);
-    cutlass::arch::ClusterBarrier::init(last_v_landed, 1);
-    cutlass::arch::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) smem.init(consumer_groups);
   __syncthreads();
 
   if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (threadIdx.x < 32 && blocks.count > 0)
-      produce_kv<Traits>(p, maps, t, blocks, k_ring, v_ring, last_v_landed, smem_k, smem_v);
+    if (threadIdx.x < 32 && blocks.count > 0) {
+      if (threadIdx.x == 0) {
+        prefetch_tensor_map(maps.k);
+        prefetch_tensor_map(maps.v);
+      }
+      int landings = 0;
+      produce_kv<Traits>(p, maps, t, blocks, 0, smem.k_ring, smem.v_ring, smem.last_v_landed,
+                         landings, smem.k, smem.v);
+    }
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int thread = threadIdx.x - kGroupThreads;  // among the consumers
   // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
-  // built from it then stay in uniform registers (no per-thread address arithmetic and moves
-  // to uniform registers in the key loop).
+  // built from it stay in uniform registers (warpgroup_mma.cuh).
   const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
   const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
   const int warp_row = (thread / 32) * Traits::kWarpRows;
@@ -195,17 +369,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
 
   float o[1][Traits::kDimAtoms][4];
-#pragma unroll
-  for (int d = 0; d < Traits::kDimAtoms; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-  auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
+  zero_output<Traits>(o);
   OnlineSoftmax<Traits> softmax;
-  ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
 
   if (group < consumer_groups) {
     load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
-        smem_q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+        smem.q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
         thread % kGroupThreads);
     cute::cp_async_wait<0>();
     fence_shared_for_wgmma();
@@ -222,86 +391,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
     };
     if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
-    const auto k_tile = [&](int block) {
-      return smem_k + k_ring.stage(block) * Traits::KTile::kElems;
-    };
-    const auto v_tile = [&](int block) {
-      return smem_v + v_ring.stage(block) * Traits::VTile::kElems;
-    };
-
-    // The softmax of block n's scores: masked, then probabilities and the factor O must be
-    // rescaled by; returns whether any row of the warp needs it.
-    float correction[1][2];
-    const auto softmax_of = [&](float (&s)[1][Traits::kKeyAtoms][4], int block) {
-      const int key_begin = blocks.key_begin<kBlockN>(block);
-      if constexpr (kScorePass) {
-        transform.apply<Traits>(s);
-      } else if constexpr (Traits::kFp8Qk) {  // the launch saw p.scale, not q_scale * k_scale
-        if (transform.explicit_pass()) transform.apply<Traits>(s);
-      }
-      if (t.keys.block_needs_mask(key_begin, kBlockN)) row_limits.mask(s, key_begin);
-      const float fold = kScorePass       ? 1.f
-                         : Traits::kFp8Qk ? transform.fold()
-                                          : transform.scale_log2;
-      return softmax.update_scores(s, fold, correction);
-    };
-    bool rescale = false;    // O must be rescaled before its next product
-    if (blocks.count > 0) {  // block 0: S only (the first iteration, peeled: no branch
-                             // between the issue and the wait of the loop's products)
-      float s[1][Traits::kKeyAtoms][4];
-      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(0);
-      take_turn();
-      issue_qk<Traits>(smem_q, k_tile(0), s, group);
-      pass_turn();
-      wait_products<0>();
-      if (leader) k_ring.release(0);
-      fence_registers(s_regs);
-      softmax_of(s, 0);  // (O is still 0: nothing to rescale)
-      pack_probabilities<Traits>(s, probs);
-    }
-    // The loop's count read from lane 0, as `group`: the block index, and with it each
-    // stage's addresses and descriptors, stay in uniform registers.
-    const int block_count = __shfl_sync(0xffffffffu, blocks.count, 0);
-    for (int block = 1; block < block_count; ++block) {
-      float s[1][Traits::kKeyAtoms][4];
-      auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-      k_ring.wait(block);
-      v_ring.wait(block - 1);
-      take_turn();
-      issue_qk<Traits>(smem_q, k_tile(block), s, group);
-      fence_registers(o_regs);
-      if (rescale) softmax.rescale(o, correction);  // while S runs
-      fence_registers(o_regs);
-      fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(block - 1), o, group);
-      pass_turn();
-      wait_products<1>();  // S; P V of the last block still runs
-      if (leader) k_ring.release(block);
-      fence_registers(s_regs);
-      rescale = softmax_of(s, block);
-      wait_products<0>();
-      if (leader) v_ring.release(block - 1);
-      fence_registers(o_regs);
-      fence_registers(probs);
-      pack_probabilities<Traits>(s, probs);
-    }
-    if (blocks.count > 0) {  // P V of the last block
-      const int last = blocks.count - 1;
-      v_ring.wait(last);
-      take_turn();
-      fence_registers(o_regs);
-      if (rescale) softmax.rescale(o, correction);
-      fence_registers(o_regs);
-      fence_registers(probs);
-      issue_pv<Traits>(probs, v_tile(last), o, group);
-      pass_turn();
-      wait_products<0>();
-      if (leader) v_ring.release(last);
-      fence_registers(o_regs);
-      if (group == 0) take_turn();  // the last consumer's last pass (it passed first)
-    }
+    consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, 0,
+                                           blocks, t.keys, row_limits, transform, o, softmax, group,
+                                           leader, take_turn, pass_turn);
+    if (group == 0 && blocks.count > 0) take_turn();  // the last consumer's last pass
   }
+  // The tile located again for its output addressing (no page-id check: place_tile passed),
+  // so that it is not held in registers through the key loop (ptxas, FP8-query d128: 8/24
+  // bytes of spill stores/loads without it).
+  CtaTile te;
+  locate_tile<Traits::kBlockM, kBlockN>(p, blockIdx.x, blockIdx.y, blockIdx.z, te);
   // Each consumer writes its own rows, through its own rows of the Q tile (its products, Q's
   // only readers, have completed; the other consumer never reads them), so neither waits
   // for the other. Float32 partials (split-KV) do not fit there and go straight out. FP8
@@ -317,23 +416,173 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     consumers_sync();
     store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
         o, softmax, reinterpret_cast<OutT*>(sm90_smem),
-        [](int r, int col) { return r * kPitch + col; }, out, lse, t.output(p), t.row_begin, t.rows,
-        0, warp_row, thread, consumers_sync);
+        [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
+        te.rows, 0, warp_row, thread, consumers_sync);
   } else if constexpr (sizeof(OutT) == sizeof(Element)) {
     store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
-        o, softmax, reinterpret_cast<OutT*>(smem_q),
-        [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, t.output(p), t.row_begin,
-        t.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
+        o, softmax, reinterpret_cast<OutT*>(smem.q),
+        [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
+        te.row_begin, te.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
         [&] { cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group); });
   } else {
-    store_direct<Traits, OutT>(o, softmax, out, lse, t.output(p), t.row_begin, t.rows, warp_row,
+    store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
                                thread % 32);
   }
 #endif
 }
 
+// The persistent kernel of Traits with kHopperPersistent (16-bit queries): about one CTA per
+// SM walks the tiles in TileWalk's order.
+template <class Traits, typename OutT, bool kScorePass>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attention_forward_kernel_sm90_persistent(const __grid_constant__ AttentionProblem p,
+                                             const typename Traits::QkElement* __restrict__ q,
+                                             OutT* __restrict__ out, float* __restrict__ lse,
+                                             const __grid_constant__ KvTensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
+  static_assert(!Traits::kFp8Qk, "FP8 queries stage their output over the whole shared memory");
+  using Element = typename Traits::Element;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kGroupThreads = Traits::kGroupThreads;
+  extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
+  const HopperSmem<Traits> smem(sm90_smem);
+  if (threadIdx.x == 0) smem.init(Traits::kConsumerGroups);
+  __syncthreads();
+  const TileWalk walk = TileWalk::of<Traits::kBlockM>(p);
+
+  if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (threadIdx.x >= 32) return;
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(maps.k);
+      prefetch_tensor_map(maps.v);
+    }
+    int use0 = 0, landings = 0;  // the rings' uses of the tile's block 0; last_v_landed's
+    for (uint32_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+      CtaTile t;
+      if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t) || !tile_keys_valid(p, t)) continue;
+      const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+      if (blocks.count == 0) continue;
+      produce_kv<Traits>(p, maps, t, blocks, use0, smem.k_ring, smem.v_ring, smem.last_v_landed,
+                         landings, smem.k, smem.v);
+      use0 += blocks.count;
+    }
+    return;
+  }
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+  const int thread = threadIdx.x - kGroupThreads;  // among the consumers
+  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
+  // built from it stay in uniform registers (warpgroup_mma.cuh).
+  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
+  const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
+  const int warp_row = (thread / 32) * Traits::kWarpRows;
+  // Turns: each consumer issues its products after the other's.
+  const auto take_turn = [&] {
+    cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kTurn + group);
+  };
+  const auto pass_turn = [&] {
+    cutlass::arch::NamedBarrier::arrive(2 * kGroupThreads, kTurn + 1 - group);
+  };
+
+  // The turns run on across tiles, so that no consumer can pass twice before the other took
+  // the first pass (a named barrier would count both and complete without the other).
+  if (group == 1) pass_turn();  // consumer 0 goes first
+
+  int use0 = 0;  // the rings' use of the tile's block 0
+  for (uint32_t i = blockIdx.x; i < walk.count(); i += gridDim.x) {
+    CtaTile t;
+    if (!walk.locate<Traits::kBlockM, kBlockN>(p, i, t)) continue;
+    if (!tile_keys_valid(p, t)) {
+      store_nan_rows(out, lse, t.output(p), t.row_begin, t.rows, thread, Traits::kConsumerThreads);
+      continue;
+    }
+    const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
+    const RowKeyLimits<Traits> row_limits(p, t.split_range,
+                                          int(t.row_begin) + warp_row + thread % 32 / 4,
+                                          int(t.rows_in_seq), t.sq, t.sk);
+    const ScoreTransform transform = ScoreTransform::make(p.scale, p.softcap);
+    float o[1][Traits::kDimAtoms][4];
+    zero_output<Traits>(o);
+    OnlineSoftmax<Traits> softmax;
+
+    if (blocks.count > 0) {
+      // (This group's Q rows are free: its last product of the previous tile, their last
+      // reader, has completed, and so have the reads of the output it staged there.)
+      load_q_tile<Traits, Traits::kMmaGroupRows, kGroupThreads>(
+          smem.q, q, p, t.q_begin, t.kv_head, t.row_begin, t.rows, group * Traits::kMmaGroupRows,
+          thread % kGroupThreads);
+      cute::cp_async_wait<0>();
+      fence_shared_for_wgmma();
+      cutlass::arch::NamedBarrier::sync(kGroupThreads, kQLoaded + group);
+    }
+    consume_key_blocks<Traits, kScorePass>(smem.q, smem.k, smem.v, smem.k_ring, smem.v_ring, use0,
+                                           blocks, t.keys, row_limits, transform, o, softmax, group,
+                                           leader, take_turn, pass_turn);
+    // The tile located again: its output addressing, which only the stores use, is not held
+    // in registers through the key loop. The tile index and the thread's rows pass through an
+    // empty asm: otherwise the compiler reuses the first locate's values, and hoists the
+    // staging tile's offsets (invariant across tiles) out of the tile loop, and spills both
+    // across the key loop (ptxas, d128 bf16 without / with the score pass: 152/160 /
+    // 280/320 bytes of spill stores/loads, 24/40 / 96/104 with the asm).
+    uint32_t tile = i;
+    int tile_warp_row = warp_row, tile_thread = thread;
+    asm volatile("" : "+r"(tile), "+r"(tile_warp_row), "+r"(tile_thread));
+    CtaTile te;
+    walk.locate<Traits::kBlockM, kBlockN>(p, tile, te);
+    if constexpr (sizeof(OutT) == sizeof(Element)) {
+      // Each consumer writes its own rows through its own rows of the Q tile, the only shared
+      // memory free to it (the K/V stages already hold the next tile's keys; the other
+      // consumer never reads these rows). They are free from the completion of this group's
+      // last S product of the tile (its P V products read only V) until its next tile's Q is
+      // loaded into them: so the output is staged and stored out first, and the next Q is
+      // loaded only after the group's barrier below, once every thread has read its staged
+      // chunks. (Loading the next Q first would leave no room to stage the output in.)
+      const auto staged_sync = [&] {
+        cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group);
+      };
+      store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
+          o, softmax, reinterpret_cast<OutT*>(smem.q),
+          [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
+          te.row_begin, te.rows, group * Traits::kMmaGroupRows, tile_warp_row,
+          tile_thread % kGroupThreads, staged_sync);
+      staged_sync();
+    } else {  // float32 partials (split-KV) do not fit in the Q rows: straight out
+      store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows,
+                                 warp_row, thread % 32);
+    }
+    use0 += blocks.count;
+  }
+  if (group == 0) take_turn();  // consumer 1's last pass (it passed first)
+#endif
+}
+
+// The current device's multiprocessors, queried once per device; 0 if the query fails.
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static int count[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 0;
+  std::call_once(once[device], [&] {
+    if (cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device) !=
+        cudaSuccess)
+      count[device] = 0;
+  });
+  return count[device];
+}
+
+// The kernel of Traits (kHopperPersistent: the persistent one).
+template <class Traits, typename OutT, bool kScorePass>
+constexpr auto hopper_forward_kernel() {
+  if constexpr (kHopperPersistent<Traits>)
+    return attention_forward_kernel_sm90_persistent<Traits, OutT, kScorePass>;
+  else
+    return attention_forward_kernel_sm90<Traits, OutT, kScorePass>;
+}
+
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
-// tensor maps instead of the K and V pointers, and comes with and without the score pass.
+// tensor maps instead of the K and V pointers, runs a persistent grid (16-bit queries), and
+// comes with and without the score pass.
 // With FP8 q (Element), Kv is v's 16-bit type (forward_launch.h); otherwise it is Element.
 template <>
 struct ForwardKernelOf<ForwardKernel::kHopper> {
@@ -358,10 +607,22 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
         !make_kv_tensor_map<typename Traits::VTile>(p, v, maps.run_rows, &maps.v, &error))
       return internal_error(kOp, "building the K/V tensor maps", error);
     const auto run = [&](auto score_pass) {
-      constexpr auto kernel = attention_forward_kernel_sm90<Traits, OutT, score_pass.value>;
+      // Persistent: one CTA an SM, at most one a tile, walking TileWalk's order; otherwise
+      // the grid's CTA a tile (kHopperPersistent).
+      constexpr bool kPersistent = kHopperPersistent<Traits>;
+      constexpr auto kernel = hopper_forward_kernel<Traits, OutT, score_pass.value>();
       if (cudaError_t err = allow_shared_memory<kernel, Traits::kSmemBytes>(); err != cudaSuccess)
         return internal_error(kOp, "raising the shared-memory limit", cudaGetErrorString(err));
-      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(
+      dim3 ctas = grid;
+      if constexpr (kPersistent) {
+        const uint64_t tiles = uint64_t(grid.x) * grid.y * grid.z;
+        if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
+          return invalid_argument(kOp,
+                                  "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
+        const int sms = multiprocessor_count();
+        ctas = dim3(unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles));
+      }
+      kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
           p, static_cast<const typename Traits::QkElement*>(q), out, lse, maps);
       return xla::ffi::Error::Success();
     };
