@@ -194,18 +194,15 @@ __device__ __forceinline__ void consume_key_blocks(
     float (&o)[1][Traits::kDimAtoms][4], OnlineSoftmax<Traits>& softmax, int group, bool leader,
     TakeTurn take_turn, PassTurn pass_turn) {
   constexpr int kBlockN = Traits::kBlockN;
-  // The loop's count and the rings' first use read from lane 0, as `group`: the block index,
-  // and with it each stage's addresses and the wgmma descriptors, stay in uniform registers.
+  // The loop's count and each block's ring use read from lane 0, as `group`, so that the
+  // stages' wgmma descriptors stay in uniform registers (use0 read once per tile left them
+  // in vector registers: 32 R2UR per block at d128).
   const int block_count = __shfl_sync(0xffffffffu, blocks.count, 0);
-  use0 = __shfl_sync(0xffffffffu, use0, 0);
+  const auto use_of = [&](int block) { return __shfl_sync(0xffffffffu, use0 + block, 0); };
   auto& o_regs = reinterpret_cast<float (&)[Traits::kDimAtoms * 4]>(o);
   ProbabilityRegs<Traits> probs;  // P of the previous block: the A operand of its P V
-  const auto k_tile = [&](int block) {
-    return smem_k + k_ring.stage(use0 + block) * Traits::KTile::kElems;
-  };
-  const auto v_tile = [&](int block) {
-    return smem_v + v_ring.stage(use0 + block) * Traits::VTile::kElems;
-  };
+  const auto k_tile = [&](int use) { return smem_k + k_ring.stage(use) * Traits::KTile::kElems; };
+  const auto v_tile = [&](int use) { return smem_v + v_ring.stage(use) * Traits::VTile::kElems; };
 
   // The softmax of block n's scores: masked, then probabilities and the factor O must be
   // rescaled by; returns whether any row of the warp needs it.
@@ -226,12 +223,13 @@ __device__ __forceinline__ void consume_key_blocks(
                            // between the issue and the wait of the loop's products)
     float s[1][Traits::kKeyAtoms][4];
     auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-    k_ring.wait(use0);
+    const int use = use_of(0);
+    k_ring.wait(use);
     take_turn();
-    issue_qk<Traits>(smem_q, k_tile(0), s, group);
+    issue_qk<Traits>(smem_q, k_tile(use), s, group);
     pass_turn();
     wait_products<0>();
-    if (leader) k_ring.release(use0);
+    if (leader) k_ring.release(use);
     fence_registers(s_regs);
     softmax_of(s, 0);  // (O is still 0: nothing to rescale)
     pack_probabilities<Traits>(s, probs);
@@ -239,38 +237,39 @@ __device__ __forceinline__ void consume_key_blocks(
   for (int block = 1; block < block_count; ++block) {
     float s[1][Traits::kKeyAtoms][4];
     auto& s_regs = reinterpret_cast<float (&)[Traits::kKeyAtoms * 4]>(s);
-    k_ring.wait(use0 + block);
-    v_ring.wait(use0 + block - 1);
+    const int use = use_of(block);  // (before the waits, which hide its latency)
+    k_ring.wait(use);
+    v_ring.wait(use - 1);
     take_turn();
-    issue_qk<Traits>(smem_q, k_tile(block), s, group);
+    issue_qk<Traits>(smem_q, k_tile(use), s, group);
     fence_registers(o_regs);
     if (rescale) softmax.rescale(o, correction);  // while S runs
     fence_registers(o_regs);
     fence_registers(probs);
-    issue_pv<Traits>(probs, v_tile(block - 1), o, group);
+    issue_pv<Traits>(probs, v_tile(use - 1), o, group);
     pass_turn();
     wait_products<1>();  // S; P V of the last block still runs
-    if (leader) k_ring.release(use0 + block);
+    if (leader) k_ring.release(use);
     fence_registers(s_regs);
     rescale = softmax_of(s, block);
     wait_products<0>();
-    if (leader) v_ring.release(use0 + block - 1);
+    if (leader) v_ring.release(use - 1);
     fence_registers(o_regs);
     fence_registers(probs);
     pack_probabilities<Traits>(s, probs);
   }
   if (blocks.count > 0) {  // P V of the last block
-    const int last = blocks.count - 1;
-    v_ring.wait(use0 + last);
+    const int use = use_of(blocks.count - 1);
+    v_ring.wait(use);
     take_turn();
     fence_registers(o_regs);
     if (rescale) softmax.rescale(o, correction);
     fence_registers(o_regs);
     fence_registers(probs);
-    issue_pv<Traits>(probs, v_tile(last), o, group);
+    issue_pv<Traits>(probs, v_tile(use), o, group);
     pass_turn();
     wait_products<0>();
-    if (leader) v_ring.release(use0 + last);
+    if (leader) v_ring.release(use);
     fence_registers(o_regs);
   }
 }
