@@ -6,7 +6,8 @@
         --out benchmarks/results/cpu-2core/attention.json
     python benchmarks/tools/results_md.py benchmarks/results/h200   # RESULTS.md from the JSONs
 
-Suites (``--suite``): prefill, gqa, paged (paged prefill), decode (paged decode), varlen
+Suites (``--suite``): prefill, gqa, paged (paged prefill, and chunked prefill: new queries
+over a longer paged cache, GQA 32/8, causal from the bottom right), decode (paged decode), varlen
 (packed mixed batches), ``all`` (the five), and ``cpu`` (prefill and paged decode at sizes
 a 2-core CPU runs in a few minutes). Each case runs every implementation on the same random
 inputs: ``jax_fmha`` (ours), then the peers ``xla`` and ``cudnn``
@@ -19,7 +20,8 @@ peer that cannot run a case is skipped with a note in the row.
 Timing: each function is jitted once and warmed up, then timed with ``block_until_ready``
 (median of the samples; each sample loops over calls until it lasts 20 ms on the GPU,
 2 ms on the CPU); 3 input sets are rotated when one set is small enough to stay in cache.
-Rates: TFLOP/s with FlashAttention-3's count (4 * B * Hq * Sq * Sk * D, half when causal),
+Rates: TFLOP/s with FlashAttention-3's count (4 * B * Hq * Sq * Sk * D, half when causal;
+chunked prefill counts the (query, key) pairs its causal mask leaves),
 or, for decode, GB/s of KV-cache bytes read (2 * B * Sk * Hkv * D * itemsize / time). The
 decode suite on the GPU also runs FP8 (float8_e4m3fn) caches at pages 16 and 256, against
 ours over the same values in a bfloat16 cache (``jax_fmha_bf16_cache``): GB/s of FP8 bytes,
@@ -71,6 +73,7 @@ SIZES = {
     paged_tokens=16384,
     paged_seqlens=(2048, 8192),
     paged_heads=16,
+    chunked=((4, 512, 8704),),  # (B, new queries, keys): 512 new tokens on 8k cached
     decode_batches=(1, 4, 16, 64, 256),
     decode_kv=(1024, 4096, 16384, 131072),
     decode_max_tokens=2**20,  # B * Sk cap: 4 GiB of bf16 K+V at 8 KV heads, d128
@@ -96,6 +99,7 @@ SIZES = {
     paged_tokens=1024,
     paged_seqlens=(1024,),
     paged_heads=4,
+    chunked=((1, 128, 1152),),
     decode_batches=(1, 8),
     decode_kv=(1024, 8192),
     decode_max_tokens=2**16,
@@ -115,6 +119,7 @@ SIZES = {
     paged_tokens=256,
     paged_seqlens=(256,),
     paged_heads=2,
+    chunked=((1, 32, 320),),
     decode_batches=(1, 4),
     decode_kv=(256, 1024),
     decode_max_tokens=2**12,
@@ -126,6 +131,7 @@ SIZES = {
   ),
 }
 PAGE_SIZES = (16, 64, 256)
+CHUNKED = dict(q_heads=32, kv_heads=8, head_dim=128, pages=(16, 64))
 DECODE = dict(q_heads=32, kv_heads=8, head_dim=128, page=16)
 FP8_DECODE_PAGES = (16, 256)
 
@@ -355,6 +361,67 @@ def paged_gather_impl(implementation, causal) -> Impl:
 
 
 def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtype) -> Case:
+  """Self-attention over a paged cache: Sq = Sk = seq, as many KV heads as query heads."""
+  return paged_case(
+    peers,
+    batch=batch,
+    seq_q=seq,
+    seq_k=seq,
+    q_heads=heads,
+    kv_heads=heads,
+    head_dim=head_dim,
+    page=page,
+    causal=causal,
+    dtype=dtype,
+    group=f"s{seq} {_name(dtype)}{' causal' if causal else ''}",
+    label=f"b{batch} s{seq} h{heads} d{head_dim} page{page} {_name(dtype)}"
+    f"{' causal' if causal else ''}",
+    work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
+  )
+
+
+def chunked_prefill_case(peers, *, batch, seq_q, seq_k, page, dtype) -> Case:
+  """Chunked prefill: seq_q new queries over seq_k paged keys (the cache holds the chunk),
+  causal from the bottom right, CHUNKED's heads. The peers that gather pages for
+  jax.nn (whose causal mask is aligned top left) or Pallas would not compute this mask, so
+  flash_attn3_jax is the peer, with our dense prefill on the gathered keys beside it."""
+  hq, hkv, d = CHUNKED["q_heads"], CHUNKED["kv_heads"], CHUNKED["head_dim"]
+  pairs = seq_q * (seq_k - seq_q) + seq_q * (seq_q + 1) // 2  # visible under the mask
+  return paged_case(
+    peers,
+    batch=batch,
+    seq_q=seq_q,
+    seq_k=seq_k,
+    q_heads=hq,
+    kv_heads=hkv,
+    head_dim=d,
+    page=page,
+    causal=True,
+    dtype=dtype,
+    group=f"chunked {seq_q} on {seq_k} h{hq}/{hkv} {_name(dtype)} causal",
+    label=f"b{batch} chunk{seq_q} sk{seq_k} h{hq}/{hkv} d{d} page{page} {_name(dtype)} causal",
+    work=4 * batch * hq * pairs * d,
+    jax_nn_peers=False,
+  )
+
+
+def paged_case(
+  peers,
+  *,
+  batch,
+  seq_q,
+  seq_k,
+  q_heads,
+  kv_heads,
+  head_dim,
+  page,
+  causal,
+  dtype,
+  group,
+  label,
+  work,
+  jax_nn_peers=True,
+) -> Case:
   scale = 1.0 / math.sqrt(head_dim)
 
   def ours(x):
@@ -377,7 +444,7 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
     return Impl(fn)
 
   def xla():
-    xla_fits(peers.backend, batch, heads, seq, seq)
+    xla_fits(peers.backend, batch, q_heads, seq_q, seq_k)
     return paged_gather_impl("xla", causal)
 
   def fa3():
@@ -393,51 +460,49 @@ def paged_prefill_case(peers, *, batch, seq, heads, head_dim, page, causal, dtyp
       )
     )
 
-  impls = guarded(
-    gpu_peers(
-      peers,
-      {
-        OURS: lambda: Impl(ours),
-        DENSE: lambda: Impl(
-          lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dense_prepare
-        ),
-        "xla_gather": xla,
-        "cudnn_gather": lambda: paged_gather_impl("cudnn", causal),
-        "pallas_gather": pallas,
-        "fa3": fa3,
-      },
-    )
+  builders = {
+    OURS: lambda: Impl(ours),
+    DENSE: lambda: Impl(
+      lambda x: jax_fmha.attention(x["q"], x["k"], x["v"], causal=causal), prepare=dense_prepare
+    ),
+  }
+  if jax_nn_peers:
+    builders |= {
+      "xla_gather": xla,
+      "cudnn_gather": lambda: paged_gather_impl("cudnn", causal),
+      "pallas_gather": pallas,
+    }
+  builders["fa3"] = fa3
+  shape = dict(
+    batch=batch,
+    seqlen_q=seq_q,
+    seqlen_k=seq_k,
+    q_heads=q_heads,
+    kv_heads=kv_heads,
+    head_dim=head_dim,
+    page_size=page,
+    causal=causal,
+    dtype=_name(dtype),
   )
   return Case(
     suite="paged",
-    group=f"s{seq} {_name(dtype)}{' causal' if causal else ''}",
+    group=group,
     x=page,
-    label=f"b{batch} s{seq} h{heads} d{head_dim} page{page} {_name(dtype)}"
-    f"{' causal' if causal else ''}",
-    shape=dict(
-      batch=batch,
-      seqlen_q=seq,
-      seqlen_k=seq,
-      q_heads=heads,
-      kv_heads=heads,
-      head_dim=head_dim,
-      page_size=page,
-      causal=causal,
-      dtype=_name(dtype),
-    ),
+    label=label,
+    shape=shape,
     make_inputs=lambda key: paged_inputs(
       key,
       batch=batch,
-      seq_q=seq,
-      seq_k=seq,
-      q_heads=heads,
-      kv_heads=heads,
+      seq_q=seq_q,
+      seq_k=seq_k,
+      q_heads=q_heads,
+      kv_heads=kv_heads,
       head_dim=head_dim,
       page=page,
       dtype=dtype,
     ),
-    impls=impls,
-    work=4 * batch * heads * seq * seq * head_dim / (2 if causal else 1),
+    impls=guarded(gpu_peers(peers, builders)),
+    work=work,
     metric="TFLOP/s",
   )
 
@@ -911,6 +976,11 @@ def suite_cases(suite: str, size: str, peers: Peers, dtype) -> list[Case]:
               dtype=dtype,
             )
           )
+    for b, sq, sk in c["chunked"]:
+      for page in CHUNKED["pages"]:
+        cases.append(
+          chunked_prefill_case(peers, batch=b, seq_q=sq, seq_k=sk, page=page, dtype=dtype)
+        )
   elif suite == "decode":
     for b in c["decode_batches"]:
       for sk in c["decode_kv"]:

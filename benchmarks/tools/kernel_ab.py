@@ -10,8 +10,8 @@ default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at e
 call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
 decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
 counts around the planner's choice. --variant times only our default kernel (prefill, short
-sequences, paged prefill, FP8 prefill with bf16 and FP8 v, and paged decode over bfloat16
-and FP8 caches), for comparing a rebuilt kernel variant against the same lines of an
+sequences, paged and chunked prefill, FP8 prefill with bf16 and FP8 v, and paged decode over
+bfloat16 and FP8 caches), for comparing a rebuilt kernel variant against the same lines of an
 earlier run.
 
 Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
@@ -100,6 +100,31 @@ def paged_prefill(rows, page_sizes=(16, 64, 256)):
     line = (
       f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
       f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s"
+    )
+    rows.append(line)
+    print(line, flush=True)
+
+
+def chunked_prefill(rows):
+  """The harness's chunked-prefill rows: B4, 512 new queries over 8704 paged keys, GQA 32/8,
+  d128, causal from the bottom right; TFLOP/s over the pairs the mask leaves."""
+  b, sq, sk, hq, hkv, d = 4, 512, 8704, 32, 8, 128
+  pairs = sq * (sk - sq) + sq * (sq + 1) // 2
+  q = rand(0, (b, sq, hq, d))
+  for page in (16, 64):
+    pages = b * sk // page
+    kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
+    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+    lens = jnp.full((b,), sk, jnp.int32)
+    fn = jax.jit(
+      lambda q, k, v, t, lens: jax_fmha.attention(
+        q, k, v, block_table=t, seq_lens=lens, causal=True
+      )
+    )
+    t = bench(fn, q, kp, vp, table, lens, reps=20)
+    line = (
+      f"chunked prefill B={b} Sq={sq} Sk={sk} 32/8 D={d} page={page}: {t * 1e3:7.3f} ms "
+      f"{4 * b * hq * pairs * d / t / 1e12:6.1f} TFLOP/s"
     )
     rows.append(line)
     print(line, flush=True)
@@ -209,6 +234,7 @@ if __name__ == "__main__":
   if "--variant" in sys.argv:
     prefill(rows, VARIANT_SHAPES, peers=False, kernels=forward_kernels()[:1])
     paged_prefill(rows, (16, 64))
+    chunked_prefill(rows)
     fp8_prefill(rows)
     variant_decode(rows)
   else:
