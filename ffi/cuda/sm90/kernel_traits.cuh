@@ -79,7 +79,7 @@ struct SwizzledTile {
 
   // Element offset of (row, column); column a multiple of 16 bytes (the swizzle permutes
   // 16-byte chunks, so a chunk stays contiguous).
-  __host__ __device__ __forceinline__ static int offset(int row, int col) {
+  __host__ __device__ __forceinline__ static constexpr int offset(int row, int col) {
     constexpr Layout layout{};
     const int bytes = int(layout.layout_b()(row, col)) * int(sizeof(T));
     return int(layout.layout_a()(bytes)) / int(sizeof(T));
@@ -219,8 +219,9 @@ struct HopperTraits {
   // Every tile starts on a swizzle-pattern boundary (the wgmma descriptors and TMA assume it).
   static constexpr size_t kSmemAlign = 1024;
 
-  // Element offset of (row, column) in the Q tile (the Q loader's chunks).
-  __host__ __device__ __forceinline__ static int q_offset(int row, int col) {
+  // Element offset of (row, column) in the Q tile (the Q loader's chunks; constexpr for its
+  // compile-time checks, common/tile_load.cuh).
+  __host__ __device__ __forceinline__ static constexpr int q_offset(int row, int col) {
     return QTile::offset(row, col);
   }
 

@@ -31,7 +31,8 @@ struct StageRing {
       cutlass::arch::ClusterBarrier::init(&empty[s], releases);
     }
   }
-  // Producer of a ring filled by threads (not TMA): one arrival of `fills`.
+  // Producer of a ring filled by threads' own stores (FP8 V's transposing warps; TMA and
+  // cp.async arrive through their copies): one arrival of `fills`.
   __device__ __forceinline__ void fill(int use) const {
     cutlass::arch::ClusterBarrier::arrive(&full[stage(use)]);
   }
