@@ -83,51 +83,38 @@ def prefill(rows, shapes=PREFILL_SHAPES, peers=True, kernels=None):
       print(line, flush=True)
 
 
-def paged_prefill(rows, page_sizes=(16, 64, 256)):
-  b, s, h, d = 2, 8192, 16, 128
-  q = rand(0, (b, s, h, d))
-  for page in page_sizes:
-    pages = b * s // page
-    kp, vp = rand(1, (pages, page, h, d)), rand(2, (pages, page, h, d))
-    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
-    lens = jnp.full((b,), s, jnp.int32)
-    fn = jax.jit(
-      lambda q, k, v, t, lens: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=lens, num_splits=1
-      )
-    )
-    t = bench(fn, q, kp, vp, table, lens, reps=10)
-    line = (
-      f"paged prefill B={b} S={s} H={h} D={d} page={page}: {t * 1e3:7.3f} ms "
-      f"{4 * b * h * s * s * d / t / 1e12:6.1f} TFLOP/s"
-    )
-    rows.append(line)
-    print(line, flush=True)
+def paged_cache(b, keys, hkv, d, page):
+  """Random K/V pages [B * keys / page, page, Hkv, D] in a shuffled block table; full lengths."""
+  pages = b * keys // page
+  kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
+  table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
+  return kp, vp, table, jnp.full((b,), keys, jnp.int32)
 
 
-def chunked_prefill(rows):
-  """The harness's chunked-prefill rows: B4, 512 new queries over 8704 paged keys, GQA 32/8,
-  d128, causal from the bottom right; TFLOP/s over the pairs the mask leaves."""
-  b, sq, sk, hq, hkv, d = 4, 512, 8704, 32, 8, 128
-  pairs = sq * (sk - sq) + sq * (sq + 1) // 2
+def paged_prefill_lines(rows, name, *, b, sq, sk, hq, hkv, d, causal, page_sizes):
+  """Our prefill of sq queries over sk paged keys, one line a page size; TFLOP/s over the
+  (query, key) pairs the causal mask (bottom right) leaves, all of them without it."""
+  pairs = sq * (sk - sq) + sq * (sq + 1) // 2 if causal else sq * sk
   q = rand(0, (b, sq, hq, d))
-  for page in (16, 64):
-    pages = b * sk // page
-    kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
-    table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
-    lens = jnp.full((b,), sk, jnp.int32)
-    fn = jax.jit(
-      lambda q, k, v, t, lens: jax_fmha.attention(
-        q, k, v, block_table=t, seq_lens=lens, causal=True
-      )
+  fn = jax.jit(
+    lambda q, k, v, t, lens: jax_fmha.attention(
+      q, k, v, block_table=t, seq_lens=lens, causal=causal, num_splits=1
     )
-    t = bench(fn, q, kp, vp, table, lens, reps=20)
+  )
+  for page in page_sizes:
+    t = bench(fn, q, *paged_cache(b, sk, hkv, d, page), reps=10)
     line = (
-      f"chunked prefill B={b} Sq={sq} Sk={sk} 32/8 D={d} page={page}: {t * 1e3:7.3f} ms "
+      f"{name} B={b} Sq={sq} Sk={sk} {hq}/{hkv} D={d} page={page}: {t * 1e3:7.3f} ms "
       f"{4 * b * hq * pairs * d / t / 1e12:6.1f} TFLOP/s"
     )
     rows.append(line)
     print(line, flush=True)
+
+
+# Paged prefill over pages of 16-256 keys; and the harness's chunked-prefill shape (here
+# without split-KV): 512 new queries over 8704 paged keys, GQA 32/8, causal from the bottom right.
+PAGED_PREFILL = dict(b=2, sq=8192, sk=8192, hq=16, hkv=16, d=128, causal=False)
+CHUNKED_PREFILL = dict(b=4, sq=512, sk=8704, hq=32, hkv=8, d=128, causal=True)
 
 
 def paged_decode(b, keys, splits=None, cache_dtype=None, cudnn=False):
@@ -135,11 +122,8 @@ def paged_decode(b, keys, splits=None, cache_dtype=None, cudnn=False):
   `cache_dtype` (FP8, quantize_kv's scales; GB/s of its bytes); cuDNN on the same keys as a
   dense bfloat16 cache when `cudnn`."""
   hq, hkv, d, page = 32, 8, 128, 16
-  pages = b * keys // page
   q = rand(0, (b, 1, hq, d))
-  kp, vp = rand(1, (pages, page, hkv, d)), rand(2, (pages, page, hkv, d))
-  table = jax.random.permutation(jax.random.PRNGKey(3), pages).reshape(b, -1).astype(jnp.int32)
-  lens = jnp.full((b,), keys, jnp.int32)
+  kp, vp, table, lens = paged_cache(b, keys, hkv, d, page)
   scales = {}
   if cache_dtype is not None:
     kp, scales["k_scale"] = jax_fmha.quantize_kv(kp, cache_dtype)
@@ -233,14 +217,14 @@ if __name__ == "__main__":
   rows = []
   if "--variant" in sys.argv:
     prefill(rows, VARIANT_SHAPES, peers=False, kernels=forward_kernels()[:1])
-    paged_prefill(rows, (16, 64))
-    chunked_prefill(rows)
+    paged_prefill_lines(rows, "paged prefill", page_sizes=(16, 64), **PAGED_PREFILL)
+    paged_prefill_lines(rows, "chunked prefill", page_sizes=(16, 64), **CHUNKED_PREFILL)
     fp8_prefill(rows)
     variant_decode(rows)
   else:
     prefill(rows)
   if "--prefill-only" not in sys.argv and "--variant" not in sys.argv:
-    paged_prefill(rows)
+    paged_prefill_lines(rows, "paged prefill", page_sizes=(16, 64, 256), **PAGED_PREFILL)
     if "--no-decode" not in sys.argv:
       decode(rows)
   print("\n".join(["", "summary:"] + rows))
