@@ -62,23 +62,37 @@ namespace jax_fmha::cuda {
 // its staged output rows; and, FP8 queries only, the epilogue of both consumers.
 enum HopperBarrier : uint32_t { kQLoaded = 1, kTurn = 3, kOutputStaged = 5, kConsumersDone = 7 };
 
-// The persistent walk: tile t -> (row tile, KV head, z), the last row tiles first. In 32
-// bits: the launcher refuses grids of 2^32 tiles or more.
+// The persistent walk: tile t -> (row tile, KV head, z). The (KV head, z) pairs are cut into
+// sections whose keys and values fit in kWalkL2Bytes together; a section is walked whole
+// before the next, its last row tiles first (causal: the longest first), so that the CTAs
+// running at once read the same sections' K/V from L2 (docs/design/cuda_attention.md,
+// "Persistent kernel"). In 32 bits: the launcher refuses grids of 2^32 tiles or more.
+inline constexpr int64_t kWalkL2Bytes = int64_t(32) << 20;  // of the H100/H200's 50 MB
+
 struct TileWalk {
   uint32_t row_tiles, per_row_tile;  // per_row_tile: KV heads x batch x splits
+  uint32_t section;                  // (KV head, z) pairs a section, at least 1
 
+  // kv_bytes_per_key: one key's K and V row (one head).
   template <int kBlockM>
-  __device__ __forceinline__ static TileWalk of(const AttentionProblem& p) {
-    return {uint32_t((p.q.max_len * p.group() + kBlockM - 1) / kBlockM),
-            uint32_t(p.num_kv_heads * p.batch * p.num_splits)};
+  __device__ __forceinline__ static TileWalk of(const AttentionProblem& p,
+                                                int64_t kv_bytes_per_key) {
+    const int64_t pairs = p.num_kv_heads * p.batch * p.num_splits;
+    const int64_t split_keys = (p.kv.max_len() + p.num_splits - 1) / p.num_splits;
+    const int64_t section = kWalkL2Bytes / max(int64_t(1), split_keys * kv_bytes_per_key);
+    return {uint32_t((p.q.max_len * p.group() + kBlockM - 1) / kBlockM), uint32_t(pairs),
+            uint32_t(max(int64_t(1), min(section, pairs)))};
   }
   __device__ __forceinline__ uint32_t count() const { return row_tiles * per_row_tile; }
   template <int kBlockM, int kBlockN>
   __device__ __forceinline__ bool locate(const AttentionProblem& p, uint32_t t,
                                          CtaTile& tile) const {
-    const uint32_t rest = t % per_row_tile, heads = uint32_t(p.num_kv_heads);
-    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - t / per_row_tile, int(rest % heads),
-                                         rest / heads, tile);
+    const uint32_t first = t / (section * row_tiles) * section;  // the section's first pair
+    const uint32_t width = min(section, per_row_tile - first);   // (the last may be narrower)
+    const uint32_t r = t - first * row_tiles, pair = first + r % width;
+    const uint32_t heads = uint32_t(p.num_kv_heads);
+    return locate_tile<kBlockM, kBlockN>(p, row_tiles - 1 - r / width, int(pair % heads),
+                                         pair / heads, tile);
   }
 };
 
@@ -707,7 +721,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const HopperSmem<Traits> smem(sm90_smem);
   if (threadIdx.x == 0) smem.init(Traits::kConsumerGroups, kGather ? kGroupThreads : 1);
   __syncthreads();
-  const TileWalk walk = TileWalk::of<Traits::kBlockM>(p);
+  const TileWalk walk = TileWalk::of<Traits::kBlockM>(p, 2 * p.head_dim * sizeof(Element));
 
   if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
