@@ -107,8 +107,7 @@ __device__ __forceinline__ bool tile_keys_valid(const AttentionProblem& p, const
 // tile. FP8 queries take one CTA per tile: their 16-bit output does not fit in their FP8 Q
 // rows, so their epilogue stages the whole output tile over all the shared memory once both
 // consumers are done, which a persistent CTA's producer is already refilling with the next
-// tile's keys. (The one-CTA-per-tile kernel keeps the 16-bit paths, cp.async gathers
-// included, so that 16-bit queries can be switched back to it for comparisons.)
+// tile's keys.
 template <class Traits>
 inline constexpr bool kHopperPersistent = !Traits::kFp8Qk;
 
@@ -567,20 +566,16 @@ __device__ __forceinline__ void zero_output(float (&o)[1][Traits::kDimAtoms][4])
 // positive); a kernel without it holds no code for it (its registers are the 128-key tile's
 // limit, docs/design/cuda_attention.md).
 //
-// kGather: the producer gathers small pages by cp.async (gather_kv) instead of copying by
-// TMA (produce_kv); 16-bit K and V only.
-//
 // One CTA per tile (grid x: row tile, y: KV head, z: split x sequence): the kernel of
-// Traits without kHopperPersistent (FP8 queries).
-template <class Traits, typename OutT, bool kScorePass, bool kGather>
+// Traits without kHopperPersistent (FP8 queries; K/V by TMA).
+template <class Traits, typename OutT, bool kScorePass>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90(const __grid_constant__ AttentionProblem p,
                                   const typename Traits::QkElement* __restrict__ q,
                                   OutT* __restrict__ out, float* __restrict__ lse,
                                   const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
-  static_assert(!kGather || !Traits::kFp8Qk, "gathers copy 16-bit K and V");
-  using Element = typename Traits::Element;
+  static_assert(Traits::kFp8Qk, "16-bit queries run the persistent kernel");
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kGroupThreads = Traits::kGroupThreads;
   extern __shared__ __align__(1024) unsigned char sm90_smem[];  // (swizzle-pattern aligned)
@@ -592,17 +587,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // releases stages, nor takes turns.
   const int consumer_groups = t.rows > Traits::kMmaGroupRows ? 2 : 1;
   const KeyBlocks blocks = KeyBlocks::of<kBlockN>(t.keys);
-  if (threadIdx.x == 0) smem.init(consumer_groups, kGather ? kGroupThreads : 1);
+  if (threadIdx.x == 0) smem.init(consumer_groups, 1);
   __syncthreads();
 
   if (threadIdx.x < kGroupThreads) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if constexpr (kGather) {
-      if (blocks.count > 0) {
-        gather_kv<Traits>(p, maps, t, blocks, 0, smem.k_ring, smem.v_ring, smem.k, smem.v);
-        cute::cp_async_wait<0>();  // (no thread exits with its copies in flight)
-      }
-    } else if (threadIdx.x < 32 && blocks.count > 0) {
+    if (threadIdx.x < 32 && blocks.count > 0) {
       if (threadIdx.x == 0) {
         prefetch_tensor_map(maps.k);
         prefetch_tensor_map(maps.v);
@@ -629,8 +619,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                         int(t.rows_in_seq), t.sq, t.sk);
   // FP8 Q and K: their scales fold into the score scale (docs/design/fp8_attention.md). FP8
   // V's scale multiplies O before the store.
-  const ScoreTransform transform =
-      ScoreTransform::make(Traits::kFp8Qk ? p.score_scale(t.b, t.kv_head) : p.scale, p.softcap);
+  const ScoreTransform transform = ScoreTransform::make(p.score_scale(t.b, t.kv_head), p.softcap);
 
   float o[1][Traits::kDimAtoms][4];
   zero_output<Traits>(o);
@@ -655,7 +644,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::arrive(turn_threads, kTurn + next_group);
     };
     if (group == consumer_groups - 1 && blocks.count > 0) pass_turn();  // consumer 0 goes first
-    consume_key_blocks<Traits, kScorePass, kGather>(
+    consume_key_blocks<Traits, kScorePass, false>(
         smem.q, smem.k, smem.pv_tiles(), smem.k_ring, smem.pv_ring(), 0, blocks, t.keys, row_limits,
         transform, o, softmax, group, leader, take_turn, pass_turn);
     if (group == 0 && blocks.count > 0) take_turn();  // the last consumer's last pass
@@ -672,12 +661,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[0][d][e] *= v_scale;
   }
-  // Each consumer writes its own rows, through its own rows of the Q tile (its products, Q's
-  // only readers, have completed; the other consumer never reads them), so neither waits
-  // for the other. Float32 partials (split-KV) do not fit there and go straight out. FP8
-  // queries: the 16-bit rows do not fit in the FP8 Q tile; once both consumers are done
-  // (every copy landed and read), the whole output tile is staged over the shared memory.
-  if constexpr (Traits::kFp8Qk && sizeof(OutT) == 2) {
+  // The 16-bit rows do not fit in the FP8 Q tile: once both consumers are done (every copy
+  // landed and read), the whole output tile is staged over the shared memory. Float32
+  // partials (split-KV) go straight out.
+  if constexpr (sizeof(OutT) == 2) {
     constexpr int kPitch = kOutPitch<Traits, OutT>;
     static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
                   "the output tile must not overlap the mbarriers");
@@ -689,12 +676,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         o, softmax, reinterpret_cast<OutT*>(sm90_smem),
         [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
         te.rows, 0, warp_row, thread, consumers_sync);
-  } else if constexpr (sizeof(OutT) == sizeof(Element)) {
-    store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
-        o, softmax, reinterpret_cast<OutT*>(smem.q),
-        [](int r, int col) { return Traits::q_offset(r, col); }, out, lse, te.output(p),
-        te.row_begin, te.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
-        [&] { cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group); });
   } else {
     store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
                                thread % 32);
@@ -703,9 +684,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 }
 
 // The persistent kernel of Traits with kHopperPersistent (16-bit queries): about one CTA per
-// SM walks the tiles in TileWalk's order. kGather: as for attention_forward_kernel_sm90 (the
-// whole producer warpgroup walks the tiles then, each thread arriving on every stage it
-// fills).
+// SM walks the tiles in TileWalk's order. kGather: the producer warpgroup gathers small pages
+// by cp.async (gather_kv), each thread arriving on every stage it fills, instead of one
+// warp copying by TMA (produce_kv).
 template <class Traits, typename OutT, bool kScorePass, bool kGather>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     attention_forward_kernel_sm90_persistent(const __grid_constant__ AttentionProblem p,
@@ -856,7 +837,7 @@ constexpr auto hopper_forward_kernel() {
   if constexpr (kHopperPersistent<Traits>)
     return attention_forward_kernel_sm90_persistent<Traits, OutT, kScorePass, kGather>;
   else
-    return attention_forward_kernel_sm90<Traits, OutT, kScorePass, kGather>;
+    return attention_forward_kernel_sm90<Traits, OutT, kScorePass>;
 }
 
 // The kernel of ForwardKernel::kHopper (forward_plan.h), for the launcher: it takes the K/V
