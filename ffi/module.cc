@@ -184,10 +184,8 @@ int64_t choose_num_splits(int64_t batch, int64_t num_kv_heads, int64_t group, in
 
 // Why FP8 queries cannot run on the GPU (cuda::fp8_query_refusal): None, or (argument,
 // reason, whether the argument's dtype is the cause).
-nb::object fp8_query_refusal(bool hopper_kernel, int64_t head_dim, int64_t page_size, bool e4m3,
-                             bool fp8_v) {
-  const auto refusal =
-      jax_fmha::cuda::fp8_query_refusal(hopper_kernel, head_dim, page_size, e4m3, fp8_v);
+nb::object fp8_query_refusal(bool hopper_kernel, int64_t head_dim, int64_t page_size, bool e4m3) {
+  const auto refusal = jax_fmha::cuda::fp8_query_refusal(hopper_kernel, head_dim, page_size, e4m3);
   if (refusal.reason == nullptr) return nb::none();
   return nb::make_tuple(refusal.argument, refusal.reason, refusal.dtype);
 }
@@ -226,7 +224,7 @@ NB_MODULE(_jax_fmha_ext, m) {
         nb::arg("rows_per_unit"), nb::arg("slots"), nb::arg("waves"), nb::arg("min_keys"),
         "The split-KV heuristic alone, for a given policy");
   m.def("fp8_query_refusal", &fp8_query_refusal, nb::arg("hopper_kernel"), nb::arg("head_dim"),
-        nb::arg("page_size"), nb::arg("e4m3"), nb::arg("fp8_v"),
+        nb::arg("page_size"), nb::arg("e4m3"),
         "Why FP8 queries cannot run on the GPU, as the CUDA handler refuses them: None, or "
         "(argument, reason, whether the argument's dtype is the cause)");
 }

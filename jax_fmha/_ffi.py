@@ -75,13 +75,13 @@ def hopper_kernel_built() -> bool:
 
 
 def fp8_query_refusal(
-  *, hopper_kernel: bool, head_dim: int, page_size: int, e4m3: bool, fp8_v: bool
+  *, hopper_kernel: bool, head_dim: int, page_size: int, e4m3: bool
 ) -> tuple[str, str, bool] | None:
   """Why FP8 queries cannot run on the GPU, by the CUDA handler's own rules: None, or
   (argument, reason, whether the argument's dtype is the cause)."""
   if _ext is None:
     raise missing_kernel_error("any target", "cpu")
-  return _ext.fp8_query_refusal(hopper_kernel, head_dim, page_size, e4m3, fp8_v)
+  return _ext.fp8_query_refusal(hopper_kernel, head_dim, page_size, e4m3)
 
 
 def build_info() -> dict:

@@ -88,7 +88,8 @@ def attention(
   ``v_scale * (P @ v8)``, in ``out_dtype``. ``jax_fmha.quantize_fp8`` quantizes q (and k,
   v) with amax scales per sequence and KV head. FP8 queries run on the CPU backend and the
   reference, and on Hopper GPUs (builds with the sm_90a kernel) as float8_e4m3fn q and k
-  with bfloat16/float16 v; other FP8 queries raise a TypeError at trace time on the GPU.
+  with float8_e4m3fn v (``P @ V`` on FP8 tensor cores, P rounded to float8_e4m3fn) or
+  bfloat16/float16 v; e5m2 queries raise a TypeError at trace time on the GPU.
 
   Args:
     causal: mask aligned bottom-right: query ``i`` of a sequence with ``Sq`` queries and
@@ -299,8 +300,8 @@ def _attention_platform_check(platform, avals_in, params):
 
 
 def _fp8_queries_cuda_check(avals_in, params):
-  """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T with 16-bit P V
-  (docs/design/fp8_attention.md), refused at trace time by the CUDA handler's rules (which
+  """FP8 queries on the GPU: the Hopper kernel's FP8 Q K^T, with 16-bit P V or (e4m3fn v)
+  FP8 P V (docs/design/fp8_attention.md), refused at trace time by the CUDA handler's rules (which
   also check the device)."""
   operands = dict(zip("qkv", avals_in[:3]))
   q, k = operands["q"], operands["k"]
@@ -309,7 +310,6 @@ def _fp8_queries_cuda_check(avals_in, params):
     head_dim=q.shape[-1],
     page_size=k.shape[1] if params.get("kv_layout") == "paged" else 0,
     e4m3=jnp.dtype(q.dtype) == jnp.dtype(jnp.float8_e4m3fn),
-    fp8_v=_validation.is_fp8(operands["v"]),
   )
   if refusal is None:
     return

@@ -150,13 +150,15 @@ def merge_splits(outs, lses):
 
 def check(out, lse, ref_out, ref_lse, dtype, what="", out_tol=None):
   """Finite agreement within tolerance (OUT_TOL[dtype], or `out_tol` relative to the same
-  scale); -inf LSE (and 0 rows) exactly where expected."""
+  scale: a number, or one per output channel); -inf LSE (and 0 rows) exactly where expected."""
   out64 = np.asarray(out, np.float64)
   assert not np.isnan(out64).any(), f"{what}: NaN in output"
   scale = 1.0 + float(np.abs(ref_out).max(initial=0.0))
-  err = float(np.abs(out64 - ref_out).max(initial=0.0))
+  err = np.abs(out64 - ref_out)
   tol = OUT_TOL[dtype] if out_tol is None else out_tol
-  assert err <= tol * scale, f"{what}: output error {err:.3g} (scale {scale:.3g})"
+  assert (err <= tol * scale).all(), (
+    f"{what}: output error {err.max(initial=0.0):.3g} (scale {scale:.3g})"
+  )
   lse = np.asarray(lse, np.float64)
   neg = np.isneginf(ref_lse)
   assert np.array_equal(np.isneginf(lse), neg), f"{what}: -inf LSE pattern differs"
@@ -412,8 +414,8 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
 @pytest.mark.parametrize(
   "page_size,d,num_splits",
   [
-    (8, 128, 1),  # pages that are not a multiple of a 16-key run: the portable kernel
-    (16, 128, 1),  # wgmma: a 128-key block in eight runs on eight pages
+    (8, 128, 1),  # pages that are not a multiple of a 16-key run: gathered (Hopper)
+    (16, 128, 1),  # wgmma: gathered by cp.async (pages below 64 keys)
     (16, 128, 3),
     (48, 128, 1),  # runs cross no page, blocks do
     (64, 128, 1),  # wgmma: two 64-key runs on two pages
@@ -426,10 +428,11 @@ def test_paged(rng, dtype, page_size, sq, hq, hkv):
   ],
 )
 def test_paged_prefill(rng, causal, page_size, d, num_splits):
-  """Many query rows on pages: the forward tile kernels (on Hopper, pages of 16 keys or a
-  multiple copy by TMA in runs of gcd(page size, key block) rows, each run's page id looked
-  up one block ahead). The lengths end inside a run (700, 1000), one key into a block (129)
-  and at the end of a run (304): the block's later runs are never looked up."""
+  """Many query rows on pages: the forward tile kernels (on Hopper, pages of 64 keys or more
+  that are a multiple of 16 copy by TMA in runs of gcd(page size, key block) rows, each run's
+  page id looked up one block ahead; smaller pages and other sizes are gathered by
+  cp.async). The lengths end inside a run (700, 1000), one key into a block (129) and at the
+  end of a run (304): the block's later runs are never looked up."""
   lens = [700, 129, 0, 304, 1000]
   q, kp, vp, table, lens = paged_inputs(
     rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
@@ -449,6 +452,44 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
     out, lse = merge_splits(out, lse)
   ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
   check(out, lse, ro, rl, BF16, f"page {page_size}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+  "page_size,d,num_splits",
+  [(1, 128, 1), (16, 128, 1), (48, 128, 1), (16, 64, 3), (48, 256, 1), (1, 80, 1), (24, 96, 1)],
+)
+def test_paged_prefill_gathered(rng, causal, page_size, d, num_splits):
+  """Pages the Hopper kernel gathers row by row (cp.async in its producer warpgroup: pages
+  below 64 keys, or not a multiple of 16). Unused page slots and spare pages hold NaN: rows
+  past a sequence's end are zero-filled, never read. Lengths end one key into a block (129),
+  inside one (700, 1000), at a block's end (256), and on no page boundary; d80 leaves
+  columns of the d96 tile past the head dim."""
+  lens = [700, 129, 0, 256, 1000]
+  q, kp, vp, table, lens = paged_inputs(
+    rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
+  )
+  window = (-1, 0) if causal else (-1, -1)
+  ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
+  used = np.zeros(kp.shape[:2], bool)
+  for b, n in enumerate(lens):
+    for j in range(n):
+      used[table[b, j // page_size], j % page_size] = True
+  kp[~used] = np.nan
+  vp[~used] = np.nan
+  out, lse = run(
+    q,
+    kp,
+    vp,
+    kv_layout="paged",
+    seq_lens=lens,
+    block_table=table,
+    window=window,
+    num_splits=num_splits,
+  )
+  if num_splits > 1:
+    out, lse = merge_splits(out, lse)
+  check(out, lse, ro, rl, BF16, f"gathered page {page_size} d{d}")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
@@ -659,10 +700,17 @@ def memcheck_cases():
     (test_fp8_gpu.test_chunked_prefill_paged, "float8_e5m2", F16, 64, 16, 3),
     (test_fp8_gpu.test_update_quantizes_like_the_cpu, "float8_e4m3fn", "bfloat16", True),
   ]
-  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T
-    import test_fp8_attention_gpu
+  if hopper_build_and_device():  # FP8 queries: the Hopper kernel's FP8 Q K^T (and P V)
+    import test_fp8_attention_gpu as fp8q
 
-    cases.append((test_fp8_attention_gpu.test_packed_varlen_with_empty_sequence, BF16, 3))
+    cases += [
+      (fp8q.test_packed_varlen_with_empty_sequence, BF16, 3),
+      # FP8 v: the producer's V transpose and the V^T ring (d128 and d256: 3 stages, 64
+      # keys), a partial last block (zeroed keys), an idle second consumer, paged runs
+      (fp8q.test_fp8_v_packed_varlen_with_empty_sequence, 1, 128),
+      (fp8q.test_fp8_v_gqa, 8, 2, 256),
+      (fp8q.test_fp8_v_paged_cache, 48),
+    ]
   for fn, *args in cases:
     # Named before it runs: a sanitizer that crashes leaves the case in its report.
     print(f"  {fn.__module__}.{fn.__name__}{tuple(args)}", flush=True)

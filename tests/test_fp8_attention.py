@@ -445,31 +445,35 @@ def test_fp8_queries_refused_without_the_hopper_kernel(monkeypatch):
 
 
 def test_fp8_queries_lower_for_the_hopper_kernel(monkeypatch):
-  """With the sm_90a kernel built: e4m3fn q and k with 16-bit v lower to the custom call (in
-  every output dtype, split too); e5m2 q, FP8 v, head dims that are not a multiple of 16 and
-  pages that are not a multiple of 16 keys are refused at trace time."""
+  """With the sm_90a kernel built: e4m3fn q and k with 16-bit or e4m3fn v (FP8 P V) lower to
+  the custom call (in every output dtype, split too); e5m2 q, head dims that are not a
+  multiple of 16 and pages that are not a multiple of 16 keys are refused at trace time."""
   monkeypatch.setattr(jax_fmha._ffi, "hopper_kernel_built", lambda: True)
   q8 = jnp.zeros((1, 4, 2, 64), jnp.float8_e4m3fn)
   k8 = jnp.zeros((1, 8, 2, 64), jnp.float8_e4m3fn)
   v = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-  for out_dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-    for splits in (1, 2):
-      text = _export_for_cuda(
-        monkeypatch,
-        lambda q, k, v, out_dtype=out_dtype, splits=splits: jax_fmha.attention(
-          q, k, v, q_scale=0.5, k_scale=2.0, out_dtype=out_dtype, num_splits=splits
-        ),
-        q8,
-        k8,
-        v,
-      )
-      assert "jax_fmha_attention_fwd" in text
+  for v_any in (v, k8):
+    for out_dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+      for splits in (1, 2):
+        scales = dict(q_scale=0.5, k_scale=2.0)
+        if v_any.dtype == k8.dtype:
+          scales["v_scale"] = 4.0
+        text = _export_for_cuda(
+          monkeypatch,
+          lambda q, k, v, out_dtype=out_dtype, splits=splits, scales=scales: jax_fmha.attention(
+            q, k, v, **scales, out_dtype=out_dtype, num_splits=splits
+          ),
+          q8,
+          k8,
+          v_any,
+        )
+        assert "jax_fmha_attention_fwd" in text
   attend = lambda q, k, v: jax_fmha.attention(q, k, v, q_scale=1.0)
   with pytest.raises(TypeError, match=r"^q: FP8 queries on the GPU are float8_e4m3fn"):
     e5 = lambda x: x.astype(jnp.float8_e5m2)
     _export_for_cuda(monkeypatch, attend, e5(q8), e5(k8), v)
-  with pytest.raises(TypeError, match=r"^v: FP8 queries on the GPU take bfloat16 or float16 v"):
-    _export_for_cuda(monkeypatch, attend, q8, k8, k8)
+  with pytest.raises(TypeError, match=r"^q: FP8 queries on the GPU are float8_e4m3fn"):
+    _export_for_cuda(monkeypatch, attend, e5(q8), e5(k8), e5(k8))
   with pytest.raises(ValueError, match=r"^q: FP8 queries on the GPU need head_dim a multiple"):
     _export_for_cuda(monkeypatch, attend, q8[..., :40], k8[..., :40], v[..., :40])
   pages_k = jnp.zeros((4, 8, 2, 64), jnp.float8_e4m3fn)

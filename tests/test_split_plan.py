@@ -100,6 +100,19 @@ _PREFILL_SHAPE = dict(
 )
 
 
+@pytest.mark.parametrize("page_size", [1, 8, 16, 48, 64, 80, 256])
+def test_cuda_paged_prefill_takes_the_hopper_kernel_at_every_page_size(monkeypatch, page_size):
+  """Pages of any size run on the Hopper kernel (TMA runs, or rows gathered by cp.async for
+  pages below 64 keys or not a multiple of 16): the planner sees its one CTA an SM."""
+  monkeypatch.delenv("JAX_FMHA_CUDA_FORWARD", raising=False)
+  prefill = dict(rows_per_kv_head=512, head_dim=128, page_size=page_size)
+  policy = _ext.split_policy("cuda", 132, 9, **prefill)
+  if _ffi.build_info()["hopper_kernel"]:
+    assert policy == _policy("hopper", 128, 132, 1, 1024)
+  else:
+    assert policy == _policy("portable", 128, 264, 1, 1024)
+
+
 def test_cuda_fp8_prefill_takes_the_portable_kernel(monkeypatch):
   """FP8 K/V never run on the Hopper kernel; decode keeps the decode kernel."""
   monkeypatch.delenv("JAX_FMHA_CUDA_FORWARD", raising=False)

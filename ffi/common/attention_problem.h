@@ -66,6 +66,11 @@ struct KvView {
     if (layout == KvLayout::kCache) return seqs.uniform_len;
     return seqs.len(b);
   }
+  // A bound on len(b) over the valid sequences.
+  FMHA_HOST_DEVICE int64_t max_len() const {
+    if (layout == KvLayout::kPaged) return pages.capacity();
+    return layout == KvLayout::kPacked ? seqs.max_len : seqs.uniform_len;
+  }
   // Row of key j (0 <= j < capacity(b), page id valid) of sequence b.
   FMHA_HOST_DEVICE int64_t row(int64_t b, int64_t j) const {
     if (layout == KvLayout::kPaged) return pages.row(b, int(j));

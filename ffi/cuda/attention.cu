@@ -69,7 +69,8 @@ ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProb
   }
 }
 
-// FP8 queries (float8_e4m3fn q and k, v of type V: docs/design/fp8_attention.md) at one
+// FP8 queries (float8_e4m3fn q and k, v of type V, 16-bit or float8_e4m3fn:
+// docs/design/fp8_attention.md) at one
 // compiled head dim, in the output's type (out_dtype; float32 for split partials too).
 template <typename V, int kHeadDim>
 ffi::Error launch_fp8_queries_for_output(cudaStream_t stream, const AttentionProblem& p,
@@ -96,12 +97,13 @@ ffi::Error launch_fp8_queries_for_head_dim(cudaStream_t stream, const AttentionP
 
 ffi::Error launch_fp8_queries(cudaStream_t stream, const AttentionProblem& p,
                               const AttentionData& data) {
-  const bool fp8_v = is_fp8(data.v_dtype);
   const Fp8QueryRefusal refusal =
       fp8_query_refusal(kHopperBuilt && compute_capability_major() == 9, p.head_dim,
                         p.kv.layout == KvLayout::kPaged ? p.kv.pages.page_size : 0,
-                        data.dtype == ffi::DataType::F8E4M3FN, fp8_v);
+                        data.dtype == ffi::DataType::F8E4M3FN);
   if (refusal.reason != nullptr) return invalid_argument(kOp, refusal.reason);
+  // (v: float8_e4m3fn as q, check_attention_dtypes; or 16-bit)
+  if (is_fp8(data.v_dtype)) return launch_fp8_queries_for_head_dim<__nv_fp8_e4m3>(stream, p, data);
   if (data.v_dtype == ffi::DataType::F16)
     return launch_fp8_queries_for_head_dim<__half>(stream, p, data);
   return launch_fp8_queries_for_head_dim<__nv_bfloat16>(stream, p, data);

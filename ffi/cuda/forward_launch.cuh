@@ -29,10 +29,11 @@ xla::ffi::Error launch_forward(cudaStream_t stream, const AttentionProblem& p, c
   const int64_t row_tiles = (p.q.max_len * p.group() + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t z = p.batch * p.num_splits;
   if (row_tiles == 0 || z == 0) return xla::ffi::Error::Success();
-  if (row_tiles > 0x7fffffff || p.num_kv_heads > 65535 || z > 65535)
+  // (The kernels count a sequence's packed rows in 32 bits.)
+  if (p.q.max_len * p.group() > 0x7fffffff || p.num_kv_heads > 65535 || z > 65535)
     return invalid_argument(kOp,
-                            "grid too large (max_seqlen_q * group / 128 < 2^31, KV heads <= "
-                            "65535, batch * num_splits <= 65535)");
+                            "grid too large (max_seqlen_q * group < 2^31, KV heads <= 65535, "
+                            "batch * num_splits <= 65535)");
   const dim3 grid(unsigned(row_tiles), unsigned(p.num_kv_heads), unsigned(z));
   if constexpr (LaunchesItself<Kernel>::value) {  // (which also grants its shared memory)
     if (xla::ffi::Error err = Kernel::template launch<Traits>(grid, stream, p, q, k, v, out, lse);

@@ -41,9 +41,18 @@ constexpr KernelShape kernel_shape(ForwardKernel kernel) {
 // KV head read the same keys, from L2 after the first. Above, the 128-row tile wastes less
 // than it would re-read.
 inline constexpr int64_t kDecodeMaxRows = 64;
-// The Hopper kernel takes pages that are a multiple of 16 keys, copied by TMA in runs of
-// gcd(page size, key block) rows; other pages take the portable kernel, which gathers rows.
+// The Hopper kernel copies pages of at least kHopperTmaPageKeys keys that are a multiple of
+// kHopperPageRunKeys by TMA, in runs of gcd(page size, key block) rows; smaller pages (8 runs
+// of 16 keys make a 128-key block slow) and other sizes it gathers row by row with cp.async
+// in its producer warpgroup (sm90/forward_kernel.cuh, gather_kv). FP8 queries take TMA pages
+// only (fp8_query_refusal).
 inline constexpr int64_t kHopperPageRunKeys = 16;
+inline constexpr int64_t kHopperTmaPageKeys = 64;
+
+// Whether the Hopper kernel gathers the K/V rows of pages of `page_size` keys (0: not paged).
+constexpr bool hopper_gathers_kv(int64_t page_size) {
+  return page_size > 0 && (page_size < kHopperTmaPageKeys || page_size % kHopperPageRunKeys != 0);
+}
 
 // Whether this build holds the sm_90a kernel (90a among the CUDA architectures).
 #if defined(JAX_FMHA_HOPPER)
@@ -75,30 +84,28 @@ inline ForwardKernel forward_kernel(int compute_capability_major, int64_t rows_p
                                     bool fp8_q = false) {
   if (fp8_q) return ForwardKernel::kHopper;
   if (rows_per_kv_head <= kDecodeMaxRows) return ForwardKernel::kDecode;
-  if (hopper_device(compute_capability_major) && page_size % kHopperPageRunKeys == 0 && !fp8_kv)
-    return ForwardKernel::kHopper;
+  // (Every page size: TMA runs or cp.async gathers, hopper_gathers_kv.)
+  if (hopper_device(compute_capability_major) && !fp8_kv) return ForwardKernel::kHopper;
   return ForwardKernel::kPortable;
 }
 
 // Why FP8 queries cannot run here, for the CUDA handler and for the trace-time check alike:
 // the argument at fault, the reason, and whether the argument's dtype (else its shape) is the
-// cause; reason nullptr if the Hopper kernel takes them (FP8 Q K^T with 16-bit P V).
-// `hopper_kernel`: the sm_90a kernel is built (and, in the handler, the device is a Hopper);
-// `fp8_v`: FP8 values; `e4m3`: q and k are float8_e4m3fn. (No other kernel takes them:
-// JAX_FMHA_CUDA_FORWARD=portable does not apply.)
+// cause; reason nullptr if the Hopper kernel takes them (FP8 Q K^T, with 16-bit P V or, for
+// float8_e4m3fn v, FP8 P V). `hopper_kernel`: the sm_90a kernel is built (and, in the handler,
+// the device is a Hopper); `e4m3`: q and k are float8_e4m3fn (FP8 v is then float8_e4m3fn
+// too: the dtype rules). (No other kernel takes them: JAX_FMHA_CUDA_FORWARD=portable does not
+// apply.)
 struct Fp8QueryRefusal {
   const char* argument = nullptr;
   const char* reason = nullptr;
   bool dtype = false;
 };
 inline Fp8QueryRefusal fp8_query_refusal(bool hopper_kernel, int64_t head_dim, int64_t page_size,
-                                         bool e4m3, bool fp8_v) {
+                                         bool e4m3) {
   if (!hopper_kernel)
     return {"q", "FP8 queries need the sm_90a kernel (a Hopper GPU and a build with 90a)", true};
   if (!e4m3) return {"q", "FP8 queries on the GPU are float8_e4m3fn (not float8_e5m2)", true};
-  if (fp8_v)
-    return {"v", "FP8 queries on the GPU take bfloat16 or float16 v (FP8 P V is not built yet)",
-            true};
   if (head_dim % 16 != 0) return {"q", "FP8 queries on the GPU need head_dim a multiple of 16"};
   if (page_size % kHopperPageRunKeys != 0)
     return {"k", "FP8 queries on the GPU need pages of a multiple of 16 keys"};

@@ -22,16 +22,18 @@ __device__ __forceinline__ void store_pair(OutT* dst, float a, float b) {
 }
 
 // Where the outputs of a sequence's packed rows go (split partials are q.rows rows apart).
+// Packed rows stay under 2^31 (launch_forward checks): their query and head come from
+// 32-bit divisions.
 struct OutputRows {
   const AttentionProblem& p;
   int64_t split, b, q_begin;
   int kv_head;
 
   __device__ __forceinline__ int64_t query(int64_t packed_row) const {
-    return packed_row / p.group();
+    return int(packed_row) / int(p.group());
   }
   __device__ __forceinline__ int64_t head(int64_t packed_row) const {
-    return int64_t(kv_head) * p.group() + packed_row % p.group();
+    return kv_head * int(p.group()) + int(packed_row) % int(p.group());
   }
   __device__ __forceinline__ int64_t out_offset(int64_t packed_row) const {
     return ((split * p.q.rows + q_begin + query(packed_row)) * p.num_q_heads + head(packed_row)) *
@@ -52,8 +54,9 @@ struct OutputRows {
 template <class Traits, typename OutT>
 constexpr int kOutPitch = Traits::kHeadDim + 16 / int(sizeof(OutT));
 
-// Normalizes the thread's rows of O by their sums and hands each pair of columns to
-// `store(row, col, a, b)` (col even); writes the rows' LSE.
+// The thread's share of a finished tile: its rows' LSE (natural log; one thread of each quad
+// writes it), and its normalized output pairs, given to store(m, h, r, col, a, b) for columns
+// col and col + 1 of tile row r (r = warp_row + 16 m + 8 h + lane / 4, every row of the tile).
 template <class Traits, class Store>
 __device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kDimAtoms][4],
                                             const OnlineSoftmax<Traits>& softmax, float* lse,
@@ -69,7 +72,7 @@ __device__ __forceinline__ void finish_rows(float (&o)[Traits::kMmaM][Traits::kD
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key stays 0
 #pragma unroll
       for (int d = 0; d < Traits::kDimAtoms; ++d)
-        store(r, 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv, o[m][d][2 * h + 1] * inv);
+        store(m, h, r, 8 * d + 2 * (lane % 4), o[m][d][2 * h] * inv, o[m][d][2 * h + 1] * inv);
       if (lane % 4 == 0 && r < rows)
         lse[dst.lse_offset(row_begin + r)] =
             sum > 0.f ? (softmax.row_max[m][h] + log2f(sum)) * kLn2 : -INFINITY;
@@ -87,7 +90,7 @@ __device__ __forceinline__ void store_staged(float (&o)[Traits::kMmaM][Traits::k
                                              const OutputRows& dst, int64_t row_begin, int rows,
                                              int first_row, int warp_row, int tid, Sync sync) {
   finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, tid % 32,
-                      [&](int r, int col, float a, float b) {
+                      [&](int, int, int r, int col, float a, float b) {
                         store_pair(tile + stage(r, col & ~7) + (col & 7), a, b);
                       });
   sync();
@@ -109,10 +112,16 @@ __device__ __forceinline__ void store_direct(float (&o)[Traits::kMmaM][Traits::k
                                              float* lse, const OutputRows& dst, int64_t row_begin,
                                              int rows, int warp_row, int lane) {
   const int head_dim = int(dst.p.head_dim);
+  // The thread's rows' outputs, located once (not once per pair).
+  OutT* row_out[Traits::kMmaM][2];
+#pragma unroll
+  for (int m = 0; m < Traits::kMmaM; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      row_out[m][h] = out + dst.out_offset(row_begin + warp_row + 16 * m + 8 * h + lane / 4);
   finish_rows<Traits>(o, softmax, lse, dst, row_begin, rows, warp_row, lane,
-                      [&](int r, int col, float a, float b) {
-                        if (r < rows && col < head_dim)
-                          store_pair(out + dst.out_offset(row_begin + r) + col, a, b);
+                      [&](int m, int h, int r, int col, float a, float b) {
+                        if (r < rows && col < head_dim) store_pair(row_out[m][h] + col, a, b);
                       });
 }
 
@@ -132,13 +141,14 @@ __device__ __forceinline__ void store_tile(float (&o)[Traits::kMmaM][Traits::kDi
 
 // The rows of a tile whose sequence has invalid K/V data (out-of-range page id, seq_lens
 // beyond the cache): NaN output and NaN LSE, as on the CPU.
+// `threads` threads share the stores (this one is `tid`).
 template <typename OutT>
 __device__ void store_nan_rows(OutT* out, float* lse, const OutputRows& dst, int64_t row_begin,
-                               int rows) {
+                               int rows, int tid, int threads) {
   const int64_t d = dst.p.head_dim;
-  for (int64_t c = threadIdx.x; c < rows * d; c += blockDim.x)
+  for (int64_t c = tid; c < rows * d; c += threads)
     out[dst.out_offset(row_begin + c / d) + c % d] = from_float<OutT>(NAN);
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) lse[dst.lse_offset(row_begin + r)] = NAN;
+  for (int r = tid; r < rows; r += threads) lse[dst.lse_offset(row_begin + r)] = NAN;
 }
 
 // Packed queries only: rows before cu_seqlens_q[0] or from cu_seqlens_q[B] on get 0 and LSE

@@ -22,9 +22,11 @@ __device__ __forceinline__ void copy_chunk(Element* smem_dst, const Element* gme
 // `keys` only: a split reads the pages of its own keys, not the 8192 ids of a 128k-key
 // sequence at page 16. A bad page id in another split's keys still turns every row of the
 // sequence into NaN, as on the CPU: that split's partial LSE is NaN, and the merge spreads
-// it. For pages, the CTA's threads check the ids together; every thread of the CTA must
-// call this (it synchronizes).
-__device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const KeyRange& keys) {
+// it. For pages, `threads` threads (this one is `tid`) check the ids together and any_of
+// (a barrier or a warp vote over them) combines their verdicts; each of them must call this.
+template <class AnyOf>
+__device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const KeyRange& keys,
+                                              int tid, int threads, AnyOf any_of) {
   if (kv.layout != KvLayout::kPaged) return kv.valid(b);
   const int64_t n = kv.len(b);
   if (n < 0 || n > kv.capacity(b)) return false;
@@ -32,9 +34,30 @@ __device__ __forceinline__ bool kv_keys_valid(const KvView& kv, int64_t b, const
   const int32_t* ids = kv.pages.ids(b);
   bool bad_page = false;
 #pragma unroll 4
-  for (int page = pages.first + int(threadIdx.x); page < pages.last; page += blockDim.x)
+  for (int page = pages.first + tid; page < pages.last; page += threads)
     bad_page |= !kv.pages.id_valid(ids[page]);
-  return !__syncthreads_or(bad_page);
+  return !any_of(bad_page);
+}
+
+// Whether the query tile's shared-memory offsets repeat every `rows` rows, one fixed number of
+// elements further, for every row and chunk column of the tile (padded rows: any `rows`; a
+// swizzled tile: a multiple of the swizzle pattern's rows).
+template <class Traits>
+__host__ __device__ constexpr bool q_rows_repeat(int rows) {
+  const int step = Traits::q_offset(rows, 0) - Traits::q_offset(0, 0);
+  for (int r = 0; r + rows < Traits::kBlockM; ++r)
+    for (int col = 0; col < Traits::kChunksPerRow * Traits::kChunk; col += Traits::kChunk)
+      if (Traits::q_offset(r + rows, col) != Traits::q_offset(r, col) + step) return false;
+  return true;
+}
+
+// The fewest copy passes of kRowsPerPass rows after which the offsets repeat (q_rows_repeat),
+// at most kPasses; 0 if none.
+template <class Traits, int kRowsPerPass, int kPasses>
+__host__ __device__ constexpr int q_offset_period() {
+  for (int passes = 1; passes <= kPasses && kRowsPerPass * passes < Traits::kBlockM; ++passes)
+    if (q_rows_repeat<Traits>(kRowsPerPass * passes)) return passes;
+  return 0;
 }
 
 // Where the tile's packed query rows live: row r of the tile is packed row row_begin + r of
@@ -47,24 +70,68 @@ __device__ __forceinline__ void load_q_tile(QElement* smem_q, const QElement* q,
                                             const AttentionProblem& p, int64_t q_begin, int kv_head,
                                             int64_t row_begin, int rows, int first_row = 0,
                                             int tid = threadIdx.x) {
-  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  constexpr int kChunksPerRow = Traits::kChunksPerRow;
+  constexpr int kChunks = kRows * kChunksPerRow;
   constexpr int kCopies = (kChunks + kCopyThreads - 1) / kCopyThreads;
   const int group = int(p.group());
+  constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
+  constexpr bool kWholeRows = kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
+  if constexpr (kWholeRows && q_offset_period<Traits, kRowsPerPass, kCopies>() > 0) {
+    // A pass of the copy threads covers kRowsPerPass whole rows, and this thread copies the
+    // same column of a row kRowsPerPass rows further each pass: its shared-memory offsets are
+    // kPeriod bases plus a compile-time step, and its source is one pointer moved a packed
+    // row step at a time (no division or 64-bit product per copy).
+    constexpr int kPeriod = q_offset_period<Traits, kRowsPerPass, kCopies>();
+    constexpr int kStep = Traits::q_offset(kRowsPerPass * kPeriod, 0) - Traits::q_offset(0, 0);
+    const int r = first_row + tid / kChunksPerRow;
+    const int col = (tid % kChunksPerRow) * Traits::kChunk;
+    QElement* dst[kPeriod];
 #pragma unroll
-  for (int it = 0; it < kCopies; ++it) {
-    const int c = tid + it * kCopyThreads;
-    if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (decode tile at d96)
-    const int r = first_row + c / Traits::kChunksPerRow;
-    const int col = (c % Traits::kChunksPerRow) * Traits::kChunk;
-    const bool in_bounds = r < rows && col < p.head_dim;
-    const QElement* src = q;
-    if (in_bounds) {
-      const int64_t packed_row = row_begin + r;
-      const int64_t i = packed_row / group;
-      const int64_t head = int64_t(kv_head) * group + packed_row % group;
-      src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
+    for (int j = 0; j < kPeriod; ++j) dst[j] = smem_q + Traits::q_offset(r + j * kRowsPerPass, col);
+    // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
+    const int packed_row = int(row_begin) + r;
+    int head = packed_row % group;  // within the group
+    const int64_t head_stride = p.head_dim, query_stride = p.num_q_heads * p.head_dim;
+    const QElement* src =
+        q +
+        ((q_begin + packed_row / group) * p.num_q_heads + kv_head * group + head) * head_stride +
+        col;
+    // A pass moves kRowsPerPass packed rows on: pass_queries queries and pass_heads heads,
+    // one query more (and group heads fewer) where the heads wrap.
+    const int pass_queries = kRowsPerPass / group, pass_heads = kRowsPerPass % group;
+    const int64_t pass_step = pass_queries * query_stride + pass_heads * head_stride;
+    const int64_t wrap_step = query_stride - group * head_stride;
+    const bool col_in_bounds = col < p.head_dim;
+#pragma unroll
+    for (int it = 0; it < kCopies; ++it) {
+      const bool in_bounds = col_in_bounds && r + it * kRowsPerPass < rows;
+      // Out of bounds nothing is read (zero fill); the address stays the array's start.
+      copy_chunk(dst[it % kPeriod] + it / kPeriod * kStep, in_bounds ? src : q, in_bounds);
+      src += pass_step;
+      head += pass_heads;
+      if (head >= group) {
+        head -= group;
+        src += wrap_step;
+      }
     }
-    copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
+  } else {
+#pragma unroll
+    for (int it = 0; it < kCopies; ++it) {
+      const int c = tid + it * kCopyThreads;
+      if (kChunks % kCopyThreads != 0 && c >= kChunks) break;  // (decode tile at d96)
+      const int r = first_row + c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * Traits::kChunk;
+      const bool in_bounds = r < rows && col < p.head_dim;
+      const QElement* src = q;
+      if (in_bounds) {
+        // 32-bit division: packed rows stay under 2^31 (launch_forward checks).
+        const int packed_row = int(row_begin) + r;
+        const int i = packed_row / group;
+        const int head = kv_head * group + packed_row % group;
+        src = q + ((q_begin + i) * p.num_q_heads + head) * p.head_dim + col;
+      }
+      copy_chunk(smem_q + Traits::q_offset(r, col), src, in_bounds);
+    }
   }
 }
 
@@ -103,7 +170,8 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::KvElement* smem_k,
   const int64_t row_stride = p.kv_row_stride();
   const int64_t head_offset = int64_t(kv_head) * head_dim;
   constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
-  if constexpr (kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0) {
+  constexpr bool kWholeRows = kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
+  if constexpr (kWholeRows && q_offset_period<Traits, kRowsPerPass, kCopies>() > 0) {
     if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
       const int r = tid / kChunksPerRow;
       const int col = (tid % kChunksPerRow) * Traits::kKvChunk;

@@ -45,7 +45,9 @@ struct MmaAtom<__half> {
 // for the tile loaders.
 template <int kRowPitch, int kKvRowPitch>
 struct PaddedRowTiles {
-  __device__ __forceinline__ static int q_offset(int row, int col) { return row * kRowPitch + col; }
+  __host__ __device__ __forceinline__ static constexpr int q_offset(int row, int col) {
+    return row * kRowPitch + col;
+  }
   __device__ __forceinline__ static int kv_offset(int row, int col) {
     return row * kKvRowPitch + col;
   }

@@ -22,10 +22,14 @@
 
 namespace jax_fmha::cuda {
 
-// The tensor maps of K and V and the rows of a box (kernel parameters: __grid_constant__).
+// The tensor maps of K and V and the rows of a box (kernel parameters: __grid_constant__);
+// for the kernel that gathers K/V rows by cp.async instead (small pages), the arrays
+// themselves (the maps are not built then).
 struct KvTensorMaps {
   CUtensorMap k, v;
   int run_rows;
+  const void* k_array = nullptr;
+  const void* v_array = nullptr;
 };
 
 // Keys of one TMA box: rows that are consecutive in the array for every block.
