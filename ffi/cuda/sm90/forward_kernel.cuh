@@ -662,20 +662,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int e = 0; e < 4; ++e) o[0][d][e] *= v_scale;
   }
   // The 16-bit rows do not fit in the FP8 Q tile: once both consumers are done (every copy
-  // landed and read), the whole output tile is staged over the shared memory. Float32
-  // partials (split-KV) go straight out.
+  // landed and read), each stages its own rows over the shared memory. Float32 partials
+  // (split-KV) go straight out.
   if constexpr (sizeof(OutT) == 2) {
     constexpr int kPitch = kOutPitch<Traits, OutT>;
     static_assert(Traits::kBlockM * kPitch * sizeof(OutT) <= Traits::kBarriersOffset,
                   "the output tile must not overlap the mbarriers");
-    const auto consumers_sync = [] {
-      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
-    };
-    consumers_sync();
-    store_staged<Traits, OutT, Traits::kBlockM, Traits::kConsumerThreads>(
+    cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kConsumersDone);
+    store_staged<Traits, OutT, Traits::kMmaGroupRows, kGroupThreads>(
         o, softmax, reinterpret_cast<OutT*>(sm90_smem),
         [](int r, int col) { return r * kPitch + col; }, out, lse, te.output(p), te.row_begin,
-        te.rows, 0, warp_row, thread, consumers_sync);
+        te.rows, group * Traits::kMmaGroupRows, warp_row, thread % kGroupThreads,
+        [&] { cutlass::arch::NamedBarrier::sync(kGroupThreads, kOutputStaged + group); });
   } else {
     store_direct<Traits, OutT>(o, softmax, out, lse, te.output(p), te.row_begin, te.rows, warp_row,
                                thread % 32);
