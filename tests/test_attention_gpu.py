@@ -127,6 +127,21 @@ def run(
   return np.asarray(out), np.asarray(lse)
 
 
+def run_paged_merged(q, kp, vp, table, lens, window, num_splits):
+  """run() on a paged cache, split partials merged."""
+  out, lse = run(
+    q,
+    kp,
+    vp,
+    kv_layout="paged",
+    seq_lens=lens,
+    block_table=table,
+    window=window,
+    num_splits=num_splits,
+  )
+  return merge_splits(out, lse) if num_splits > 1 else (out, lse)
+
+
 def merge_splits(outs, lses):
   """NumPy LSE merge of split partials: outs [S, ...q], lses [S, ...lse] (float64)."""
   outs, lses = outs.astype(np.float64), lses.astype(np.float64)
@@ -438,18 +453,7 @@ def test_paged_prefill(rng, causal, page_size, d, num_splits):
     rng, BF16, b=5, page_size=page_size, lens=lens, hq=8, hkv=2, d=d, sq=150
   )
   window = (-1, 0) if causal else (-1, -1)
-  out, lse = run(
-    q,
-    kp,
-    vp,
-    kv_layout="paged",
-    seq_lens=lens,
-    block_table=table,
-    window=window,
-    num_splits=num_splits,
-  )
-  if num_splits > 1:
-    out, lse = merge_splits(out, lse)
+  out, lse = run_paged_merged(q, kp, vp, table, lens, window, num_splits)
   ro, rl = ref.paged(q, kp, vp, table, lens, window=window)
   check(out, lse, ro, rl, BF16, f"page {page_size}")
 
@@ -477,18 +481,7 @@ def test_paged_prefill_gathered(rng, causal, page_size, d, num_splits):
       used[table[b, j // page_size], j % page_size] = True
   kp[~used] = np.nan
   vp[~used] = np.nan
-  out, lse = run(
-    q,
-    kp,
-    vp,
-    kv_layout="paged",
-    seq_lens=lens,
-    block_table=table,
-    window=window,
-    num_splits=num_splits,
-  )
-  if num_splits > 1:
-    out, lse = merge_splits(out, lse)
+  out, lse = run_paged_merged(q, kp, vp, table, lens, window, num_splits)
   check(out, lse, ro, rl, BF16, f"gathered page {page_size} d{d}")
 
 
@@ -709,7 +702,7 @@ def memcheck_cases():
       # keys), a partial last block (zeroed keys), an idle second consumer, paged runs
       (fp8q.test_fp8_v_packed_varlen_with_empty_sequence, 1, 128),
       (fp8q.test_fp8_v_gqa, 8, 2, 256),
-      (fp8q.test_fp8_v_paged_cache, 48),
+      (fp8q.test_paged_cache, 48, fp8q.E4M3),
     ]
   for fn, *args in cases:
     # Named before it runs: a sanitizer that crashes leaves the case in its report.

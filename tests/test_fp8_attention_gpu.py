@@ -195,17 +195,28 @@ def test_split_kv(rng, out_dtype, d, num_splits):
   fp8_check(out, lse, *expected, BF16, *x.exact[:2], f"d{d} splits {num_splits}")
 
 
+@pytest.mark.parametrize("v_dtype", [BF16, E4M3], ids=lambda d: d.name)
 @pytest.mark.parametrize("page_size", [16, 48, 64])
-def test_paged_cache(rng, page_size):
-  """An e4m3fn paged key cache with a bfloat16 value cache (pages shuffled), chunked-prefill
-  queries; TMA runs of gcd(page size, key block) rows."""
+def test_paged_cache(rng, page_size, v_dtype):
+  """An e4m3fn paged key cache with a bfloat16 or an e4m3fn value cache (pages shuffled, one
+  scale per KV head each), chunked-prefill queries; TMA runs of gcd(page size, key block)
+  rows, and a sequence whose last key block ends inside a page run."""
   b, hq, hkv, d, sq, lens = 3, 8, 2, 128, 20, [0, 37, 300]
   pages_per_seq = -(-max(lens) // page_size)
-  k = outlier_normal(rng, (b * pages_per_seq, page_size, hkv, d))
-  k8, k_scale = (np.asarray(a) for a in jax_fmha.quantize_fp8(k, num_kv_heads=hkv))
-  k_scale = k_scale.max(axis=0)  # one scale per KV head for the whole cache: [Hkv]
-  k8 = np.asarray(jnp.asarray(k / k_scale[None, None, :, None]).astype(jnp.float8_e4m3fn))
-  v = outlier_normal(rng, k.shape).astype(BF16)
+
+  def cache(x):
+    scale = np.asarray(jax_fmha.quantize_fp8(x, num_kv_heads=hkv)[1]).max(axis=0)  # [Hkv]
+    x8 = np.asarray(jnp.asarray(x / scale[None, None, :, None]).astype(jnp.float8_e4m3fn))
+    return x8, scale, x8.astype(np.float64) * scale[None, None, :, None]
+
+  shape = (b * pages_per_seq, page_size, hkv, d)
+  k8, k_scale, k_exact = cache(outlier_normal(rng, shape))
+  if v_dtype == E4M3:
+    v, v_scale, v_exact = cache(outlier_normal(rng, shape))
+    fp8_v = dict(v_scale=v_scale)
+  else:
+    v = outlier_normal(rng, shape).astype(v_dtype)
+    v_exact, fp8_v = v.astype(np.float64), {}
   table = rng.permutation(b * pages_per_seq).reshape(b, pages_per_seq).astype(np.int32)
   q8, q_scale = (
     np.asarray(a)
@@ -213,14 +224,23 @@ def test_paged_cache(rng, page_size):
   )
   seq_lens = np.array(lens, np.int32)
   out, lse = attend(
-    q8, k8, v, block_table=table, seq_lens=seq_lens, q_scale=q_scale, k_scale=k_scale, causal=True
+    q8,
+    k8,
+    v,
+    block_table=table,
+    seq_lens=seq_lens,
+    q_scale=q_scale,
+    k_scale=k_scale,
+    causal=True,
+    **fp8_v,
   )
-  k_exact = k8.astype(np.float64) * k_scale[None, None, :, None]
   q_exact = dequantize(q8, q_scale)
-  expected = ref.paged(q_exact, k_exact, v.astype(np.float64), table, seq_lens, causal=True)
-  # (the scores' bound over every query row against every cached key)
+  expected = ref.paged(q_exact, k_exact, v_exact, table, seq_lens, causal=True)
+  # (the scores' bound over every query row against every cached key; FP8 v: P's rounding)
   all_rows = lambda x: x.reshape(1, -1, *x.shape[2:])
-  fp8_check(out, lse, *expected, BF16, all_rows(q_exact), all_rows(k_exact), f"page {page_size}")
+  what = f"page {page_size} v {v_dtype.name}"
+  p_rounding = dict(v=v_exact) if v_dtype == E4M3 else {}
+  fp8_check(out, lse, *expected, BF16, all_rows(q_exact), all_rows(k_exact), what, **p_rounding)
 
 
 def test_hlo_shows_the_custom_call(rng):
@@ -298,44 +318,3 @@ def test_fp8_v_split_kv(rng, d):
   out, lse = x.attend(BF16, causal=True, num_splits=3)
   expected = ref.dense(*x.exact, causal=True)
   fp8_check(out, lse, *expected, BF16, *x.exact[:2], f"d{d}", v=x.exact[2])
-
-
-@pytest.mark.parametrize("page_size", [16, 48, 64])
-def test_fp8_v_paged_cache(rng, page_size):
-  """e4m3fn paged key and value caches (pages shuffled, one scale per KV head each),
-  chunked-prefill queries; TMA runs of gcd(page size, key block) rows, and a sequence whose
-  last key block ends inside a page run."""
-  b, hq, hkv, d, sq, lens = 3, 8, 2, 128, 20, [0, 37, 300]
-  pages_per_seq = -(-max(lens) // page_size)
-
-  def cache(x):
-    scale = np.asarray(jax_fmha.quantize_fp8(x, num_kv_heads=hkv)[1]).max(axis=0)  # [Hkv]
-    x8 = np.asarray(jnp.asarray(x / scale[None, None, :, None]).astype(jnp.float8_e4m3fn))
-    return x8, scale, x8.astype(np.float64) * scale[None, None, :, None]
-
-  shape = (b * pages_per_seq, page_size, hkv, d)
-  k8, k_scale, k_exact = cache(outlier_normal(rng, shape))
-  v8, v_scale, v_exact = cache(outlier_normal(rng, shape))
-  table = rng.permutation(b * pages_per_seq).reshape(b, pages_per_seq).astype(np.int32)
-  q8, q_scale = (
-    np.asarray(a)
-    for a in jax_fmha.quantize_fp8(outlier_normal(rng, (b, sq, hq, d)), num_kv_heads=hkv)
-  )
-  seq_lens = np.array(lens, np.int32)
-  out, lse = attend(
-    q8,
-    k8,
-    v8,
-    block_table=table,
-    seq_lens=seq_lens,
-    q_scale=q_scale,
-    k_scale=k_scale,
-    v_scale=v_scale,
-    causal=True,
-  )
-  q_exact = dequantize(q8, q_scale)
-  expected = ref.paged(q_exact, k_exact, v_exact, table, seq_lens, causal=True)
-  # (the scores' bound over every query row against every cached key)
-  all_rows = lambda x: x.reshape(1, -1, *x.shape[2:])
-  what = f"page {page_size}"
-  fp8_check(out, lse, *expected, BF16, all_rows(q_exact), all_rows(k_exact), what, v=v_exact)

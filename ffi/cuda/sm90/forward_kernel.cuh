@@ -111,6 +111,18 @@ __device__ __forceinline__ bool tile_keys_valid(const AttentionProblem& p, const
 template <class Traits>
 inline constexpr bool kHopperPersistent = !Traits::kFp8Qk;
 
+// A consumer thread's place: its index among the consumers, its warpgroup, whether it
+// releases the group's stages, and its warp's first row of the tile. The group is read from
+// lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors built from it
+// stay in uniform registers (warpgroup_mma.cuh).
+template <class Traits>
+struct ConsumerThread {
+  int thread = int(threadIdx.x) - Traits::kGroupThreads;
+  int group = __shfl_sync(0xffffffffu, thread / Traits::kGroupThreads, 0);
+  bool leader = thread % Traits::kGroupThreads == 0;
+  int warp_row = (thread / 32) * Traits::kWarpRows;
+};
+
 // The key blocks of a tile, as the producer and the consumers walk them.
 struct KeyBlocks {
   int first;  // the first block's first key: blocks start at multiples of kBlockN
@@ -608,12 +620,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-  const int thread = threadIdx.x - kGroupThreads;  // among the consumers
-  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
-  // built from it stay in uniform registers (warpgroup_mma.cuh).
-  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
-  const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
-  const int warp_row = (thread / 32) * Traits::kWarpRows;
+  const ConsumerThread<Traits> me;
+  const int thread = me.thread, group = me.group, warp_row = me.warp_row;
+  const bool leader = me.leader;
   const RowKeyLimits<Traits> row_limits(p, t.split_range,
                                         int(t.row_begin) + warp_row + thread % 32 / 4,
                                         int(t.rows_in_seq), t.sq, t.sk);
@@ -692,7 +701,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                              OutT* __restrict__ out, float* __restrict__ lse,
                                              const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty kernel, never launched)
-  static_assert(!Traits::kFp8Qk, "FP8 queries stage their output over the whole shared memory");
+  static_assert(!Traits::kFp8Qk, "FP8 queries stage their output over the K/V stages");
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kGroupThreads = Traits::kGroupThreads;
@@ -728,12 +737,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-  const int thread = threadIdx.x - kGroupThreads;  // among the consumers
-  // Read from lane 0 so that the compiler knows it is warp-uniform: the wgmma descriptors
-  // built from it stay in uniform registers (warpgroup_mma.cuh).
-  const int group = __shfl_sync(0xffffffffu, thread / kGroupThreads, 0);
-  const bool leader = thread % kGroupThreads == 0;  // releases the group's stages
-  const int warp_row = (thread / 32) * Traits::kWarpRows;
+  const ConsumerThread<Traits> me;
+  const int thread = me.thread, group = me.group, warp_row = me.warp_row;
+  const bool leader = me.leader;
   // Turns: each consumer issues its products after the other's.
   const auto take_turn = [&] {
     cutlass::arch::NamedBarrier::sync(2 * kGroupThreads, kTurn + group);
