@@ -9,7 +9,7 @@ causal) runs on every forward kernel the device has: on a Hopper build "hopper" 
 default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at each
 call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
 decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
-counts around the planner's choice. --variant times only our default kernel (prefill, short
+counts around the planner's choice, over bfloat16 and FP8 caches. --variant times only our default kernel (prefill, short
 sequences, paged and chunked prefill, FP8 prefill with bf16 and FP8 v, and paged decode over
 bfloat16 and FP8 caches), for comparing a rebuilt kernel variant against the same lines of an
 earlier run.
@@ -168,6 +168,13 @@ def decode(rows):
   cases += [(16, 4096, 3)]
   for b, keys, splits in cases:
     line = paged_decode(b, keys, splits, cudnn=splits is None)
+    rows.append(line)
+    print(line, flush=True)
+  # FP8 caches: the planner counts keys, not bytes; split counts around its choice.
+  fp8_cases = [(1, 131072, n) for n in (None, 16, 66, 132)]
+  fp8_cases += [(8, 32768, n) for n in (None, 2, 4, 8)] + [(64, 4096, n) for n in (None, 2)]
+  for b, keys, splits in fp8_cases:
+    line = paged_decode(b, keys, splits, cache_dtype=jnp.float8_e4m3fn)
     rows.append(line)
     print(line, flush=True)
 
