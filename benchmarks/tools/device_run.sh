@@ -28,7 +28,8 @@
 #   ncu-attention[=TARGET]
 #                    one launch of our attention kernel under Nsight Compute
 #                    (benchmarks/tools/ncu_targets.py TARGET: prefill, the default, d128;
-#                    decode or decode_fp8, paged decode over a bf16 or FP8 cache): throughput,
+#                    prefill_short, B32 x 512; decode or decode_fp8, paged decode over a bf16
+#                    or FP8 cache): throughput,
 #                    tensor-pipe and memory use, warp stall reasons, scheduler statistics.
 #   sweep            build and run benchmarks/tools/rms_norm_sweep.cu against ffi/cuda/mlp.cu.
 #
@@ -156,7 +157,7 @@ step_ncu_mlp() {
   python3 "$REPO/benchmarks/tools/mlp_device_time.py" --parse /tmp/ncu_mlp.csv
 }
 
-step_ncu_attention() {  # $1: an ncu_targets.py target (prefill, decode, decode_fp8)
+step_ncu_attention() {  # $1: an ncu_targets.py target (prefill, prefill_short, decode, decode_fp8)
   (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section SchedulerStats \

@@ -9,10 +9,10 @@ causal) runs on every forward kernel the device has: on a Hopper build "hopper" 
 default there) and "portable" (through JAX_FMHA_CUDA_FORWARD=portable, read at each
 call), with cuDNN on the same inputs. Then paged prefill at pages 16/64/256, and paged
 decode (page 16, GQA 32/8, d128) with cuDNN on the same keys as a dense cache and split
-counts around the planner's choice, over bfloat16 and FP8 caches. --variant times only our default kernel (prefill, short
-sequences, paged and chunked prefill, FP8 prefill with bf16 and FP8 v, and paged decode over
-bfloat16 and FP8 caches), for comparing a rebuilt kernel variant against the same lines of an
-earlier run.
+counts around the planner's choice, over bfloat16 and FP8 caches. --variant times only our
+default kernel (prefill, short sequences, paged and chunked prefill, FP8 prefill with bf16
+and FP8 v, and paged decode over bfloat16 and FP8 caches), for comparing a rebuilt kernel
+variant against the same lines of an earlier run.
 
 Each number is the median of 5 batches; a batch is 10 prefill (50 decode) calls issued back
 to back and one block_until_ready, so host dispatch overlaps device work. The prefill inputs

@@ -5,7 +5,8 @@
   ncu -k regex:attention_decode python3 benchmarks/tools/ncu_targets.py decode_fp8
 
 norm: ours and XLA's RMSNorm and RMSNorm + residual, 2 calls each (16384 x 4096 bf16);
-prefill: one d128 attention, B2 x 8k, 16 heads, full;
+prefill: one d128 attention, B2 x 8k, 16 heads, full; prefill_short: B32 x 512 (the short
+sequences, where each tile has 4 key blocks);
 decode, decode_fp8: one paged decode step, B64 x 4k keys, GQA 32/8, d128, pages of 16, over a
 bfloat16 or a float8_e4m3fn cache (the decode suite's first shape).
 
@@ -53,7 +54,8 @@ elif sys.argv[1] in ("decode", "decode_fp8"):
     jax.jit(jax_fmha.attention)(q, k, v, block_table=block_table, seq_lens=seq_lens, **scales)
   )
 else:
-  q, k, v = (rand(i, (2, 8192, 16, 128)) for i in range(3))
+  shape = (32, 512, 16, 128) if sys.argv[1] == "prefill_short" else (2, 8192, 16, 128)
+  q, k, v = (rand(i, shape) for i in range(3))
   jax.block_until_ready(
     jax.jit(lambda q, k, v: jax_fmha.attention(q, k, v, scale=1 / math.sqrt(128)))(q, k, v)
   )
