@@ -682,7 +682,7 @@ def memcheck_cases():
     (test_keys_past_the_end_are_never_read, 128, "cache", 1),  # Hopper: the last V block zeroed
     (test_keys_past_the_end_are_never_read, 64, "packed", 3),
     *((test_paged, BF16, page_size, 5, 8, 2) for page_size in (1, 16, 64)),
-    (test_paged_prefill, False, 16, 128, 1),  # Hopper: TMA runs of 16 keys
+    (test_paged_prefill, False, 16, 128, 1),  # Hopper: rows gathered by cp.async
     (test_paged_prefill, True, 16, 96, 1),
     (test_paged_prefill, False, 48, 128, 3),
     (test_paged_prefill, True, 64, 128, 1),  # Hopper: TMA runs of 64 keys

@@ -170,8 +170,7 @@ __device__ __forceinline__ void load_kv_tile(typename Traits::KvElement* smem_k,
   const int64_t row_stride = p.kv_row_stride();
   const int64_t head_offset = int64_t(kv_head) * head_dim;
   constexpr int kRowsPerPass = kCopyThreads / kChunksPerRow;
-  constexpr bool kWholeRows = kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
-  if constexpr (kWholeRows && q_offset_period<Traits, kRowsPerPass, kCopies>() > 0) {
+  if constexpr (kCopyThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0) {
     if (contiguous_rows) {  // a pass of the copy threads covers kRowsPerPass whole rows
       const int r = tid / kChunksPerRow;
       const int col = (tid % kChunksPerRow) * Traits::kKvChunk;
