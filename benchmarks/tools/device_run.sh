@@ -7,7 +7,8 @@
 #
 # Steps:
 #   setup[=DIR]      install the wheels carried in DIR (default .whl) into /tmp/site and put it on
-#                    PYTHONPATH (the machine has no network); print the GPU. Run it first.
+#                    PYTHONPATH (the machine has no network); print the GPU. Run it first. Later
+#                    invocations on the same machine find /tmp/site and put it on PYTHONPATH.
 #   build            pip install the working tree with the CUDA backend (JAX_FMHA_CUDA=ON,
 #                    JAX_FMHA_CUDA_ARCHITECTURES, default 90a-real) in build/device, reused by a
 #                    warm machine; print the build time and build_info() (with the forward
@@ -40,8 +41,8 @@
 # `python benchmarks/tools/results_md.py benchmarks/results/<device>`.
 #
 # A machine that allows 10 minutes a command takes the steps over a few commands on the same
-# (warm) machine, e.g. `setup build tests memcheck`, then `setup racecheck synccheck`, then
-# `setup harness=all mlp`; build/device and the installed package stay between them.
+# (warm) machine, e.g. `setup build tests memcheck`, then `racecheck synccheck`, then
+# `harness=all mlp`; build/device, the installed package and /tmp/site stay between them.
 # The results record BENCH_REVISION as their revision when it is set: pass the commit the
 # tree was sent at (BENCH_REVISION=$(git rev-parse --short HEAD), written into the command),
 # since the machine's copy of .git may not show it.
@@ -57,6 +58,11 @@ fi
 OUT=${OUT:-/tmp/jax_fmha_device_run}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
+put_site_on_path() {  # the wheels setup installed: peers (flash_attn3_jax, tokamax), CUTLASS
+  [[ ":${PYTHONPATH:-}:" == *":/tmp/site:"* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}
+# A previous invocation's setup on this machine (a harness without its peers compares less).
+[ -d /tmp/site ] && put_site_on_path
 LOG=$OUT/device_run.log
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-300}
@@ -69,7 +75,7 @@ step_setup() {  # $1: the wheel folder; runs in this shell (exports)
   if compgen -G "$wheels/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$wheels"/*.whl || return 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    put_site_on_path
     echo "wheels from $wheels: $(cd "$wheels" && echo *.whl)"
   else
     echo "no wheels in $wheels: peers that need them (flash_attn3_jax, tokamax) are skipped"
