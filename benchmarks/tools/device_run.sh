@@ -32,6 +32,11 @@
 #                    prefill_short, B32 x 512; decode or decode_fp8, paged decode over a bf16
 #                    or FP8 cache): throughput,
 #                    tensor-pipe and memory use, warp stall reasons, scheduler statistics.
+#   ncu-source[=TARGET]
+#                    the same launch with Nsight Compute's warp-state sampling per SASS
+#                    instruction: its source page as CSV -> $OUT/ncu_source_TARGET.csv, and
+#                    benchmarks/tools/ncu_source.py's summary (samples by opcode, the
+#                    instructions where warps wait most).
 #   sweep            build and run benchmarks/tools/rms_norm_sweep.cu against ffi/cuda/mlp.cu.
 #
 # Everything printed goes to stdout and to $OUT/device_run.log (OUT defaults to
@@ -170,6 +175,18 @@ step_ncu_attention() {  # $1: an ncu_targets.py target (prefill, prefill_short, 
     python3 "$REPO/benchmarks/tools/ncu_targets.py" "${1:-prefill}" 2>&1 | grep -v "^==PROF==")
 }
 
+step_ncu_source() {  # $1: an ncu_targets.py target, as above
+  local target=${1:-prefill}
+  local report=/tmp/ncu_source_$target csv=$OUT/ncu_source_$target.csv
+  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 \
+    --section SourceCounters --section WarpStateStats -f -o "$report" \
+    python3 "$REPO/benchmarks/tools/ncu_targets.py" "$target" 2>&1 | grep -v "^==PROF==" |
+    tail -n 5)
+  [ -f "$report.ncu-rep" ] || { echo "ncu wrote no report"; return 1; }
+  ncu -i "$report.ncu-rep" --page source --csv --print-source sass > "$csv" || return 1
+  python3 "$REPO/benchmarks/tools/ncu_source.py" "$csv"
+}
+
 step_sweep() {
   local inc
   inc=$(cd /tmp && python3 -c "import jaxlib, os; print(os.path.join(jaxlib.__path__[0], 'include'))")
@@ -188,6 +205,7 @@ run_step() {  # step name, value
     ab) step_ab "$2" ;;
     ncu-mlp) step_ncu_mlp ;;
     ncu-attention) step_ncu_attention "$value" ;;
+    ncu-source) step_ncu_source "$value" ;;
     sweep) step_sweep ;;
     *) echo "unknown step $1 (see the head of benchmarks/tools/device_run.sh)"; return 2 ;;
   esac
