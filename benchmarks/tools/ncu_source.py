@@ -20,11 +20,13 @@ import csv
 import re
 import sys
 
-# Column names as Nsight Compute's source page writes them (2023.2 and later); matched as
-# prefixes, since versions append units or qualifiers.
-SAMPLES = "Warp Stall Sampling (All Samples)"
-NOT_ISSUED = "Warp Stall Sampling (Not-issued Samples)"
-EXECUTED = "Instructions Executed"
+# Column names as Nsight Compute's source page writes them; versions differ, so each is the
+# first of its candidates found (matched as prefixes: versions append units or qualifiers).
+SAMPLES = ("Warp Stall Sampling (All Samples)", "# Samples")
+NOT_ISSUED = ("Warp Stall Sampling (Not-issued Samples)",)
+EXECUTED = ("Instructions Executed",)
+# Per-reason sample columns: metric names, or the short labels of some versions.
+REASON_PREFIXES = ("smsp__pcsamp_warps_issue_stalled_", "stall_")
 
 
 def read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -38,8 +40,18 @@ def read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
   raise ValueError(f"{path}: no header row with a 'Source' column (is it --page source --csv?)")
 
 
-def column(header: list[str], prefix: str) -> str | None:
-  return next((name for name in header if name.startswith(prefix)), None)
+def column(header: list[str], candidates: tuple[str, ...]) -> str | None:
+  return next((n for c in candidates for n in header if n.startswith(c)), None)
+
+
+def reason_columns(header: list[str]) -> dict[str, str]:
+  """Stall reason -> its column (all samples, not the not-issued share)."""
+  reasons = {}
+  for name in header:
+    prefix = next((p for p in REASON_PREFIXES if name.startswith(p)), None)
+    if prefix and not name.endswith("_not_issued"):
+      reasons[name[len(prefix) :]] = name
+  return reasons
 
 
 def number(text: str) -> float:
@@ -63,12 +75,19 @@ def main(argv=None) -> int:
 
   header, rows = read_rows(args.csv)
   samples, not_issued = column(header, SAMPLES), column(header, NOT_ISSUED)
-  executed, address = column(header, EXECUTED), column(header, "Address")
+  executed, address = column(header, EXECUTED), column(header, ("Address", "# Address"))
+  reasons = reason_columns(header)
   if samples is None:
-    print(f"no '{SAMPLES}' column; the columns are: {header}", file=sys.stderr)
+    print(f"no sample column ({' or '.join(SAMPLES)}); the columns: {header}", file=sys.stderr)
     return 1
   total = sum(number(r[samples]) for r in rows) or 1.0
   print(f"{len(rows)} instructions, {total:.0f} warp-state samples")
+
+  if reasons:
+    by_reason = {name: sum(number(r[c]) for r in rows) for name, c in reasons.items()}
+    print("\nsamples by stall reason:")
+    for name, count in sorted(by_reason.items(), key=lambda kv: -kv[1])[:12]:
+      print(f"  {name:28s} {count:9.0f}  {count / total:6.1%}")
 
   by_opcode = collections.Counter()
   for r in rows:
@@ -85,7 +104,11 @@ def main(argv=None) -> int:
     cells = " ".join(f"{number(r[c]):10.0f}" for c in extra)
     where = r[address] if address else ""
     share = number(r[samples]) / total
-    print(f"  {where:>8s} {number(r[samples]):8.0f} {share:6.1%} {cells}  {r['Source'][:90]}")
+    top = sorted(reasons.items(), key=lambda kv: -number(r[kv[1]]))[:2]
+    why = ", ".join(f"{name} {number(r[c]):.0f}" for name, c in top if number(r[c]) > 0)
+    print(f"  {where:>8s} {number(r[samples]):8.0f} {share:6.1%} {cells}  {r['Source'][:80]}")
+    if why:
+      print(f"  {'':>8s} {'':>8s} {'':>6s} ({why})")
   return 0
 
 
