@@ -168,20 +168,23 @@ step_ncu_mlp() {
   python3 "$REPO/benchmarks/tools/mlp_device_time.py" --parse /tmp/ncu_mlp.csv
 }
 
+ncu_attention() {  # $1: an ncu_targets.py target (default prefill); the rest: ncu's options
+  local target=${1:-prefill}
+  shift
+  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 "$@" \
+    python3 "$REPO/benchmarks/tools/ncu_targets.py" "$target" 2>&1 | grep -v "^==PROF==")
+}
+
 step_ncu_attention() {  # $1: an ncu_targets.py target (prefill, prefill_short, decode, decode_fp8)
-  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section SchedulerStats \
-    python3 "$REPO/benchmarks/tools/ncu_targets.py" "${1:-prefill}" 2>&1 | grep -v "^==PROF==")
+  ncu_attention "$1" --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
 }
 
 step_ncu_source() {  # $1: an ncu_targets.py target, as above
   local target=${1:-prefill}
   local report=/tmp/ncu_source_$target csv=$OUT/ncu_source_$target.csv
-  (cd /tmp && timeout "$STEP_TIMEOUT" ncu -k "regex:attention_(forward|decode)_kernel" -c 1 \
-    --section SourceCounters --section WarpStateStats -f -o "$report" \
-    python3 "$REPO/benchmarks/tools/ncu_targets.py" "$target" 2>&1 | grep -v "^==PROF==" |
-    tail -n 5)
+  ncu_attention "$target" --section SourceCounters --section WarpStateStats -f -o "$report" |
+    tail -n 5
   [ -f "$report.ncu-rep" ] || { echo "ncu wrote no report"; return 1; }
   ncu -i "$report.ncu-rep" --page source --csv --print-source sass > "$csv" || return 1
   python3 "$REPO/benchmarks/tools/ncu_source.py" "$csv"

@@ -4,7 +4,6 @@
 // is checked. The kernels' launches are compiled apart (forward_launch.h).
 #include <cuda_runtime.h>
 
-#include <mutex>
 #include <type_traits>
 
 #include "common/attention_ffi.h"
@@ -20,21 +19,9 @@ namespace {
 
 constexpr const char* kOp = "attention (CUDA)";
 
-// The compute capability (major) of the current device, queried once per device; 0 if the
-// query fails (the portable kernels then run).
-int compute_capability_major() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static int major[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 0;
-  std::call_once(once[device], [&] {
-    if (cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) !=
-        cudaSuccess)
-      major[device] = 0;
-  });
-  return major[device];
-}
+// The compute capability (major) of the current device; 0 if the query fails (the portable
+// kernels then run).
+int compute_capability_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(); }
 
 template <typename Element, typename Kv, int kHeadDim, typename OutT>
 ffi::Error launch(cudaStream_t stream, ForwardKernel kernel, const AttentionProblem& p,

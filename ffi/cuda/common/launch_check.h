@@ -1,6 +1,7 @@
-// Around every kernel launch: the shared memory a kernel is granted, and the check after the
-// launch: a launch error (bad configuration, no kernel image for the device) becomes the
-// handler's internal error instead of a later, unrelated one.
+// Around every kernel launch: the device's attributes a launcher sizes the grid by, the shared
+// memory a kernel is granted, and the check after the launch: a launch error (bad
+// configuration, no kernel image for the device) becomes the handler's internal error instead
+// of a later, unrelated one.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,6 +12,21 @@
 #include "common/errors.h"
 
 namespace jax_fmha::cuda {
+
+// An attribute of the current device, queried once per device; 0 if the query fails.
+template <cudaDeviceAttr kAttribute>
+int device_attribute() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static int value[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 0;
+  std::call_once(once[device], [&] {
+    if (cudaDeviceGetAttribute(&value[device], kAttribute, device) != cudaSuccess)
+      value[device] = 0;
+  });
+  return value[device];
+}
 
 // Shared memory above 48 KB must be granted per kernel and per device; once each. (The
 // statics belong to one instantiation: each kernel has its own.)

@@ -39,7 +39,6 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
-#include <mutex>
 #include <type_traits>
 
 #include "common/attention_problem.h"
@@ -820,21 +819,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-// The current device's multiprocessors, queried once per device; 0 if the query fails.
-inline int multiprocessor_count() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static int count[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 0;
-  std::call_once(once[device], [&] {
-    if (cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device) !=
-        cudaSuccess)
-      count[device] = 0;
-  });
-  return count[device];
-}
-
 // The kernel of Traits (kHopperPersistent: the persistent one).
 template <class Traits, typename OutT, bool kScorePass, bool kGather>
 constexpr auto hopper_forward_kernel() {
@@ -894,7 +878,7 @@ struct ForwardKernelOf<ForwardKernel::kHopper> {
         if (tiles > 0xffffffffu - 1024)  // (TileWalk counts in 32 bits, one grid stride past)
           return invalid_argument(kOp,
                                   "too many tiles for the Hopper kernel (2^32 - 1024 at most)");
-        const int sms = multiprocessor_count();
+        const int sms = device_attribute<cudaDevAttrMultiProcessorCount>();
         ctas = dim3(unsigned(sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles));
       }
       kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(
